@@ -1,0 +1,132 @@
+"""The block-modulated product in plain MLX: the reference every kernel is checked against, and the fallback.
+
+For one layer with row groups R_k, column groups C_k (contiguous slices of ``row_order`` / ``col_order``),
+the update is ``y[..., R_k] += x[..., C_k] @ (s (B_k A_k) * W0[R_k, C_k])^T``. The anchors W0[R_k, C_k] are
+gathered from the base weight on every call (dequantized on the fly for quantized bases) instead of being
+stored, and the backward pass recomputes them, so nothing of size d_out x d_in is built or kept for autograd:
+the per-block products live one block at a time, 1/K of the dense matrix in total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Static description of a layer's blocks; hashable so compiled functions can be cached per layout."""
+
+    row_sizes: tuple[int, ...]
+    col_sizes: tuple[int, ...]
+    ranks: tuple[int, ...]
+    scale: float
+    group_size: int = 0  # 0: dense base weight
+    bits: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits > 0
+
+    def offsets(self, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for n in sizes:
+            out.append((start, start + n))
+            start += n
+        return out
+
+
+def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
+    """Rows of the base weight, dequantized when the base is quantized (|rows| x d_in)."""
+    if not layout.quantized:
+        return mx.take(weight_parts[0], rows, axis=0)
+    w, scales, biases = (mx.take(p, rows, axis=0) for p in weight_parts)
+    return mx.dequantize(w, scales, biases, group_size=layout.group_size, bits=layout.bits)
+
+
+def gather_anchor(weight_parts: tuple[mx.array, ...], rows: mx.array, cols: mx.array, layout: BlockLayout):
+    """W0[rows, cols], read from the base weight (never stored)."""
+    return mx.take(gather_rows(weight_parts, rows, layout), cols, axis=1)
+
+
+def _block_slices(layout: BlockLayout, row_order: mx.array, col_order: mx.array):
+    for k, ((r0, r1), (c0, c1)) in enumerate(zip(layout.offsets(layout.row_sizes), layout.offsets(layout.col_sizes))):
+        yield k, (r0, r1), (c0, c1), row_order[r0:r1], col_order[c0:c1]
+
+
+def _modulated(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) -> mx.array:
+    return ((scale * (b @ a)) * anchor).astype(dtype)
+
+
+def _forward(layout: BlockLayout, x, index, weight_parts, a_list, b_list):
+    row_order, col_order, row_inv, _ = index
+    xs = mx.take(x, col_order, axis=-1)
+    lead = x.shape[:-1]
+    outs = []
+    for k, (r0, r1), (c0, c1), rows, cols in _block_slices(layout, row_order, col_order):
+        if layout.ranks[k] == 0:
+            outs.append(mx.zeros((*lead, r1 - r0), dtype=x.dtype))
+            continue
+        block = _modulated(a_list[k], b_list[k], gather_anchor(weight_parts, rows, cols, layout), layout.scale, x.dtype)
+        outs.append(xs[..., c0:c1] @ block.T)
+    return mx.take(mx.concatenate(outs, axis=-1), row_inv, axis=-1)
+
+
+def _backward(layout: BlockLayout, x, index, weight_parts, a_list, b_list, cotan):
+    row_order, col_order, _, col_inv = index
+    xs = mx.take(x, col_order, axis=-1)
+    gs = mx.take(cotan, row_order, axis=-1)
+    lead = x.shape[:-1]
+    x2 = xs.reshape(-1, xs.shape[-1])
+    g2 = gs.reshape(-1, gs.shape[-1])
+    dxs, da, db = [], [], []
+    for k, (r0, r1), (c0, c1), rows, cols in _block_slices(layout, row_order, col_order):
+        a, b = a_list[k], b_list[k]
+        if layout.ranks[k] == 0:
+            dxs.append(mx.zeros((*lead, c1 - c0), dtype=x.dtype))
+            da.append(mx.zeros_like(a))
+            db.append(mx.zeros_like(b))
+            continue
+        anchor = gather_anchor(weight_parts, rows, cols, layout)
+        block = _modulated(a, b, anchor, layout.scale, x.dtype)
+        dxs.append(gs[..., r0:r1] @ block)
+        # dL/d(B A) = s * (g_k^T x_k) * M_k: one |R_k| x |C_k| product per block, 1/K of the dense cost.
+        gm = (layout.scale * (g2[:, r0:r1].T @ x2[:, c0:c1]).astype(mx.float32)) * anchor.astype(mx.float32)
+        db.append((gm @ a.astype(mx.float32).T).astype(b.dtype))
+        da.append((b.astype(mx.float32).T @ gm).astype(a.dtype))
+    dx = mx.take(mx.concatenate(dxs, axis=-1), col_inv, axis=-1)
+    return dx, da, db
+
+
+@lru_cache(maxsize=None)
+def reference_delta_fn(layout: BlockLayout):
+    """An ``mx.custom_function`` computing the SMoA update with a recomputing backward, for ``layout``."""
+
+    @mx.custom_function
+    def delta(x, index, weight_parts, a_list, b_list):
+        return _forward(layout, x, index, weight_parts, a_list, b_list)
+
+    @delta.vjp
+    def delta_vjp(primals, cotangent, output):
+        x, index, weight_parts, a_list, b_list = primals
+        dx, da, db = _backward(layout, x, index, weight_parts, a_list, b_list, cotangent)
+        # Frozen inputs: these zeros are lazy and never evaluated, since nothing asks for their gradient.
+        return dx, tuple(mx.zeros_like(i) for i in index), tuple(mx.zeros_like(p) for p in weight_parts), da, db
+
+    return delta
+
+
+def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=mx.float32):
+    """The full d_out x d_in update. Only for merging and checks: training never calls it."""
+    row_order, col_order, row_inv, col_inv = index
+    d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
+    permuted = mx.zeros((d_out, d_in), dtype=dtype)
+    for k, (r0, r1), (c0, c1), rows, cols in _block_slices(layout, row_order, col_order):
+        if layout.ranks[k] == 0:
+            continue
+        anchor = gather_anchor(weight_parts, rows, cols, layout).astype(mx.float32)
+        block = _modulated(a_list[k].astype(mx.float32), b_list[k].astype(mx.float32), anchor, layout.scale, dtype)
+        permuted[r0:r1, c0:c1] = block
+    return mx.take(mx.take(permuted, row_inv, axis=0), col_inv, axis=1)

@@ -1,0 +1,234 @@
+"""SMoALinear: a frozen linear (dense or quantized) plus the spectrally aligned block-sparse Hadamard update."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .kernels import BlockLayout, delta_fn, dense_delta, gather_anchor
+from .spectral import spectral_order, split_rank, split_sizes
+
+BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
+
+
+def _base_dims(base: BaseLinear) -> tuple[int, int]:
+    if isinstance(base, nn.QuantizedLinear):
+        return base.weight.shape[0], base.weight.shape[1] * 32 // base.bits
+    return base.weight.shape[0], base.weight.shape[1]
+
+
+def check_base(base, name: str = "layer") -> None:
+    """Reject layers SMoA cannot wrap, naming the layer."""
+    if isinstance(base, nn.QuantizedLinear):
+        mode = getattr(base, "mode", "affine")
+        if mode != "affine" or base.bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(
+                f"{name}: SMoA supports affine-quantized bases only, got mode={mode!r} bits={base.bits}"
+            )
+        return
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{name}: SMoA wraps nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")
+
+
+def dequantized_weight(base: BaseLinear) -> mx.array:
+    """The base weight as a dense array (the layer's own dtype for quantized bases: that of its scales)."""
+    if isinstance(base, nn.QuantizedLinear):
+        return mx.dequantize(base.weight, base.scales, base.biases, group_size=base.group_size, bits=base.bits)
+    return base.weight
+
+
+def resolve_ranks(rank: int, blocks: int, branch_ranks: Optional[Sequence[int]], name: str) -> list[int]:
+    if rank < 1:
+        raise ValueError(f"{name}: rank must be >= 1, got {rank}")
+    if blocks < 1:
+        raise ValueError(f"{name}: blocks must be >= 1, got {blocks}")
+    if branch_ranks is None:
+        return split_rank(rank, blocks)
+    ranks = [int(r) for r in branch_ranks]
+    if len(ranks) != blocks or sum(ranks) != rank or min(ranks) < 0:
+        raise ValueError(
+            f"{name}: branch_ranks {ranks} must be {blocks} non-negative ranks summing to rank={rank}"
+        )
+    return ranks
+
+
+class SMoALinear(nn.Module):
+    """y = base(x) + dropout(x) Delta W^T, with Delta W[R_k, C_k] = s (B_k A_k) * W0[R_k, C_k].
+
+    The anchors W0[R_k, C_k] are read from ``self.linear``'s own weight, so the layer stores nothing of the
+    base beyond the row and column orders (int32). ``row_groups`` / ``col_groups`` are views of those orders.
+    """
+
+    @classmethod
+    def from_base(
+        cls,
+        base: BaseLinear,
+        rank: int = 8,
+        blocks: int = 2,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        branch_ranks: Optional[Sequence[int]] = None,
+        row_order=None,
+        col_order=None,
+        name: str = "layer",
+    ) -> "SMoALinear":
+        """Wrap ``base``; the spectral order is computed from its weight unless given (e.g. from a saved adapter)."""
+        check_base(base, name)
+        if (row_order is None) != (col_order is None):
+            raise ValueError(f"{name}: give both row_order and col_order, or neither")
+        if row_order is None:
+            row_order, col_order = spectral_order(dequantized_weight(base))
+        return cls(base, rank, blocks, alpha, dropout, branch_ranks, row_order, col_order, name)
+
+    def __init__(
+        self,
+        base: BaseLinear,
+        rank: int,
+        blocks: int,
+        alpha: Optional[float],
+        dropout: float,
+        branch_ranks: Optional[Sequence[int]],
+        row_order,
+        col_order,
+        name: str = "layer",
+    ):
+        super().__init__()
+        check_base(base, name)
+        d_out, d_in = _base_dims(base)
+        ranks = resolve_ranks(rank, blocks, branch_ranks, name)
+        if blocks > min(d_out, d_in):
+            raise ValueError(f"{name}: blocks={blocks} exceeds the smaller dimension of its {d_out}x{d_in} weight")
+        row_sizes, col_sizes = split_sizes(d_out, blocks), split_sizes(d_in, blocks)
+        for k, (r_k, rows, cols) in enumerate(zip(ranks, row_sizes, col_sizes)):
+            if r_k > min(rows, cols):
+                raise ValueError(
+                    f"{name}: block {k} is {rows}x{cols}, too small for rank {r_k} (rank={rank}, blocks={blocks})"
+                )
+        row_order = np.asarray(row_order, dtype=np.int64).reshape(-1)
+        col_order = np.asarray(col_order, dtype=np.int64).reshape(-1)
+        for label, order, n in (("row_order", row_order, d_out), ("col_order", col_order, d_in)):
+            if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+                raise ValueError(f"{name}: {label} must be a permutation of range({n}), got shape {order.shape}")
+
+        self.linear = base
+        self.linear.freeze()
+        self.name = name
+        self.rank = rank
+        self.blocks = blocks
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scale = self.alpha / rank
+        self.dropout = nn.Dropout(p=dropout)
+        self.dropout_p = dropout
+        # Private (underscore) arrays are module state but not parameters: never trained, never in weight dumps.
+        self._index = (
+            mx.array(row_order, dtype=mx.int32),
+            mx.array(col_order, dtype=mx.int32),
+            mx.array(np.argsort(row_order), dtype=mx.int32),
+            mx.array(np.argsort(col_order), dtype=mx.int32),
+        )
+        self._layout = BlockLayout(
+            row_sizes=tuple(row_sizes),
+            col_sizes=tuple(col_sizes),
+            ranks=tuple(ranks),
+            scale=self.scale,
+            group_size=base.group_size if isinstance(base, nn.QuantizedLinear) else 0,
+            bits=base.bits if isinstance(base, nn.QuantizedLinear) else 0,
+        )
+        # Reference init: A_k Kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(|C_k|), 1/sqrt(|C_k|)); B_k zero.
+        self.smoa_a = [
+            mx.random.uniform(-1 / math.sqrt(c), 1 / math.sqrt(c), shape=(r, c)) for r, c in zip(ranks, col_sizes)
+        ]
+        self.smoa_b = [mx.zeros((n, r)) for r, n in zip(ranks, row_sizes)]
+
+    # -- views ---------------------------------------------------------------------------------------------
+    @property
+    def ranks(self) -> list[int]:
+        return list(self._layout.ranks)
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self._layout
+
+    @property
+    def index(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """(row_order, col_order, inverse row order, inverse col order), int32."""
+        return self._index
+
+    @property
+    def row_order(self) -> mx.array:
+        return self._index[0]
+
+    @property
+    def col_order(self) -> mx.array:
+        return self._index[1]
+
+    def _groups(self, order: mx.array, sizes: Sequence[int]) -> list[mx.array]:
+        out, start = [], 0
+        for n in sizes:
+            out.append(order[start : start + n])
+            start += n
+        return out
+
+    @property
+    def row_groups(self) -> list[mx.array]:
+        return self._groups(self.row_order, self._layout.row_sizes)
+
+    @property
+    def col_groups(self) -> list[mx.array]:
+        return self._groups(self.col_order, self._layout.col_sizes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(self._layout.row_sizes), sum(self._layout.col_sizes)
+
+    def weight_parts(self) -> tuple[mx.array, ...]:
+        base = self.linear
+        if isinstance(base, nn.QuantizedLinear):
+            return (base.weight, base.scales, base.biases)
+        return (base.weight,)
+
+    # -- compute -------------------------------------------------------------------------------------------
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        if self.dropout_p > 0:
+            x = self.dropout(x)
+        delta = delta_fn(self._layout)(x, self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
+        return y + delta.astype(y.dtype)
+
+    def delta_weight(self, dtype=mx.float32) -> mx.array:
+        """The dense d_out x d_in update, for checks and merging only."""
+        return dense_delta(self._layout, self._index, self.weight_parts(), self.smoa_a, self.smoa_b, dtype)
+
+    def fuse(self, dequantize: bool = True) -> BaseLinear:
+        """A plain linear layer with the update merged in: W0 + Delta W, no inference cost.
+
+        A quantized base comes back dequantized unless ``dequantize=False``, which re-quantizes with the base's
+        own group size and bits (quantization error can then swallow part of a small update).
+        """
+        base = self.linear
+        w0 = dequantized_weight(base)
+        dtype = w0.dtype
+        merged = (w0.astype(mx.float32) + self.delta_weight(mx.float32)).astype(dtype)
+        d_out, d_in = self.shape
+        has_bias = "bias" in base
+        fused = nn.Linear(d_in, d_out, bias=has_bias)
+        fused.weight = merged
+        if has_bias:
+            fused.bias = base.bias
+        if isinstance(base, nn.QuantizedLinear) and not dequantize:
+            return nn.QuantizedLinear.from_linear(fused, group_size=base.group_size, bits=base.bits)
+        return fused
+
+    def anchors(self) -> list[mx.array]:
+        """W0[R_k, C_k] for every block (for checks; training reads them on the fly)."""
+        return [
+            gather_anchor(self.weight_parts(), rows, cols, self._layout)
+            for rows, cols in zip(self.row_groups, self.col_groups)
+        ]
+
+    def num_trainable(self) -> int:
+        return sum(a.size + b.size for a, b in zip(self.smoa_a, self.smoa_b))

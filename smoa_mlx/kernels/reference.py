@@ -47,7 +47,14 @@ def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: Bloc
 
 
 def gather_anchor(weight_parts: tuple[mx.array, ...], rows: mx.array, cols: mx.array, layout: BlockLayout):
-    """W0[rows, cols], read from the base weight (never stored)."""
+    """W0[rows, cols], read from the base weight (never stored).
+
+    A dense base is gathered in one step, so no |rows| x d_in intermediate is allocated (measured: taking rows
+    then columns peaks about 2x higher); a quantized one has to dequantize whole packed rows first (its groups
+    run along the columns).
+    """
+    if not layout.quantized:
+        return weight_parts[0][rows[:, None], cols[None, :]]
     return mx.take(gather_rows(weight_parts, rows, layout), cols, axis=1)
 
 
@@ -57,7 +64,8 @@ def _block_slices(layout: BlockLayout, row_order: mx.array, col_order: mx.array)
 
 
 def _modulated(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) -> mx.array:
-    return ((scale * (b @ a)) * anchor).astype(dtype)
+    # The scale goes on the small factor, so the block-sized work is one product and one multiply.
+    return ((b * scale) @ a * anchor).astype(dtype)
 
 
 def _forward(layout: BlockLayout, x, index, weight_parts, a_list, b_list):
@@ -93,9 +101,9 @@ def _backward(layout: BlockLayout, x, index, weight_parts, a_list, b_list, cotan
         block = _modulated(a, b, anchor, layout.scale, x.dtype)
         dxs.append(gs[..., r0:r1] @ block)
         # dL/d(B A) = s * (g_k^T x_k) * M_k: one |R_k| x |C_k| product per block, 1/K of the dense cost.
-        gm = (layout.scale * (g2[:, r0:r1].T @ x2[:, c0:c1]).astype(mx.float32)) * anchor.astype(mx.float32)
-        db.append((gm @ a.astype(mx.float32).T).astype(b.dtype))
-        da.append((b.astype(mx.float32).T @ gm).astype(a.dtype))
+        gm = (g2[:, r0:r1].T @ x2[:, c0:c1]).astype(mx.float32) * anchor
+        db.append((gm @ (layout.scale * a.astype(mx.float32)).T).astype(b.dtype))
+        da.append(((layout.scale * b.astype(mx.float32)).T @ gm).astype(a.dtype))
     dx = mx.take(mx.concatenate(dxs, axis=-1), col_inv, axis=-1)
     return dx, da, db
 

@@ -1,0 +1,26 @@
+"""Adapters to and from PyTorch: reference SMoA, stock PEFT (HiRA, LoRA, DoRA), and fused Hugging Face models.
+
+The MLX side never needs torch: PEFT folders are plain safetensors + JSON. torch/peft are only needed to *use* the
+converted files (and by :mod:`smoa_mlx.convert.torch_reference`, imported lazily).
+"""
+
+from .errors import (
+    AdapterTypeError,
+    BaseModelMismatchError,
+    ConversionError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnsupportedArchitectureError,
+)
+from .hf_export import export_hf, fuse_adapters
+
+__all__ = [
+    "AdapterTypeError",
+    "BaseModelMismatchError",
+    "ConversionError",
+    "MissingKeysError",
+    "ShapeMismatchError",
+    "UnsupportedArchitectureError",
+    "export_hf",
+    "fuse_adapters",
+]

@@ -1,0 +1,230 @@
+"""SMoALinear against the float64 numpy reference: groups, Delta W, outputs, gradients, fuse, memory, errors."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from smoa_mlx import SMoALinear
+from reference_numpy import ref_delta, ref_dequantize, ref_groups, ref_order, ref_ranks
+
+
+def _base(d_in, d_out, bias=True, seed=0):
+    mx.random.seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias)
+    mx.eval(base.parameters())
+    return base
+
+
+def _randomize_b(layer, seed=1):
+    mx.random.seed(seed)
+    layer.smoa_b = [mx.random.normal(b.shape) * 0.5 for b in layer.smoa_b]
+    mx.eval(layer.parameters())
+
+
+def _np(a):
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def _dense_weight(layer):
+    base = layer.linear
+    if isinstance(base, nn.QuantizedLinear):
+        return ref_dequantize(np.array(base.weight), _np(base.scales), _np(base.biases), base.group_size, base.bits)
+    return _np(base.weight)
+
+
+CASES = [
+    # d_in, d_out, rank, blocks, branch_ranks
+    (32, 32, 8, 2, None),  # square
+    (48, 20, 6, 2, None),  # wide
+    (20, 52, 6, 2, None),  # tall
+    (37, 29, 5, 3, None),  # dims and rank not divisible by K
+    (40, 24, 6, 3, [3, 0, 3]),  # explicit branch ranks with an empty block
+    (24, 40, 4, 2, [1, 3]),
+    (30, 18, 4, 1, None),  # K = 1: HiRA
+]
+
+
+@pytest.mark.parametrize("d_in,d_out,rank,blocks,branch_ranks", CASES)
+def test_matches_numpy_reference(d_in, d_out, rank, blocks, branch_ranks):
+    base = _base(d_in, d_out)
+    layer = SMoALinear.from_base(base, rank=rank, blocks=blocks, alpha=2.0 * rank, branch_ranks=branch_ranks)
+    _randomize_b(layer)
+    w = _np(base.weight)
+
+    row_order, col_order = ref_order(w)
+    for got, want in zip(layer.row_groups, ref_groups(row_order, blocks)):
+        np.testing.assert_array_equal(np.array(got), want)
+    for got, want in zip(layer.col_groups, ref_groups(col_order, blocks)):
+        np.testing.assert_array_equal(np.array(got), want)
+    ranks = ref_ranks(rank, blocks, branch_ranks)
+    assert layer.ranks == ranks
+    for k, (rows, cols) in enumerate(zip(ref_groups(row_order, blocks), ref_groups(col_order, blocks))):
+        assert layer.smoa_a[k].shape == (ranks[k], len(cols))
+        assert layer.smoa_b[k].shape == (len(rows), ranks[k])
+    assert layer.scale == 2.0
+
+    a_np = [_np(a) for a in layer.smoa_a]
+    b_np = [_np(b) for b in layer.smoa_b]
+    want = ref_delta(w, a_np, b_np, blocks, layer.scale)
+    np.testing.assert_allclose(_np(layer.delta_weight()), want, rtol=1e-5, atol=1e-6)
+
+    x = mx.random.normal((2, 3, d_in))
+    y_want = _np(x) @ (w + want).T + _np(base.bias)
+    np.testing.assert_allclose(_np(layer(x)), y_want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_reads_dequantized_anchors(bits):
+    base = nn.QuantizedLinear.from_linear(_base(64, 48), group_size=32, bits=bits)
+    layer = SMoALinear.from_base(base, rank=4, blocks=2)
+    _randomize_b(layer)
+    w = _dense_weight(layer)
+    orders = ref_order(w)
+    np.testing.assert_array_equal(np.array(layer.row_order), orders[0])
+    np.testing.assert_array_equal(np.array(layer.col_order), orders[1])
+    want = ref_delta(w, [_np(a) for a in layer.smoa_a], [_np(b) for b in layer.smoa_b], 2, layer.scale)
+    np.testing.assert_allclose(_np(layer.delta_weight()), want, rtol=1e-5, atol=1e-6)
+    x = mx.random.normal((5, 64))
+    y_want = _np(base(x)) + _np(x) @ want.T
+    np.testing.assert_allclose(_np(layer(x)), y_want, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_b_forward_is_the_base_layer_exactly():
+    for base in (_base(40, 24), nn.QuantizedLinear.from_linear(_base(64, 32), group_size=32, bits=4)):
+        layer = SMoALinear.from_base(base, rank=4, blocks=2)
+        x = mx.random.normal((3, base.weight.shape[1] * (32 // getattr(base, "bits", 32))))
+        assert mx.array_equal(layer(x), base(x))
+
+
+def test_gradients_match_dense_autograd():
+    base = _base(36, 28)
+    layer = SMoALinear.from_base(base, rank=5, blocks=3)
+    _randomize_b(layer)
+    x = mx.random.normal((4, 36))
+    target = mx.random.normal((4, 28))
+
+    def loss_fast(params, x):
+        layer.update(params)
+        return ((layer(x) - target) ** 2).sum()
+
+    def loss_dense(params, x):
+        layer.update(params)
+        return ((base(x) + x @ layer.delta_weight().T - target) ** 2).sum()
+
+    params = layer.trainable_parameters()
+    g_fast, gx_fast = mx.grad(loss_fast, argnums=(0, 1))(params, x)
+    g_dense, gx_dense = mx.grad(loss_dense, argnums=(0, 1))(params, x)
+    for key in ("smoa_a", "smoa_b"):
+        for u, v in zip(g_fast[key], g_dense[key]):
+            np.testing.assert_allclose(_np(u), _np(v), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_np(gx_fast), _np(gx_dense), rtol=1e-4, atol=1e-5)
+    trainable = {k.split(".")[0] for k, _ in tree_flatten(params)}
+    assert trainable == {"smoa_a", "smoa_b"}
+
+
+def test_dropout_only_touches_the_update_path():
+    base = _base(32, 16)
+    layer = SMoALinear.from_base(base, rank=4, blocks=2, dropout=0.5)
+    x = mx.random.normal((8, 32))
+    assert mx.array_equal(layer(x), base(x))  # B = 0: dropout on x must not leak into the base path
+    _randomize_b(layer)
+    layer.eval()
+    np.testing.assert_allclose(_np(layer(x)), _np(base(x) + x @ layer.delta_weight().T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fuse_equals_base_plus_delta(quantized):
+    base = _base(64, 48)
+    if quantized:
+        base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=8)
+    layer = SMoALinear.from_base(base, rank=6, blocks=2)
+    _randomize_b(layer)
+    fused = layer.fuse()
+    assert type(fused) is nn.Linear
+    want = _dense_weight(layer) + _np(layer.delta_weight())
+    np.testing.assert_allclose(_np(fused.weight), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(_np(fused.bias), _np(base.bias))
+    x = mx.random.normal((3, 64))
+    np.testing.assert_allclose(_np(fused(x)), _np(layer(x)), rtol=1e-4, atol=1e-4)
+    if quantized:
+        requant = layer.fuse(dequantize=False)
+        assert isinstance(requant, nn.QuantizedLinear) and requant.bits == 8 and requant.group_size == 32
+        np.testing.assert_allclose(_np(requant(x)), _np(layer(x)), rtol=0.05, atol=0.05)
+
+
+def test_layer_keeps_no_anchor_copy():
+    """Besides the base, the layer holds only the int32 orders and the factors."""
+    base = _base(256, 192)
+    layer = SMoALinear.from_base(base, rank=8, blocks=2)
+    own = [v for k, v in layer.items() if k != "linear"]
+    arrays = []
+
+    def collect(node):
+        if isinstance(node, mx.array):
+            arrays.append(node)
+        elif isinstance(node, (list, tuple)):
+            for n in node:
+                collect(n)
+        elif isinstance(node, dict):
+            for n in node.values():
+                collect(n)
+
+    collect(own)
+    nbytes = sum(a.nbytes for a in arrays)
+    factors = sum(a.nbytes for a in layer.smoa_a + layer.smoa_b)
+    orders = 2 * (192 + 256) * 4  # row/col orders and their inverses, int32
+    assert nbytes == factors + orders
+    assert nbytes < base.weight.nbytes / 4
+
+
+def _extra_peak(fn):
+    mx.eval(fn())  # warm up: compile-once costs are not what is measured
+    mx.synchronize()
+    mx.reset_peak_memory()
+    start = mx.get_active_memory()
+    mx.eval(fn())
+    return mx.get_peak_memory() - start
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_training_step_never_builds_the_dense_update(blocks):
+    """Forward + backward peak memory stays far below what a dense Delta W (the reference's way) costs."""
+    d = 1024
+    base = _base(d, d, bias=False)
+    layer = SMoALinear.from_base(base, rank=8, blocks=blocks)
+    _randomize_b(layer)
+    x = mx.random.normal((16, d))
+    mx.eval(x)
+    dense_bytes = d * d * 4
+
+    step = nn.value_and_grad(layer, lambda x: layer(x).sum())
+
+    def dense_loss(params):
+        layer.update(params)
+        return (base(x) + x @ layer.delta_weight().T).sum()
+
+    dense_step = mx.value_and_grad(dense_loss)
+    smoa_peak = _extra_peak(lambda: step(x))
+    dense_peak = _extra_peak(lambda: dense_step(layer.trainable_parameters()))
+    assert dense_peak > 2 * dense_bytes  # the measurement sees dense matrices when they are there
+    assert smoa_peak < dense_peak / 3
+    if blocks == 4:
+        assert smoa_peak < dense_bytes  # all blocks together are 1/4 of the dense size
+
+
+def test_bad_input_names_the_layer_and_values():
+    base = _base(16, 12)
+    with pytest.raises(ValueError, match=r"attn\.q: block 0 is 6x8, too small for rank 7"):
+        SMoALinear.from_base(base, rank=14, blocks=2, name="attn.q")
+    with pytest.raises(ValueError, match=r"attn\.q: blocks=13 exceeds the smaller dimension of its 12x16"):
+        SMoALinear.from_base(base, rank=13, blocks=13, name="attn.q")
+    with pytest.raises(ValueError, match=r"branch_ranks \[1, 2\] must be 2 non-negative ranks summing to rank=4"):
+        SMoALinear.from_base(base, rank=4, blocks=2, branch_ranks=[1, 2], name="attn.q")
+    with pytest.raises(TypeError, match=r"embed: SMoA wraps nn.Linear or nn.QuantizedLinear, not Embedding"):
+        SMoALinear.from_base(nn.Embedding(10, 4), name="embed")
+    with pytest.raises(ValueError, match="row_order must be a permutation of range\\(12\\)"):
+        SMoALinear.from_base(base, rank=2, row_order=np.zeros(12), col_order=np.arange(16))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        SMoALinear.from_base(base, rank=0)

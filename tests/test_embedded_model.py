@@ -1,0 +1,112 @@
+"""The embedded SmolLM2-135M-Instruct: loaded right (perplexity, a sensible answer), saved as a stock mlx-lm folder."""
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+import mlx_lm
+from mlx_lm import generate
+
+from smoa_mlx.loading import load_model, load_model_with_adapter
+from smoa_mlx.models import llamacpp_permute, llamacpp_unpermute, save_embedded
+
+TEXT = (
+    "Water boils at one hundred degrees Celsius at sea level. When it is heated, its molecules move faster and "
+    "faster until they escape into the air as steam. At higher altitudes the air pressure is lower, so water "
+    "boils at a lower temperature, and food takes longer to cook. This is why mountain climbers often use "
+    "pressure cookers to prepare their meals."
+)
+
+
+def perplexity(model, tokenizer, text: str = TEXT) -> float:
+    ids = mx.array([tokenizer.encode(text)])
+    logits = model(ids[:, :-1]).astype(mx.float32)
+    return math.exp(nn.losses.cross_entropy(logits, ids[:, 1:]).mean().item())
+
+
+def greedy_answer(model, tokenizer, question: str, max_tokens: int = 24) -> str:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return generate(model, tokenizer, prompt, max_tokens=max_tokens)
+
+
+def test_permutation_roundtrip():
+    w = mx.arange(12 * 5).reshape(12, 5)
+    assert mx.array_equal(llamacpp_unpermute(llamacpp_permute(w, 3), 3), w)
+    assert not mx.array_equal(llamacpp_permute(w, 3), w)
+
+
+def test_perplexity_and_wrong_permutation(embedded_model):
+    model, tokenizer = embedded_model
+    right = perplexity(model, tokenizer)
+    # The weights exactly as stored in the GGUF, i.e. llama.cpp's permutation left in place.
+    layers = [layer.self_attn for layer in model.model.layers]
+    saved = [(a.q_proj.weight, a.k_proj.weight) for a in layers]
+    try:
+        for a in layers:
+            a.q_proj.weight = llamacpp_permute(a.q_proj.weight, a.n_heads)
+            a.k_proj.weight = llamacpp_permute(a.k_proj.weight, a.n_kv_heads)
+        wrong = perplexity(model, tokenizer)
+    finally:
+        for a, (q, k) in zip(layers, saved):
+            a.q_proj.weight, a.k_proj.weight = q, k
+    print(f"perplexity: un-permuted {right:.2f}, as stored in the GGUF {wrong:.2f} ({wrong / right:.1f}x)")
+    assert right < 25, right  # a 135M model on plain English; a broken load gives hundreds or more
+    assert wrong > 3 * right, (right, wrong)
+    assert perplexity(model, tokenizer) == pytest.approx(right, rel=1e-6)  # the fixture was put back
+
+
+def test_greedy_answer(embedded_model):
+    model, tokenizer = embedded_model
+    assert "Paris" in greedy_answer(model, tokenizer, "What is the capital of France?")
+
+
+def test_tokenizer(embedded_model):
+    _, tokenizer = embedded_model
+    text = "Hello world! 12345 héllo\n  indented"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode("2024") == [tokenizer.convert_tokens_to_ids(d) for d in "2024"]  # digits split singly
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert prompt.count(im_start) == 3  # system, user, assistant: the markers are single special tokens
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id in tokenizer.eos_token_ids
+
+
+def test_saved_quantized_folder_loads_with_stock_mlx_lm(tmp_path, embedded_model):
+    model, tokenizer = embedded_model
+    folder = save_embedded(tmp_path / "smollm2-q4", quantized=True)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert config["tie_word_embeddings"] is True
+    qmodel, qtok = mlx_lm.load(str(folder))
+    assert isinstance(qmodel.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(qmodel.model.embed_tokens, nn.QuantizedEmbedding)
+    # Q4_1 is exactly MLX's affine 4-bit format: the packed model computes what the dequantized one does.
+    ids = mx.array([tokenizer.encode(TEXT)])
+    assert mx.allclose(qmodel(ids), model(ids), atol=1e-3, rtol=1e-3)
+    assert qtok.encode(TEXT) == tokenizer.encode(TEXT)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert qtok.apply_chat_template(chat, add_generation_prompt=True) == tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
+    assert "<|im_end|>" not in qtok.decode(tokenizer.encode("a<|im_end|>b"), skip_special_tokens=True)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_embedded(folder)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="adapter folder not found"):
+        load_model_with_adapter(None, tmp_path / "no-adapter")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"fine_tune_type": "prefix"}')
+    (tmp_path / "bad" / "adapters.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown fine_tune_type 'prefix'"):
+        load_model_with_adapter(None, tmp_path / "bad")

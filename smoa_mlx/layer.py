@@ -143,6 +143,9 @@ class SMoALinear(nn.Module):
             mx.random.uniform(-1 / math.sqrt(c), 1 / math.sqrt(c), shape=(r, c)) for r, c in zip(ranks, col_sizes)
         ]
         self.smoa_b = [mx.zeros((n, r)) for r, n in zip(ranks, row_sizes)]
+        # Resolve the backend now, outside any mx.compile / grad trace, so a GPU kernel's one-time compile probe
+        # (and its fallback warning) happens here rather than in the middle of a training step.
+        delta_fn(self._layout)
 
     # -- views ---------------------------------------------------------------------------------------------
     @property

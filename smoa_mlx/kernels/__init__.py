@@ -1,22 +1,108 @@
 """Dispatch for the SMoA block-modulated product.
 
 Every backend exposes the same callable ``fn(x, index, weight_parts, a_list, b_list) -> delta_y`` for a
-:class:`BlockLayout`. ``SMOA_MLX_KERNEL=mlx`` forces the pure-MLX reference path.
+:class:`BlockLayout`: the fused Metal kernel on Apple GPUs, the fused CUDA kernel on NVIDIA GPUs (both rendered
+from :mod:`.source`), the pure-MLX reference elsewhere. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the
+kernel where :data:`KERNEL_DEFAULT` says the benchmark found it faster), ``kernel`` (the kernel wherever a GPU
+backend exists), ``mlx`` (always the reference). A kernel that fails to compile or run on a first small probe
+is reported once with a warning and the reference is used from then on.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Optional
 
+import mlx.core as mx
+
+from .fused import FLOAT_TYPES, fused_delta_fn, supports
+from .gpu import GpuRunner, gpu_backend
 from .reference import BlockLayout, dense_delta, gather_anchor, gather_rows, reference_delta_fn
 
-__all__ = ["BlockLayout", "delta_fn", "dense_delta", "gather_anchor", "gather_rows", "reference_delta_fn"]
+__all__ = [
+    "BlockLayout",
+    "KERNEL_DEFAULT",
+    "KERNEL_ENV",
+    "delta_fn",
+    "dense_delta",
+    "gather_anchor",
+    "gather_rows",
+    "kernel_backend",
+    "reference_delta_fn",
+]
 
 KERNEL_ENV = "SMOA_MLX_KERNEL"
+_FORCE_MLX = ("mlx", "reference", "off", "0")
+_FORCE_KERNEL = ("kernel", "on", "1", "metal", "cuda")
+
+# Backends on which ``auto`` picks the kernel. CUDA: off, since scripts/bench_kernels.py on an H200 measured the
+# SIMT kernel slower than the pure-MLX path (cuBLAS tensor cores); see docs/BENCHMARKS.md. Metal: on, as the
+# issue asks; it is unmeasured (no Apple GPU was available to this project's benchmarks).
+KERNEL_DEFAULT = {"metal": True, "cuda": False}
+
+_runners: dict[str, GpuRunner] = {}
+_probed: dict[tuple, bool] = {}
+
+
+def _probe(runner: GpuRunner, layout: BlockLayout) -> bool:
+    """Compile and run the layout's kernels once on tiny inputs, for every float type; False on any failure."""
+    key = (runner.backend, layout.bits, layout.group_size)
+    if key in _probed:
+        return _probed[key]
+    from .fused import backward, forward
+
+    d = max(2 * layout.group_size, 8) if layout.quantized else 8
+    w = mx.random.normal((d, d))
+    parts = (w,)
+    if layout.quantized:
+        parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits))
+    tiny = BlockLayout((d // 2, d // 2), (d // 2, d // 2), (1, 1), 1.0, layout.group_size, layout.bits)
+    order = mx.arange(d, dtype=mx.int32)
+    index = (order, order, order, order)
+    a_list = [mx.ones((1, d // 2))] * 2
+    try:
+        outs = []
+        for dtype in FLOAT_TYPES:
+            p = tuple(q.astype(dtype) if q.dtype != mx.uint32 else q for q in parts)
+            x = mx.ones((3, d), dtype=dtype)
+            outs.append(forward(runner, tiny, x, index, p, a_list, a_list))
+            outs.extend(backward(runner, tiny, x, index, p, a_list, [mx.ones((d // 2, 1))] * 2, x)[0:1])
+        mx.eval(outs)
+    except Exception as err:  # noqa: BLE001 - any compile or launch error means: use the reference
+        if "transformation" in str(err) or "compile" in str(err) and "tracing" in str(err):
+            return True  # called inside mx.compile: cannot probe now, try the kernel and probe next time
+        warnings.warn(
+            f"smoa_mlx: the {runner.backend} SMoA kernel failed ({type(err).__name__}: {str(err)[:300]}); "
+            f"falling back to the pure-MLX path (set {KERNEL_ENV}=mlx to silence this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _probed[key] = False
+        return False
+    _probed[key] = True
+    return True
+
+
+def kernel_backend(layout: Optional[BlockLayout] = None) -> Optional[str]:
+    """The GPU kernel backend :func:`delta_fn` uses (for ``layout`` if given), or None for the reference."""
+    choice = os.environ.get(KERNEL_ENV, "auto").lower()
+    if choice in _FORCE_MLX:
+        return None
+    backend = gpu_backend()
+    if backend is None or (layout is not None and not supports(layout)):
+        return None
+    if choice not in _FORCE_KERNEL and not KERNEL_DEFAULT.get(backend, False):
+        return None
+    return backend
 
 
 def delta_fn(layout: BlockLayout):
     """The fastest available implementation of the update for ``layout``."""
-    if os.environ.get(KERNEL_ENV, "auto").lower() in ("mlx", "reference", "off", "0"):
+    backend = kernel_backend(layout)
+    if backend is None:
         return reference_delta_fn(layout)
-    return reference_delta_fn(layout)
+    runner = _runners.setdefault(backend, GpuRunner(backend))
+    if not _probe(runner, layout):
+        return reference_delta_fn(layout)
+    return fused_delta_fn(layout, runner)

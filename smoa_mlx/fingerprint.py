@@ -6,7 +6,7 @@ converters notice. It has to survive what legitimately happens to a base between
 (training on a 4-bit MLX model, deploying the float PyTorch one), dtype casts and renaming. So it is not a hash but
 a sketch: per module a few bilinear probes u^T W v with fixed +-1 vectors (deterministic from an integer hash, no
 RNG whose stream could change between numpy versions) and the RMS of W. 4-bit quantization moves a probe by about a
-tenth of the RMS; an unrelated weight by about 1.4 RMS.
+tenth of the RMS (2-bit: up to 0.4); an unrelated weight by about 1.4 RMS.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ __all__ = [
 FINGERPRINT_KEY = "base_fingerprint"
 VERSION = 1
 PROBES = 8
-# Normalised probe distance above which a module counts as a different weight (see module docstring).
-TOLERANCE = 0.5
+# Normalised probe distance above which a module counts as a different weight: above 2-bit quantization noise,
+# while an unrelated weight stays below it with probability ~2% per module (one module above it is enough).
+TOLERANCE = 0.7
 
 
 class BaseModelMismatchError(ValueError):
@@ -37,48 +38,38 @@ class BaseModelMismatchError(ValueError):
 def _signs(n: int, seed: int) -> np.ndarray:
     """+-1 vector from a 64-bit mix of (index, seed): identical on every platform and numpy version."""
     with np.errstate(over="ignore"):
-        x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed * 0xBF58476D1CE4E5B9 + 1)
+        x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64((seed * 0xBF58476D1CE4E5B9 + 1) % 2**64)
         x ^= x >> np.uint64(31)
         x *= np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(29)
     return np.where((x >> np.uint64(17)) & np.uint64(1), 1.0, -1.0)
 
 
-def _sketch(weight: np.ndarray) -> dict[str, Any]:
-    w = np.asarray(weight, dtype=np.float64)
+def _sketch(weight) -> dict[str, Any]:
+    import mlx.core as mx
+
+    w = mx.array(weight) if isinstance(weight, np.ndarray) else weight
+    if w.ndim != 2:
+        raise ValueError(f"fingerprint needs 2-D weights, got shape {tuple(w.shape)}")
+    w = w.astype(mx.float32)
     d_out, d_in = w.shape
-    v = np.stack([_signs(d_in, 2 * p + 1) for p in range(PROBES)], axis=1)
-    u = np.stack([_signs(d_out, 2 * p + 2) for p in range(PROBES)], axis=1)
-    probes = np.einsum("ip,ip->p", u, w @ v) / np.sqrt(d_out * d_in)
-    rms = float(np.sqrt(np.mean(w * w))) if w.size else 0.0
-    return {"shape": [int(d_out), int(d_in)], "rms": rms, "probes": [float(p) for p in probes]}
+    v = mx.array(np.stack([_signs(d_in, 2 * p + 1) for p in range(PROBES)], axis=1).astype(np.float32))
+    u = mx.array(np.stack([_signs(d_out, 2 * p + 2) for p in range(PROBES)], axis=1).astype(np.float32))
+    probes = (u * (w @ v)).sum(axis=0) / float(np.sqrt(max(d_out * d_in, 1)))
+    rms = mx.sqrt(mx.mean(w * w)) if w.size else mx.array(0.0)
+    return {"shape": [int(d_out), int(d_in)], "rms": float(rms.item()), "probes": np.asarray(probes).tolist()}
 
 
 def fingerprint_weights(weights: Mapping[str, Any]) -> dict[str, Any]:
-    """Fingerprint of dense 2-D weights (numpy or MLX arrays), keyed by module path."""
-    return {"version": VERSION, "modules": {path: _sketch(_to_numpy(w)) for path, w in sorted(weights.items())}}
+    """Fingerprint of dense 2-D weights (MLX or numpy arrays), keyed by module path."""
+    return {"version": VERSION, "modules": {path: _sketch(w) for path, w in sorted(weights.items())}}
 
 
 def fingerprint_modules(modules: Mapping[str, Any]) -> dict[str, Any]:
     """Fingerprint of MLX linear layers (plain, quantized, or wrapped by an adapter layer in ``.linear``)."""
     from .layer import dequantized_weight
 
-    weights = {}
-    for path, module in modules.items():
-        base = getattr(module, "linear", module)
-        weights[path] = dequantized_weight(base)
-    return fingerprint_weights(weights)
-
-
-def _to_numpy(w) -> np.ndarray:
-    if type(w).__module__.startswith("mlx"):
-        import mlx.core as mx
-
-        w = np.asarray(w.astype(mx.float32))
-    w = np.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"fingerprint needs 2-D weights, got shape {w.shape}")
-    return w
+    return fingerprint_weights({path: dequantized_weight(getattr(m, "linear", m)) for path, m in modules.items()})
 
 
 def _distance(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:

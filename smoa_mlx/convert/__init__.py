@@ -13,6 +13,8 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .hf_export import export_hf, fuse_adapters
+from .peft_hira import hira_to_smoa, smoa_to_hira
+from .peft_lora import mlx_lora_to_peft, peft_lora_to_mlx
 
 __all__ = [
     "AdapterTypeError",
@@ -23,4 +25,8 @@ __all__ = [
     "UnsupportedArchitectureError",
     "export_hf",
     "fuse_adapters",
+    "hira_to_smoa",
+    "smoa_to_hira",
+    "mlx_lora_to_peft",
+    "peft_lora_to_mlx",
 ]

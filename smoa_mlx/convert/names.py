@@ -81,20 +81,3 @@ def block_relative(path: str) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj`` (mlx-lm's lora ``keys`` spelling)."""
     m = re.search(r"(?:^|\.)layers\.\d+\.(.+)$", path)
     return m.group(1) if m else path
-
-
-def peft_key(hf_path: str, suffix: str) -> str:
-    return f"{PEFT_PREFIX}{hf_path}.{suffix}"
-
-
-def split_peft_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
-    """(transformers module path, suffix) of a PEFT key, or ValueError if it has neither prefix nor suffix."""
-    if not key.startswith(PEFT_PREFIX):
-        raise ValueError(f"key {key!r} does not start with {PEFT_PREFIX!r}")
-    body = key[len(PEFT_PREFIX) :]
-    for suffix in sorted(suffixes, key=len, reverse=True):
-        pattern = r"(.+)\." + re.escape(suffix).replace(r"<k>", r"(\d+)") + "$"
-        m = re.fullmatch(pattern, body)
-        if m:
-            return m.group(1), suffix if "<k>" not in suffix else suffix.replace("<k>", m.group(2))
-    raise ValueError(f"key {key!r} ends in none of {list(suffixes)}")

@@ -1,0 +1,242 @@
+"""What every conversion shares: reading and writing adapter folders, the base model checks, PEFT configs.
+
+Each conversion reads everything and checks it before the first byte is written, then writes the weights and the
+config with the foundation's atomic helpers: a failed conversion leaves the output folder as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_save_safetensors, atomic_write_text, get_module
+from ..fingerprint import FINGERPRINT_KEY, check_fingerprint, fingerprint_modules
+from ..layer import _base_dims, dequantized_weight
+from .errors import AdapterTypeError, BaseModelMismatchError, ConversionError, MissingKeysError, ShapeMismatchError
+from .names import PEFT_PREFIX, layer_index, to_hf, to_mlx
+
+PathLike = Union[str, os.PathLike]
+PEFT_WEIGHTS = "adapter_model.safetensors"
+# The fingerprint rides in the safetensors metadata of PEFT files: PEFT warns about unknown config keys.
+METADATA_FINGERPRINT = "smoa_mlx.base_fingerprint"
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise FileNotFoundError(f"no {file.name} in adapter folder {file.parent}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{file}: expected a JSON object")
+    return data
+
+
+def read_weights(file: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    if not file.is_file():
+        raise FileNotFoundError(f"no {file.name} in adapter folder {file.parent}")
+    try:
+        weights, metadata = mx.load(str(file), return_metadata=True)
+    except Exception as e:  # mx raises bare RuntimeError/ValueError for corrupt files
+        raise ConversionError(f"{file}: not a readable safetensors file ({e})") from None
+    return weights, dict(metadata or {})
+
+
+def read_peft(folder: PathLike, peft_type: str) -> tuple[dict, dict[str, mx.array], dict[str, str]]:
+    """(config, weights, metadata) of a PEFT-style folder whose ``peft_type`` must be ``peft_type``."""
+    folder = Path(folder)
+    config = read_json(folder / ADAPTER_CONFIG)
+    found = config.get("peft_type", config.get("fine_tune_type"))
+    if str(found).upper() != peft_type:
+        hint = " (an mlx-lm adapter folder)" if "fine_tune_type" in config else ""
+        raise AdapterTypeError(f"{folder / ADAPTER_CONFIG}: peft_type is {found!r}{hint}, expected {peft_type!r}")
+    if config.get("fan_in_fan_out"):
+        raise ConversionError(f"{folder / ADAPTER_CONFIG}: fan_in_fan_out=true (GPT-2 Conv1D layers) is not supported")
+    weights, metadata = read_weights(folder / PEFT_WEIGHTS)
+    return config, weights, metadata
+
+
+def read_mlx_config(folder: PathLike, kinds: Iterable[str]) -> dict:
+    file = Path(folder) / ADAPTER_CONFIG
+    config = read_json(file)
+    if "peft_type" in config:
+        raise AdapterTypeError(f"{file}: a PEFT adapter (peft_type={config['peft_type']!r}), expected an mlx-lm one")
+    kind = config.get("fine_tune_type", "lora")
+    kinds = tuple(kinds)
+    if kind not in kinds:
+        raise AdapterTypeError(f"{file}: fine_tune_type is {kind!r}, expected one of {kinds}")
+    return config
+
+
+def group_peft(
+    weights: dict[str, mx.array], file: Path, leaf_pattern: str, model_type: str
+) -> dict[str, dict[str, mx.array]]:
+    """{mlx-lm module path: {leaf: tensor}} from PEFT keys ``base_model.model.<hf path>.<leaf>``.
+
+    ``leaf_pattern`` is a regex of the tensor names after the module path (``lora_[AB]\\.weight``).
+    """
+    regex = re.compile(re.escape(PEFT_PREFIX) + r"(.+?)\.(" + leaf_pattern + ")")
+    out: dict[str, dict[str, mx.array]] = {}
+    for key, value in weights.items():
+        m = regex.fullmatch(key)
+        if m is None:
+            raise ConversionError(f"{file}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<module>.<{leaf_pattern}>)")
+        out.setdefault(to_mlx(m.group(1), model_type), {})[m.group(2)] = value
+    if not out:
+        raise MissingKeysError(f"{file}: holds no adapter tensors")
+    return out
+
+
+def saved_base_layers(
+    weights: dict[str, mx.array], base: Optional[nn.Module], model_type: str, file: Path
+) -> dict[str, mx.array]:
+    """Drop the copies of base weights PEFT saves for lm_head / embedding targets, after checking them.
+
+    They are the base weights the adapter was trained with, so with a ``base`` they double as a fingerprint.
+    """
+    kept = {}
+    for key, value in weights.items():
+        if not key.endswith(".base_layer.weight"):
+            kept[key] = value
+            continue
+        path = to_mlx(key[len(PEFT_PREFIX) : -len(".base_layer.weight")], model_type)
+        if base is None:
+            continue
+        dims = base_dims(base, path)
+        mine = dequantized_weight(getattr(get_module(base, path), "linear", get_module(base, path)))
+        scale = float(mx.abs(mine).max().item()) or 1.0
+        if tuple(value.shape) != dims or not mx.allclose(value.astype(mx.float32), mine.astype(mx.float32), atol=0.05 * scale):
+            raise BaseModelMismatchError(f"{file}: the saved base weight {key} differs from the base model's {path}")
+    return kept
+
+
+def require(parts: dict, names: Iterable[str], path: str, file: Path) -> None:
+    missing = [n for n in names if n not in parts]
+    if missing:
+        raise MissingKeysError(f"{file}: module {path} lacks {', '.join(missing)}")
+
+
+# -- the base model ---------------------------------------------------------------------------------------
+def resolve_model_type(base: Optional[nn.Module], model_type: Optional[str]) -> str:
+    found = getattr(base, "model_type", None) or getattr(getattr(base, "args", None), "model_type", None)
+    if model_type and found and model_type != found:
+        raise ConversionError(f"model_type {model_type!r} given, but the base model is a {found!r}")
+    if not (model_type or found):
+        raise ConversionError("the model type is unknown: pass model_type (CLI: --model-type) or a base model")
+    return model_type or found
+
+
+def base_dims(base: Optional[nn.Module], path: str) -> Optional[tuple[int, int]]:
+    """(d_out, d_in) of the base layer at ``path`` (adapter wrappers looked through); None without a base."""
+    if base is None:
+        return None
+    try:
+        module = get_module(base, path)
+    except KeyError as e:
+        raise ShapeMismatchError(f"the base model has no module {path!r} ({e.args[0]})") from None
+    module = getattr(module, "linear", module)
+    if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        raise ShapeMismatchError(f"base module {path!r} is a {type(module).__name__}, not a linear layer")
+    return _base_dims(module)
+
+
+def check_shape(what: str, got: tuple, want: tuple, file: Path) -> None:
+    if tuple(got) != tuple(want):
+        raise ShapeMismatchError(f"{file}: {what} has shape {tuple(got)}, expected {tuple(want)}")
+
+
+def base_fingerprint(base: Optional[nn.Module], paths: Iterable[str]) -> Optional[dict]:
+    if base is None:
+        return None
+    return fingerprint_modules({p: get_module(base, p) for p in paths})
+
+
+def verify_base(base: Optional[nn.Module], paths: Iterable[str], stored: Optional[dict], source: str) -> None:
+    """Fingerprint check of the base against what the adapter recorded (nothing to do without either)."""
+    if base is not None and stored:
+        check_fingerprint(stored, base_fingerprint(base, paths), source)
+
+
+def metadata_fingerprint(metadata: dict[str, str]) -> Optional[dict]:
+    text = metadata.get(METADATA_FINGERPRINT)
+    return json.loads(text) if text else None
+
+
+def num_layers_for(base: Optional[nn.Module], paths: Iterable[str]) -> int:
+    """mlx-lm's ``num_layers`` (counted from the last block) covering every path; -1 (all) without a base."""
+    layers = getattr(base, "layers", None)
+    indices = [layer_index(p) for p in paths if layer_index(p) >= 0]
+    if layers is None or not indices:
+        return -1
+    return len(layers) - min(indices)
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def peft_config(peft_type: str, rank: int, hf_paths: list[str], **fields: Any) -> dict:
+    """The fields stock PEFT needs; target_modules lists exact module paths so nothing else gets wrapped."""
+    data = {
+        "peft_type": peft_type,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": int(rank),
+        "target_modules": sorted(hf_paths),
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    data.update(fields)
+    return data
+
+
+def peft_weights(arrays: dict[tuple[str, str], mx.array], model_type: str) -> dict[str, mx.array]:
+    """{(mlx path, suffix): tensor} -> PEFT keys."""
+    return {f"{PEFT_PREFIX}{to_hf(path, model_type)}.{suffix}": v for (path, suffix), v in arrays.items()}
+
+
+def write_folder(
+    folder: PathLike,
+    weights_name: str,
+    arrays: dict[str, mx.array],
+    config: dict,
+    metadata: Optional[dict[str, str]] = None,
+) -> Path:
+    """Weights first, then the config, each written atomically (the config is what marks a folder complete)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.eval(arrays)
+    atomic_save_safetensors(folder / weights_name, arrays, metadata=metadata)
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def write_peft(folder: PathLike, arrays: dict[str, mx.array], config: dict, fingerprint: Optional[dict]) -> Path:
+    metadata = {"format": "pt"}
+    if fingerprint:
+        metadata[METADATA_FINGERPRINT] = json.dumps(fingerprint, sort_keys=True)
+    return write_folder(folder, PEFT_WEIGHTS, arrays, config, metadata)
+
+
+def write_mlx(folder: PathLike, arrays: dict[str, mx.array], config: dict) -> Path:
+    return write_folder(folder, ADAPTER_WEIGHTS, arrays, config, {"format": "mlx"})
+
+
+def to_numpy(x: mx.array) -> np.ndarray:
+    return np.asarray(x.astype(mx.float32)) if x.dtype == mx.bfloat16 else np.asarray(x)
+
+
+def fingerprint_field(fingerprint: Optional[dict]) -> dict:
+    return {FINGERPRINT_KEY: fingerprint} if fingerprint else {}

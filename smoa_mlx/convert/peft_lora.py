@@ -1,0 +1,158 @@
+"""mlx-lm LoRA / DoRA adapters <-> PEFT LoRA / DoRA.
+
+mlx-lm: ``y = x W^T + scale (x lora_a) lora_b`` with lora_a [in, r], lora_b [r, out]; DoRA rescales the output
+rows by ``m / ||W + scale lora_b^T lora_a^T||_row`` before the bias. PEFT: ``lora_A.weight`` [r, in] = lora_a^T,
+``lora_B.weight`` [out, r] = lora_b^T, scaling = lora_alpha / r, and DoRA's ``lora_magnitude_vector`` [out] is
+mlx-lm's ``m`` with the same row norm of the same merged weight (bias added after the rescale on both sides),
+so the conversion is a transpose and ``lora_alpha = scale * r``: lossless both ways.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..fingerprint import FINGERPRINT_KEY
+from .common import (
+    PathLike,
+    base_dims,
+    base_fingerprint,
+    check_shape,
+    fingerprint_field,
+    group_peft,
+    metadata_fingerprint,
+    num_layers_for,
+    peft_config,
+    peft_weights,
+    read_mlx_config,
+    read_peft,
+    saved_base_layers,
+    read_weights,
+    require,
+    resolve_model_type,
+    verify_base,
+    write_mlx,
+    write_peft,
+)
+from .errors import ConversionError
+from .names import block_relative, to_hf
+
+__all__ = ["mlx_lora_to_peft", "peft_lora_to_mlx"]
+
+_MLX_LEAVES = ("lora_a", "lora_b", "m")
+
+
+def _group_mlx(weights: dict[str, mx.array], file: Path) -> dict[str, dict[str, mx.array]]:
+    modules: dict[str, dict[str, mx.array]] = {}
+    for key, value in weights.items():
+        path, _, leaf = key.rpartition(".")
+        if leaf not in _MLX_LEAVES:
+            raise ConversionError(f"{file}: unexpected tensor {key!r} (not a LoRA/DoRA adapter tensor)")
+        modules.setdefault(path, {})[leaf] = value
+    return modules
+
+
+def _check_module(path: str, a_shape, b_shape, rank: int, base: Optional[nn.Module], file: Path, dora: bool, m=None):
+    """a_shape/b_shape in PEFT orientation: A [r, in], B [out, r]."""
+    dims = base_dims(base, path)
+    d_in = dims[1] if dims else a_shape[1]
+    d_out = dims[0] if dims else b_shape[0]
+    check_shape(f"{path} A", a_shape, (rank, d_in), file)
+    check_shape(f"{path} B", b_shape, (d_out, rank), file)
+    if dora:
+        check_shape(f"{path} magnitude", m.shape, (d_out,), file)
+
+
+def mlx_lora_to_peft(
+    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+) -> Path:
+    """Convert an mlx-lm LoRA or DoRA adapter folder into a PEFT one (``PeftModel.from_pretrained`` loads it).
+
+    ``base`` (the MLX base model) enables the shape and base-fingerprint checks and supplies the model type.
+    """
+    adapter = Path(adapter)
+    model_type = resolve_model_type(base, model_type)
+    config = read_mlx_config(adapter, ("lora", "dora"))
+    dora = config.get("fine_tune_type") == "dora"
+    params = config.get("lora_parameters") or {}
+    weights, _ = read_weights(adapter / "adapters.safetensors")
+    file = adapter / "adapters.safetensors"
+    modules = _group_mlx(weights, file)
+    rank = int(params.get("rank", next(iter(modules.values()))["lora_a"].shape[1] if modules else 0))
+    if "scale" not in params:
+        raise ConversionError(f"{adapter / 'adapter_config.json'}: lora_parameters has no 'scale'")
+    verify_base(base, modules, config.get(FINGERPRINT_KEY), str(adapter))
+    arrays = {}
+    for path, parts in sorted(modules.items()):
+        require(parts, ("lora_a", "lora_b") + (("m",) if dora else ()), path, file)
+        to_hf(path, model_type)  # refuse unmappable modules before anything is written
+        a, b = parts["lora_a"].T, parts["lora_b"].T
+        _check_module(path, a.shape, b.shape, rank, base, file, dora, parts.get("m"))
+        arrays[(path, "lora_A.weight")] = a
+        arrays[(path, "lora_B.weight")] = b
+        if dora:
+            arrays[(path, "lora_magnitude_vector")] = parts["m"]
+    hf_paths = [to_hf(p, model_type) for p in modules]
+    cfg = peft_config(
+        "LORA",
+        rank,
+        hf_paths,
+        lora_alpha=float(params["scale"]) * rank,
+        lora_dropout=float(params.get("dropout", 0.0)),
+        use_dora=dora,
+        use_rslora=False,
+        bias="none",
+        rank_pattern={},
+        alpha_pattern={},
+    )
+    fingerprint = config.get(FINGERPRINT_KEY) or base_fingerprint(base, modules)
+    return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
+
+
+def peft_lora_to_mlx(
+    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+) -> Path:
+    """Convert a PEFT LoRA or DoRA adapter folder into an mlx-lm one (``mlx_lm.load(..., adapter_path=out)``)."""
+    adapter = Path(adapter)
+    model_type = resolve_model_type(base, model_type)
+    config, weights, metadata = read_peft(adapter, "LORA")
+    source = adapter / "adapter_config.json"
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field):
+            raise ConversionError(f"{source}: per-module {field} is not representable in mlx-lm (one rank/scale)")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise ConversionError(f"{source}: trained biases (bias={config.get('bias')!r}) are not supported")
+    dora = bool(config.get("use_dora"))
+    rank = int(config["r"])
+    alpha = float(config.get("lora_alpha", rank))
+    scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
+    file = adapter / "adapter_model.safetensors"
+    weights = saved_base_layers(weights, base, model_type, file)
+    leaves = r"lora_A\.weight|lora_B\.weight" + (r"|lora_magnitude_vector" if dora else "")
+    modules = group_peft(weights, file, leaves, model_type)
+    verify_base(base, modules, metadata_fingerprint(metadata), str(adapter))
+    arrays = {}
+    for path, parts in sorted(modules.items()):
+        require(parts, ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ()), path, file)
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        _check_module(path, a.shape, b.shape, rank, base, file, dora, parts.get("lora_magnitude_vector"))
+        arrays[f"{path}.lora_a"] = a.T
+        arrays[f"{path}.lora_b"] = b.T
+        if dora:
+            arrays[f"{path}.m"] = parts["lora_magnitude_vector"]
+    keys = sorted({block_relative(p) for p in modules})
+    cfg = {
+        "fine_tune_type": "dora" if dora else "lora",
+        "num_layers": num_layers_for(base, modules),
+        "lora_parameters": {
+            "rank": rank,
+            "scale": scale,
+            "dropout": float(config.get("lora_dropout", 0.0)),
+            "keys": keys,
+        },
+        **fingerprint_field(metadata_fingerprint(metadata) or base_fingerprint(base, modules)),
+    }
+    return write_mlx(out, arrays, cfg)

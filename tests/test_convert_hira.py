@@ -1,0 +1,47 @@
+"""SMoA -> stock PEFT HiRA and PEFT HiRA -> SMoA (K=1), checked by logits of transformers + stock peft vs MLX."""
+
+import json
+
+import pytest
+from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, smoa_model, torch_logits
+
+from smoa_mlx import load_adapter, save_adapter
+from smoa_mlx.convert import hira_to_smoa, smoa_to_hira
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("blocks,rank", [(2, 8), (3, 7)])
+def test_smoa_to_hira(tmp_path, blocks, rank):
+    torch_base = make_hf_llama(tmp_path / "base")
+    base_logits = torch_logits(torch_base)
+    model, cfg, _ = smoa_model(tmp_path / "base", rank=rank, blocks=blocks, alpha=2.0 * rank)
+    want = mlx_logits(model)
+    save_adapter(model, tmp_path / "smoa", cfg)
+    base, _ = load_mlx(tmp_path / "base")
+    out = smoa_to_hira(tmp_path / "smoa", tmp_path / "hira", base=base)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == rank
+    peft_model = peft.PeftModel.from_pretrained(torch_base, str(out)).eval()
+    assert type(peft_model.peft_config["default"]).__name__ == "HiraConfig"
+    assert_close(torch_logits(peft_model), want, base=base_logits)
+
+
+def test_hira_to_smoa(tmp_path):
+    torch_base = make_hf_llama(tmp_path / "base")
+    base_logits = torch_logits(torch_base)
+    peft_model = peft.get_peft_model(torch_base, peft.HiraConfig(r=6, target_modules=["k_proj", "up_proj", "lm_head"]))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "hira_" in name:
+                p.copy_(0.4 * torch.randn(p.shape, generator=gen))
+    peft_model.eval()
+    want = torch_logits(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "hira"))
+    base, _ = load_mlx(tmp_path / "base")
+    out = hira_to_smoa(tmp_path / "hira", tmp_path / "smoa", base=base)
+    model, _ = load_mlx(tmp_path / "base")
+    config = load_adapter(model, out)
+    assert config.blocks == 1 and config.rank == 6 and config.scale == 1.0
+    assert_close(mlx_logits(model), want, base=base_logits)

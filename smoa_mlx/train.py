@@ -1,0 +1,290 @@
+"""``python -m smoa_mlx.train``: fine-tune with SMoA (or HiRA / LoRA / DoRA baselines) on mlx-lm's training loop.
+
+Everything goes through :func:`run`, which the CLI, ``scripts/compare.py`` and ``scripts/bench_train.py`` share:
+it returns a result dict (losses, tokens/s, peak memory, wall time). Data-parallel under ``mlx.launch``: each rank
+takes its share of every global batch and mlx-lm's trainer averages the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
+from mlx_lm.tuner.utils import build_schedule
+from mlx_lm.utils import get_total_parameters
+from tqdm import tqdm
+
+from .checkpoint import (
+    TrainingState,
+    check_adapter_path,
+    checkpoint_name,
+    load_state,
+    restore_optimizer,
+    rng_key,
+    set_rng_key,
+)
+from .checkpoint import save_state as save_training_state
+from .config import SMoAConfig
+from .loading import apply_adapter, describe_model, load_model
+from .methods import Method
+from .train_args import parse_args, resolve
+from .train_data import DataError, load_splits
+from .train_loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
+from .train_report import format_summary, plot_losses
+
+__all__ = ["run", "train_adapter", "main", "TrainingDiverged"]
+
+LOSS_CURVE = "loss_curve.png"
+
+
+def _say(*parts: Any) -> None:
+    if mx.distributed.init().rank() == 0:
+        tqdm.write(" ".join(str(p) for p in parts), file=sys.stdout)
+
+
+def _method(opts: types.SimpleNamespace) -> Method:
+    config = SMoAConfig(
+        rank=opts.rank,
+        blocks=opts.blocks,
+        alpha=opts.alpha,
+        dropout=opts.dropout,
+        branch_ranks=opts.branch_ranks,
+        target_modules=opts.target_modules,
+        num_layers=opts.num_layers,
+    )
+    return Method(opts.fine_tune_type, config)
+
+
+def _identity(opts: types.SimpleNamespace) -> dict[str, Any]:
+    return {
+        "fine_tune_type": opts.fine_tune_type,
+        "rank": opts.rank,
+        "blocks": opts.blocks,
+        "alpha": opts.alpha,
+        "branch_ranks": opts.branch_ranks,
+        "target_modules": list(opts.target_modules),
+        "num_layers": opts.num_layers,
+        "model": opts.model,
+    }
+
+
+def _optimizer(opts: types.SimpleNamespace) -> optim.Optimizer:
+    """Linear warmup then cosine decay to zero, unless an mlx-lm ``lr_schedule`` is configured."""
+    if opts.lr_schedule:
+        lr = build_schedule(opts.lr_schedule)
+    elif opts.warmup > 0:
+        lr = optim.join_schedules(
+            [optim.linear_schedule(0.0, opts.learning_rate, opts.warmup),
+             optim.cosine_decay(opts.learning_rate, max(opts.iters - opts.warmup, 1))],
+            [opts.warmup],
+        )
+    else:
+        lr = optim.cosine_decay(opts.learning_rate, opts.iters)
+    classes = {"adamw": optim.AdamW, "adam": optim.Adam, "sgd": optim.SGD, "adafactor": optim.Adafactor,
+               "muon": optim.Muon}
+    extra = (opts.optimizer_config or {}).get(opts.optimizer, {})
+    try:
+        return classes[opts.optimizer](learning_rate=lr, **extra)
+    except TypeError as e:
+        raise ValueError(f"optimizer_config.{opts.optimizer}: {e}") from None
+
+
+def _finite(model: nn.Module) -> bool:
+    params = [v for _, v in tree_flatten(model.trainable_parameters())]
+    return all(mx.all(mx.isfinite(p)).item() for p in params)
+
+
+class _Saver:
+    """Checkpoints on rank 0: numbered weights, then the training state (the commit point), then the adapter."""
+
+    def __init__(self, folder: Path, method: Method, model: nn.Module, optimizer, recorder: Recorder,
+                 identity: dict, extra: dict, save_every: int):
+        self.folder, self.method, self.model, self.optimizer = folder, method, model, optimizer
+        self.recorder, self.identity, self.extra, self.save_every = recorder, identity, extra, save_every
+        self.rank0 = mx.distributed.init().rank() == 0
+        self.last_good: Optional[int] = None
+
+    def check(self, step: int) -> None:
+        if not _finite(self.model):
+            kept = f"the last good checkpoint (step {self.last_good})" if self.last_good else "no checkpoint"
+            raise TrainingDiverged(f"the adapter weights became NaN/inf by step {step}; kept {kept} in {self.folder}")
+
+    def on_step(self, step: int) -> None:
+        self.check(step)
+        if step % self.save_every == 0:
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        if self.rank0:
+            name = checkpoint_name(step)
+            self.method.save(self.model, self.folder, self.extra, weights_name=name)
+            state = TrainingState(step, rng_key(), name, self.recorder.history, self.identity)
+            save_training_state(self.folder, self.optimizer, state)
+            self.method.save(self.model, self.folder, self.extra)
+        self.last_good = step
+
+
+def _optimizer_step(optimizer) -> Optional[int]:
+    step = optimizer.state.get("step") if isinstance(optimizer.state, dict) else None
+    return None if step is None else int(step.item())
+
+
+def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any) -> dict[str, Any]:
+    """Train (and/or test) as the CLI does; returns the result dict. ``args`` holds option names as in the YAML
+    config (``learning_rate``, ``adapter_path``...); keyword overrides win. Missing options take the defaults."""
+    given = dict(vars(args) if isinstance(args, types.SimpleNamespace) else (args or {}))
+    given.update(overrides)
+    opts = resolve(given)
+    wall = time.perf_counter()
+    np.random.seed(opts.seed)
+    mx.random.seed(opts.seed)
+    world = mx.distributed.init()
+    folder = Path(opts.adapter_path)
+    method = _method(opts)
+    identity = _identity(opts)
+    if opts.train:
+        note = check_adapter_path(folder, identity, opts.resume, opts.force)
+        if note:
+            _say(note)
+
+    _say(f"Loading model {describe_model(opts.model)}")
+    model, tokenizer = load_model(opts.model)
+    need = (("train",) if opts.train else ()) + (("test",) if opts.test else ())
+    splits = load_splits(opts.data, tokenizer, opts.max_seq_length, opts.batch_size, opts.mask_prompt, need,
+                         warn=_say)
+    result: dict[str, Any] = {"method": opts.fine_tune_type, "rank": opts.rank, "blocks": opts.blocks,
+                              "adapter_path": str(folder), "world_size": world.size(), "test_loss": None}
+    if opts.train:
+        result.update(_train(opts, model, splits, method, identity, folder))
+    else:
+        apply_adapter(model, folder)
+    if opts.test:
+        result["test_loss"] = _evaluate(model, splits["test"], opts, opts.test_batches)
+        _say(f"test loss {result['test_loss']:.4f}, test ppl {math.exp(result['test_loss']):.3f}")
+    result["wall_time_s"] = time.perf_counter() - wall
+    if opts.train:
+        _say(format_summary(result))
+    return result
+
+
+def _evaluate(model: nn.Module, split, opts, batches: int) -> float:
+    """mlx-lm's evaluate (mean loss per token over all ranks) on fixed batches."""
+    model.eval()
+    with patched_trainer(0, uses_nccl()):
+        return evaluate(model, split, opts.batch_size, batches, opts.max_seq_length,
+                        iterate_batches=BatchStream(opts.seed))
+
+
+def _train(opts, model, splits, method: Method, identity: dict, folder: Path) -> dict[str, Any]:
+    start, history, saved_optimizer = 0, None, None
+    if opts.resume and (folder / "training_state.safetensors").exists():
+        state, saved_optimizer = load_state(folder)
+        start, history = state.step, state.history
+        method.restore(model, folder, state.weights)
+        _say(f"Resuming from step {start} ({folder / state.weights})")
+    elif opts.resume:
+        load_state(folder)  # raises: nothing to resume
+    else:
+        _say(f"Applying {opts.fine_tune_type} to {describe_model(opts.model)}")
+        method.apply(model, progress=lambda xs: tqdm(xs, desc="spectral order", leave=False, file=sys.stderr,
+                                                      disable=mx.distributed.init().rank() != 0))
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = get_total_parameters(model)
+    optimizer = _optimizer(opts)
+    if saved_optimizer is not None:
+        restore_optimizer(optimizer, model.trainable_parameters(), saved_optimizer)
+        set_rng_key(state.rng)
+    recorder = Recorder(start, history)
+    extra = {"model": opts.model, "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
+    saver = _Saver(folder, method, model, optimizer, recorder, identity, extra, opts.save_every)
+    saver.last_good = start or None
+    out = {"start_step": start, "steps": max(opts.iters, start), "trainable_parameters": trainable,
+           "total_parameters": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
+    if start < opts.iters:
+        with tempfile.TemporaryDirectory() as scratch:
+            targs = TrainingArgs(
+                batch_size=opts.batch_size,
+                iters=opts.iters - start,
+                val_batches=opts.val_batches,
+                steps_per_report=opts.steps_per_report,
+                steps_per_eval=opts.steps_per_eval,
+                steps_per_save=opts.iters + 1,  # checkpoints are ours (atomic, resumable): mlx-lm never saves
+                max_seq_length=opts.max_seq_length,
+                adapter_file=str(Path(scratch) / "mlx_lm_final.safetensors"),  # mlx-lm's unconditional final save
+                grad_checkpoint=opts.grad_checkpoint,
+            )
+            stream = BatchStream(opts.seed, start, saver.on_step)
+            try:
+                with patched_trainer(start, uses_nccl()):
+                    train(model, optimizer, splits["train"], splits.get("valid"), targs,
+                          iterate_batches=stream, training_callback=recorder)
+            except KeyboardInterrupt:
+                step = _optimizer_step(optimizer)
+                if step is not None and step > start and _finite(model):
+                    saver.save(step)
+                    _say(f"\nInterrupted: saved the adapter at step {step} in {folder} "
+                         "(continue with --resume)")
+                raise
+        saver.check(opts.iters)
+        if "valid" in splits:  # mlx-lm's last validation runs before the last step: measure the final adapter
+            val = _evaluate(model, splits["valid"], opts, opts.val_batches)
+            recorder.on_val_loss_report({"iteration": opts.iters - start, "val_loss": val})
+            _say(f"step {opts.iters:>6}  val loss   {val:.4f}  (final)")
+        saver.save(opts.iters)
+    out.update(_figures(recorder, folder, opts))
+    return out
+
+
+def _figures(recorder: Recorder, folder: Path, opts) -> dict[str, Any]:
+    h = recorder.history
+    out = {
+        "train_losses": h["train"],
+        "val_losses": h["val"],
+        "initial_val_loss": h["val"][0][1] if h["val"] else None,
+        "final_val_loss": h["val"][-1][1] if h["val"] else None,
+        "final_train_loss": h["train"][-1][1] if h["train"] else None,
+        "trained_tokens": int(recorder.tokens),
+        "train_time_s": recorder.train_time,
+        "tokens_per_second": recorder.tokens_per_second,
+        "peak_memory_gb": max(recorder.peak_memory_gb, mx.get_peak_memory() / 1e9),
+        "loss_curve": None,
+    }
+    if mx.distributed.init().rank() == 0 and (h["train"] or h["val"]):
+        title = f"{opts.fine_tune_type} r={opts.rank}" + (f" K={opts.blocks}" if opts.fine_tune_type in ("smoa", "hira") else "")
+        out["loss_curve"] = str(plot_losses(h, folder / LOSS_CURVE, f"{title} on {describe_model(opts.model)}"))
+    return out
+
+
+def train_adapter(model: Optional[str] = None, data: Optional[str] = None, **options: Any) -> dict[str, Any]:
+    """Keyword form of :func:`run` for scripts: ``train_adapter(model, data, fine_tune_type="lora", iters=50)``."""
+    return run({"model": model, "data": data, **options})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        opts = parse_args(argv)
+        run(opts)
+    except KeyboardInterrupt:
+        return 130
+    except TrainingDiverged as e:
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return 1
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Training data in mlx-lm's formats (jsonl ``text`` / ``chat`` / ``completions``, a folder with train, valid and
+test files, or a Hugging Face dataset id), checked up front so bad input fails before the model is touched.
+
+mlx-lm's own loader would fail mid-run on a malformed line, silently train on ragged records, and warn at every
+batch about long sequences; here every line is checked, errors name the file and line, and long examples are
+truncated once with one warning per split.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+
+PACKAGED_DATA = Path(__file__).parent / "data"
+SPLITS = ("train", "valid", "test")
+FORMAT_KEYS = {"completions": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file (and line)."""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a jsonl file, blank lines skipped; malformed lines raise with file and line number."""
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        row["_line"] = number
+        rows.append(row)
+    return rows
+
+
+def detect_format(row: dict, where: str) -> str:
+    """mlx-lm's precedence (completions, then chat, then text), decided by the first record."""
+    for name, keys in FORMAT_KEYS.items():
+        if all(k in row for k in keys):
+            return name
+    raise DataError(
+        f"{where}: no known format: expected keys 'text', 'messages', or 'prompt' + 'completion' "
+        f"(got {sorted(k for k in row if k != '_line')})"
+    )
+
+
+def _check_record(row: dict, fmt: str, where: str) -> None:
+    for key in FORMAT_KEYS[fmt]:
+        if key not in row:
+            raise DataError(f"{where}: missing key {key!r} (the file's first record is in {fmt} format)")
+    if fmt == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    else:
+        for key in FORMAT_KEYS[fmt]:
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+
+
+class TokenizedSplit:
+    """A fully tokenized split (what mlx-lm's ``CacheDataset`` yields), long examples cut to ``max_seq_length``.
+
+    ``itemlen`` is the token count, so mlx-lm's batcher groups examples of similar length.
+    """
+
+    def __init__(self, items: list[tuple[list[int], int]], name: str):
+        self.items = items
+        self.name = name
+
+    def __getitem__(self, idx: int) -> tuple[list[int], int]:
+        return self.items[idx]
+
+    def itemlen(self, idx: int) -> int:
+        return len(self.items[idx][0])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t, _ in self.items)
+
+
+def tokenize_split(dataset: Any, name: str, max_seq_length: int, warn=print) -> TokenizedSplit:
+    cache = CacheDataset(dataset)
+    items, too_long, longest = [], 0, 0
+    for i in range(len(cache)):
+        tokens, offset = cache[i]
+        tokens = list(tokens)
+        longest = max(longest, len(tokens))
+        if len(tokens) > max_seq_length:
+            too_long += 1
+            tokens = tokens[:max_seq_length]
+        items.append((tokens, min(offset, len(tokens))))
+    if too_long:
+        warn(
+            f"[WARNING] {name}: {too_long} of {len(items)} examples are longer than --max-seq-length "
+            f"{max_seq_length} tokens (longest {longest}); they are truncated."
+        )
+    return TokenizedSplit(items, name)
+
+
+def _load_local(folder: Path, options: types.SimpleNamespace, tokenizer) -> dict[str, Any]:
+    out = {}
+    for split in SPLITS:
+        path = folder / f"{split}.jsonl"
+        if not path.exists():
+            continue
+        rows = read_jsonl(path)
+        if not rows:
+            raise DataError(f"{path}: the file holds no examples")
+        fmt = detect_format(rows[0], f"{path}, line {rows[0]['_line']}")
+        for row in rows:
+            _check_record(row, fmt, f"{path}, line {row['_line']}")
+        out[split] = (create_dataset(rows, tokenizer, options), str(path))
+    return out
+
+
+def _load_hub(data_id: str, options: types.SimpleNamespace, tokenizer) -> dict[str, Any]:
+    try:
+        from mlx_lm.tuner.datasets import load_hf_dataset
+        import datasets  # noqa: F401  (mlx-lm's hub loader needs it)
+    except ImportError:
+        raise DataError(
+            f"--data {data_id}: no such folder, and reading Hugging Face datasets needs `pip install datasets`"
+        ) from None
+    try:
+        splits = load_hf_dataset(data_id, tokenizer, options)
+    except Exception as e:  # the hub client raises many kinds; name the id and the cause
+        raise DataError(f"--data {data_id}: not a local folder, and loading it from the hub failed: {e}") from None
+    return {name: (s, f"{data_id}[{name}]") for name, s in zip(SPLITS, splits) if len(s)}
+
+
+def load_splits(
+    data: Optional[str],
+    tokenizer,
+    max_seq_length: int,
+    batch_size: int,
+    mask_prompt: bool = False,
+    need: Sequence[str] = ("train",),
+    warn=print,
+) -> dict[str, TokenizedSplit]:
+    """Tokenized splits of ``data`` (None = the set that ships with the package), checked for size.
+
+    ``need`` lists the splits the run cannot do without; a missing ``valid`` only warns (training proceeds
+    without validation, as in mlx-lm).
+    """
+    options = types.SimpleNamespace(mask_prompt=mask_prompt)
+    folder = PACKAGED_DATA if data is None else Path(data)
+    if folder.is_file():
+        raise DataError(f"--data {folder}: expected a folder holding train.jsonl / valid.jsonl / test.jsonl")
+    raw = _load_local(folder, options, tokenizer) if folder.exists() else _load_hub(str(data), options, tokenizer)
+    for split in need:
+        if split not in raw:
+            raise DataError(f"--data {folder}: no {split}.jsonl (or it is empty); it is needed here")
+    out = {}
+    for split, (dataset, where) in raw.items():
+        tokenized = tokenize_split(dataset, where, max_seq_length, warn)
+        if len(tokenized) < batch_size:
+            raise DataError(
+                f"{where}: {len(tokenized)} examples, fewer than --batch-size {batch_size}; "
+                "add examples or lower --batch-size"
+            )
+        out[split] = tokenized
+    if "train" in need and "valid" not in out:
+        warn(f"[WARNING] --data {folder}: no valid.jsonl; training proceeds without validation.")
+    return out

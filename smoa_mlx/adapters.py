@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import SMoAConfig
+from .fingerprint import FINGERPRINT_KEY, fingerprint_modules
 from .layer import SMoALinear, check_base
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -195,7 +196,8 @@ def save_adapter(
 ) -> Path:
     """Write ``adapters.safetensors`` and ``adapter_config.json`` into the folder ``path`` (created if needed).
 
-    ``extra_config`` adds fields to the JSON (training arguments, base model id). ``weights_name`` lets a
+    ``extra_config`` adds fields to the JSON (training arguments, base model id); a ``base_fingerprint`` of the
+    adapted base weights is recorded unless ``extra_config`` brings its own. ``weights_name`` lets a
     trainer write numbered checkpoints (``0000100_adapters.safetensors``) beside the adapter.
     """
     folder = Path(path)
@@ -206,20 +208,32 @@ def save_adapter(
     mx.eval(arrays)
     atomic_save_safetensors(folder / weights_name, arrays, metadata={"format": "mlx", "adapter": "smoa"})
     if weights_name == ADAPTER_WEIGHTS:
-        text = json.dumps(adapter_config_dict(config, extra_config), indent=2, sort_keys=True)
+        extra = dict(extra_config or {})
+        # Lets loaders and converters notice an adapter applied to another base (see fingerprint.py).
+        if FINGERPRINT_KEY not in extra:
+            extra[FINGERPRINT_KEY] = fingerprint_modules(smoa_layers(model))
+        text = json.dumps(adapter_config_dict(config, extra), indent=2, sort_keys=True)
         atomic_write_text(folder / ADAPTER_CONFIG, text + "\n")
     return folder
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON object from an adapter folder's file, with errors naming the file (missing, bad JSON, not a dict)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"no {file.name} in adapter folder {file.parent}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return data
 
 
 def read_adapter_config(path: PathLike) -> tuple[SMoAConfig, dict]:
     """(SMoAConfig, the whole JSON) of an adapter folder, with errors naming the file."""
     file = Path(path) / ADAPTER_CONFIG
-    if not file.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in adapter folder {Path(path)}")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    data = read_json_object(file)
     kind = data.get("fine_tune_type", "lora")
     if kind not in FINE_TUNE_TYPES or "smoa_parameters" not in data:
         raise ValueError(

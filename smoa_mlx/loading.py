@@ -8,7 +8,6 @@ mlx-lm's own commands accept. Adapters are dispatched on their ``fine_tune_type`
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -17,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINE_TUNE_TYPES, load_adapter
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINE_TUNE_TYPES, load_adapter, read_json_object
 from .models.embedded import EMBEDDED_NAME, embedded_gguf_path, gguf_model
 
 PathLike = Union[str, Path]
@@ -94,16 +93,9 @@ def read_adapter_kind(adapter_path: PathLike) -> tuple[str, dict[str, Any]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {folder}")
     file = folder / ADAPTER_CONFIG
-    if not file.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in adapter folder {folder}")
+    data = read_json_object(file)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in adapter folder {folder}")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object")
     kind = data.get("fine_tune_type", "lora")
     if kind not in FINE_TUNE_TYPES + MLX_LM_TYPES:
         raise ValueError(f"{file}: unknown fine_tune_type {kind!r} (known: {', '.join(FINE_TUNE_TYPES + MLX_LM_TYPES)})")

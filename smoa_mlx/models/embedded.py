@@ -8,7 +8,8 @@ MLX's affine format with group size 32 and 4 bits)?
 - SMoA's spectral ordering and anchors read W0's entries, and fusing writes a dense W0 + Delta W; both want the
   dense weight, and dequantizing Q4_1 loses nothing (the dense values are the 4-bit grid values themselves).
 - The whole model is 135M parameters (0.54 GB in float32), so memory is no argument for quantizing it.
-- On CPUs (Linux, CI) dense float32 matmuls go through BLAS and are much faster than MLX's quantized kernels.
+- On CPUs (Linux, CI) dense float32 matmuls go through BLAS; MLX's quantized and float16 ones do not (measured:
+  22x and 14x slower per forward, scripts/bench_embedded.py -> benchmarks/embedded.json).
 - bfloat16 gives garbage on MLX's CPU backend, so the default is float32; float16 halves memory on a Mac.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,14 +29,20 @@ def save_model_folder(
         raise FileExistsError(f"{path} already exists; pass force=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the model folder's permissions
     try:
         save_model(tmp, model)
         save_config(dict(config), tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        tmp.rename(path)
-    except BaseException:
+        if path.exists():  # the old model is deleted only once the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

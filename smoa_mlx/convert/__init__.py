@@ -15,11 +15,20 @@ from .errors import (
 from .hf_export import export_hf, fuse_adapters
 from .peft_hira import hira_to_smoa, smoa_to_hira
 from .peft_lora import mlx_lora_to_peft, peft_lora_to_mlx
+from .reference_smoa import (
+    FragileGroupingWarning,
+    GroupingMismatchError,
+    reference_orders,
+    reference_to_smoa,
+    smoa_to_reference,
+)
 
 __all__ = [
     "AdapterTypeError",
     "BaseModelMismatchError",
     "ConversionError",
+    "FragileGroupingWarning",
+    "GroupingMismatchError",
     "MissingKeysError",
     "ShapeMismatchError",
     "UnsupportedArchitectureError",
@@ -29,4 +38,7 @@ __all__ = [
     "smoa_to_hira",
     "mlx_lora_to_peft",
     "peft_lora_to_mlx",
+    "reference_orders",
+    "reference_to_smoa",
+    "smoa_to_reference",
 ]

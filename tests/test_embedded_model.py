@@ -6,11 +6,12 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 import mlx_lm
 from mlx_lm import generate
 
 from smoa_mlx.loading import load_model, load_model_with_adapter
-from smoa_mlx.models import llamacpp_permute, llamacpp_unpermute, save_embedded
+from smoa_mlx.models import llamacpp_permute, llamacpp_unpermute, save_embedded, save_model_folder
 
 TEXT = (
     "Water boils at one hundred degrees Celsius at sea level. When it is heated, its molecules move faster and "
@@ -111,3 +112,73 @@ def test_load_model_errors(tmp_path):
     (tmp_path / "bad" / "adapters.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown fine_tune_type 'prefix'"):
         load_model_with_adapter(None, tmp_path / "bad")
+
+
+def _tiny_folder(path, tokenizer, hidden: int):
+    """A 2-layer llama with the embedded tokenizer, saved as a stock mlx-lm folder (tiny, so adapters are cheap)."""
+    from mlx_lm.models import llama
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": 2,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": len(tokenizer.vocab),
+        "tie_word_embeddings": True,
+    }
+    mx.random.seed(hidden)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return save_model_folder(path, model, tokenizer, config)
+
+
+def _randomize(model, leaf: str):
+    params = [(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.trainable_parameters())]
+    model.update(tree_unflatten([(k, v) for k, v in params if leaf in k]))
+
+
+def test_load_model_with_adapter_smoa_and_lora(tmp_path, embedded_model):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    from smoa_mlx import SMoAConfig, apply_smoa, save_adapter
+    from smoa_mlx.loading import apply_adapter
+
+    _, tokenizer = embedded_model
+    folder = _tiny_folder(tmp_path / "tiny", tokenizer, hidden=64)
+    other, _ = load_model(str(_tiny_folder(tmp_path / "other", tokenizer, hidden=32)))
+    ids = mx.array([tokenizer.encode("The quick brown fox")])
+
+    # SMoA adapter, recording its base: model=None finds it through adapter_config.json.
+    model = mlx_lm_load_model(folder)[0]
+    plain = model(ids)
+    config = SMoAConfig(rank=4, blocks=2, target_modules=["q_proj", "v_proj"])
+    apply_smoa(model, config)
+    _randomize(model, "smoa_b")
+    want = model(ids)
+    assert not mx.allclose(want, plain, atol=1e-4)
+    save_adapter(model, tmp_path / "smoa", config, extra_config={"model": str(folder)})
+    loaded, _ = load_model_with_adapter(None, tmp_path / "smoa")
+    assert mx.allclose(loaded(ids), want, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_adapter(other, tmp_path / "smoa")
+
+    # mlx-lm LoRA adapter, written the way mlx_lm.lora writes one.
+    model = mlx_lm_load_model(folder)[0]
+    model.freeze()
+    lora = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
+    linear_to_lora_layers(model, 2, lora)
+    _randomize(model, "lora_b")
+    want = model(ids)
+    (tmp_path / "lora").mkdir()
+    mx.save_safetensors(str(tmp_path / "lora" / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (tmp_path / "lora" / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora})
+    )
+    loaded, _ = load_model_with_adapter(str(folder), tmp_path / "lora")
+    assert mx.allclose(loaded(ids), want, atol=1e-5)
+    with pytest.raises(ValueError, match="lora adapter .* does not fit"):
+        apply_adapter(other, tmp_path / "lora")

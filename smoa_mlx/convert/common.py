@@ -16,7 +16,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_save_safetensors, atomic_write_text, get_module
+from ..adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    atomic_save_safetensors,
+    atomic_write_text,
+    get_module,
+    read_json_object,
+)
 from ..fingerprint import FINGERPRINT_KEY, check_fingerprint, fingerprint_modules
 from ..layer import _base_dims, dequantized_weight
 from .errors import AdapterTypeError, BaseModelMismatchError, ConversionError, MissingKeysError, ShapeMismatchError
@@ -30,15 +37,12 @@ METADATA_FINGERPRINT = "smoa_mlx.base_fingerprint"
 
 # -- reading ----------------------------------------------------------------------------------------------
 def read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise FileNotFoundError(f"no {file.name} in adapter folder {file.parent}")
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{file}: expected a JSON object")
-    return data
+        return read_json_object(file)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def read_weights(file: Path) -> tuple[dict[str, mx.array], dict[str, str]]:

@@ -97,3 +97,22 @@ def smoa_model(folder: Path, rank: int = 8, blocks: int = 2, alpha: float | None
     apply_smoa(model, cfg)
     randomize_factors(model)
     return model, cfg, config
+
+
+def perturb_torch(model, marker: str, seed: int, std: float) -> None:
+    """Random adapter factors in a torch model (parameters named with ``marker``), then eval mode.
+
+    DoRA magnitudes are jittered around their init (the base row norms) rather than replaced.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if marker in name:
+                noise = torch.randn(p.shape, generator=gen)
+                if "magnitude" in name:
+                    p.mul_(1 + 0.2 * noise)
+                else:
+                    p.copy_(std * noise)
+    model.eval()

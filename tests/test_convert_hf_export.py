@@ -2,8 +2,6 @@
 
 import json
 
-import mlx.core as mx
-import numpy as np
 import pytest
 from convert_helpers import assert_close, make_hf_llama, mlx_logits, smoa_model, torch_logits
 

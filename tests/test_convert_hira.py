@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, smoa_model, torch_logits
+from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, perturb_torch, smoa_model, torch_logits
 
 from smoa_mlx import load_adapter, save_adapter
 from smoa_mlx.convert import hira_to_smoa, smoa_to_hira
@@ -31,12 +31,7 @@ def test_hira_to_smoa(tmp_path):
     torch_base = make_hf_llama(tmp_path / "base")
     base_logits = torch_logits(torch_base)
     peft_model = peft.get_peft_model(torch_base, peft.HiraConfig(r=6, target_modules=["k_proj", "up_proj", "lm_head"]))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "hira_" in name:
-                p.copy_(0.4 * torch.randn(p.shape, generator=gen))
-    peft_model.eval()
+    perturb_torch(peft_model, "hira_", seed=7, std=0.4)
     want = torch_logits(peft_model)
     peft_model.save_pretrained(str(tmp_path / "hira"))
     base, _ = load_mlx(tmp_path / "base")

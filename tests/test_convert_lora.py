@@ -5,10 +5,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, torch_logits
+from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, perturb_torch, torch_logits
 from mlx.utils import tree_flatten
 
-from smoa_mlx.convert import peft_lora_to_mlx, mlx_lora_to_peft
+from smoa_mlx.convert import mlx_lora_to_peft, peft_lora_to_mlx
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -59,14 +59,7 @@ def test_peft_lora_to_mlx(tmp_path, dora):
     base_logits = torch_logits(torch_base)
     cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "up_proj", "o_proj"], use_dora=dora)
     peft_model = peft.get_peft_model(torch_base, cfg)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen)) if "magnitude" in name else p.copy_(
-                    0.3 * torch.randn(p.shape, generator=gen)
-                )
-    peft_model.eval()
+    perturb_torch(peft_model, "lora_", seed=5, std=0.3)
     want = torch_logits(peft_model)
     peft_model.save_pretrained(str(tmp_path / "peft"))
     base, _ = load_mlx(tmp_path / "base")

@@ -6,7 +6,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, smoa_model, torch_logits
+from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, perturb_torch, smoa_model, torch_logits
 
 from smoa_mlx import load_adapter, save_adapter
 from smoa_mlx.convert import (
@@ -48,11 +48,7 @@ def test_reference_to_smoa(tmp_path):
     base_logits = torch_logits(torch_model)
     paths = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.k_proj", "mlp.up_proj")]
     torch_reference.wrap_reference_smoa(torch_model, paths, r=6, num_blocks=2, lora_alpha=9.0)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in torch_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    perturb_torch(torch_model, "lora_", seed=11, std=0.5)
     want = torch_logits(torch_model)
     fields = {"r": 6, "num_blocks": 2, "lora_alpha": 9.0, "lora_dropout": 0.0, "branch_ranks": None,
               "target_modules": ["k_proj", "up_proj"], "bias": "none", "fan_in_fan_out": False}

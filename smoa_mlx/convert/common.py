@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -121,6 +122,31 @@ def saved_base_layers(
         if tuple(value.shape) != dims or not mx.allclose(value.astype(mx.float32), mine.astype(mx.float32), atol=0.05 * scale):
             raise BaseModelMismatchError(f"{file}: the saved base weight {key} differs from the base model's {path}")
     return kept
+
+
+@dataclass
+class PeftInput:
+    """A PEFT-style adapter folder read and checked: its config, tensors per mlx-lm module path, fingerprint."""
+
+    config: dict
+    modules: dict[str, dict[str, mx.array]]
+    fingerprint: Optional[dict]
+    file: Path
+    model_type: str
+
+
+def open_peft(
+    adapter: PathLike, peft_type: str, leaf_pattern: str, base: Optional[nn.Module], model_type: Optional[str]
+) -> PeftInput:
+    """Read a PEFT folder of ``peft_type``, map its module paths to mlx-lm's and check the base model's identity."""
+    adapter = Path(adapter)
+    model_type = resolve_model_type(base, model_type)
+    config, weights, metadata = read_peft(adapter, peft_type)
+    file = adapter / PEFT_WEIGHTS
+    modules = group_peft(saved_base_layers(weights, base, model_type, file), file, leaf_pattern, model_type)
+    fingerprint = metadata_fingerprint(metadata)
+    verify_base(base, modules, fingerprint, str(adapter))
+    return PeftInput(config, modules, fingerprint or base_fingerprint(base, modules), file, model_type)
 
 
 def require(parts: dict, names: Iterable[str], path: str, file: Path) -> None:

@@ -24,13 +24,10 @@ from .common import (
     base_fingerprint,
     check_shape,
     fingerprint_field,
-    group_peft,
-    metadata_fingerprint,
     num_layers_for,
+    open_peft,
     peft_config,
     peft_weights,
-    read_peft,
-    saved_base_layers,
     require,
     resolve_model_type,
     to_numpy,
@@ -85,31 +82,24 @@ def hira_to_smoa(
     adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
 ) -> Path:
     """Convert a stock PEFT HiRA adapter folder into an SMoA adapter with one block (``load_adapter`` loads it)."""
-    adapter = Path(adapter)
-    model_type = resolve_model_type(base, model_type)
-    config, weights, metadata = read_peft(adapter, "HIRA")
-    rank = int(config["r"])
-    if any(int(r) != rank for r in (config.get("rank_pattern") or {}).values()):
-        raise ConversionError(f"{adapter / 'adapter_config.json'}: per-module rank_pattern cannot become one SMoA rank")
-    file = adapter / "adapter_model.safetensors"
-    weights = saved_base_layers(weights, base, model_type, file)
-    parts_by_path = group_peft(weights, file, r"hira_A|hira_B", model_type)
-    verify_base(base, parts_by_path, metadata_fingerprint(metadata), str(adapter))
+    src = open_peft(adapter, "HIRA", r"hira_A|hira_B", base, model_type)
+    rank = int(src.config["r"])
+    if any(int(r) != rank for r in (src.config.get("rank_pattern") or {}).values()):
+        raise ConversionError(f"{Path(adapter) / 'adapter_config.json'}: per-module rank_pattern cannot be one SMoA rank")
     modules = {}
-    for path, parts in sorted(parts_by_path.items()):
-        require(parts, ("hira_A", "hira_B"), path, file)
+    for path, parts in sorted(src.modules.items()):
+        require(parts, ("hira_A", "hira_B"), path, src.file)
         a, b = parts["hira_A"], parts["hira_B"]
         d_out, d_in = base_dims(base, path) or (b.shape[0], a.shape[1])
-        check_shape(f"{path}.hira_A", a.shape, (rank, d_in), file)
-        check_shape(f"{path}.hira_B", b.shape, (d_out, rank), file)
+        check_shape(f"{path}.hira_A", a.shape, (rank, d_in), src.file)
+        check_shape(f"{path}.hira_B", b.shape, (d_out, rank), src.file)
         modules[path] = SMoAModule([a], [b], np.arange(d_out), np.arange(d_in))
     smoa = SMoAConfig(
         rank=rank,
         blocks=1,
         alpha=float(rank),
-        dropout=float(config.get("hira_dropout", 0.0)),
+        dropout=float(src.config.get("hira_dropout", 0.0)),
         target_modules=sorted({block_relative(p) for p in modules}),
         num_layers=num_layers_for(base, modules),
     )
-    fingerprint = metadata_fingerprint(metadata) or base_fingerprint(base, modules)
-    return write_smoa(out, smoa, modules, fingerprint_field(fingerprint))
+    return write_smoa(out, smoa, modules, fingerprint_field(src.fingerprint))

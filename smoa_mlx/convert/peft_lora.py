@@ -22,14 +22,11 @@ from .common import (
     base_fingerprint,
     check_shape,
     fingerprint_field,
-    group_peft,
-    metadata_fingerprint,
     num_layers_for,
+    open_peft,
     peft_config,
     peft_weights,
     read_mlx_config,
-    read_peft,
-    saved_base_layers,
     read_weights,
     require,
     resolve_model_type,
@@ -116,10 +113,8 @@ def peft_lora_to_mlx(
     adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
 ) -> Path:
     """Convert a PEFT LoRA or DoRA adapter folder into an mlx-lm one (``mlx_lm.load(..., adapter_path=out)``)."""
-    adapter = Path(adapter)
-    model_type = resolve_model_type(base, model_type)
-    config, weights, metadata = read_peft(adapter, "LORA")
-    source = adapter / "adapter_config.json"
+    src = open_peft(adapter, "LORA", r"lora_A\.weight|lora_B\.weight|lora_magnitude_vector", base, model_type)
+    config, source = src.config, Path(adapter) / "adapter_config.json"
     for field in ("rank_pattern", "alpha_pattern"):
         if config.get(field):
             raise ConversionError(f"{source}: per-module {field} is not representable in mlx-lm (one rank/scale)")
@@ -129,30 +124,26 @@ def peft_lora_to_mlx(
     rank = int(config["r"])
     alpha = float(config.get("lora_alpha", rank))
     scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
-    file = adapter / "adapter_model.safetensors"
-    weights = saved_base_layers(weights, base, model_type, file)
-    leaves = r"lora_A\.weight|lora_B\.weight" + (r"|lora_magnitude_vector" if dora else "")
-    modules = group_peft(weights, file, leaves, model_type)
-    verify_base(base, modules, metadata_fingerprint(metadata), str(adapter))
     arrays = {}
-    for path, parts in sorted(modules.items()):
-        require(parts, ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ()), path, file)
+    for path, parts in sorted(src.modules.items()):
+        if not dora and "lora_magnitude_vector" in parts:
+            raise ConversionError(f"{src.file}: {path} has a DoRA magnitude but use_dora is false in {source.name}")
+        require(parts, ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ()), path, src.file)
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-        _check_module(path, a.shape, b.shape, rank, base, file, dora, parts.get("lora_magnitude_vector"))
+        _check_module(path, a.shape, b.shape, rank, base, src.file, dora, parts.get("lora_magnitude_vector"))
         arrays[f"{path}.lora_a"] = a.T
         arrays[f"{path}.lora_b"] = b.T
         if dora:
             arrays[f"{path}.m"] = parts["lora_magnitude_vector"]
-    keys = sorted({block_relative(p) for p in modules})
     cfg = {
         "fine_tune_type": "dora" if dora else "lora",
-        "num_layers": num_layers_for(base, modules),
+        "num_layers": num_layers_for(base, src.modules),
         "lora_parameters": {
             "rank": rank,
             "scale": scale,
             "dropout": float(config.get("lora_dropout", 0.0)),
-            "keys": keys,
+            "keys": sorted({block_relative(p) for p in src.modules}),
         },
-        **fingerprint_field(metadata_fingerprint(metadata) or base_fingerprint(base, modules)),
+        **fingerprint_field(src.fingerprint),
     }
     return write_mlx(out, arrays, cfg)

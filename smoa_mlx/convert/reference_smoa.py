@@ -37,12 +37,10 @@ from .common import (
     base_fingerprint,
     check_shape,
     fingerprint_field,
-    group_peft,
-    metadata_fingerprint,
     num_layers_for,
+    open_peft,
     peft_config,
     peft_weights,
-    read_peft,
     resolve_model_type,
     verify_base,
     write_peft,
@@ -199,10 +197,8 @@ def reference_to_smoa(
 ) -> Path:
     """Convert a reference-format SMoA adapter into an SMoA adapter folder for ``base`` (``load_adapter``)."""
     _require_base(base, "reference_to_smoa")
-    adapter = Path(adapter)
-    model_type = resolve_model_type(base, model_type)
-    ref, weights, metadata = read_peft(adapter, "SMOA")
-    source = adapter / "adapter_config.json"
+    src = open_peft(adapter, "SMOA", r"lora_[AB]\.\d+\.weight", base, model_type)
+    ref, source, file = src.config, Path(adapter) / "adapter_config.json", src.file
     try:
         config = SMoAConfig(
             rank=int(ref["r"]),
@@ -215,11 +211,8 @@ def reference_to_smoa(
         raise ConversionError(f"{source}: bad SMoA fields ({e})") from None
     if ref.get("bias", "none") != "none":
         raise ConversionError(f"{source}: trained biases (bias={ref.get('bias')!r}) are not supported")
-    file = adapter / "adapter_model.safetensors"
-    parts_by_path = group_peft(weights, file, r"lora_[AB]\.\d+\.weight", model_type)
-    verify_base(base, parts_by_path, metadata_fingerprint(metadata), str(adapter))
     modules, report = {}, {}
-    for path, parts in sorted(parts_by_path.items()):
+    for path, parts in sorted(src.modules.items()):
         d_out, d_in = base_dims(base, path)
         ranks = resolve_ranks(config.rank, config.blocks, config.branch_ranks, path)
         weight = _base_weight(base, path)
@@ -246,5 +239,4 @@ def reference_to_smoa(
     _warn_fragile(report)
     config.target_modules = sorted({block_relative(p) for p in modules})
     config.num_layers = num_layers_for(base, modules)
-    fingerprint = metadata_fingerprint(metadata) or base_fingerprint(base, modules)
-    return write_smoa(out, config, modules, fingerprint_field(fingerprint))
+    return write_smoa(out, config, modules, fingerprint_field(src.fingerprint))

@@ -182,3 +182,62 @@ def test_load_model_with_adapter_smoa_and_lora(tmp_path, embedded_model):
     assert mx.allclose(loaded(ids), want, atol=1e-5)
     with pytest.raises(ValueError, match="lora adapter .* does not fit"):
         apply_adapter(other, tmp_path / "lora")
+
+
+def test_weights_match_an_independent_q4_1_decoder(embedded_model):
+    """transformers' own GGUF reader and Q4_1 dequantizer (torch, no MLX) decode the same values."""
+    torch = pytest.importorskip("torch")
+    gguf = pytest.importorskip("transformers.integrations.gguf.reader")
+    from transformers.integrations.gguf.dequant import dequantize
+
+    from smoa_mlx.models import embedded_gguf_path
+
+    model, _ = embedded_model
+    header = gguf.GgufHeader.from_file(str(embedded_gguf_path()))
+    tensors, infos = gguf.load_gguf_state_dict(header), {i.name: i for i in header.tensors}
+    layer = model.model.layers[3]
+    heads = layer.self_attn.n_heads, layer.self_attn.n_kv_heads
+    ours = {
+        "blk.3.attn_q.weight": llamacpp_permute(layer.self_attn.q_proj.weight, heads[0]),  # back to file order
+        "blk.3.attn_k.weight": llamacpp_permute(layer.self_attn.k_proj.weight, heads[1]),
+        "blk.3.attn_v.weight": layer.self_attn.v_proj.weight,
+        "blk.3.ffn_down.weight": layer.mlp.down_proj.weight,
+        "blk.3.attn_norm.weight": layer.input_layernorm.weight,
+        "token_embd.weight": model.model.embed_tokens.weight,
+    }
+    for name, mine in ours.items():
+        raw = tensors[name][...]
+        if raw.dtype == torch.uint8:
+            raw = dequantize(raw.reshape(-1), infos[name].ggml_type).reshape(infos[name].shape)
+        assert mx.array_equal(mine, mx.array(raw.float().numpy())), name
+
+
+def test_tokenizer_matches_transformers_gguf_conversion(embedded_model):
+    """transformers' own GGUF tokenizer conversion (written independently) encodes the same ids."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    from smoa_mlx.models import embedded_gguf_path
+
+    _, tokenizer = embedded_model
+    arch, tokens, config = mapping.get_gguf_tokenizer(str(embedded_gguf_path()))
+    theirs, _ = mapping.convert_gguf_tokenizer(arch, tokens)
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template"):
+        assert getattr(tokenizer, name) == config[name], name
+    for text in (TEXT, "Hello world! héllo\n  indented <|im_start|>user\nHi<|im_end|>", "In 2024, 12345 ünïcödé 🙂"):
+        assert tokenizer.encode(text) == theirs.encode(text).ids, text
+
+
+def test_gguf_metadata_errors_name_the_key():
+    from smoa_mlx.models.gguf import gguf_config, read_gguf
+    from smoa_mlx.models.gguf_tokenizer import gguf_tokenizer
+
+    with pytest.raises(ValueError, match="general.architecture is 'qwen2'"):
+        gguf_config({"general.architecture": "qwen2"}, "x.gguf")
+    with pytest.raises(ValueError, match="x.gguf: metadata key 'llama.block_count' is missing"):
+        meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4}
+        gguf_config({**meta, "llama.vocab_size": 100}, "x.gguf")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'llama-bpe' is not supported"):
+        gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"}, "x.gguf")
+    with pytest.raises(ValueError, match="only byte-level BPE"):
+        gguf_tokenizer({"tokenizer.ggml.model": "llama"}, "x.gguf")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        read_gguf("/nonexistent/model.gguf")

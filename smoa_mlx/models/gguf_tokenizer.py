@@ -12,10 +12,11 @@ from typing import Any
 
 import mlx.core as mx
 
-# llama.cpp's pre-tokenizer names -> the split regex it uses before byte-level BPE. GPT-2's pattern is the
-# ByteLevel pre-tokenizer's own; "smollm" additionally splits every digit on its own (HF: Digits(individual)).
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> what it does before byte-level BPE (llama-vocab.cpp):
+# "gpt2" uses GPT-2's split regex, which is the HF ByteLevel pre-tokenizer's own; "smollm" and "starcoder" first
+# split off every digit ("\p{N}", HF: Digits(individual_digits=True)). Other names use other regexes: refused.
 _GPT2 = "gpt2"
-_PRE_TOKENIZERS = {"gpt2": (), "default": (), "smollm": ("digits",), "starcoder": ("digits",)}
+_PRE_TOKENIZERS = {"gpt2": (), "smollm": ("digits",), "starcoder": ("digits",)}
 _CONTROL = 3  # llama.cpp token type: control (special) token
 _USER_DEFINED = 4
 
@@ -33,7 +34,7 @@ def gguf_tokenizer(metadata: dict[str, Any], source: str = "GGUF"):
     kind = _scalar(metadata, "tokenizer.ggml.model")
     if kind != _GPT2:
         raise ValueError(f"{source}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
-    pre = _scalar(metadata, "tokenizer.ggml.pre") or "default"
+    pre = _scalar(metadata, "tokenizer.ggml.pre")
     if pre not in _PRE_TOKENIZERS:
         raise ValueError(
             f"{source}: tokenizer.ggml.pre {pre!r} is not supported (known: {', '.join(sorted(_PRE_TOKENIZERS))})"

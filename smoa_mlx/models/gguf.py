@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import mlx.core as mx
+import numpy as np
 
 PathLike = Union[str, Path]
 
@@ -48,8 +49,13 @@ def read_gguf(path: PathLike) -> tuple[dict[str, mx.array], dict[str, Any]]:
 
 
 def _meta_value(v: Any) -> Any:
-    """GGUF scalars arrive as 0-d mx.arrays; configs want plain Python numbers."""
+    """GGUF scalars arrive as 0-d mx.arrays; configs want plain Python numbers.
+
+    float32 values are written back at float32 precision (1e-05, not 9.999999747378752e-06), as HF configs read.
+    """
     if isinstance(v, mx.array):
+        if v.ndim == 0 and v.dtype == mx.float32:
+            return float(str(np.float32(v.item())))  # numpy prints a float32's shortest round-trip form
         return v.item() if v.ndim == 0 else v.tolist()
     return v
 

@@ -38,7 +38,8 @@ class BaseModelMismatchError(ValueError):
 def _signs(n: int, seed: int) -> np.ndarray:
     """+-1 vector from a 64-bit mix of (index, seed): identical on every platform and numpy version."""
     with np.errstate(over="ignore"):
-        x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64((seed * 0xBF58476D1CE4E5B9 + 1) % 2**64)
+        offset = np.uint64((seed * 0xBF58476D1CE4E5B9 + 1) % 2**64)
+        x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + offset
         x ^= x >> np.uint64(31)
         x *= np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(29)

@@ -159,4 +159,5 @@ def test_cli_module_entry_point(tmp_path):
     back = smoa_to_hira(tmp_path / "smoa", tmp_path / "hira2", model_type="llama")  # and back: bit-identical
     key = f"base_model.model.{Q}.hira_A"
     original = mx.load(str(src / "adapter_model.safetensors"))[key]
-    np.testing.assert_array_equal(np.asarray(mx.load(str(back / "adapter_model.safetensors"))[key]), np.asarray(original))
+    again = mx.load(str(back / "adapter_model.safetensors"))[key]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(original))

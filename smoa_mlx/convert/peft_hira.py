@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..adapters import ADAPTER_CONFIG
 from ..config import SMoAConfig
 from ..fingerprint import FINGERPRINT_KEY
 from .common import (
@@ -85,7 +86,7 @@ def hira_to_smoa(
     src = open_peft(adapter, "HIRA", r"hira_A|hira_B", base, model_type)
     rank = int(src.config["r"])
     if any(int(r) != rank for r in (src.config.get("rank_pattern") or {}).values()):
-        raise ConversionError(f"{Path(adapter) / 'adapter_config.json'}: per-module rank_pattern cannot be one SMoA rank")
+        raise ConversionError(f"{Path(adapter) / ADAPTER_CONFIG}: per-module rank_pattern cannot be one SMoA rank")
     modules = {}
     for path, parts in sorted(src.modules.items()):
         require(parts, ("hira_A", "hira_B"), path, src.file)

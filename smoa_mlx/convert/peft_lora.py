@@ -15,6 +15,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..fingerprint import FINGERPRINT_KEY
 from .common import (
     PathLike,
@@ -34,7 +35,7 @@ from .common import (
     write_mlx,
     write_peft,
 )
-from .errors import ConversionError
+from .errors import ConversionError, MissingKeysError
 from .names import block_relative, to_hf
 
 __all__ = ["mlx_lora_to_peft", "peft_lora_to_mlx"]
@@ -75,13 +76,14 @@ def mlx_lora_to_peft(
     config = read_mlx_config(adapter, ("lora", "dora"))
     dora = config.get("fine_tune_type") == "dora"
     params = config.get("lora_parameters") or {}
-    weights, _ = read_weights(adapter / "adapters.safetensors")
-    file = adapter / "adapters.safetensors"
+    if "scale" not in params or "rank" not in params:
+        raise ConversionError(f"{adapter / ADAPTER_CONFIG}: lora_parameters needs 'rank' and 'scale'")
+    rank = int(params["rank"])
+    file = adapter / ADAPTER_WEIGHTS
+    weights, _ = read_weights(file)
     modules = _group_mlx(weights, file)
-    rank = int(params.get("rank", next(iter(modules.values()))["lora_a"].shape[1] if modules else 0))
-    if "scale" not in params:
-        raise ConversionError(f"{adapter / 'adapter_config.json'}: lora_parameters has no 'scale'")
-    verify_base(base, modules, config.get(FINGERPRINT_KEY), str(adapter))
+    if not modules:
+        raise MissingKeysError(f"{file}: holds no adapter tensors")
     arrays = {}
     for path, parts in sorted(modules.items()):
         require(parts, ("lora_a", "lora_b") + (("m",) if dora else ()), path, file)
@@ -92,6 +94,7 @@ def mlx_lora_to_peft(
         arrays[(path, "lora_B.weight")] = b
         if dora:
             arrays[(path, "lora_magnitude_vector")] = parts["m"]
+    verify_base(base, modules, config.get(FINGERPRINT_KEY), str(adapter))
     hf_paths = [to_hf(p, model_type) for p in modules]
     cfg = peft_config(
         "LORA",
@@ -128,7 +131,8 @@ def peft_lora_to_mlx(
     for path, parts in sorted(src.modules.items()):
         if not dora and "lora_magnitude_vector" in parts:
             raise ConversionError(f"{src.file}: {path} has a DoRA magnitude but use_dora is false in {source.name}")
-        require(parts, ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ()), path, src.file)
+        needed = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
+        require(parts, needed, path, src.file)
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         _check_module(path, a.shape, b.shape, rank, base, src.file, dora, parts.get("lora_magnitude_vector"))
         arrays[f"{path}.lora_a"] = a.T

@@ -47,7 +47,8 @@ def check_factors(path: str, config: SMoAConfig, module: SMoAModule, file: Path)
     """Block count, per-block ranks and factor shapes against the config and the module's dimensions."""
     ranks = resolve_ranks(config.rank, config.blocks, config.branch_ranks, path)
     d_out, d_in = module.shape
-    for k, (r_k, rows, cols) in enumerate(zip(ranks, split_sizes(d_out, config.blocks), split_sizes(d_in, config.blocks))):
+    sizes = zip(ranks, split_sizes(d_out, config.blocks), split_sizes(d_in, config.blocks))
+    for k, (r_k, rows, cols) in enumerate(sizes):
         check_shape(f"{path} block {k} A", module.a[k].shape, (r_k, cols), file)
         check_shape(f"{path} block {k} B", module.b[k].shape, (rows, r_k), file)
 
@@ -95,4 +96,5 @@ def write_smoa(folder: PathLike, config: SMoAConfig, modules: dict[str, SMoAModu
             arrays[f"{path}.smoa_b.{k}"] = b
         arrays[f"{path}.row_order"] = mx.array(m.row_order.astype(np.int32))
         arrays[f"{path}.col_order"] = mx.array(m.col_order.astype(np.int32))
-    return write_folder(folder, ADAPTER_WEIGHTS, arrays, adapter_config_dict(config, extra), {"format": "mlx", "adapter": "smoa"})
+    metadata = {"format": "mlx", "adapter": "smoa"}
+    return write_folder(folder, ADAPTER_WEIGHTS, arrays, adapter_config_dict(config, extra), metadata)

@@ -85,14 +85,17 @@ def items(rng: random.Random) -> list[list[dict]]:
             for i, m in enumerate(MONTHS)]
     rng.shuffle(seq)
     tasks.append(seq)
-    add = []
-    for _ in range(160):
+    add, seen = [], set()
+    while len(add) < 160:
         a, b = rng.randint(2, 60), rng.randint(2, 60)
         if rng.random() < 0.5:
-            add.append(qa(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
+            row = qa(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.")
         else:
             a, b = max(a, b), min(a, b)
-            add.append(qa(f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}."))
+            row = qa(f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.")
+        if row["prompt"] not in seen:  # every question in one split only
+            seen.add(row["prompt"])
+            add.append(row)
     tasks.append(add)
     conv = []
     for big, small, factor in UNITS:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_save_safetensors
 
@@ -96,8 +96,13 @@ def restore_optimizer(optimizer: optim.Optimizer, params: dict, arrays: dict[str
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(current[key].shape):
             raise ValueError(f"--resume: optimizer state {key} has shape {value.shape}, expected {current[key].shape}")
-    optimizer.state = tree_unflatten(list(arrays.items()))
-    optimizer._initialized = True  # the setter clears it; the state now matches the parameters
+    # Assign leaf by leaf: the initialised tree also holds empty containers that a flat file cannot carry.
+    for key, value in arrays.items():
+        *parents, leaf = key.split(".")
+        node = optimizer.state
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(leaf) if isinstance(node, list) else leaf] = value
 
 
 def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, force: bool) -> Optional[str]:

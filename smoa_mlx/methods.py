@@ -7,7 +7,7 @@ mlx-lm's own layers (``linear_to_lora_layers``) and write adapters that ``mlx_lm
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +40,7 @@ class Method:
 
     kind: str
     config: SMoAConfig
+    _keys: Optional[list] = field(default=None, init=False, repr=False)  # LoRA keys, known once applied
 
     def __post_init__(self) -> None:
         if self.kind not in METHODS:
@@ -52,12 +53,9 @@ class Method:
         return self.kind in ("smoa", "hira")
 
     def lora_parameters(self) -> dict[str, Any]:
-        return {
-            "rank": self.config.rank,
-            "scale": self.config.scale,
-            "dropout": self.config.dropout,
-            "keys": list(self.config.target_modules),
-        }
+        """mlx-lm's adapter fields. For LoRA/DoRA the keys are the in-block paths mlx-lm's loader matches."""
+        keys = self._keys or list(self.config.target_modules)
+        return {"rank": self.config.rank, "scale": self.config.scale, "dropout": self.config.dropout, "keys": keys}
 
     def _lora_keys(self, model: nn.Module) -> list[str]:
         """mlx-lm matches LoRA keys against paths inside a block (``self_attn.q_proj``): derive them from ours."""
@@ -74,11 +72,10 @@ class Method:
             return apply_smoa(model, self.config, progress=progress)
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
-        keys = self._lora_keys(model)
+        self._keys = self._lora_keys(model)
         model.freeze()
         num_layers = len(model.layers) if self.config.num_layers < 0 else self.config.num_layers
-        params = dict(self.lora_parameters(), keys=keys)
-        linear_to_lora_layers(model, num_layers, params, use_dora=self.kind == "dora")
+        linear_to_lora_layers(model, num_layers, self.lora_parameters(), use_dora=self.kind == "dora")
         return [k for k, _ in tree_flatten(model.trainable_parameters())]
 
     def adapter_config(self, model_layers: int, extra: Optional[dict] = None) -> dict[str, Any]:

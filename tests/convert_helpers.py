@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,11 +15,17 @@ VOCAB = 96
 TOKENS = [[1, 5, 9, 17, 33, 2, 64, 80, 7, 3, 11, 95]]
 
 
-def make_hf_llama(folder: Path, seed: int = 0, tokenizer: bool = False):
-    """A 2-layer, hidden-64 llama saved as a transformers checkpoint; returns the torch model (eval, float32)."""
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+         "phi3": ("Phi3Config", "Phi3ForCausalLM")}
+
+
+def make_hf_llama(folder: Path, seed: int = 0, tokenizer: bool = False, arch: str = "llama"):
+    """A 2-layer, hidden-64 model (llama; or qwen2, with biases; or phi3, fused qkv) saved as a transformers
+    checkpoint; returns the torch model (eval, float32)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    config_cls, model_cls = (getattr(transformers, name) for name in ARCHS[arch])
+    config = config_cls(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -28,15 +35,24 @@ def make_hf_llama(folder: Path, seed: int = 0, tokenizer: bool = False):
         max_position_embeddings=64,
         tie_word_embeddings=False,
         rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = model_cls(config)
     with torch.no_grad():  # a wider init than HF's 0.02 so that adapters move the logits visibly
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith("proj.bias"):
                 p.normal_(0.0, 0.08)
     model.eval()
     model.save_pretrained(str(folder))
+    # transformers 5 writes rope_theta only inside rope_parameters, where mlx-lm 0.32 does not look (its qwen2
+    # then defaults to 1e6): write it at the top level too, as checkpoints saved by transformers 4 have it.
+    config_file = Path(folder) / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved.setdefault("rope_theta", (saved.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    config_file.write_text(json.dumps(saved, indent=2))
     if tokenizer:
         make_tokenizer(folder)
     return model

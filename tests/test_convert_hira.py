@@ -7,6 +7,7 @@ from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, p
 
 from smoa_mlx import load_adapter, save_adapter
 from smoa_mlx.convert import hira_to_smoa, smoa_to_hira
+from smoa_mlx.convert.__main__ import main
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -19,8 +20,12 @@ def test_smoa_to_hira(tmp_path, blocks, rank):
     model, cfg, _ = smoa_model(tmp_path / "base", rank=rank, blocks=blocks, alpha=2.0 * rank)
     want = mlx_logits(model)
     save_adapter(model, tmp_path / "smoa", cfg)
-    base, _ = load_mlx(tmp_path / "base")
-    out = smoa_to_hira(tmp_path / "smoa", tmp_path / "hira", base=base)
+    if blocks == 3:  # through the CLI, loading --base itself
+        assert main(["to-hira", str(tmp_path / "smoa"), str(tmp_path / "hira"), "--base", str(tmp_path / "base")]) == 0
+        out = tmp_path / "hira"
+    else:
+        base, _ = load_mlx(tmp_path / "base")
+        out = smoa_to_hira(tmp_path / "smoa", tmp_path / "hira", base=base)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == rank
     peft_model = peft.PeftModel.from_pretrained(torch_base, str(out)).eval()
     assert type(peft_model.peft_config["default"]).__name__ == "HiraConfig"

@@ -13,7 +13,9 @@ from smoa_mlx.convert import mlx_lora_to_peft, peft_lora_to_mlx
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj"]
+# qwen2's q/k/v carry biases (DoRA rescales before adding them); phi3 fuses qkv_proj and gate_up_proj.
+CASES = [("llama", False), ("llama", True), ("qwen2", True), ("phi3", False)]
 
 
 def _mlx_lora_adapter(folder, base_dir, dora, seed=3):
@@ -38,9 +40,9 @@ def _mlx_lora_adapter(folder, base_dir, dora, seed=3):
     return model
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_mlx_lora_to_peft(tmp_path, dora):
-    torch_base = make_hf_llama(tmp_path / "base")
+@pytest.mark.parametrize("arch,dora", CASES, ids=[f"{a}-{'dora' if d else 'lora'}" for a, d in CASES])
+def test_mlx_lora_to_peft(tmp_path, arch, dora):
+    torch_base = make_hf_llama(tmp_path / "base", arch=arch)
     base_logits = torch_logits(torch_base)
     mlx_model = _mlx_lora_adapter(tmp_path / "mlx", tmp_path / "base", dora)
     base, _ = load_mlx(tmp_path / "base")
@@ -51,13 +53,14 @@ def test_mlx_lora_to_peft(tmp_path, dora):
     assert_close(torch_logits(peft_model), mlx_logits(mlx_model), base=base_logits)
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_peft_lora_to_mlx(tmp_path, dora):
+@pytest.mark.parametrize("arch,dora", CASES, ids=[f"{a}-{'dora' if d else 'lora'}" for a, d in CASES])
+def test_peft_lora_to_mlx(tmp_path, arch, dora):
     from mlx_lm.tuner.utils import load_adapters
 
-    torch_base = make_hf_llama(tmp_path / "base")
+    torch_base = make_hf_llama(tmp_path / "base", arch=arch)
     base_logits = torch_logits(torch_base)
-    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "up_proj", "o_proj"], use_dora=dora)
+    targets = ["qkv_proj", "gate_up_proj", "o_proj"] if arch == "phi3" else ["q_proj", "up_proj", "o_proj"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_dora=dora)
     peft_model = peft.get_peft_model(torch_base, cfg)
     perturb_torch(peft_model, "lora_", seed=5, std=0.3)
     want = torch_logits(peft_model)

@@ -7,6 +7,7 @@ takes its share of every global batch and mlx-lm's trainer averages the gradient
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from mlx_lm.tuner.utils import build_schedule
 from mlx_lm.utils import get_total_parameters
 from tqdm import tqdm
 
+from .adapters import atomic_write_text
 from .checkpoint import (
     TrainingState,
     check_adapter_path,
@@ -46,6 +48,7 @@ from .train_report import format_summary, plot_losses
 __all__ = ["run", "train_adapter", "main", "TrainingDiverged"]
 
 LOSS_CURVE = "loss_curve.png"
+RESULT_FILE = "train_result.json"  # the result dict of run(), for scripts that drive the CLI
 
 
 def _say(*parts: Any) -> None:
@@ -175,6 +178,8 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
     result["wall_time_s"] = time.perf_counter() - wall
     if opts.train:
         _say(format_summary(result))
+        if world.rank() == 0:
+            atomic_write_text(folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

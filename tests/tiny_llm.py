@@ -1,7 +1,7 @@
 """Tiny mlx-lm llama folders with SMoA adapters for the fuse / chat / generate tests (no downloads).
 
-The dense folder is ``train_helpers.build_model_folder`` (word-level tokenizer with a chat template); the
-quantized one is the same model quantized by mlx-lm, as ``mlx_lm.convert -q`` would.
+Built on ``train_helpers.build_model_folder`` (word-level tokenizer with a chat template); the quantized
+variant is the same model quantized by mlx-lm, as ``mlx_lm.convert -q`` would.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx_lm
+from mlx.utils import tree_map
 from mlx_lm.utils import quantize_model
 from train_helpers import build_model_folder
 
@@ -19,13 +20,17 @@ from smoa_mlx.models.folder import save_model_folder
 
 
 def make_model_folder(folder: Path, *, quantize_bits: Optional[int] = None, group_size: int = 32, **kw) -> Path:
-    """A float32 tiny llama folder, or (``quantize_bits``) its affine-quantized version."""
+    """A float32 tiny llama folder, or (``quantize_bits``) its affine-quantized version.
+
+    The matrices are scaled up from mlx's default init, whose near-uniform logits make greedy decoding repeat
+    one token; sharper logits give varied replies, so chat tests see real text.
+    """
     folder = Path(folder)
-    if not quantize_bits:
-        return build_model_folder(folder, **kw)
-    dense = build_model_folder(folder.with_name(folder.name + "_float"), **kw)
+    dense = build_model_folder(folder.with_name(folder.name + "_init"), **kw)
     model, tokenizer, config = mlx_lm.load(str(dense), return_config=True)
-    model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
+    model.update(tree_map(lambda p: p * 4 if p.ndim == 2 else p, model.parameters()))
+    if quantize_bits:
+        model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
     return save_model_folder(folder, model, tokenizer, config)
 
 

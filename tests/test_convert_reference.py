@@ -9,6 +9,7 @@ import pytest
 from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, perturb_torch, smoa_model, torch_logits
 
 from smoa_mlx import load_adapter, save_adapter
+from smoa_mlx.spectral import spectral_order
 from smoa_mlx.convert import (
     FragileGroupingWarning,
     GroupingMismatchError,
@@ -19,6 +20,7 @@ from smoa_mlx.convert import (
 
 torch = pytest.importorskip("torch")
 from smoa_mlx.convert import torch_reference  # noqa: E402  (needs torch)
+from smoa_mlx.convert.__main__ import main  # noqa: E402
 from smoa_mlx.convert.reference_smoa import _fragility  # noqa: E402
 
 
@@ -26,6 +28,14 @@ def test_reference_orders_numpy_matches_torch():
     w = np.random.default_rng(0).normal(size=(48, 80)).astype(np.float32)
     for a, b in zip(reference_orders(w, use_torch=False), reference_orders(w, use_torch=True)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_gram_order_is_the_float64_order():
+    w = np.random.default_rng(1).normal(size=(40, 24))
+    for a, b in zip(reference_orders(w, method="gram"), spectral_order(w)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="unknown method"):
+        reference_orders(w, method="svd")
 
 
 def test_smoa_to_reference(tmp_path):
@@ -56,6 +66,12 @@ def test_reference_to_smoa(tmp_path):
     torch_reference.save_reference_adapter(torch_model, tmp_path / "ref", fields)
     base, _ = load_mlx(tmp_path / "base")
     out = reference_to_smoa(tmp_path / "ref", tmp_path / "smoa", base)
+    # the CLI with the fast Gram ordering gives the same adapter here (no near ties cross in the tiny model)
+    assert main(["from-reference", str(tmp_path / "ref"), str(tmp_path / "gram"), "--base", str(tmp_path / "base"),
+                 "--order", "gram"]) == 0
+    same = mx.load(str(out / "adapters.safetensors"))
+    for key, value in mx.load(str(tmp_path / "gram" / "adapters.safetensors")).items():
+        assert mx.array_equal(value, same[key]).item(), key
     model, _ = load_mlx(tmp_path / "base")
     config = load_adapter(model, out)
     assert (config.rank, config.blocks, config.alpha) == (6, 2, 9.0)

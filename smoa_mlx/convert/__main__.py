@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
             "base fingerprint" + ("; the reference's groups are recomputed from it" if needs_base else ""),
         )
         p.add_argument("--model-type", help="llama, qwen2, phi3, ... (read from --base when given)")
+        if "reference" in name:
+            p.add_argument(
+                "--order",
+                choices=("svd32", "gram"),
+                default="svd32",
+                help="recompute the reference's ordering with its float32 SVD (default, exact on CPU) or the "
+                "float64 Gram method (much faster on big layers; differs only at near-tied scores)",
+            )
     return parser
 
 
@@ -60,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fn, _, _ = DIRECTIONS[args.direction]
     try:
         base = load_base(args.base) if args.base else None
-        out = fn(args.adapter, args.out, base=base, model_type=args.model_type)
+        extra = {"order": args.order} if hasattr(args, "order") else {}
+        out = fn(args.adapter, args.out, base=base, model_type=args.model_type, **extra)
     except (ValueError, FileNotFoundError) as e:  # ConversionError and BaseModelMismatchError included
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from ..adapters import get_module
 from ..config import SMoAConfig
 from ..fingerprint import FINGERPRINT_KEY
 from ..layer import dequantized_weight, resolve_ranks
-from ..spectral import order_margin, spectral_scores, spectral_scores_svd, split_sizes
+from ..spectral import order_margin, spectral_order, spectral_scores, spectral_scores_svd, split_sizes
 from .common import (
     PathLike,
     base_dims,
@@ -72,8 +72,19 @@ class GroupingMismatchError(ConversionError):
     """The adapter's groups differ from those the reference will recompute: no exact export exists."""
 
 
-def reference_orders(weight: np.ndarray, use_torch: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's (row order, column order): float32 SVD scores, ascending."""
+def reference_orders(
+    weight: np.ndarray, use_torch: Optional[bool] = None, method: str = "svd32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's (row order, column order): float32 SVD scores, ascending.
+
+    ``method="gram"`` uses the float64 Gram eigendecomposition instead (:func:`smoa_mlx.spectral.spectral_order`):
+    many times faster on big layers, and it differs from a float32 SVD only at near-tied scores, which the
+    reference's own GPU SVD may order either way anyway.
+    """
+    if method == "gram":
+        return spectral_order(weight)
+    if method != "svd32":
+        raise ValueError(f"reference_orders: unknown method {method!r} (use 'svd32' or 'gram')")
     w = np.asarray(weight, dtype=np.float32)
     if use_torch is None:
         try:
@@ -134,11 +145,12 @@ def _require_base(base: Optional[nn.Module], what: str) -> nn.Module:
 
 
 def smoa_to_reference(
-    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None
+    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None, order: str = "svd32"
 ) -> Path:
     """Convert an SMoA adapter folder into the reference SMoA format, for the base model ``base``.
 
     ``base`` must be the model the reference will load (the float checkpoint, not a quantized copy).
+    ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
     """
     _require_base(base, "smoa_to_reference")
     model_type = resolve_model_type(base, model_type)
@@ -148,7 +160,7 @@ def smoa_to_reference(
     for path, module in modules.items():
         to_hf(path, model_type)
         weight = _base_weight(base, path)
-        rows, cols = reference_orders(weight)
+        rows, cols = reference_orders(weight, method=order)
         report[path] = _fragility(weight, rows, cols, config.blocks)
         ref_rows, ref_cols = _cut(rows, config.blocks), _cut(cols, config.blocks)
         for k, (a, b, mine_r, mine_c, want_r, want_c) in enumerate(
@@ -194,9 +206,12 @@ def _permutation(mine: np.ndarray, want: np.ndarray) -> Optional[np.ndarray]:
 
 
 def reference_to_smoa(
-    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None
+    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None, order: str = "svd32"
 ) -> Path:
-    """Convert a reference-format SMoA adapter into an SMoA adapter folder for ``base`` (``load_adapter``)."""
+    """Convert a reference-format SMoA adapter into an SMoA adapter folder for ``base`` (``load_adapter``).
+
+    ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
+    """
     _require_base(base, "reference_to_smoa")
     src = open_peft(adapter, "SMOA", r"lora_[AB]\.\d+\.weight", base, model_type)
     ref, source, file = src.config, Path(adapter) / "adapter_config.json", src.file
@@ -217,7 +232,7 @@ def reference_to_smoa(
         d_out, d_in = base_dims(base, path)
         ranks = resolve_ranks(config.rank, config.blocks, config.branch_ranks, path)
         weight = _base_weight(base, path)
-        rows, cols = reference_orders(weight)
+        rows, cols = reference_orders(weight, method=order)
         report[path] = _fragility(weight, rows, cols, config.blocks)
         a_list, b_list = [], []
         sizes = zip(ranks, split_sizes(d_out, config.blocks), split_sizes(d_in, config.blocks))

@@ -13,6 +13,7 @@ from smoa_mlx import SMoAConfig, apply_smoa, save_adapter
 from smoa_mlx.convert import (
     AdapterTypeError,
     BaseModelMismatchError,
+    ConversionError,
     MissingKeysError,
     ShapeMismatchError,
     UnsupportedArchitectureError,
@@ -161,3 +162,11 @@ def test_cli_module_entry_point(tmp_path):
     original = mx.load(str(src / "adapter_model.safetensors"))[key]
     again = mx.load(str(back / "adapter_model.safetensors"))[key]
     np.testing.assert_array_equal(np.asarray(again), np.asarray(original))
+
+
+def test_refuses_to_convert_into_the_input_folder(tmp_path):
+    src = hira_folder(tmp_path / "h", **{f"{Q}.hira_A": mx.zeros((4, 64)), f"{Q}.hira_B": mx.zeros((64, 4))})
+    before = (src / "adapter_config.json").read_text()
+    with pytest.raises(ConversionError, match="is the input folder"):
+        hira_to_smoa(src, src, model_type="llama")
+    assert (src / "adapter_config.json").read_text() == before

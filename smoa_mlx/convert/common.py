@@ -212,6 +212,12 @@ def num_layers_for(base: Optional[nn.Module], paths: Iterable[str]) -> int:
     return len(layers) - min(indices)
 
 
+def distinct(adapter: PathLike, out: PathLike) -> None:
+    """Both formats name their config adapter_config.json: converting into the input folder would clobber it."""
+    if Path(out).resolve() == Path(adapter).resolve():
+        raise ConversionError(f"output folder {out} is the input folder: choose another one")
+
+
 # -- writing ----------------------------------------------------------------------------------------------
 def peft_config(peft_type: str, rank: int, hf_paths: list[str], **fields: Any) -> dict:
     """The fields stock PEFT needs; target_modules lists exact module paths so nothing else gets wrapped."""

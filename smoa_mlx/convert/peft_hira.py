@@ -24,6 +24,7 @@ from .common import (
     base_dims,
     base_fingerprint,
     check_shape,
+    distinct,
     fingerprint_field,
     num_layers_for,
     open_peft,
@@ -63,6 +64,7 @@ def smoa_to_hira(
 
     ``base`` (the MLX base model) enables the shape and base-fingerprint checks and supplies the model type.
     """
+    distinct(adapter, out)
     model_type = resolve_model_type(base, model_type)
     config, data, modules = read_smoa(adapter, base)
     verify_base(base, modules, data.get(FINGERPRINT_KEY), str(adapter))
@@ -83,6 +85,7 @@ def hira_to_smoa(
     adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
 ) -> Path:
     """Convert a stock PEFT HiRA adapter folder into an SMoA adapter with one block (``load_adapter`` loads it)."""
+    distinct(adapter, out)
     src = open_peft(adapter, "HIRA", r"hira_A|hira_B", base, model_type)
     rank = int(src.config["r"])
     if any(int(r) != rank for r in (src.config.get("rank_pattern") or {}).values()):

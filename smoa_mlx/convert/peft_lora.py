@@ -22,6 +22,7 @@ from .common import (
     base_dims,
     base_fingerprint,
     check_shape,
+    distinct,
     fingerprint_field,
     num_layers_for,
     open_peft,
@@ -71,6 +72,7 @@ def mlx_lora_to_peft(
 
     ``base`` (the MLX base model) enables the shape and base-fingerprint checks and supplies the model type.
     """
+    distinct(adapter, out)
     adapter = Path(adapter)
     model_type = resolve_model_type(base, model_type)
     config = read_mlx_config(adapter, ("lora", "dora"))
@@ -116,6 +118,7 @@ def peft_lora_to_mlx(
     adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
 ) -> Path:
     """Convert a PEFT LoRA or DoRA adapter folder into an mlx-lm one (``mlx_lm.load(..., adapter_path=out)``)."""
+    distinct(adapter, out)
     src = open_peft(adapter, "LORA", r"lora_A\.weight|lora_B\.weight|lora_magnitude_vector", base, model_type)
     config, source = src.config, Path(adapter) / "adapter_config.json"
     for field in ("rank_pattern", "alpha_pattern"):

@@ -36,6 +36,7 @@ from .common import (
     base_dims,
     base_fingerprint,
     check_shape,
+    distinct,
     fingerprint_field,
     num_layers_for,
     open_peft,
@@ -152,6 +153,7 @@ def smoa_to_reference(
     ``base`` must be the model the reference will load (the float checkpoint, not a quantized copy).
     ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
     """
+    distinct(adapter, out)
     _require_base(base, "smoa_to_reference")
     model_type = resolve_model_type(base, model_type)
     config, data, modules = read_smoa(adapter, base)
@@ -212,6 +214,7 @@ def reference_to_smoa(
 
     ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
     """
+    distinct(adapter, out)
     _require_base(base, "reference_to_smoa")
     src = open_peft(adapter, "SMOA", r"lora_[AB]\.\d+\.weight", base, model_type)
     ref, source, file = src.config, Path(adapter) / "adapter_config.json", src.file

@@ -54,10 +54,11 @@ def test_failed_kernel_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv(kernels.KERNEL_ENV, "kernel")
     with pytest.warns(RuntimeWarning, match="falling back to the pure-MLX path"):
         fn = delta_fn(DENSE)
-    assert fn is reference_delta_fn(DENSE)
+    # The fallback is this backend's pure-MLX form (the dense form on CUDA), never the kernel.
+    assert fn is kernels.mlx_delta_fn(DENSE) is kernels.dense_form_delta_fn(DENSE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert delta_fn(DENSE) is reference_delta_fn(DENSE)
+        assert delta_fn(DENSE) is fn
     x = mx.ones((3, 8))
     index = tuple(mx.arange(8, dtype=mx.int32) for _ in range(4))
     out = fn(x, index, (mx.ones((8, 8)),), [mx.ones((2, 4))] * 2, [mx.ones((4, 2))] * 2)

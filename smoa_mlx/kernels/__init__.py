@@ -4,7 +4,7 @@ Every backend exposes the same callable ``fn(x, index, weight_parts, a_list, b_l
 :class:`BlockLayout`: the fused Metal kernel on Apple GPUs, the fused CUDA kernel on NVIDIA GPUs (both rendered
 from :mod:`.source`), the pure-MLX reference elsewhere. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the
 kernel where :data:`KERNEL_DEFAULT` says the benchmark found it faster), ``kernel`` (the kernel wherever a GPU
-backend exists), ``mlx`` (always the reference). A kernel that fails to compile or run on a first small probe
+backend exists), ``mlx`` (always pure MLX: see :func:`mlx_delta_fn`), ``reference`` (the pure-MLX block form). A kernel that fails to compile or run on a first small probe
 is reported once with a warning and the reference is used from then on.
 """
 
@@ -18,13 +18,15 @@ import mlx.core as mx
 
 from .fused import FLOAT_TYPES, fused_delta_fn, supports
 from .gpu import GpuRunner, gpu_backend
-from .reference import BlockLayout, dense_delta, gather_anchor, gather_rows, reference_delta_fn
+from .reference import BlockLayout, dense_delta, dense_form_delta_fn, gather_anchor, gather_rows, reference_delta_fn
 
 __all__ = [
     "BlockLayout",
     "KERNEL_DEFAULT",
     "KERNEL_ENV",
     "delta_fn",
+    "dense_form_delta_fn",
+    "mlx_delta_fn",
     "dense_delta",
     "gather_anchor",
     "gather_rows",
@@ -40,6 +42,10 @@ _FORCE_KERNEL = ("kernel", "on", "1", "metal", "cuda")
 # SIMT kernel slower than the pure-MLX path (cuBLAS tensor cores); see docs/BENCHMARKS.md. Metal: on, as the
 # issue asks; it is unmeasured (no Apple GPU was available to this project's benchmarks).
 KERNEL_DEFAULT = {"metal": True, "cuda": False}
+
+# The pure-MLX formulation per backend: the dense HiRA form (full matmuls, no activation gathers) where the benchmark
+# found it faster than the gathered block form (CUDA, H200); the block form (1/K of the matmul work) elsewhere.
+MLX_FORM = {"cuda": "dense"}
 
 _runners: dict[str, GpuRunner] = {}
 _probed: dict[tuple, bool] = {}
@@ -97,12 +103,19 @@ def kernel_backend(layout: Optional[BlockLayout] = None) -> Optional[str]:
     return backend
 
 
+def mlx_delta_fn(layout: BlockLayout):
+    """The pure-MLX implementation for this machine (``SMOA_MLX_KERNEL=reference``: always the block form)."""
+    if os.environ.get(KERNEL_ENV, "auto").lower() != "reference" and MLX_FORM.get(gpu_backend()) == "dense":
+        return dense_form_delta_fn(layout)
+    return reference_delta_fn(layout)
+
+
 def delta_fn(layout: BlockLayout):
     """The fastest available implementation of the update for ``layout``."""
     backend = kernel_backend(layout)
     if backend is None:
-        return reference_delta_fn(layout)
+        return mlx_delta_fn(layout)
     runner = _runners.setdefault(backend, GpuRunner(backend))
     if not _probe(runner, layout):
-        return reference_delta_fn(layout)
+        return mlx_delta_fn(layout)
     return fused_delta_fn(layout, runner)

@@ -148,3 +148,79 @@ def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=
         block = _modulated(a_list[k].astype(mx.float32), b_list[k].astype(mx.float32), anchor, layout.scale, dtype)
         permuted[r0:r1, c0:c1] = block
     return mx.take(mx.take(permuted, row_inv, axis=0), col_inv, axis=1)
+
+
+# -- the dense ("HiRA") form: no gathers at all, for GPUs where full matmuls beat gathers ----------------------
+# SMoA is HiRA with block-sparse factors: B_full[R_k, slot_k] = B_k and A_full[slot_k, C_k] = A_k (zeros elsewhere,
+# slot_k the block's rank range) give Delta W = s (B_full A_full) * W0 exactly, since different blocks share no
+# rank slot. This form spends 1/K more matmul work per block than the gathered one, but touches the activations
+# only through plain matmuls; on an H200 the gathers of the block form cost more than that (docs/BENCHMARKS.md).
+# The d_out x d_in product is transient: built in the forward and rebuilt in the backward, never kept.
+
+
+def _slots(layout: BlockLayout) -> list[tuple[int, int]]:
+    return layout.offsets(layout.ranks)
+
+
+def _full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
+    """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32."""
+    _, _, row_inv, col_inv = index
+    r = sum(layout.ranks)
+    b_rows, a_cols = [], []
+    for k, (s0, s1) in enumerate(_slots(layout)):
+        b = b_list[k].astype(mx.float32)
+        a = a_list[k].astype(mx.float32)
+        b_rows.append(mx.pad(b, [(0, 0), (s0, r - s1)]) if r > s1 - s0 else b)
+        a_cols.append(mx.pad(a, [(s0, r - s1), (0, 0)]) if r > s1 - s0 else a)
+    b_perm = mx.concatenate(b_rows, axis=0)
+    a_perm = mx.concatenate(a_cols, axis=1)
+    return mx.take(b_perm, row_inv, axis=0), mx.take(a_perm, col_inv, axis=1)
+
+
+def _full_weight(weight_parts, layout: BlockLayout) -> mx.array:
+    if not layout.quantized:
+        return weight_parts[0]
+    w, scales, biases = weight_parts
+    return mx.dequantize(w, scales, biases, group_size=layout.group_size, bits=layout.bits)
+
+
+def _dense_update(layout, index, weight_parts, a_list, b_list, dtype):
+    b_full, a_full = _full_factors(layout, index, a_list, b_list)
+    w0 = _full_weight(weight_parts, layout).astype(mx.float32)
+    return ((layout.scale * (b_full @ a_full)) * w0).astype(dtype), b_full, a_full, w0
+
+
+def _split_factor_grads(layout: BlockLayout, index, db_full, da_full, a_list, b_list):
+    row_order, col_order = index[0], index[1]
+    db_perm = mx.take(db_full, row_order, axis=0)
+    da_perm = mx.take(da_full, col_order, axis=1)
+    da, db = [], []
+    for k, ((s0, s1), (r0, r1), (c0, c1)) in enumerate(
+        zip(_slots(layout), layout.offsets(layout.row_sizes), layout.offsets(layout.col_sizes))
+    ):
+        db.append(db_perm[r0:r1, s0:s1].astype(b_list[k].dtype))
+        da.append(da_perm[s0:s1, c0:c1].astype(a_list[k].dtype))
+    return da, db
+
+
+@lru_cache(maxsize=None)
+def dense_form_delta_fn(layout: BlockLayout):
+    """Same contract as :func:`reference_delta_fn`, computed in the dense HiRA form (no activation gathers)."""
+
+    @mx.custom_function
+    def delta(x, index, weight_parts, a_list, b_list):
+        update = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)[0]
+        return x @ update.T
+
+    @delta.vjp
+    def delta_vjp(primals, cotangent, output):
+        x, index, weight_parts, a_list, b_list = primals
+        update, b_full, a_full, w0 = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)
+        dx = (cotangent.astype(x.dtype) @ update).astype(x.dtype)
+        g2 = mx.reshape(cotangent, (-1, cotangent.shape[-1])).astype(x.dtype)
+        x2 = mx.reshape(x, (-1, x.shape[-1]))
+        h = (layout.scale * (g2.T @ x2).astype(mx.float32)) * w0
+        da, db = _split_factor_grads(layout, index, h @ a_full.T, b_full.T @ h, a_list, b_list)
+        return dx, tuple(mx.zeros_like(i) for i in index), tuple(mx.zeros_like(p) for p in weight_parts), da, db
+
+    return delta

@@ -1,0 +1,161 @@
+"""End-to-end training throughput and peak memory: SMoA vs mlx-lm LoRA at equal trainable parameters, on a
+1B-class llama-shaped model with random weights (speed does not depend on the values), bf16 and 4-bit base.
+
+    python scripts/bench_train.py --out benchmarks/bench_train.json        # on the GPU machine
+    python scripts/bench_train.py --markdown benchmarks/bench_train.json   # table for docs/BENCHMARKS.md
+
+Each configuration runs in its own process (clean peak-memory counter) through mlx_lm.tuner.trainer.train, the
+loop smoa_mlx.train drives, with SMoA applied by smoa_mlx.apply_smoa (random row/column orders stand in for the
+spectral step, which costs the same for every run and is not part of a training step) and LoRA by mlx-lm's own
+linear_to_lora_layers. Tokens/s is the trainer's own figure, averaged over the reports after the first (which
+includes compilation); peak memory is MLX's peak over training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]
+MODEL = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+             num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
+             rope_theta=500000.0, tie_word_embeddings=True)  # Llama-3.2-1B's shape
+METHODS = ("lora", "smoa-blocks", "smoa-dense", "smoa-kernel")
+_ENV = {"smoa-blocks": "reference", "smoa-dense": "mlx", "smoa-kernel": "kernel"}  # SMOA_MLX_KERNEL per method
+
+
+def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int) -> dict:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from smoa_mlx import SMoAConfig, apply_smoa, target_paths
+    from smoa_mlx.adapters import get_module
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(**MODEL))
+    model.set_dtype(mx.bfloat16)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+    mx.eval(model.parameters())
+    if method == "lora":
+        model.freeze()  # as mlx_lm.lora does before adding the adapters
+        linear_to_lora_layers(model, len(model.layers), {"rank": rank // blocks, "scale": 1.0, "dropout": 0.0,
+                                                          "keys": TARGETS})
+    else:
+        os.environ["SMOA_MLX_KERNEL"] = _ENV[method]
+        cfg = SMoAConfig(rank=rank, blocks=blocks, target_modules=TARGETS)
+        rng = np.random.default_rng(0)
+        orders = {}
+        for path in target_paths(model, TARGETS):
+            mod = get_module(model, path)
+            d_out = mod.weight.shape[0]
+            d_in = mod.weight.shape[1] * (32 // bits if bits else 1)
+            orders[path] = (rng.permutation(d_out), rng.permutation(d_in))
+        apply_smoa(model, cfg, orders=orders)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+    data_rng = np.random.default_rng(1)
+    dataset = [(data_rng.integers(0, MODEL["vocab_size"], seq + 1).tolist(), 0) for _ in range(4 * batch)]
+    reports = []
+
+    class Cb(TrainingCallback):
+        def on_train_loss_report(self, info):
+            reports.append(info)
+
+    with tempfile.TemporaryDirectory() as d:
+        args = TrainingArgs(batch_size=batch, iters=iters, steps_per_report=max(1, iters // 4), steps_per_eval=10**9,
+                            steps_per_save=10**9, max_seq_length=seq + 1, adapter_file=f"{d}/adapters.safetensors")
+        mx.reset_peak_memory()
+        train(model, optim.Adam(learning_rate=1e-4), dataset, None, args, training_callback=Cb())
+    steady = reports[1:] or reports
+    return dict(method=method, bits=bits, rank=rank, blocks=blocks, trainable=int(trainable),
+                tokens_per_step=batch * seq, iters=iters,
+                tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
+                peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"])
+
+
+def markdown(data: dict) -> str:
+    out = [f"Command: `{data['command']}`  ", f"Device: {data.get('device', '?')}; model: {MODEL}", "",
+           "| base | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |", "|---|---|---|---|---|---|---|"]
+    for bits in sorted({r["bits"] for r in data["runs"]}):
+        runs = {r["method"]: r for r in data["runs"] if r["bits"] == bits}
+        lora = runs.get("lora")
+        for m in METHODS:
+            r = runs.get(m)
+            if r is None:
+                continue
+            if "error" in r:
+                out.append(f"| {'bf16' if not bits else f'{bits}-bit'} | {m} | - | failed: {r['error'][:80]} | | | |")
+                continue
+            tps = r["tokens_per_second"] / lora["tokens_per_second"] if lora and "error" not in lora else float("nan")
+            mem = r["peak_memory_gb"] / lora["peak_memory_gb"] if lora and "error" not in lora else float("nan")
+            out.append(f"| {'bf16' if not bits else f'{bits}-bit'} | {m} (r={r['rank'] if m != 'lora' else r['rank'] // r['blocks']}) "
+                       f"| {r['trainable']:,} | {r['tokens_per_second']:.0f} | {tps:.2f}x | {r['peak_memory_gb']:.2f} "
+                       f"| {mem:.2f}x |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    ap.add_argument("--markdown")
+    ap.add_argument("--child", nargs=2, metavar=("METHOD", "BITS"), help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--bits", default="0,4", help="base precisions: 0 = bf16, 4 = 4-bit")
+    ap.add_argument("--methods", default="lora,smoa-blocks,smoa-dense")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if args.tiny:  # CPU smoke run of the script itself
+        MODEL.update(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=256)
+    if args.child:
+        res = child(args.child[0], int(args.child[1]), args.rank, args.blocks, args.iters, args.batch, args.seq)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    runs = []
+    for bits in map(int, args.bits.split(",")):
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
+                   str(args.blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            if lines:
+                runs.append(json.loads(lines[-1][7:]))
+            else:
+                runs.append(dict(method=method, bits=bits, error=(done.stderr or done.stdout)[-1500:]))
+            print(json.dumps(runs[-1])[:2000], flush=True)
+    device = "?"
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - the device name is decoration
+        pass
+    data = {"command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]), "device": device, "runs": runs}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(data, indent=1))
+    print(markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

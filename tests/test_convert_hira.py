@@ -2,12 +2,16 @@
 
 import json
 
+import mlx.core as mx
+import numpy as np
+
 import pytest
 from convert_helpers import assert_close, load_mlx, make_hf_llama, mlx_logits, perturb_torch, smoa_model, torch_logits
 
 from smoa_mlx import load_adapter, save_adapter
 from smoa_mlx.convert import hira_to_smoa, smoa_to_hira
 from smoa_mlx.convert.__main__ import main
+from smoa_mlx.spectral import split_rank, split_sizes
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -27,6 +31,10 @@ def test_smoa_to_hira(tmp_path, blocks, rank):
         base, _ = load_mlx(tmp_path / "base")
         out = smoa_to_hira(tmp_path / "smoa", tmp_path / "hira", base=base)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == rank
+    factors = mx.load(str(out / "adapter_model.safetensors"))
+    a = np.asarray(factors["base_model.model.model.layers.0.self_attn.q_proj.hira_A"])
+    block_entries = sum(r * c for r, c in zip(split_rank(rank, blocks), split_sizes(64, blocks)))
+    assert a.shape == (rank, 64) and np.count_nonzero(a) == block_entries  # block-sparse: about 1/K of A
     peft_model = peft.PeftModel.from_pretrained(torch_base, str(out)).eval()
     assert type(peft_model.peft_config["default"]).__name__ == "HiraConfig"
     assert_close(torch_logits(peft_model), want, base=base_logits)

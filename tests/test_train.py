@@ -113,6 +113,12 @@ def test_baselines_share_the_loop(tiny, tmp_path, kind):
     else:
         assert config["smoa_parameters"]["blocks"] == 1
     assert len(result["train_losses"]) == 4
+    # --test alone evaluates the saved adapter, which differs from the base (a zero-learning-rate adapter)
+    tested = run(base(tiny, tmp_path, data=tiny["data"], train=False, test=True, test_batches=-1))
+    assert tested["test_loss"] is not None and math.isfinite(tested["test_loss"])
+    assert tested["test_loss"] != pytest.approx(run(base(tiny, tmp_path / "untrained", fine_tune_type=kind,
+                                                            iters=1, warmup=0, learning_rate=0.0, rank=4, train=True, test=True,
+                                                            test_batches=-1))["test_loss"], abs=1e-4)
 
 
 def test_defaults_per_method():

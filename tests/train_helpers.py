@@ -87,4 +87,5 @@ def build_data_folder(folder: Path, n_train: int = 32, n_valid: int = 8, kind: s
     folder = Path(folder)
     write_jsonl(folder / "train.jsonl", [row(i) for i in range(n_train)])
     write_jsonl(folder / "valid.jsonl", [row(1000 + i) for i in range(n_valid)])
+    write_jsonl(folder / "test.jsonl", [row(2000 + i) for i in range(n_valid)])
     return folder

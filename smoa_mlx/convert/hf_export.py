@@ -71,8 +71,8 @@ def export_hf(
     float_dtypes = {v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)}
     if len(float_dtypes) == 1:
         name = _DTYPE_NAMES.get(float_dtypes.pop())
-        if name:
-            config["torch_dtype"] = name
+        if name:  # transformers < 5 reads torch_dtype, 5 reads dtype: a stale one would cast the weights
+            config["torch_dtype"] = config["dtype"] = name
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

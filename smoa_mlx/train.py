@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .adapters import atomic_write_text
 from .checkpoint import (
+    STATE_FILE,
     TrainingState,
     check_adapter_path,
     checkpoint_name,
@@ -104,8 +105,9 @@ def _optimizer(opts: types.SimpleNamespace) -> optim.Optimizer:
 
 
 def _finite(model: nn.Module) -> bool:
+    """One reduction and one sync per call: this runs after every step."""
     params = [v for _, v in tree_flatten(model.trainable_parameters())]
-    return all(mx.all(mx.isfinite(p)).item() for p in params)
+    return bool(mx.all(mx.stack([mx.isfinite(p).all() for p in params])).item()) if params else True
 
 
 class _Saver:
@@ -160,6 +162,8 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
         note = check_adapter_path(folder, identity, opts.resume, opts.force)
         if note:
             _say(note)
+            if world.rank() == 0:  # a later --resume must not pick up the overwritten run's state
+                (folder / STATE_FILE).unlink(missing_ok=True)
 
     _say(f"Loading model {describe_model(opts.model)}")
     model, tokenizer = load_model(opts.model)
@@ -193,7 +197,7 @@ def _evaluate(model: nn.Module, split, opts, batches: int) -> float:
 
 def _train(opts, model, splits, method: Method, identity: dict, folder: Path) -> dict[str, Any]:
     start, history, saved_optimizer = 0, None, None
-    if opts.resume and (folder / "training_state.safetensors").exists():
+    if opts.resume and (folder / STATE_FILE).exists():
         state, saved_optimizer = load_state(folder)
         start, history = state.step, state.history
         method.restore(model, folder, state.weights)

@@ -75,7 +75,8 @@ def _check_record(row: dict, fmt: str, where: str) -> None:
 class TokenizedSplit:
     """A fully tokenized split (what mlx-lm's ``CacheDataset`` yields), long examples cut to ``max_seq_length``.
 
-    ``itemlen`` is the token count, so mlx-lm's batcher groups examples of similar length.
+    Not a ``CacheDataset``, so mlx-lm's batcher sorts examples by their token count (for a CacheDataset it sorts
+    by the raw record's ``len``) and batches examples of similar length together.
     """
 
     def __init__(self, items: list[tuple[list[int], int]], name: str):
@@ -84,9 +85,6 @@ class TokenizedSplit:
 
     def __getitem__(self, idx: int) -> tuple[list[int], int]:
         return self.items[idx]
-
-    def itemlen(self, idx: int) -> int:
-        return len(self.items[idx][0])
 
     def __len__(self) -> int:
         return len(self.items)

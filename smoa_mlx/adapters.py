@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import SMoAConfig
-from .fingerprint import FINGERPRINT_KEY, fingerprint_modules
+from .fingerprint import FINGERPRINT_KEY, check_fingerprint, fingerprint_modules
 from .layer import SMoALinear, check_base
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -276,14 +276,17 @@ def _factor_mismatches(mpath: str, layer: SMoALinear, parts: dict) -> list[str]:
     return errors
 
 
-def load_adapter(model: nn.Module, path: PathLike, weights_name: str = ADAPTER_WEIGHTS) -> SMoAConfig:
+def load_adapter(
+    model: nn.Module, path: PathLike, weights_name: str = ADAPTER_WEIGHTS, verify_base: bool = True
+) -> SMoAConfig:
     """Wrap the modules named in the adapter file with SMoA layers and load their factors.
 
     Everything is checked before the model is touched: a mismatch raises with the module path, the tensor and
-    both shapes, and leaves the model as it was.
+    both shapes, and leaves the model as it was. With ``verify_base`` (default) the base weights must match the
+    fingerprint recorded at save time (:class:`~smoa_mlx.fingerprint.BaseModelMismatchError` otherwise).
     """
     folder = Path(path)
-    config, _ = read_adapter_config(folder)
+    config, data = read_adapter_config(folder)
     file = folder / weights_name
     if not file.is_file():
         raise FileNotFoundError(f"no {weights_name} in adapter folder {folder}")
@@ -324,6 +327,9 @@ def load_adapter(model: nn.Module, path: PathLike, weights_name: str = ADAPTER_W
         new[mpath] = layer
     if errors:
         raise ValueError(f"adapter {file} does not fit {type(model).__name__}:\n" + "\n".join(errors))
+    if verify_base:
+        # Shapes can match on another base of the same architecture; the groups and anchors would then be wrong.
+        check_fingerprint(data.get(FINGERPRINT_KEY), fingerprint_modules(new), str(folder / ADAPTER_CONFIG))
     model.freeze()
     _replace_modules(model, new)
     return config

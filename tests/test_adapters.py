@@ -173,6 +173,16 @@ def test_mismatched_adapter_is_refused_and_model_untouched(tmp_path):
         load_adapter(fresh, tmp_path / "bad")
     assert not smoa_layers(fresh)
 
+    # Same architecture and shapes, other base weights: the recorded fingerprint catches it.
+    from smoa_mlx.fingerprint import BaseModelMismatchError
+
+    other = _llama(seed=7)
+    with pytest.raises(BaseModelMismatchError, match=r"adapter_config\.json: the adapter was trained on a different base"):
+        load_adapter(other, tmp_path / "ok")
+    assert not smoa_layers(other)
+    load_adapter(other, tmp_path / "ok", verify_base=False)
+    assert smoa_layers(other)
+
     # A LoRA adapter folder is not an SMoA adapter.
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora"}))

@@ -1,37 +1,38 @@
 """How much of an adapter's update survives re-quantizing the fused weights.
 
-Fusing into a quantized base and quantizing again can silently drop the whole fine-tune (mlx-lm #1172): an
-update smaller than the quantization step rounds back to the base's own grid. What the quantized fused model
-really changes, relative to the same quantization of the base, is Q(W0 + dW) - Q(W0); the rest of dW is what
-quantization dropped. Measured per adapted layer, before the layer is quantized, with the same ``mx.quantize``
-call (same group size, bits and dtype) that mlx-lm's ``quantize_model`` then applies to the fused layer.
+Fusing into a quantized base and quantizing again can silently drop the whole fine-tune (mlx-lm #1172): on a
+base already on the quantization grid, an update smaller than half a step rounds straight back to the base.
+What the quantized fused model really changes, relative to the same quantization of the base, is
+kept = Q(W0 + dW) - Q(W0). Entry by entry that is mostly rounding noise (a step, or nothing), so the measure is
+its projection on the update, <kept, dW> / <dW, dW>: 1 when the update survives (on average, as when rounding
+dithers it), 0 when quantization erased it. Alongside, the largest update entry that left its quantized weight
+unchanged. Measured per adapted layer before anything is merged, with the same ``mx.quantize`` call (group size,
+bits, dtype) that mlx-lm's ``quantize_model`` then applies to the fused layer.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-# Share of the update's norm lost to quantization above which the fused model no longer carries the fine-tune
-# well: past a quarter, rounding noise is the same order as the update itself.
-WARN_FRACTION = 0.25
+# Share of the update lost above which the quantized fused model no longer carries the fine-tune reliably.
+WARN_DROPPED = 0.25
 
 
 @dataclass
 class LayerLoss:
     path: str
-    update_norm: float  # ||dW||_F
-    dropped_norm: float  # ||dW - (Q(W0 + dW) - Q(W0))||_F
+    update_sq: float  # <dW, dW>
+    kept_dot: float  # <Q(W0 + dW) - Q(W0), dW>
     update_max: float  # max |dW|
-    dropped_max: float  # max |dropped|
+    erased_max: float  # max |dW| over the entries whose quantized weight did not change at all
 
     @property
-    def fraction(self) -> float:
-        return self.dropped_norm / self.update_norm if self.update_norm > 0 else 0.0
+    def kept(self) -> float:
+        return self.kept_dot / self.update_sq if self.update_sq > 0 else 1.0
 
 
 @dataclass
@@ -41,15 +42,18 @@ class QuantizationReport:
     layers: list[LayerLoss]
 
     @property
-    def fraction(self) -> float:
-        """Share of the whole update's norm (all adapted layers together) that quantization dropped."""
-        total = math.sqrt(sum(l.update_norm**2 for l in self.layers))
-        lost = math.sqrt(sum(l.dropped_norm**2 for l in self.layers))
-        return lost / total if total > 0 else 0.0
+    def kept(self) -> float:
+        """Share of the whole update (all adapted layers together) that the quantized model still applies."""
+        total = sum(l.update_sq for l in self.layers)
+        return sum(l.kept_dot for l in self.layers) / total if total > 0 else 1.0
 
     @property
-    def dropped_max(self) -> float:
-        return max((l.dropped_max for l in self.layers), default=0.0)
+    def dropped(self) -> float:
+        return 1.0 - self.kept
+
+    @property
+    def erased_max(self) -> float:
+        return max((l.erased_max for l in self.layers), default=0.0)
 
     @property
     def update_max(self) -> float:
@@ -57,29 +61,25 @@ class QuantizationReport:
 
     @property
     def worst(self) -> Optional[LayerLoss]:
-        return max(self.layers, key=lambda l: l.fraction, default=None)
-
-    @property
-    def meaningful_loss(self) -> bool:
-        return self.fraction > WARN_FRACTION
+        return min(self.layers, key=lambda l: l.kept, default=None)
 
     def summary(self) -> str:
         if not self.layers:
             return f"{self.bits}-bit quantization: no adapted layer is quantized"
         worst = self.worst
         return (
-            f"{self.bits}-bit quantization (group size {self.group_size}) dropped {self.fraction:.1%} of the "
-            f"adapter's update (norm over {len(self.layers)} layers); largest weight change dropped "
-            f"{self.dropped_max:.3g} (largest update entry {self.update_max:.3g}); "
-            f"worst layer {worst.path}: {worst.fraction:.1%}"
+            f"{self.bits}-bit quantization (group size {self.group_size}) keeps {self.kept:.1%} of the adapter's "
+            f"update over {len(self.layers)} layers (drops {self.dropped:.1%}); largest update entry it erased "
+            f"entirely: {self.erased_max:.3g} (largest update entry: {self.update_max:.3g}); "
+            f"worst layer {worst.path} keeps {worst.kept:.1%}"
         )
 
     def warning(self) -> Optional[str]:
-        if not self.meaningful_loss:
+        if self.dropped <= WARN_DROPPED:
             return None
         return (
-            f"WARNING: quantization erases {self.fraction:.1%} of the adapter's update: the quantized fused model "
-            f"behaves much like the quantized base (mlx-lm #1172). Fuse without --quantize, or use more bits "
+            f"WARNING: quantization erases {self.dropped:.1%} of the adapter's update, so the quantized fused model "
+            f"behaves more like the quantized base (mlx-lm #1172). Fuse without --quantize, or use more bits "
             f"(--q-bits 8) or a smaller --q-group-size."
         )
 
@@ -103,10 +103,9 @@ def layer_loss(path: str, base: mx.array, fused: mx.array, group_size: int, bits
     f32 = mx.float32
     update = fused.astype(f32) - base.astype(f32)
     kept = _round_trip(fused, group_size, bits).astype(f32) - _round_trip(base, group_size, bits).astype(f32)
-    dropped = update - kept
-    values = mx.stack([mx.sum(update * update), mx.sum(dropped * dropped), mx.abs(update).max(), mx.abs(dropped).max()])
-    u_sq, d_sq, u_max, d_max = values.tolist()
-    return LayerLoss(path, math.sqrt(u_sq), math.sqrt(d_sq), u_max, d_max)
+    erased = mx.where((kept == 0) & (update != 0), mx.abs(update), 0)
+    values = mx.stack([mx.sum(update * update), mx.sum(kept * update), mx.abs(update).max(), erased.max()])
+    return LayerLoss(path, *values.tolist())
 
 
 def _base_of(adapter: nn.Module) -> nn.Module:

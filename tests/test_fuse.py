@@ -188,6 +188,16 @@ def test_adapter_for_another_model_is_refused(tiny, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_adapter_for_other_weights_of_the_same_shape_is_refused(tiny, tmp_path, capsys):
+    """Same architecture, other weights: shapes fit, the recorded base fingerprint does not."""
+    _, adapter = tiny["dense"]
+    other = make_model_folder(tmp_path / "other", seed=11)
+    args = ["--model", other, "--adapter-path", adapter, "--save-path", tmp_path / "out"]
+    assert fuse.run(fuse.main, "smoa_mlx.fuse", [str(a) for a in args]) == 2
+    assert "different base model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
     model_dir, adapter = tiny["dense"]
 

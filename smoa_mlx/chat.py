@@ -23,6 +23,10 @@ QUIT = ("/quit", "/exit")
 
 
 def _terminal_lines(prompt: str) -> Iterator[str]:
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
     while True:
         try:
             yield input(prompt)

@@ -38,6 +38,11 @@ def run_fuse(*argv):
     return fuse.main([str(a) for a in argv])
 
 
+def fuse_error(*argv):
+    """Exit status of the CLI, user errors reported on stderr as the command line does."""
+    return fuse.run(fuse.main, "smoa_mlx.fuse", [str(a) for a in argv])
+
+
 @pytest.mark.parametrize("base", ["dense", "q4"])
 def test_fused_logits_equal_unfused(tiny, tmp_path, base):
     model_dir, adapter = tiny[base]
@@ -147,7 +152,7 @@ def test_existing_save_path_needs_force(tiny, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ["--model", model_dir, "--adapter-path", adapter, "--save-path", out]
-    assert fuse.run(fuse.main, "smoa_mlx.fuse", [str(a) for a in args]) == 2
+    assert fuse_error(*args) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     assert run_fuse(*args, "--force") == 0
@@ -159,7 +164,7 @@ def test_refuses_to_overwrite_its_inputs(tiny, capsys):
     model_dir, adapter = tiny["dense"]
     for target in (model_dir, adapter):
         args = ["--model", model_dir, "--adapter-path", adapter, "--save-path", target, "--force"]
-        assert fuse.run(fuse.main, "smoa_mlx.fuse", [str(a) for a in args]) == 2
+        assert fuse_error(*args) == 2
         assert "which this command reads" in capsys.readouterr().err
     assert (model_dir / "config.json").is_file() and (adapter / "adapters.safetensors").is_file()
 
@@ -171,30 +176,24 @@ def test_missing_adapter_and_model_files(tiny, tmp_path, capsys):
         (["--model", tmp_path / "no_model", "--adapter-path", adapter], "no_model"),
     ]
     for args, named in cases:
-        code = fuse.run(fuse.main, "smoa_mlx.fuse", [str(a) for a in args + ["--save-path", tmp_path / "out"]])
-        assert code == 2
+        assert fuse_error(*args, "--save-path", tmp_path / "out") == 2
         assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_adapter_for_another_model_is_refused(tiny, tmp_path, capsys):
-    """An adapter trained on a 64-wide model, applied to a 32-wide one: named module, nothing written."""
+@pytest.mark.parametrize(
+    "other, expected",
+    [
+        ({"hidden": 32}, ["does not fit", "model.layers.0.self_attn.q_proj"]),  # other shapes: named module
+        ({"seed": 11}, ["different base model"]),  # same shapes, other weights: the recorded base fingerprint
+    ],
+)
+def test_adapter_for_another_model_is_refused(tiny, tmp_path, capsys, other, expected):
     _, adapter = tiny["dense"]
-    other = make_model_folder(tmp_path / "other", hidden=32)
-    args = ["--model", other, "--adapter-path", adapter, "--save-path", tmp_path / "out"]
-    assert fuse.run(fuse.main, "smoa_mlx.fuse", [str(a) for a in args]) == 2
+    model = make_model_folder(tmp_path / "other", **other)
+    assert fuse_error("--model", model, "--adapter-path", adapter, "--save-path", tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert "does not fit" in err and "model.layers.0.self_attn.q_proj" in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_adapter_for_other_weights_of_the_same_shape_is_refused(tiny, tmp_path, capsys):
-    """Same architecture, other weights: shapes fit, the recorded base fingerprint does not."""
-    _, adapter = tiny["dense"]
-    other = make_model_folder(tmp_path / "other", seed=11)
-    args = ["--model", other, "--adapter-path", adapter, "--save-path", tmp_path / "out"]
-    assert fuse.run(fuse.main, "smoa_mlx.fuse", [str(a) for a in args]) == 2
-    assert "different base model" in capsys.readouterr().err
+    assert all(text in err for text in expected), err
     assert not (tmp_path / "out").exists()
 
 

@@ -60,8 +60,6 @@ def check_save_path(path: os.PathLike, force: bool, flag: str, protected: Sequen
 
 def merge_dense(model: nn.Module, config: dict) -> dict:
     """Merge every adapter layer into its base and dequantize the whole model, in place; returns its config."""
-    if not adapter_layer_paths(model):
-        raise ValueError("the model has no adapter layers to fuse")
     fuse_adapters(model)
     dequantize_model(model)
     mx.eval(model.parameters())
@@ -105,16 +103,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--q-bits / --q-group-size need --quantize")
     if args.hf_path is not None and not args.export_hf:
         parser.error("--hf-path needs --export-hf")
-    _, adapter_config = read_adapter_kind(args.adapter_path)  # a bad adapter fails before the slow model load
+    kind, adapter_config = read_adapter_kind(args.adapter_path)  # a bad adapter fails before the slow model load
     protected = (args.model or adapter_config.get("model"), args.adapter_path)
     save_path = check_save_path(args.save_path, args.force, "--save-path", protected)
     hf_path = None
     if args.export_hf:
         hf_path = check_save_path(args.hf_path or f"{save_path}-hf", args.force, "--hf-path", protected)
+        if hf_path.resolve() == save_path.resolve():
+            parser.error("--hf-path must differ from --save-path")
 
     print(f"Loading {model_label(args)}", file=sys.stderr)
     model, tokenizer, config = load_from_args(args, return_config=True)
     layers = adapter_layer_paths(model)
+    if not layers and kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
+        raise ValueError(f"--adapter-path {args.adapter_path}: loading it added no adapter layers to fuse")
     quantize = None
     if args.quantize:
         bits, group_size = _quant_defaults(config)

@@ -79,6 +79,20 @@ def test_generate_one_shot(tiny, capsys):
     assert capsys.readouterr().out == raw + "\n"
 
 
+def test_sampling_flags(tiny, capsys):
+    """--temp/--top-p sample (reproducibly for a --seed) instead of the greedy reply."""
+    model_dir, adapter = tiny
+    base = ["--model", str(model_dir), "--adapter-path", str(adapter), "--prompt", U1, "-m", "12"]
+    replies = []
+    for extra in ([], ["--temp", "5", "--seed", "1"], ["--temp", "5", "--seed", "1"], ["--temp", "5", "--top-p", "0.9",
+                                                                                        "--seed", "2"]):
+        assert generate.main(base + extra) == 0
+        replies.append(capsys.readouterr().out)
+    greedy, sampled, again, other = replies
+    assert sampled == again
+    assert len({greedy, sampled, other}) == 3
+
+
 def test_generate_bad_flags(tiny, capsys):
     model_dir, _ = tiny
     code = generate.cli.run(generate.main, "smoa_mlx.generate", ["--model", str(model_dir), "--prompt", "x",

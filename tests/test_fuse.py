@@ -72,8 +72,9 @@ def test_fused_folder_generates_like_live_adapter(tiny, tmp_path):
     assert mlx_lm.generate(fused, fused_tok, prompt, max_tokens=12) == want
 
 
-def test_mlx_lm_lora_adapter_fuses(tiny, tmp_path):
-    """mlx-lm's own LoRA adapters fuse through their own .fuse()."""
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_mlx_lm_adapters_fuse(tiny, tmp_path, kind):
+    """mlx-lm's own LoRA / DoRA adapters fuse through their own .fuse()."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from smoa_mlx.adapters import atomic_save_safetensors
@@ -82,19 +83,22 @@ def test_mlx_lm_lora_adapter_fuses(tiny, tmp_path):
     model, _ = mlx_lm.load(str(model_dir))
     params = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
     model.freeze()
-    linear_to_lora_layers(model, 2, params)
+    linear_to_lora_layers(model, 2, params, use_dora=kind == "dora")
     mx.random.seed(5)
-    lora = {k: mx.random.normal(v.shape) * 0.3 for k, v in tree_flatten(model.trainable_parameters())}
-    model.load_weights(list(lora.items()), strict=False)
-    adapter = tmp_path / "lora"
+    trained = {k: v + mx.random.normal(v.shape) * 0.3 for k, v in tree_flatten(model.trainable_parameters())}
+    model.load_weights(list(trained.items()), strict=False)
+    adapter = tmp_path / kind
     adapter.mkdir()
-    atomic_save_safetensors(adapter / "adapters.safetensors", lora)
+    atomic_save_safetensors(adapter / "adapters.safetensors", trained)
     (adapter / "adapter_config.json").write_text(
-        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params})
+        json.dumps({"fine_tune_type": kind, "num_layers": 2, "lora_parameters": params})
     )
     assert run_fuse("--model", model_dir, "--adapter-path", adapter, "--save-path", tmp_path / "fused") == 0
     fused, _ = mlx_lm.load(str(tmp_path / "fused"))
-    assert mx.allclose(logits(fused), logits(model), atol=1e-4, rtol=1e-4).item()
+    plain, _ = mlx_lm.load(str(model_dir))
+    want = logits(model)
+    assert mx.abs(want - logits(plain)).max().item() > 0.5
+    assert mx.allclose(logits(fused), want, atol=1e-4, rtol=1e-4).item()
 
 
 def test_quantize_report_matches_saved_model_and_warns(tiny, tmp_path, capsys):
@@ -103,7 +107,8 @@ def test_quantize_report_matches_saved_model_and_warns(tiny, tmp_path, capsys):
     adapter = make_smoa_adapter(model_dir, tmp_path / "small", b_scale=0.01)
     live, _ = load_model_with_adapter(str(model_dir), adapter)
     report = quantization_report(live, group_size=32, bits=4)
-    assert report.dropped > 0.75 and report.warning(), report.summary()
+    # Only the groups' extreme entries (reproduced exactly by affine quantization) keep their update.
+    assert report.dropped > 0.5 and report.warning(), report.summary()
     assert 0 < report.erased_max <= report.update_max
 
     assert run_fuse("--model", model_dir, "--adapter-path", adapter, "--save-path", tmp_path / "fused", "-q") == 0

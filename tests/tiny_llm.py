@@ -40,8 +40,8 @@ def make_smoa_adapter(
     """An SMoA adapter for ``model_folder`` with random non-zero B (a trained-looking update), saved as train does."""
     model, _ = mlx_lm.load(str(model_folder))
     config = SMoAConfig(rank=rank, blocks=blocks)
+    mx.random.seed(seed)  # A's init and B below: the same adapter whatever ran before
     apply_smoa(model, config)
-    mx.random.seed(seed)
     for layer in smoa_layers(model).values():
         layer.smoa_b = [mx.random.normal(b.shape) * b_scale for b in layer.smoa_b]
     return save_adapter(model, adapter_folder, config, extra_config={"model": str(model_folder)})

@@ -72,9 +72,9 @@ def test_fused_folder_generates_like_live_adapter(tiny, tmp_path):
     assert mlx_lm.generate(fused, fused_tok, prompt, max_tokens=12) == want
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "full"])
 def test_mlx_lm_adapters_fuse(tiny, tmp_path, kind):
-    """mlx-lm's own LoRA / DoRA adapters fuse through their own .fuse()."""
+    """mlx-lm's own adapters: LoRA / DoRA fuse through their own .fuse(); a full fine-tune is saved as loaded."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from smoa_mlx.adapters import atomic_save_safetensors
@@ -82,10 +82,14 @@ def test_mlx_lm_adapters_fuse(tiny, tmp_path, kind):
     model_dir, _ = tiny["dense"]
     model, _ = mlx_lm.load(str(model_dir))
     params = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
-    model.freeze()
-    linear_to_lora_layers(model, 2, params, use_dora=kind == "dora")
+    if kind == "full":
+        chosen = {k: v for k, v in tree_flatten(model.parameters()) if k.startswith("model.layers.1.self_attn.q")}
+    else:
+        model.freeze()
+        linear_to_lora_layers(model, 2, params, use_dora=kind == "dora")
+        chosen = dict(tree_flatten(model.trainable_parameters()))
     mx.random.seed(5)
-    trained = {k: v + mx.random.normal(v.shape) * 0.3 for k, v in tree_flatten(model.trainable_parameters())}
+    trained = {k: v + mx.random.normal(v.shape) * 0.3 for k, v in chosen.items()}
     model.load_weights(list(trained.items()), strict=False)
     adapter = tmp_path / kind
     adapter.mkdir()

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, TextIO
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, stream_generate
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import common_prefix_len
 
@@ -71,14 +71,21 @@ class Conversation:
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
+    def _reusable(self) -> bool:
+        return bool(self.cache) and all(type(c) is KVCache for c in self.cache)
+
     def _reuse_cache(self, tokens: list[int]) -> int:
-        """Trim the cache to the prefix it shares with ``tokens``; returns how many tokens it keeps."""
+        """Trim the cache to the prefix it shares with ``tokens``; returns how many tokens it keeps.
+
+        Only plain KV caches are reused: their length is exact and trimming them is exact. Sliding-window,
+        recurrent or quantized caches are rebuilt every turn instead (correct, just slower).
+        """
+        if not self._reusable():
+            self._drop_cache()
+            return 0
         keep = common_prefix_len(self._cached, tokens)
         keep = min(keep, len(tokens) - 1)  # at least one token must be fed to get logits
         if keep < len(self._cached):
-            if not can_trim_prompt_cache(self.cache):
-                self._drop_cache()
-                return 0
             trim_prompt_cache(self.cache, len(self._cached) - keep)
             self._cached = self._cached[:keep]
         return keep
@@ -103,7 +110,7 @@ class Conversation:
             self._drop_cache()
             raise
         fed = tokens + generated
-        self._cached = fed[: self.cache[0].size()] if self.cache else []
+        self._cached = fed[: self.cache[0].offset] if self._reusable() else []
         self.messages += [user, {"role": "assistant", "content": "".join(answer)}]
         self.last_stats = TurnStats.of(response, prompt_tokens=len(tokens), new_tokens=len(tokens) - keep)
 

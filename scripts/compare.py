@@ -304,7 +304,8 @@ class Grid:
     def ensure(self, task: Task, variant: str, lr: float, seed: int, need_test: bool) -> dict:
         run = find_run(self.data, task.name, variant, lr, seed)
         folder = self.work / "adapters" / f"{task.name}-{variant}-lr{lr:g}-s{seed}"
-        if run is not None and (not need_test or metric_of(run, "test", task.metric) is not None):
+        if run is not None and (run.get("diverged") or not need_test
+                                or metric_of(run, "test", task.metric) is not None):
             return run
         if run is not None and (folder / "adapter_config.json").is_file():
             self._check_budget(task.name, "test scoring")
@@ -320,8 +321,16 @@ class Grid:
         self._check_budget(task.name, f"{variant} run")
         began = time.monotonic()
         mx.reset_peak_memory()
-        result = train.run(train_options(task, variant, lr, seed, self.opts, folder))
         kind, _, blocks = VARIANTS[variant]
+        try:
+            result = train.run(train_options(task, variant, lr, seed, self.opts, folder))
+        except train.TrainingDiverged as e:  # a too-large rate is a result of the grid, not a failure of it
+            run = {"task": task.name, "variant": variant, "method": kind, "lr": lr, "seed": seed, "diverged": str(e),
+                   "wall_time_s": time.monotonic() - began}
+            self.data["runs"].append(run)
+            self._save()
+            print(f"[{task.name}] {variant} lr={lr:g} seed={seed}: diverged ({e})", flush=True)
+            return run
         run = {
             "task": task.name, "variant": variant, "method": kind, "rank": result["rank"],
             "blocks": blocks if kind in ("smoa", "hira") else None, "lr": lr, "seed": seed,
@@ -357,6 +366,9 @@ class Grid:
                 self.ensure(task, variant, lr, self.opts.selection_seed, need_test=False)
         for variant in self.opts.methods:
             best = select_lr(self.data, name, variant, self.opts.lrs)
+            if best is None:
+                print(f"[{name}] {variant}: every learning rate diverged; no test runs", flush=True)
+                continue
             for seed in self.opts.seeds:
                 self.ensure(task, variant, best, seed, need_test=True)
 

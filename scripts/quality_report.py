@@ -72,19 +72,24 @@ def summarize(data: dict, task: str) -> list[dict[str, Any]]:
         runs = [r for r in data["runs"] if r["task"] == task and r["variant"] == variant and lr is not None
                 and math.isclose(r["lr"], lr, rel_tol=1e-9) and metric_of(r, "test", metric, scoring) is not None]
         values = [metric_of(r, "test", metric, scoring) for r in runs]
-        first = runs[0] if runs else next(r for r in data["runs"] if r["task"] == task and r["variant"] == variant)
+        diverged = [r for r in data["runs"] if r["task"] == task and r["variant"] == variant and r.get("diverged")]
+        first = runs[0] if runs else next((r for r in data["runs"] if r["task"] == task and r["variant"] == variant
+                                           and not r.get("diverged")), None)
+        if first is None:
+            continue
         rows.append({
             "variant": variant, "method": first["method"], "rank": first["rank"], "blocks": first.get("blocks"),
             "params": first["trainable_parameters"], "lr": lr, "lrs_tried": tried,
             "complete_selection": len(tried) == len(settings["lrs"]),
             "values": values, "seeds": [r["seed"] for r in runs], "n": len(values),
+            "diverged": [(r["lr"], r["seed"]) for r in diverged],
             "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None),
             "sum_accuracy": [r.get("test_accuracy_sum") for r in runs],
             "tokens_per_second": statistics.fmean(r["tokens_per_second"] for r in runs) if runs else None,
             "peak_memory_gb": max(r["peak_memory_gb"] for r in runs) if runs else None,
-            "valid_by_lr": {r["lr"]: metric_of(r, "valid", metric, scoring) for r in data["runs"]
-                            if r["task"] == task and r["variant"] == variant
+            "valid_by_lr": {r["lr"]: None if r.get("diverged") else metric_of(r, "valid", metric, scoring)
+                            for r in data["runs"] if r["task"] == task and r["variant"] == variant
                             and r["seed"] == settings["selection_seed"]},
         })
     return rows
@@ -102,6 +107,11 @@ def _fmt(value: Optional[float], metric: str, std: Optional[float] = None) -> st
     if metric == "loss":
         return f"{value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
     return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def _diverged_note(row: dict) -> str:
+    at = [seed for lr, seed in row["diverged"] if row["lr"] is not None and math.isclose(lr, row["lr"], rel_tol=1e-9)]
+    return f" (+{len(at)} diverged)" if at else ""
 
 
 def verdicts(rows: list[dict], metric: str) -> list[str]:
@@ -177,7 +187,8 @@ def plot(data: dict, path: Path) -> Optional[Path]:
             ax.set_ylim(max(0, min(values + [ax.get_ylim()[0]]) - 5), min(100, max(values) + 5))
         ax.set_title(task)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -234,7 +245,7 @@ def render(data: dict, plot_name: Optional[str]) -> str:
             tps = "n/a" if r["tokens_per_second"] is None else f"{r['tokens_per_second']:,.0f}"
             mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.2f}"
             lines.append(f"| {_name(r, lora)} | {r['params']:,} | {lr} | {_fmt(r['mean'], metric, r['std'])} | "
-                         f"{r['n']} | {tps} | {mem} |")
+                         f"{r['n']}{_diverged_note(r)} | {tps} | {mem} |")
         zero = next((z for z in data["zero_shot"] if z["task"] == task), None)
         if zero:
             lines.append(f"| zero-shot (no adapter) | 0 | | {_fmt(metric_of(zero, 'test', metric), metric)} | | | |")
@@ -242,7 +253,8 @@ def render(data: dict, plot_name: Optional[str]) -> str:
             lines.append(f"| {name} | | | {_fmt(value, metric)} | | | |")
         lines += ["", "Validation metric per learning rate (selection seed):", ""]
         for r in rows:
-            cells = ", ".join(f"{lr:g}: {_fmt(v, metric)}" for lr, v in sorted(r["valid_by_lr"].items()))
+            cells = ", ".join(f"{lr:g}: {'diverged' if v is None else _fmt(v, metric)}"
+                              for lr, v in sorted(r["valid_by_lr"].items()))
             lines.append(f"- {_name(r, lora)}: {cells}")
         said = verdicts(rows, metric)
         lines += ["", "Where SMoA stands:", ""] + (said or ["- no SMoA and baseline pair has test results"]) + [""]

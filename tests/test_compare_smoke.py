@@ -164,3 +164,55 @@ def test_compare_smoke_runs_resumes_and_reports(tiny, tmp_path):
     assert compare.main(stopped) == 0
     made = json.loads(fresh.read_text())
     assert made["runs"] == [] and made["invocations"][0]["stopped"].startswith("budget")
+
+
+def test_report_selects_on_valid_and_judges_against_noise(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    import quality_report as qr
+
+    def run(task, variant, method, lr, seed, valid, test=None, params=100):
+        key = "accuracy" if task == "qa" else "loss"
+        out = {"task": task, "variant": variant, "method": method, "rank": 8, "blocks": 2, "lr": lr, "seed": seed,
+               "trainable_parameters": params, "tokens_per_second": 10.0, "peak_memory_gb": 1.0,
+               "final_val_loss": 1.0, f"valid_{key}": valid}
+        if test is not None:
+            out[f"test_{key}"] = test
+        return out
+
+    runs = [run("qa", "lora", "lora", 1e-3, 0, 0.50), run("qa", "lora", "lora", 1e-2, 0, 0.60, 0.70)]
+    runs += [run("qa", "lora", "lora", 1e-2, s, 0.6, 0.70 + 0.01 * s) for s in (1, 2)]
+    # SMoA's best *test* number sits at the rate validation did not pick: it must not be reported.
+    runs += [run("qa", "smoa-k2-half", "smoa", 1e-3, 0, 0.55, 0.99, 50), run("qa", "smoa-k2-half", "smoa", 1e-2, 0, 0.65, 0.60, 50)]
+    runs += [run("qa", "smoa-k2-half", "smoa", 1e-2, s, 0.6, 0.60 + 0.01 * s, 50) for s in (1, 2)]
+    runs += [run("lm", "lora", "lora", 1e-3, s, 2.0, 2.0 + 0.01 * s) for s in (0, 1, 2)]
+    runs += [run("lm", "smoa-k2", "smoa", 1e-3, s, 1.9, 1.5 + 0.01 * s) for s in (0, 1, 2)]
+    data = {"settings": {"lrs": [1e-3, 1e-2], "selection_seed": 0, "scoring": "mean", "iters": 1, "batch_size": 1,
+                         "warmup": 0, "dropout": 0.0, "rank": 8, "max_train": 0, "max_valid": 0, "max_test": 0},
+            "model": "m", "invocations": [], "zero_shot": [{"task": "qa", "test_accuracy": 0.4}], "runs": runs,
+            "tasks": {"qa": {"metric": "accuracy", "sizes": {}, "reference": {"chance": 1 / 3}, "data": "x"},
+                      "lm": {"metric": "loss", "sizes": {}, "reference": {}, "data": "y"}}}
+    assert qr.select_lr(data, "qa", "smoa-k2-half", [1e-3, 1e-2]) == 1e-2
+    rows = {r["variant"]: r for r in qr.summarize(data, "qa")}
+    assert rows["smoa-k2-half"]["values"] == pytest.approx([0.60, 0.61, 0.62])
+    said = qr.verdicts(list(rows.values()), "accuracy")
+    assert len(said) == 1 and "**SMoA loses**" in said[0] and "0.50x LoRA params" in said[0]
+    lm = qr.verdicts(qr.summarize(data, "lm"), "loss")  # lower loss is better
+    assert len(lm) == 1 and "**SMoA wins**" in lm[0]
+    doc = qr.write_report(data, tmp_path / "Q.md")
+    text = doc.read_text()
+    assert "61.0 ± 1.0" in text and "99.0" not in text and "1.5100 ± 0.0100" in text
+    assert (tmp_path / "Q.png").stat().st_size > 1000
+
+
+def test_a_diverging_rate_is_recorded_and_never_chosen(tiny, tmp_path):
+    _bigbench_or_skip()
+    compare = _compare_module()
+    out = tmp_path / "q.json"
+    argv = ["--out", str(out), "--model", str(tiny[0]), "--tasks", "winowhy", "--methods", "lora", "--seeds", "0",
+            "--lrs", "1e-3,1e30", "--iters", "3", "--batch-size", "2", "--max-train", "8", "--max-valid", "4",
+            "--max-test", "4"]
+    assert compare.main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    bad = [r for r in runs if r["lr"] == 1e30]
+    assert len(bad) == 1 and "diverged" in bad[0] and "test_accuracy" not in bad[0]
+    assert [r["lr"] for r in runs if r.get("test_accuracy") is not None] == [1e-3]

@@ -27,7 +27,8 @@ def add_model_args(parser: argparse.ArgumentParser, adapter_required: bool = Fal
     parser.add_argument(
         "--model",
         default=None,
-        help="mlx-lm model folder or Hugging Face id; default: the embedded SmolLM2-135M-Instruct",
+        help="mlx-lm model folder or Hugging Face id; default: the base model the adapter records, else the "
+        "embedded SmolLM2-135M-Instruct",
     )
     parser.add_argument(
         "--adapter-path",

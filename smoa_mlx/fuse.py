@@ -84,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quantize", action="store_true",
         help="quantize the fused model (default: save it dequantized); reports how much of the update survives",
     )
-    parser.add_argument("--q-bits", type=int, default=None, help="bits for --quantize (default: the base's, else 4)")
     parser.add_argument(
-        "--q-group-size", type=int, default=None, help="group size for --quantize (default: the base's, else 64)"
+        "--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+        help="bits for --quantize (default: the base's, else 4)",
+    )
+    parser.add_argument(
+        "--q-group-size", type=int, choices=(32, 64, 128), default=None,
+        help="group size for --quantize (default: the base's, else 64)",
     )
     parser.add_argument(
         "--export-hf", action="store_true",

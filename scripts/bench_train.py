@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--bits", default="0,4", help="base precisions: 0 = bf16, 4 = 4-bit")
-    ap.add_argument("--methods", default="lora,smoa-blocks,smoa-dense")
+    ap.add_argument("--methods", default="lora,smoa-dense,smoa-kernel")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     args = ap.parse_args(argv)
     if args.markdown:

@@ -34,6 +34,8 @@ _ATTRS = (
     "threads_per_threadgroup",
     "threadgroups_per_grid",
     "thread_index_in_threadgroup",
+    "simdgroup_index_in_threadgroup",
+    "thread_index_in_simdgroup",
 )
 
 
@@ -118,13 +120,15 @@ int main(int argc, char** argv) {{
 
 def _compile(source: str, n_in: int, n_out: int) -> Path:
     program = f'#include "{SHIM}"\n{source}\n{_harness(source, n_in, n_out)}'
-    digest = hashlib.sha256((program + SHIM.read_text()).encode()).hexdigest()[:16]
+    shim_text = SHIM.read_text() + (SHIM.parent / "include" / "metal_simdgroup_matrix").read_text()
+    digest = hashlib.sha256((program + shim_text).encode()).hexdigest()[:16]
     _BUILD.mkdir(parents=True, exist_ok=True)
     exe = _BUILD / f"k_{digest}"
     if not exe.exists():
         cpp = _BUILD / f"k_{digest}.cpp"
         cpp.write_text(program)
-        cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-Wno-attributes", str(cpp), "-o", str(exe) + ".tmp"]
+        cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-Wno-attributes", "-I", str(SHIM.parent / "include"), str(cpp),
+               "-o", str(exe) + ".tmp"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"g++ rejected the rendered Metal source:\n{done.stderr[:4000]}")
@@ -157,3 +161,6 @@ def run_launch(launch: Launch) -> list[mx.array]:
             mx.array(np.fromfile(f"{d}/buf{n_in + j}.bin", dtype=_NP[dt]).reshape(shape))
             for j, (shape, dt) in enumerate(outs)
         ]
+
+
+run_launch.backend = "metal"  # the runner protocol of smoa_mlx.kernels.fused

@@ -1,17 +1,19 @@
 """Dispatch for the SMoA block-modulated product.
 
 Every backend exposes the same callable ``fn(x, index, weight_parts, a_list, b_list) -> delta_y`` for a
-:class:`BlockLayout`: the fused Metal kernel on Apple GPUs, the fused CUDA kernel on NVIDIA GPUs (both rendered
-from :mod:`.source`), the pure-MLX reference elsewhere. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the
-kernel where :data:`KERNEL_DEFAULT` says the benchmark found it faster), ``kernel`` (the kernel wherever a GPU
-backend exists), ``mlx`` (always pure MLX: see :func:`mlx_delta_fn`), ``reference`` (the pure-MLX block form). A kernel that fails to compile or run on a first small probe
-is reported once with a warning and the reference is used from then on.
+:class:`BlockLayout`: the fused kernels rendered from :mod:`.source` (Metal on Apple GPUs, CUDA on NVIDIA GPUs) or
+pure MLX (:func:`mlx_delta_fn`: the dense HiRA form on CUDA, the block form elsewhere, CPU included).
+``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the kernel where :data:`KERNEL_DEFAULT` says the benchmark found it
+faster), ``kernel`` (the kernel wherever a GPU backend exists), ``mlx`` (always pure MLX), ``reference`` (always
+the pure-MLX block form). A kernel that fails to compile or run on a first small probe is reported once with a
+warning, and pure MLX is used from then on.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -38,9 +40,9 @@ KERNEL_ENV = "SMOA_MLX_KERNEL"
 _FORCE_MLX = ("mlx", "reference", "off", "0")
 _FORCE_KERNEL = ("kernel", "on", "1", "metal", "cuda")
 
-# Backends on which ``auto`` picks the kernel. CUDA: off, since scripts/bench_kernels.py on an H200 measured the
-# SIMT kernel slower than the pure-MLX path (cuBLAS tensor cores); see docs/BENCHMARKS.md. Metal: on, as the
-# issue asks; it is unmeasured (no Apple GPU was available to this project's benchmarks).
+# Backends on which ``auto`` picks the kernel, by scripts/bench_kernels.py (docs/BENCHMARKS.md). CUDA: off, the
+# kernel measured 3.6x-17x slower than the pure-MLX dense form on an H200. Metal: on, as the issue asks; unmeasured
+# (no Apple GPU was available to this project's benchmarks).
 KERNEL_DEFAULT = {"metal": True, "cuda": False}
 
 # The pure-MLX formulation per backend: the dense HiRA form (full matmuls, no activation gathers) where the benchmark
@@ -69,7 +71,7 @@ def _probe(runner: GpuRunner, layout: BlockLayout) -> bool:
     a_list = [mx.ones((1, d // 2))] * 2
     try:
         outs = []
-        for dtype in FLOAT_TYPES:
+        for dtype in (t for t in FLOAT_TYPES if runner.accepts(t)):
             p = tuple(q.astype(dtype) if q.dtype != mx.uint32 else q for q in parts)
             x = mx.ones((3, d), dtype=dtype)
             outs.append(forward(runner, tiny, x, index, p, a_list, a_list))
@@ -118,4 +120,16 @@ def delta_fn(layout: BlockLayout):
     runner = _runners.setdefault(backend, GpuRunner(backend))
     if not _probe(runner, layout):
         return mlx_delta_fn(layout)
-    return fused_delta_fn(layout, runner)
+    return _routed(layout, runner)
+
+
+@lru_cache(maxsize=None)
+def _routed(layout: BlockLayout, runner: GpuRunner):
+    """The kernel for the activation types its backend takes (CUDA: bf16/f16), pure MLX for the others (f32)."""
+    kernel, fallback = fused_delta_fn(layout, runner), mlx_delta_fn(layout)
+
+    def delta(x, index, weight_parts, a_list, b_list):
+        fn = kernel if runner.accepts(x.dtype) else fallback
+        return fn(x, index, weight_parts, a_list, b_list)
+
+    return delta

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 
 from .reference import BlockLayout
-from .source import GRAD_TILE, MODMM_TILE, THREADS
+from .source import FRAGMENT, GRAD_TILE, MAX_RANK, MODMM_TILE, THREADS
 
 SUPPORTED_BITS = (2, 4, 8)  # the in-kernel dequantization needs whole values per 32-bit word
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -37,12 +37,29 @@ class Launch:
     output_dtypes: list
 
 
-Runner = Callable[[Launch], Sequence[mx.array]]
+Runner = Callable[[Launch], Sequence[mx.array]]  # with a ``backend`` attribute: "metal" or "cuda"
 
 
 def supports(layout: BlockLayout) -> bool:
-    """Whether the kernels handle this layout (other quantizations use the pure-MLX path)."""
-    return not layout.quantized or layout.bits in SUPPORTED_BITS
+    """Whether the kernels handle this layout (other quantizations and ranks use the pure-MLX path)."""
+    return (not layout.quantized or layout.bits in SUPPORTED_BITS) and max(layout.ranks) <= MAX_RANK
+
+
+def _padded_rank(layout: BlockLayout, backend: str) -> int:
+    fr = FRAGMENT[backend]
+    return max(fr, -(-max(layout.ranks) // fr) * fr)
+
+
+def _segment_sorted(order: mx.array, sizes: Sequence[int]) -> tuple[mx.array, mx.array]:
+    """Each block's indices in ascending order, and where each sits in the block's own (spectral) order."""
+    idx, pos, start = [], [], 0
+    for n in sizes:
+        seg = order[start : start + n]
+        p = mx.argsort(seg).astype(mx.int32)
+        idx.append(mx.take(seg, p))
+        pos.append(p)
+        start += n
+    return mx.concatenate(idx), mx.concatenate(pos)
 
 
 def _meta(layout: BlockLayout) -> tuple[mx.array, int, int]:
@@ -84,41 +101,42 @@ def _common(layout: BlockLayout, n_tokens: int, index, weight_parts, a_list, b_l
     wq_ld, s_ld = _weight_dims(layout, d_in)
     dims = mx.array([n_tokens, d_in, d_out, wq_ld, s_ld, tot_a, tot_b, 0], dtype=mx.int32)
     a, sb = _factors(layout, a_list, b_list)
-    tail = [dims, meta, index[0], index[1], a, sb, *weight_parts]
+    row_idx, row_pos = _segment_sorted(index[0], layout.row_sizes)
+    col_idx, col_pos = _segment_sorted(index[1], layout.col_sizes)
+    tail = [dims, meta, row_idx, row_pos, col_idx, col_pos, a, sb, *weight_parts]
     return tail, tot_a, tot_b
 
 
-def modmm_launch(layout: BlockLayout, mode: int, inp: mx.array, out_dtype, index, weight_parts, a_list, b_list):
-    """MODE 0: delta y = x-block products (inp = x, N x d_in); MODE 1: dx (inp = dy, N x d_out)."""
+def modmm_launch(backend: str, layout: BlockLayout, mode: int, inp: mx.array, index, weight_parts, a_list, b_list):
+    """MODE 0: delta y = x-block products (inp = x, N x d_in); MODE 1: dx (inp = dy, N x d_out); output in inp's type."""
     n_tokens = inp.shape[0]
     tail, _, _ = _common(layout, n_tokens, index, weight_parts, a_list, b_list)
-    t = MODMM_TILE
     n_out = max(layout.row_sizes) if mode == 0 else max(layout.col_sizes)
     width = sum(layout.row_sizes) if mode == 0 else sum(layout.col_sizes)
-    template = [("T", out_dtype), ("MODE", mode)] + [(k, t[k]) for k in ("BM", "BO", "BJ", "TM", "TO")]
+    template = [("T", inp.dtype), ("MODE", mode), ("BJ", MODMM_TILE[backend]["BJ"]),
+                ("RP", _padded_rank(layout, backend))]
     return Launch(
         kernel="modmm",
         quantized=layout.quantized,
         inputs=[inp, *tail],
         template=template + _quant_template(layout),
-        grid=(math.ceil(n_out / t["BO"]) * THREADS, math.ceil(n_tokens / t["BM"]), len(layout.ranks)),
+        grid=(math.ceil(n_out / 64) * THREADS, math.ceil(n_tokens / 64), len(layout.ranks)),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(n_tokens, width)],
-        output_dtypes=[out_dtype],
+        output_dtypes=[inp.dtype],
     )
 
 
-def grad_launch(layout: BlockLayout, cot: mx.array, x: mx.array, index, weight_parts, a_list, b_list):
+def grad_launch(backend: str, layout: BlockLayout, cot: mx.array, x: mx.array, index, weight_parts, a_list, b_list):
     n_tokens = x.shape[0]
     tail, tot_a, tot_b = _common(layout, n_tokens, index, weight_parts, a_list, b_list)
-    t = GRAD_TILE
-    c_tiles = math.ceil(max(layout.col_sizes) / t["BC"])
-    i_tiles = math.ceil(max(layout.row_sizes) / t["BI"])
+    c_tiles = math.ceil(max(layout.col_sizes) / 64)
+    i_tiles = math.ceil(max(layout.row_sizes) / 64)
     return Launch(
         kernel="grad",
         quantized=layout.quantized,
-        inputs=[cot, x, *tail],
-        template=[(k, t[k]) for k in ("BI", "BC", "BT", "TI", "TC")] + _quant_template(layout),
+        inputs=[cot.astype(x.dtype), x, *tail],
+        template=[("T", x.dtype), ("BT", GRAD_TILE[backend]["BT"])] + _quant_template(layout),
         grid=(c_tiles * THREADS, i_tiles, len(layout.ranks)),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(c_tiles, tot_b), (i_tiles, tot_a)],
@@ -138,16 +156,16 @@ def _split(flat: mx.array, shapes: list[tuple[int, int]], like: list[mx.array]) 
 def forward(run: Runner, layout: BlockLayout, x, index, weight_parts, a_list, b_list) -> mx.array:
     lead = x.shape[:-1]
     x2 = mx.reshape(x, (-1, x.shape[-1]))
-    (y,) = run(modmm_launch(layout, 0, x2, x.dtype, index, weight_parts, a_list, b_list))
+    (y,) = run(modmm_launch(run.backend, layout, 0, x2, index, weight_parts, a_list, b_list))
     return mx.reshape(y, (*lead, y.shape[-1]))
 
 
 def backward(run: Runner, layout: BlockLayout, x, index, weight_parts, a_list, b_list, cot):
     """(dx, [dA_k], [dB_k]) for the cotangent ``cot`` of the update."""
     x2 = mx.reshape(x, (-1, x.shape[-1]))
-    g2 = mx.reshape(cot, (-1, cot.shape[-1]))
-    (dx,) = run(modmm_launch(layout, 1, g2, x.dtype, index, weight_parts, a_list, b_list))
-    db_part, da_part = run(grad_launch(layout, g2, x2, index, weight_parts, a_list, b_list))
+    g2 = mx.reshape(cot, (-1, cot.shape[-1])).astype(x.dtype)
+    (dx,) = run(modmm_launch(run.backend, layout, 1, g2, index, weight_parts, a_list, b_list))
+    db_part, da_part = run(grad_launch(run.backend, layout, g2, x2, index, weight_parts, a_list, b_list))
     db = mx.sum(db_part, axis=0) * layout.scale
     da = mx.sum(da_part, axis=0)
     da_list = _split(da, [a.shape for a in a_list], a_list)

@@ -30,6 +30,10 @@ class GpuRunner:
     def __repr__(self) -> str:  # part of fused_delta_fn's cache key
         return f"GpuRunner({self.backend!r})"
 
+    def accepts(self, dtype) -> bool:
+        """CUDA's WMMA fragments take bf16/f16 operands; Metal's kernels use float fragments for every type."""
+        return dtype in (mx.bfloat16, mx.float16) or (self.backend == "metal" and dtype == mx.float32)
+
     def _kernel(self, kernel: str, quantized: bool):
         key = (kernel, quantized)
         if key not in self._kernels:

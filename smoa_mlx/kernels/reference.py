@@ -5,6 +5,9 @@ the update is ``y[..., R_k] += x[..., C_k] @ (s (B_k A_k) * W0[R_k, C_k])^T``. T
 gathered from the base weight on every call (dequantized on the fly for quantized bases) instead of being
 stored, and the backward pass recomputes them, so nothing of size d_out x d_in is built or kept for autograd:
 the per-block products live one block at a time, 1/K of the dense matrix in total.
+
+:func:`dense_form_delta_fn` (below) is the same update in HiRA form: no gathers, three full matmuls, a transient
+d_out x d_in product. It is the pure-MLX path on CUDA, where it measured 1.8x-2.8x faster than the block form.
 """
 
 from __future__ import annotations
@@ -185,9 +188,16 @@ def _full_weight(weight_parts, layout: BlockLayout) -> mx.array:
 
 
 def _dense_update(layout, index, weight_parts, a_list, b_list, dtype):
+    """(Delta W in ``dtype``, B_full and A_full in ``dtype``, W0 in ``dtype``).
+
+    Everything d_out x d_in stays in the activations' type (bf16 in training): the product B_full A_full is
+    rounded once before the Hadamard product, which in bf16 costs no more accuracy than the final cast the block
+    form makes, and halves the bytes (and the transient memory) of the float32 version.
+    """
     b_full, a_full = _full_factors(layout, index, a_list, b_list)
-    w0 = _full_weight(weight_parts, layout).astype(mx.float32)
-    return ((layout.scale * (b_full @ a_full)) * w0).astype(dtype), b_full, a_full, w0
+    b_full, a_full = (layout.scale * b_full).astype(dtype), a_full.astype(dtype)
+    w0 = _full_weight(weight_parts, layout).astype(dtype)
+    return (b_full @ a_full) * w0, b_full, a_full, w0
 
 
 def _split_factor_grads(layout: BlockLayout, index, db_full, da_full, a_list, b_list):
@@ -216,11 +226,13 @@ def dense_form_delta_fn(layout: BlockLayout):
     def delta_vjp(primals, cotangent, output):
         x, index, weight_parts, a_list, b_list = primals
         update, b_full, a_full, w0 = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)
-        dx = (cotangent.astype(x.dtype) @ update).astype(x.dtype)
+        dx = cotangent.astype(x.dtype) @ update
         g2 = mx.reshape(cotangent, (-1, cotangent.shape[-1])).astype(x.dtype)
         x2 = mx.reshape(x, (-1, x.shape[-1]))
-        h = (layout.scale * (g2.T @ x2).astype(mx.float32)) * w0
-        da, db = _split_factor_grads(layout, index, h @ a_full.T, b_full.T @ h, a_list, b_list)
+        h = (g2.T @ x2) * w0  # dL/d(B_full A_full) / s; b_full already carries s
+        db_full = layout.scale * (h @ a_full.T).astype(mx.float32)
+        da_full = (b_full.T @ h).astype(mx.float32)
+        da, db = _split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
         return dx, tuple(mx.zeros_like(i) for i in index), tuple(mx.zeros_like(p) for p in weight_parts), da, db
 
     return delta

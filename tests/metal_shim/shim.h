@@ -1,14 +1,15 @@
 // A small C++20 model of the Metal Shading Language subset the SMoA kernels use, so that the Metal source MLX
 // generates for them compiles with g++ and runs on the CPU under a threadgroup emulator (see metal_emulator.py).
 //
-// Modelled: address-space qualifiers (device/constant/thread erased; threadgroup arrays become function-local
+// Modelled: SIMD-groups of 32 consecutive threads and the simdgroup_matrix operations (the shim's
+// include/metal_simdgroup_matrix, with its own notes), address-space qualifiers (device/constant/thread erased; threadgroup arrays become function-local
 // statics, shared by the emulated threads of the one threadgroup that runs at a time), uint/uint3 and the
 // fixed-width ints, MLX's float16_t/bfloat16_t storage types with round-to-nearest-even conversions,
 // threadgroup_barrier as a real barrier across all threads of the group (a thread that never reaches a barrier
 // the others wait at is reported as divergence instead of hanging), the thread-position attributes, and the
 // [[kernel]] / [[buffer(n)]] / [[host_name]] attributes (ignored).
 //
-// NOT modelled: SIMD-group execution and SIMD-group functions, simdgroup matrices, atomics, memory orderings
+// NOT modelled: lockstep SIMD-group execution and SIMD-group functions (simd_sum, shuffles...), atomics, memory orderings
 // weaker than a full barrier (every barrier here orders all memory), uninitialised threadgroup memory (statics
 // start at zero and keep the previous group's values), device-memory out-of-bounds faults, the Metal math
 // library and fast-math, float16/bfloat16 arithmetic (the kernels only load and store them; maths is float),
@@ -27,8 +28,13 @@
 #include <vector>
 
 typedef unsigned int uint;
+typedef unsigned long ulong;
 struct uint3 {
   uint x, y, z;
+};
+struct ulong2 {
+  ulong x, y;
+  ulong2(ulong a, ulong b) : x(a), y(b) {}
 };
 
 struct bfloat16_t {
@@ -83,11 +89,13 @@ class Barrier {
 };
 
 inline thread_local Barrier* current_barrier = nullptr;
+inline thread_local int current_lane = 0;  // thread_index_in_simdgroup of the emulated thread
+constexpr int kSimdWidth = 32;
 
 struct ThreadCtx {
   uint3 thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid;
   uint3 threads_per_threadgroup, threadgroups_per_grid;
-  uint thread_index_in_threadgroup;
+  uint thread_index_in_threadgroup, simdgroup_index_in_threadgroup, thread_index_in_simdgroup;
 };
 
 // Runs fn for every thread of every threadgroup; groups run one after another, the threads of one group run
@@ -103,6 +111,9 @@ inline void run_grid(uint3 groups, uint3 tg, const std::function<void(const Thre
       c.threads_per_threadgroup = tg;
       c.threadgroups_per_grid = groups;
       c.thread_index_in_threadgroup = uint(t);
+      c.simdgroup_index_in_threadgroup = uint(t / kSimdWidth);
+      c.thread_index_in_simdgroup = uint(t % kSimdWidth);
+      current_lane = t % kSimdWidth;
       c.thread_position_in_threadgroup = {uint(t) % tg.x, (uint(t) / tg.x) % tg.y, uint(t) / (tg.x * tg.y)};
       for (uint gz = 0; gz < groups.z; ++gz)
         for (uint gy = 0; gy < groups.y; ++gy)

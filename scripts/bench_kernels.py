@@ -136,20 +136,31 @@ def _torch_steps(d_out, d_in, rank, blocks, lora_rank):
     return smoa, lora, frozen
 
 
+def _torch_times(d_out, d_in, rank, blocks, lora_rank) -> dict:
+    import torch
+
+    smoa_t, lora_t, frozen_t = _torch_steps(d_out, d_in, rank, blocks, lora_rank)
+    out = {name: _median_time(step, torch.cuda.synchronize)
+           for name, step in (("smoa_torch_ref", smoa_t), ("lora_torch", lora_t), ("frozen_torch", frozen_t))}
+    del smoa_t, lora_t, frozen_t
+    torch.cuda.empty_cache()
+    return out
+
+
 # -- correctness ----------------------------------------------------------------------------------------------
 def verify() -> list[dict]:
     import mlx.core as mx
 
     from smoa_mlx.kernels import dense_form_delta_fn, fused_delta_fn, reference_delta_fn
-    from smoa_mlx.kernels.gpu import GpuRunner
+    from smoa_mlx.kernels.gpu import GpuRunner, gpu_backend
 
-    runner = GpuRunner("cuda")
+    runner = GpuRunner(gpu_backend())
     rows = []
     cases = [(4096, 4096, 2, 16, 0), (1024, 4096, 4, 8, 0), (14336, 4096, 2, 32, 0), (4096, 4096, 2, 16, 4),
              (1024, 4096, 4, 32, 8), (300, 200, 3, 7, 0)]
     for d_out, d_in, blocks, rank, bits in cases:
         layer = _mlx_smoa(d_out, d_in, rank, blocks, bits)
-        for dtype in (mx.bfloat16, mx.float16):  # the CUDA kernel's WMMA operand types; f32 routes to pure MLX
+        for dtype in (t for t in (mx.bfloat16, mx.float16, mx.float32) if runner.accepts(t)):
             x = mx.random.normal((2, 512, d_in)).astype(dtype)
             cot = mx.random.normal((2, 512, d_out)).astype(dtype)
             args = (layer.index, layer.weight_parts(), layer.smoa_a, layer.smoa_b)
@@ -197,9 +208,10 @@ def bench(shapes=SHAPES) -> list[dict]:
     import torch
 
     from smoa_mlx.kernels import dense_form_delta_fn, fused_delta_fn, reference_delta_fn
-    from smoa_mlx.kernels.gpu import GpuRunner
+    from smoa_mlx.kernels.gpu import GpuRunner, gpu_backend
 
-    runner = GpuRunner("cuda")
+    runner = GpuRunner(gpu_backend())
+    with_torch = torch.cuda.is_available()  # the PyTorch columns are CUDA-only; NaN elsewhere (a Mac)
     rows = []
     for d_out, d_in in shapes:
         x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
@@ -217,12 +229,8 @@ def bench(shapes=SHAPES) -> list[dict]:
                                                mx.synchronize)
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)
-                smoa_t, lora_t, frozen_t = _torch_steps(d_out, d_in, rank, blocks, lora_rank)
-                t["smoa_torch_ref"] = _median_time(smoa_t, torch.cuda.synchronize)
-                t["lora_torch"] = _median_time(lora_t, torch.cuda.synchronize)
-                t["frozen_torch"] = _median_time(frozen_t, torch.cuda.synchronize)
-                del smoa_t, lora_t, frozen_t
-                torch.cuda.empty_cache()
+                t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
+                         dict(smoa_torch_ref=math.nan, lora_torch=math.nan, frozen_torch=math.nan))
                 row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, lora_rank=lora_rank,
                            smoa_params=layer.num_trainable(), lora_params=lora_params, ms=t)
                 print("bench", json.dumps(row), flush=True)
@@ -266,8 +274,9 @@ def main(argv=None) -> int:
     import mlx.core as mx
     import torch
 
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else mx.device_info().get("device_name", "?")
     data = {"command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:]), "mlx": mx.__version__,
-            "torch": torch.__version__, "device": torch.cuda.get_device_name(0), "platform": platform.platform(),
+            "torch": torch.__version__, "device": device, "platform": platform.platform(),
             "tokens": TOKENS}
     data["verify"] = verify()
     if not args.skip_bench:

@@ -42,8 +42,24 @@ def test_auto_follows_benchmark_table(monkeypatch):
     monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(kernels, "KERNEL_DEFAULT", {"cuda": False, "metal": True})
     assert kernels.kernel_backend(DENSE) is None
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "metal")
+    assert kernels.kernel_backend(DENSE) == "metal"
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(kernels, "KERNEL_DEFAULT", {"cuda": True, "metal": True})
     assert kernels.kernel_backend(DENSE) == "cuda"
+
+
+def test_float32_routes_to_pure_mlx_on_cuda(monkeypatch):
+    """CUDA's fragments take bf16/f16: float32 activations go to the pure-MLX path, with the same result."""
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    monkeypatch.setenv(kernels.KERNEL_ENV, "kernel")
+    monkeypatch.setattr(kernels, "_probe", lambda runner, layout: True)
+    fn = delta_fn(DENSE)
+    assert fn is not kernels.mlx_delta_fn(DENSE)  # the routing wrapper, not a fallback
+    x = mx.random.normal((3, 8))
+    index = tuple(mx.arange(8, dtype=mx.int32) for _ in range(4))
+    args = (index, (mx.random.normal((8, 8)),), [mx.ones((2, 4))] * 2, [mx.ones((4, 2))] * 2)
+    assert mx.allclose(fn(x, *args), reference_delta_fn(DENSE)(x, *args), atol=1e-5)
 
 
 def test_failed_kernel_warns_once_and_falls_back(monkeypatch):

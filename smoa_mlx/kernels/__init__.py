@@ -41,9 +41,9 @@ _FORCE_MLX = ("mlx", "reference", "off", "0")
 _FORCE_KERNEL = ("kernel", "on", "1", "metal", "cuda")
 
 # Backends on which ``auto`` picks the kernel, by scripts/bench_kernels.py (docs/BENCHMARKS.md). CUDA: off, the
-# kernel measured 3.6x-17x slower than the pure-MLX dense form on an H200. Metal: on, as the issue asks; unmeasured
-# (no Apple GPU was available to this project's benchmarks).
-KERNEL_DEFAULT = {"metal": True, "cuda": False}
+# kernel measured 3.6x-17x slower than the pure-MLX dense form on an H200. Metal: off until a Mac benchmark says
+# otherwise: unmeasured, and the same kernel design lost clearly on CUDA (``SMOA_MLX_KERNEL=kernel`` opts in).
+KERNEL_DEFAULT = {"metal": False, "cuda": False}
 
 # The pure-MLX formulation per backend: the dense HiRA form (full matmuls, no activation gathers) where the benchmark
 # found it faster than the gathered block form (CUDA, H200); the block form (1/K of the matmul work) elsewhere.

@@ -71,7 +71,7 @@ export TQDM_DISABLE=1
   --label "$LABEL" \
   --tasks "$TASKS" --methods lora,dora,hira,smoa-k2-half,smoa-k2,smoa-k4 \
   --seeds 0,1,2 --lrs 5e-4,2e-3,8e-3 --rank 8 --iters 60 --batch-size 16 \
-  --val-batches 2 --budget-seconds "$BUDGET" > "$OUT/compare.log" 2>&1
+  --val-batches 2 --score-tokens 16384 --budget-seconds "$BUDGET" > "$OUT/compare.log" 2>&1
 rc=$?
 cp "$RESULTS/quality.json" "$OUT/quality.json" 2>/dev/null
 grep -E "^\[|^stopped|^skipped|^error|^wrote|^results|Traceback" "$OUT/compare.log" | tail -n 120

@@ -130,7 +130,8 @@ def verdicts(rows: list[dict], metric: str) -> list[str]:
             diff = sign * (row["mean"] - other["mean"])
             se = math.sqrt((row["std"] ** 2) / row["n"] + (other["std"] ** 2) / other["n"])
             if row["n"] < 2 or other["n"] < 2:
-                word = "cannot be judged (fewer than 2 seeds)"
+                word = ("SMoA ahead, but on fewer than 2 seeds (no noise estimate)" if diff > 0 else
+                        "**SMoA does not win** (fewer than 2 seeds: no noise estimate)")
             elif diff > 2 * se:
                 word = "**SMoA wins**"
             elif diff < -2 * se:
@@ -213,7 +214,7 @@ def render(data: dict, plot_name: Optional[str]) -> str:
         "## Protocol",
         "",
         f"- Same for every method: data, {s['iters']} steps, batch {s['batch_size']}, AdamW, linear warmup "
-        f"{s['warmup']} steps then cosine decay, dropout {s['dropout']}, alpha = rank (scale 1), targets "
+        f"{s['warmup']} step(s) then cosine decay, dropout {s['dropout']}, alpha = rank (scale 1), targets "
         "q_proj, k_proj, v_proj, up_proj, down_proj in all layers, loss on the answer only (prompt masked).",
         f"- Budgets: LoRA, DoRA and HiRA at rank r = {s['rank']}; SMoA K=2 at total rank r (half of LoRA's "
         "trainable parameters) and at 2r (equal); SMoA K=4 at 4r (equal). The table gives the measured counts.",

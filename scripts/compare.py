@@ -45,7 +45,7 @@ from quality_report import metric_of, select_lr, write_report  # noqa: E402
 from smoa_mlx import train  # noqa: E402
 from smoa_mlx.adapters import atomic_write_text  # noqa: E402
 from smoa_mlx.bigbench import TASKS, reference_accuracies, task_splits, write_completions  # noqa: E402
-from smoa_mlx.choice_eval import score_choices  # noqa: E402
+from smoa_mlx.choice_eval import Encoded, encode_examples, score_choices  # noqa: E402
 from smoa_mlx.loading import apply_adapter, load_model  # noqa: E402
 from smoa_mlx.models.embedded import EMBEDDED_NAME, build_model  # noqa: E402
 from smoa_mlx.spectral import cached_orders  # noqa: E402
@@ -220,6 +220,7 @@ class Task:
             self.reference = reference_accuracies(self.splits["train"], self.splits["test"])
         self._loss_splits = None
         self._train_split = None
+        self._encoded: dict[str, Encoded] = {}
 
     def sequence_tokens(self, tokenizer, seed: int) -> int:
         """Tokens (prompt and answer, no padding) a run of this seed trains on: its batches replayed through the
@@ -237,7 +238,9 @@ class Task:
 
     def evaluate(self, model, tokenizer, split: str) -> dict[str, float]:
         if self.metric == "accuracy":
-            scores = score_choices(model, tokenizer, self.splits[split], self.opts.score_tokens)
+            if split not in self._encoded:
+                self._encoded[split] = encode_examples(tokenizer, self.splits[split])
+            scores = score_choices(model, tokenizer, self._encoded[split], self.opts.score_tokens)
             return {f"{split}_accuracy": scores.accuracy("mean"), f"{split}_accuracy_sum": scores.accuracy("sum")}
         from mlx_lm.tuner.trainer import evaluate
 

@@ -228,6 +228,10 @@ def render(data: dict, plot_name: Optional[str]) -> str:
         "the prompt (the answer text plus the chat template's end-of-turn tokens, tokenized as in training; "
         "`smoa_mlx/choice_eval.py`). The other ranking is in the JSON (`*_accuracy_sum`). The package's own "
         "training set has no options: its score is the test loss (lower is better).",
+        "- tokens/s: the prompt and answer tokens of the run's batches (replayed from the trainer's seeded batch "
+        "stream) over the training time, validation excluded; mlx-lm's own figure counts only the answer tokens "
+        "(`answer_tokens_per_second` in the JSON). Peak memory: MLX's peak allocation during the run, model "
+        "included. Both are means / maxima over the seeds at the chosen rate.",
         "- Mean ± sample standard deviation over seeds. A verdict says SMoA wins or loses only when the gap "
         "exceeds twice its standard error.",
         "",

@@ -15,8 +15,12 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 GGUF=$("$PY" -c 'from smoa_mlx.models.embedded import embedded_gguf_path; print(embedded_gguf_path())')
 DATA=$("$PY" -c 'from smoa_mlx.bigbench import data_root; print(data_root())')
-for d in .gguf-a .gguf-b .bigbench; do
+# .compare-resume/ (a previous quality.json to continue from on a fresh machine) and .compare-out/ (the device
+# script's default output folder) are ignored too, so they can be carried and never get committed.
+for d in .gguf-a .gguf-b .bigbench .compare-resume .compare-out; do
   grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
+done
+for d in .gguf-a .gguf-b .bigbench; do
   rm -rf "$d"
   mkdir -p "$d"
 done

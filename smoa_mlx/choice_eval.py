@@ -88,13 +88,30 @@ def _option_loglik(model: nn.Module, seqs: list[tuple[list[int], int]]) -> tuple
     return np.array(sums), mask.sum(axis=1).astype(np.int64)
 
 
-def score_choices(model: nn.Module, tokenizer, examples: Sequence[Example], max_tokens: int = 4096) -> ChoiceScores:
-    """Log-likelihood of every option of every example; ``max_tokens`` bounds one forward batch (padded)."""
+@dataclass
+class Encoded:
+    """The tokenized (prompt, option) pairs of some examples: tokenize once, score many models."""
+
+    examples: Sequence[Example]
+    seqs: list[tuple[list[int], int]]
+    owner: list[tuple[int, int]]  # (example index, option index) of each sequence
+
+
+def encode_examples(tokenizer, examples: Sequence[Example]) -> Encoded:
     seqs, owner = [], []
     for i, ex in enumerate(examples):
         for j, option in enumerate(ex.options):
             seqs.append(encode(tokenizer, ex.prompt, option))
             owner.append((i, j))
+    return Encoded(examples, seqs, owner)
+
+
+def score_choices(model: nn.Module, tokenizer, examples: Sequence[Example] | Encoded,
+                  max_tokens: int = 4096) -> ChoiceScores:
+    """Log-likelihood of every option of every example; ``max_tokens`` bounds one forward batch (padded).
+    ``examples`` may come already tokenized (:func:`encode_examples`)."""
+    encoded = examples if isinstance(examples, Encoded) else encode_examples(tokenizer, examples)
+    examples, seqs, owner = encoded.examples, encoded.seqs, encoded.owner
     sums = [[0.0] * len(ex.options) for ex in examples]
     counts = [[0] * len(ex.options) for ex in examples]
     was_training = model.training

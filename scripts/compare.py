@@ -47,7 +47,7 @@ from smoa_mlx.adapters import atomic_write_text  # noqa: E402
 from smoa_mlx.bigbench import TASKS, reference_accuracies, task_splits, write_completions  # noqa: E402
 from smoa_mlx.choice_eval import Encoded, encode_examples, score_choices  # noqa: E402
 from smoa_mlx.loading import apply_adapter, load_model  # noqa: E402
-from smoa_mlx.models.embedded import EMBEDDED_NAME, build_model  # noqa: E402
+from smoa_mlx.models.embedded import EMBEDDED_NAME, build_model, save_embedded  # noqa: E402
 from smoa_mlx.spectral import cached_orders  # noqa: E402
 from smoa_mlx.train_loop import BatchStream  # noqa: E402
 from smoa_mlx.train_data import PACKAGED_DATA, detect_format, load_splits, read_jsonl  # noqa: E402
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-root", help="folder holding the BIG-bench <task>.json files")
     add("--model", help="an mlx-lm llama model folder instead of the embedded SmolLM2-135M-Instruct (tests use a "
         "tiny one)")
+    add("--cache-model", metavar="DIR", help="write the embedded model once as an mlx-lm float32 folder here and load "
+        "it from there in every run (same weights and tokenizer; skips dequantizing the GGUF run after run)")
     return p
 
 
@@ -132,6 +134,15 @@ def check_options(opts: argparse.Namespace) -> None:
     if opts.warmup is None:
         opts.warmup = opts.iters // 10
     opts.selection_seed = opts.seeds[0]
+    opts.load_from = opts.model
+
+
+def cache_embedded(folder: Path) -> str:
+    """The embedded model as an mlx-lm folder (written once, atomically): loading it is a safetensors read, where
+    the GGUF path dequantizes and rebuilds the tokenizer on every load."""
+    if not (folder / "config.json").is_file():
+        save_embedded(folder, force=True)
+    return str(folder)
 
 
 def protocol(opts: argparse.Namespace) -> dict[str, Any]:
@@ -255,7 +266,7 @@ def train_options(task: Task, variant: str, lr: float, seed: int, opts, folder: 
     """The one place a run's training options are set: everything but method, rank, lr and seed is shared."""
     kind, mult, blocks = VARIANTS[variant]
     options = dict(
-        model=opts.model, data=None if task.folder is None else str(task.folder), train=True, test=False,
+        model=opts.load_from, data=None if task.folder is None else str(task.folder), train=True, test=False,
         fine_tune_type=kind, rank=opts.rank * mult, learning_rate=lr, iters=opts.iters, batch_size=opts.batch_size,
         warmup=opts.warmup, seed=seed, adapter_path=str(folder), force=True, mask_prompt=task.mask_prompt,
         dropout=opts.dropout, val_batches=opts.val_batches, steps_per_eval=opts.iters, save_every=opts.iters,
@@ -275,7 +286,7 @@ class Grid:
 
     def _base(self) -> Base:
         if self.base is None:
-            self.base = Base(self.opts.model)
+            self.base = Base(self.opts.load_from)
         return self.base
 
     def _check_budget(self, task: str, what: str) -> None:
@@ -408,6 +419,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     invocation = _invocation(argv)
     invocation["label"] = opts.label
     data["invocations"].append(invocation)
+    if opts.cache_model and opts.model is None:
+        opts.load_from = cache_embedded(Path(opts.cache_model))
+        invocation["model_folder"] = opts.load_from
     grid = Grid(opts, out, work, data)
     stopped = None
     try:

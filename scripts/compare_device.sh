@@ -19,6 +19,7 @@ OUT=${OUT:-$ROOT/.compare-out}
 RESULTS=${RESULTS:-/tmp/smoa-compare}
 BUDGET=${BUDGET:-480}
 TASKS=${TASKS:-social_iqa,winowhy,default}
+ITERS=${ITERS:-60}  # another value is another protocol: give it its own RESULTS folder
 mkdir -p "$OUT" "$RESULTS"
 
 if [ -z "${SMOA_MLX_GGUF:-}" ]; then
@@ -64,13 +65,17 @@ EOF
 
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 LABEL=${LABEL:-"${GPU:-no GPU found}, MLX $("$PY" -c 'import mlx.core as mx; print(mx.__version__, mx.default_device())'), float32"}
-# The grid (see docs/QUALITY.md for the reasoning): all six budgets, 3 learning rates, 3 seeds, 60 steps of 16.
+# The grid: all six budgets x 3 learning rates (seed 0) + 2 more seeds at each chosen rate = 30 runs per task, 60
+# steps of 16 examples each. Estimate for one H200: a run is ~2-4 s of training (a 135M model's step is launch-bound,
+# ~30-60 ms; SMoA's dense CUDA form ~0.9x LoRA's speed, docs/BENCHMARKS.md) plus ~3-4 s of loading, tokenizing,
+# saving and scoring, so ~3-3.5 min per task and ~9-10 min for all three: the 480 s budget may stop it in the last
+# task (the packaged set); the same command again continues there.
 export TQDM_DISABLE=1
-"$PY" scripts/compare.py --out "$RESULTS/quality.json" --work "$RESULTS/work" \
+"$PY" scripts/compare.py --out "$RESULTS/quality.json" --work "$RESULTS/work" --cache-model "$RESULTS/model-f32" \
   --doc "$OUT/QUALITY.md" --plot "$OUT/quality.png" \
   --label "$LABEL" \
   --tasks "$TASKS" --methods lora,dora,hira,smoa-k2-half,smoa-k2,smoa-k4 \
-  --seeds 0,1,2 --lrs 5e-4,2e-3,8e-3 --rank 8 --iters 60 --batch-size 16 \
+  --seeds 0,1,2 --lrs 5e-4,2e-3,8e-3 --rank 8 --iters "$ITERS" --batch-size 16 \
   --val-batches 2 --score-tokens 16384 --budget-seconds "$BUDGET" > "$OUT/compare.log" 2>&1
 rc=$?
 cp "$RESULTS/quality.json" "$OUT/quality.json" 2>/dev/null

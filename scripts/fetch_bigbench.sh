@@ -18,7 +18,19 @@ done
 if [ "$ok" = 1 ]; then echo "fetch_bigbench: $DEST already holds both tasks"; exit 0; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$PY" -m pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d "$tmp"
+# Straight from PyPI's simple index (the sdist's own sha256 is in the link): `pip download` of this sdist fails on
+# newer pips, which prepare its metadata, and that declares a direct-URL dependency.
+"$PY" - "$tmp" <<'PY'
+import hashlib, re, sys, urllib.request
+page = urllib.request.urlopen("https://pypi.org/simple/bigbench/", timeout=60).read().decode()
+url, sha = re.search(r'href="([^"#]*/bigbench-1\.0\.0\.tar\.gz)#sha256=([0-9a-f]+)"', page).groups()
+dest = f"{sys.argv[1]}/bigbench-1.0.0.tar.gz"
+urllib.request.urlretrieve(url, dest)
+with open(dest, "rb") as f:
+    got = hashlib.sha256(f.read()).hexdigest()
+if got != sha:
+    sys.exit(f"fetch_bigbench: {url} has sha256 {got}, the index says {sha}")
+PY
 tar -xzf "$tmp"/bigbench-1.0.0.tar.gz -C "$tmp" --wildcards \
   '*/benchmark_tasks/social_iqa/task.json' '*/benchmark_tasks/winowhy/task.json'
 mkdir -p "$DEST"

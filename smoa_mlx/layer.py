@@ -15,7 +15,8 @@ from .spectral import spectral_order, split_rank, split_sizes
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
 
 
-def _base_dims(base: BaseLinear) -> tuple[int, int]:
+def base_dims(base: BaseLinear) -> tuple[int, int]:
+    """(d_out, d_in) of a dense or quantized linear."""
     if isinstance(base, nn.QuantizedLinear):
         return base.weight.shape[0], base.weight.shape[1] * 32 // base.bits
     return base.weight.shape[0], base.weight.shape[1]
@@ -98,7 +99,7 @@ class SMoALinear(nn.Module):
     ):
         super().__init__()
         check_base(base, name)
-        d_out, d_in = _base_dims(base)
+        d_out, d_in = base_dims(base)
         ranks = resolve_ranks(rank, blocks, branch_ranks, name)
         if blocks > min(d_out, d_in):
             raise ValueError(f"{name}: blocks={blocks} exceeds the smaller dimension of its {d_out}x{d_in} weight")

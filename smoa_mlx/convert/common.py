@@ -26,7 +26,7 @@ from ..adapters import (
     read_json_object,
 )
 from ..fingerprint import FINGERPRINT_KEY, check_fingerprint, fingerprint_modules
-from ..layer import _base_dims, dequantized_weight
+from ..layer import base_dims as linear_dims, dequantized_weight
 from .errors import AdapterTypeError, BaseModelMismatchError, ConversionError, MissingKeysError, ShapeMismatchError
 from .names import PEFT_PREFIX, layer_index, to_hf, to_mlx
 
@@ -178,7 +178,7 @@ def base_dims(base: Optional[nn.Module], path: str) -> Optional[tuple[int, int]]
     module = getattr(module, "linear", module)
     if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
         raise ShapeMismatchError(f"base module {path!r} is a {type(module).__name__}, not a linear layer")
-    return _base_dims(module)
+    return linear_dims(module)
 
 
 def check_shape(what: str, got: tuple, want: tuple, file: Path) -> None:

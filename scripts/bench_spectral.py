@@ -5,6 +5,7 @@
 
 For each shape it times (once each, same process, same random matrix):
   gram        smoa_mlx.spectral_order (float64 Gram + eigh + one product), what the package uses
+  svd_f64     smoa_mlx.spectral_order(method="svd"): the full-SVD path kept for checks (float64)
   numpy_svd   numpy.linalg.svd(float32, full_matrices=False): the reference's computation on the CPU
   mlx_svd     mlx.core.linalg.svd(float32) on the CPU stream (MLX has no GPU SVD); skip with --no-mlx-svd
 and checks that the Gram ordering equals the ordering from the float32 SVD scores up to near-ties.
@@ -54,6 +55,9 @@ def bench(shape, run_mlx: bool, seed: int = 0) -> dict:
     w = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
     result = {"shape": list(shape)}
     (rows, cols), result["gram_s"] = _timed(lambda: spectral_order(w))
+    (check_rows, check_cols), result["svd_f64_path_s"] = _timed(lambda: spectral_order(w, method="svd"))
+    result["gram_equals_svd_f64_path"] = bool((rows == check_rows).all() and (cols == check_cols).all())
+    result["speedup_vs_svd_f64_path"] = result["svd_f64_path_s"] / result["gram_s"]
     (u, s, vh), result["numpy_svd_f32_s"] = _timed(lambda: np.linalg.svd(w, full_matrices=False))
     svd_rows, svd_cols = _orders_from_svd(u, s, vh)
     # float32 SVD scores carry ~1e-6 relative noise, so neighbours with closer scores may swap places.
@@ -80,12 +84,12 @@ def main(argv=None) -> None:
         "numpy": np.__version__,
         "results": [],
     }
-    print(f"{'shape':>12} {'gram s':>8} {'numpy svd s':>12} {'mlx svd s':>10} {'x numpy':>8} {'x mlx':>7}")
+    print(f"{'shape':>12} {'gram s':>8} {'f64 svd s':>10} {'numpy svd s':>12} {'mlx svd s':>10} {'x numpy':>8} {'x mlx':>7}")
     for shape in shapes:
         r = bench(shape, not args.no_mlx_svd)
         report["results"].append(r)
         print(
-            f"{shape[0]}x{shape[1]:>6} {r['gram_s']:8.2f} {r['numpy_svd_f32_s']:12.2f} "
+            f"{shape[0]}x{shape[1]:>6} {r['gram_s']:8.2f} {r['svd_f64_path_s']:10.2f} {r['numpy_svd_f32_s']:12.2f} "
             f"{r.get('mlx_svd_f32_s', float('nan')):10.2f} {r['speedup_vs_numpy_svd']:8.2f} "
             f"{r.get('speedup_vs_mlx_svd', float('nan')):7.2f}",
             flush=True,

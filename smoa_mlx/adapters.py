@@ -128,10 +128,7 @@ def shared_orders(
     them. A collective call: every rank must make it. With one process it is a plain loop.
     """
     world = mx.distributed.init()
-    dims = []
-    for path in paths:
-        d_out, d_in = base_dims(get_module(model, path))
-        dims.append((d_out, d_in))
+    dims = [base_dims(get_module(model, path)) for path in paths]
     mine = range(world.rank(), len(paths), world.size())
     local = {}
     for i in progress(mine) if progress else mine:

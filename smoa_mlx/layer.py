@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .kernels import BlockLayout, delta_fn, dense_delta, gather_anchor
+from .kernels import BlockLayout, delta_fn, dense_delta
 from .spectral import spectral_order, split_rank, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
@@ -226,13 +226,6 @@ class SMoALinear(nn.Module):
         if isinstance(base, nn.QuantizedLinear) and not dequantize:
             return nn.QuantizedLinear.from_linear(fused, group_size=base.group_size, bits=base.bits)
         return fused
-
-    def anchors(self) -> list[mx.array]:
-        """W0[R_k, C_k] for every block (for checks; training reads them on the fly)."""
-        return [
-            gather_anchor(self.weight_parts(), rows, cols, self._layout)
-            for rows, cols in zip(self.row_groups, self.col_groups)
-        ]
 
     def num_trainable(self) -> int:
         return sum(a.size + b.size for a, b in zip(self.smoa_a, self.smoa_b))

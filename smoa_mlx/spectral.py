@@ -27,8 +27,13 @@ __all__ = [
 ]
 
 
+def _to_numpy(weight) -> np.ndarray:
+    """A numpy view of an MLX or numpy weight (MLX's low-precision types go through float32)."""
+    return np.asarray(weight.astype(_mx().float32) if _is_mx(weight) else weight)
+
+
 def _as_float64(weight) -> np.ndarray:
-    w = np.asarray(weight.astype(_mx().float32) if _is_mx(weight) else weight, dtype=np.float64)
+    w = _to_numpy(weight).astype(np.float64, copy=False)
     if w.ndim != 2:
         raise ValueError(f"spectral ordering needs a 2-D weight, got shape {tuple(w.shape)}")
     return w
@@ -112,7 +117,7 @@ _order_cache: Optional[dict] = None
 
 
 def _cache_key(weight, method: str) -> tuple:
-    w = np.ascontiguousarray(np.asarray(weight.astype(_mx().float32) if _is_mx(weight) else weight))
+    w = np.ascontiguousarray(_to_numpy(weight))
     return method, w.dtype.str, w.shape, hashlib.blake2b(w.view(np.uint8).reshape(-1), digest_size=16).digest()
 
 

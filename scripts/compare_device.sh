@@ -19,6 +19,7 @@ OUT=${OUT:-$ROOT/.compare-out}
 RESULTS=${RESULTS:-/tmp/smoa-compare}
 BUDGET=${BUDGET:-480}
 TASKS=${TASKS:-social_iqa,winowhy,default}
+METHODS=${METHODS:-lora,dora,hira,smoa-k2-half,smoa-k2,smoa-k4}
 ITERS=${ITERS:-60}  # another value is another protocol: give it its own RESULTS folder
 mkdir -p "$OUT" "$RESULTS"
 
@@ -48,6 +49,12 @@ if [ -z "${SMOA_MLX_BIGBENCH:-}" ]; then
   fi
   export SMOA_MLX_BIGBENCH="$ROOT/.bigbench"
 fi
+# PREPARE_ONLY=1: stop once the model and data are in place (scripts/compare_device_parallel.sh joins the GGUF
+# once before it starts the shards, which would otherwise race on the join).
+if [ -n "${PREPARE_ONLY:-}" ]; then
+  echo "SMOA_MLX_GGUF=$SMOA_MLX_GGUF"
+  exit 0
+fi
 if [ ! -f "$RESULTS/quality.json" ] && [ -f .compare-resume/quality.json ]; then
   cp .compare-resume/quality.json "$RESULTS/quality.json"
 fi
@@ -74,7 +81,7 @@ export TQDM_DISABLE=1
 "$PY" scripts/compare.py --out "$RESULTS/quality.json" --work "$RESULTS/work" --cache-model "$RESULTS/model-f32" \
   --doc "$OUT/QUALITY.md" --plot "$OUT/quality.png" \
   --label "$LABEL" \
-  --tasks "$TASKS" --methods lora,dora,hira,smoa-k2-half,smoa-k2,smoa-k4 \
+  --tasks "$TASKS" --methods "$METHODS" \
   --seeds 0,1,2 --lrs 5e-4,2e-3,8e-3 --rank 8 --iters "$ITERS" --batch-size 16 \
   --val-batches 2 --score-tokens 16384 --budget-seconds "$BUDGET" > "$OUT/compare.log" 2>&1
 rc=$?

@@ -86,7 +86,9 @@ def summarize(data: dict, task: str) -> list[dict[str, Any]]:
             "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None),
             "sum_accuracy": [r.get("test_accuracy_sum") for r in runs],
-            "tokens_per_second": statistics.fmean(r["tokens_per_second"] for r in runs) if runs else None,
+            # The median, not the mean: the first run of a method in a process pays MLX's kernel compilation
+            # (on CUDA up to 6x slower), which would otherwise decide the column.
+            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in runs) if runs else None,
             "peak_memory_gb": max(r["peak_memory_gb"] for r in runs) if runs else None,
             "valid_by_lr": {r["lr"]: None if r.get("diverged") else metric_of(r, "valid", metric, scoring)
                             for r in data["runs"] if r["task"] == task and r["variant"] == variant
@@ -309,21 +311,60 @@ def write_report(data: dict, doc: Path, plot_path: Optional[Path] = None) -> Pat
     return doc
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Write the quality report from a results JSON of scripts/compare.py")
-    p.add_argument("results", help="the JSON written by scripts/compare.py --out")
-    p.add_argument("--doc", default="docs/QUALITY.md")
-    p.add_argument("--plot", help="default: the doc's name with .png")
-    opts = p.parse_args(argv)
-    path = Path(opts.results)
+def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        print(f"error: {path}: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"{path}: {e}") from None
     if not isinstance(data, dict) or "runs" not in data or "settings" not in data:
-        print(f"error: {path}: not a results file of scripts/compare.py", file=sys.stderr)
+        raise ValueError(f"{path}: not a results file of scripts/compare.py")
+    return data
+
+
+def merge_results(parts: list[tuple[Path, dict]]) -> dict:
+    """One results file from several made under one protocol, e.g. a grid split over GPUs by task or method.
+
+    Refuses files from other protocols, models or formats, and a run or zero-shot record present in two files
+    with different figures: merging must never pick one of two disagreeing measurements silently."""
+    (first_path, merged), rest = parts[0], parts[1:]
+    merged = json.loads(json.dumps(merged))
+    for path, data in rest:
+        for key in ("format", "model", "settings"):
+            if data.get(key) != merged.get(key):
+                raise ValueError(f"{path}: {key} differs from {first_path} ({data.get(key)!r} vs {merged.get(key)!r})")
+        merged["invocations"] = merged.get("invocations", []) + data.get("invocations", [])
+        for name, task in data.get("tasks", {}).items():
+            if merged["tasks"].setdefault(name, task) != task:
+                raise ValueError(f"{path}: task {name!r} is described differently than in {first_path}")
+        for section, key in (("zero_shot", ("task",)), ("runs", ("task", "variant", "lr", "seed"))):
+            have = {tuple(r[k] for k in key): r for r in merged[section]}
+            for record in data.get(section, []):
+                ident = tuple(record[k] for k in key)
+                if ident not in have:
+                    merged[section].append(record)
+                    have[ident] = record
+                elif have[ident] != record:
+                    raise ValueError(f"{path}: {section} record {ident} differs from the one in another file")
+    return merged
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Write the quality report from results JSONs of scripts/compare.py")
+    p.add_argument("results", nargs="+", help="JSON(s) written by scripts/compare.py --out; several are merged")
+    p.add_argument("--doc", default="docs/QUALITY.md")
+    p.add_argument("--plot", help="default: the doc's name with .png")
+    p.add_argument("--merged", help="also write the merged results JSON here")
+    opts = p.parse_args(argv)
+    try:
+        data = merge_results([(Path(r), _read(Path(r))) for r in opts.results])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    if opts.merged:
+        from smoa_mlx.adapters import atomic_write_text
+
+        atomic_write_text(Path(opts.merged), json.dumps(data, indent=1) + "\n")
+        print(f"wrote {opts.merged}")
     doc = write_report(data, Path(opts.doc), Path(opts.plot) if opts.plot else None)
     print(f"wrote {doc}")
     return 0

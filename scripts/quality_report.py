@@ -325,7 +325,8 @@ def merge_results(parts: list[tuple[Path, dict]]) -> dict:
     """One results file from several made under one protocol, e.g. a grid split over GPUs by task or method.
 
     Refuses files from other protocols, models or formats, and a run or zero-shot record present in two files
-    with different figures: merging must never pick one of two disagreeing measurements silently."""
+    with different figures: merging must never pick one of two disagreeing measurements silently. A record that
+    only adds keys to the other (a selection run whose test split was scored later) is the same run, kept whole."""
     (first_path, merged), rest = parts[0], parts[1:]
     merged = json.loads(json.dumps(merged))
     for path, data in rest:
@@ -341,10 +342,14 @@ def merge_results(parts: list[tuple[Path, dict]]) -> dict:
             for record in data.get(section, []):
                 ident = tuple(record[k] for k in key)
                 if ident not in have:
-                    merged[section].append(record)
-                    have[ident] = record
-                elif have[ident] != record:
+                    merged[section].append(dict(record))
+                    have[ident] = merged[section][-1]
+                    continue
+                old = have[ident]
+                common = old.keys() & record.keys()
+                if any(old[k] != record[k] for k in common):
                     raise ValueError(f"{path}: {section} record {ident} differs from the one in another file")
+                old.update(record)
     return merged
 
 
@@ -363,6 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if opts.merged:
         from smoa_mlx.adapters import atomic_write_text
 
+        Path(opts.merged).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(opts.merged), json.dumps(data, indent=1) + "\n")
         print(f"wrote {opts.merged}")
     doc = write_report(data, Path(opts.doc), Path(opts.plot) if opts.plot else None)

@@ -201,10 +201,25 @@ def plot(data: dict, path: Path) -> Optional[Path]:
     return path
 
 
+def _majority_note(rows: list[dict], reference: dict, lora: Optional[int]) -> list[str]:
+    """Flags methods whose every seed scores exactly the majority-class rate: on a skewed binary task (WinoWhy)
+    that usually means the adapter learned to give one answer, and a method "beating" it has only moved off it."""
+    majority = reference.get("majority")
+    if majority is None:
+        return []
+    stuck = [_name(r, lora) for r in rows if r["values"] and all(abs(v - majority) < 1e-9 for v in r["values"])]
+    if not stuck:
+        return []
+    return ["", f"Every seed of {', '.join(stuck)} scores exactly the majority-class rate "
+            f"({100 * majority:.1f}%): these runs most likely learned to give the majority answer, so a gap to "
+            "them measures leaving that answer more than learning the task."]
+
+
 def render(data: dict, plot_name: Optional[str]) -> str:
     s = data["settings"]
     inv = data["invocations"]
-    label = next((i.get("label") for i in reversed(inv) if i.get("label")), "") or "unlabelled run"
+    labels = list(dict.fromkeys(i["label"] for i in inv if i.get("label")))
+    label = "; ".join(labels) or "unlabelled run"
     lines = [
         "# Quality: SMoA against HiRA, LoRA and DoRA at matched parameter budgets",
         "",
@@ -233,7 +248,8 @@ def render(data: dict, plot_name: Optional[str]) -> str:
         "- tokens/s: the prompt and answer tokens of the run's batches (replayed from the trainer's seeded batch "
         "stream) over the training time, validation excluded; mlx-lm's own figure counts only the answer tokens "
         "(`answer_tokens_per_second` in the JSON). Peak memory: MLX's peak allocation during the run, model "
-        "included. Both are means / maxima over the seeds at the chosen rate.",
+        "included. tokens/s is the median over the seeds at the chosen rate (the first run of each method in a "
+        "process also compiles MLX's kernels), peak memory the maximum.",
         "- Mean ± sample standard deviation over seeds. A verdict says SMoA wins or loses only when the gap "
         "exceeds twice its standard error.",
         "",
@@ -258,6 +274,7 @@ def render(data: dict, plot_name: Optional[str]) -> str:
             lines.append(f"| zero-shot (no adapter) | 0 | | {_fmt(metric_of(zero, 'test', metric), metric)} | | | |")
         for name, value in info.get("reference", {}).items():
             lines.append(f"| {name} | | | {_fmt(value, metric)} | | | |")
+        lines += _majority_note(rows, info.get("reference", {}), lora)
         lines += ["", "Validation metric per learning rate (selection seed):", ""]
         for r in rows:
             cells = ", ".join(f"{lr:g}: {'diverged' if v is None else _fmt(v, metric)}"
@@ -291,6 +308,11 @@ git-ignored); on the device, in a call that carries `.gguf-a`, `mkdir -p /tmp/sm
 scripts/compare_device.sh`. It joins and checks the GGUF, points `SMOA_MLX_GGUF` at it, runs the grid with
 `--budget-seconds 480` and leaves `quality.json`, `QUALITY.md`, `quality.png` and `compare.log` in `$OUT`. The
 same command again on the same machine continues an unfinished grid.
+
+A 135M model leaves an H200 idle (each run is ~20 s of launch-bound steps), so the grid scales with GPUs:
+`scripts/compare_device_parallel.sh` runs one shard (task : methods) per GPU of one host, and
+`scripts/quality_report.py` merges the shards' files (same protocol only; a run present in two files with
+different figures is refused) with `--merged benchmarks/quality.json`.
 """.splitlines()
 
 

@@ -42,7 +42,7 @@ from .config import SMoAConfig
 from .loading import apply_adapter, describe_model, load_model
 from .methods import Method
 from .train_args import parse_args, resolve
-from .train_data import DataError, load_splits
+from .train_data import DataError, check_data, load_splits
 from .train_loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
 from .train_report import format_summary, plot_losses
 
@@ -165,11 +165,12 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
             if world.rank() == 0:  # a later --resume must not pick up the overwritten run's state
                 (folder / STATE_FILE).unlink(missing_ok=True)
 
+    need = (("train",) if opts.train else ()) + (("test",) if opts.test else ())
+    checked = check_data(opts.data, need)  # before the model: a bad file should not cost a model load first
     _say(f"Loading model {describe_model(opts.model)}")
     model, tokenizer = load_model(opts.model)
-    need = (("train",) if opts.train else ()) + (("test",) if opts.test else ())
     splits = load_splits(opts.data, tokenizer, opts.max_seq_length, opts.batch_size, opts.mask_prompt, need,
-                         warn=_say)
+                         warn=_say, checked=checked)
     result: dict[str, Any] = {"method": opts.fine_tune_type, "rank": opts.rank, "blocks": opts.blocks,
                               "adapter_path": str(folder), "world_size": world.size(), "test_loss": None}
     if opts.train:

@@ -113,7 +113,10 @@ def tokenize_split(dataset: Any, name: str, max_seq_length: int, warn=print) -> 
     return TokenizedSplit(items, name)
 
 
-def _load_local(folder: Path, options: types.SimpleNamespace, tokenizer) -> dict[str, Any]:
+def read_local(folder: Path) -> dict[str, tuple[list[dict], str]]:
+    """Every split file of a local data folder, read and checked record by record: (rows, path) per split.
+
+    Needs no tokenizer, so a bad file is reported before the model is loaded (minutes for a large model)."""
     out = {}
     for split in SPLITS:
         path = folder / f"{split}.jsonl"
@@ -125,8 +128,23 @@ def _load_local(folder: Path, options: types.SimpleNamespace, tokenizer) -> dict
         fmt = detect_format(rows[0], f"{path}, line {rows[0]['_line']}")
         for row in rows:
             _check_record(row, fmt, f"{path}, line {row['_line']}")
-        out[split] = (create_dataset(rows, tokenizer, options), str(path))
+        out[split] = (rows, str(path))
     return out
+
+
+def check_data(data: Optional[str], need: Sequence[str] = ("train",)) -> Optional[dict[str, tuple[list[dict], str]]]:
+    """The checks of :func:`load_splits` that need no tokenizer, for a local folder (None for a hub id, which
+    only the hub can check). Pass the result to :func:`load_splits` so the files are read once."""
+    folder = PACKAGED_DATA if data is None else Path(data)
+    if folder.is_file():
+        raise DataError(f"--data {folder}: expected a folder holding train.jsonl / valid.jsonl / test.jsonl")
+    if not folder.exists():
+        return None
+    rows = read_local(folder)
+    for split in need:
+        if split not in rows:
+            raise DataError(f"--data {folder}: no {split}.jsonl (or it is empty); it is needed here")
+    return rows
 
 
 def _load_hub(data_id: str, options: types.SimpleNamespace, tokenizer) -> dict[str, Any]:
@@ -152,6 +170,7 @@ def load_splits(
     mask_prompt: bool = False,
     need: Sequence[str] = ("train",),
     warn=print,
+    checked: Optional[dict[str, tuple[list[dict], str]]] = None,
 ) -> dict[str, TokenizedSplit]:
     """Tokenized splits of ``data`` (None = the set that ships with the package), checked for size.
 
@@ -160,9 +179,11 @@ def load_splits(
     """
     options = types.SimpleNamespace(mask_prompt=mask_prompt)
     folder = PACKAGED_DATA if data is None else Path(data)
-    if folder.is_file():
-        raise DataError(f"--data {folder}: expected a folder holding train.jsonl / valid.jsonl / test.jsonl")
-    raw = _load_local(folder, options, tokenizer) if folder.exists() else _load_hub(str(data), options, tokenizer)
+    local = checked if checked is not None else check_data(data, need)
+    if local is not None:
+        raw = {split: (create_dataset(rows, tokenizer, options), where) for split, (rows, where) in local.items()}
+    else:
+        raw = _load_hub(str(data), options, tokenizer)
     for split in need:
         if split not in raw:
             raise DataError(f"--data {folder}: no {split}.jsonl (or it is empty); it is needed here")

@@ -169,6 +169,20 @@ def test_malformed_and_empty_jsonl(tiny, tmp_path):
         load_splits(str(bad), tokenizer, 64, 4)
 
 
+def test_bad_data_is_reported_before_the_model_loads(tmp_path, monkeypatch):
+    """A typo in a data file must not cost a model load (minutes for a large model) before the error."""
+    bad = tmp_path / "bad"
+    write_jsonl(bad / "train.jsonl", [{"text": "the cat"}, {"prompt": "a"}])
+    loaded = []
+    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(
+        AssertionError("the model was loaded before the data was checked")))
+    with pytest.raises(DataError, match=r"train.jsonl, line 2: missing key 'text'"):
+        train_mod.run({"data": str(bad), "adapter_path": str(tmp_path / "ad"), "iters": 1})
+    assert loaded == []
+    assert train_mod.main(["--data", str(bad), "--adapter-path", str(tmp_path / "ad2"), "--iters", "1"]) == 2
+    assert loaded == []
+
+
 def test_long_sequences_warn_and_truncate(tiny, tmp_path):
     from mlx_lm import load
 

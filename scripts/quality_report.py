@@ -116,6 +116,24 @@ def _diverged_note(row: dict) -> str:
     return f" (+{len(at)} diverged)" if at else ""
 
 
+def _summary_line(task: str, said: list[str]) -> str:
+    """Counts of the verdicts below, so a reader sees at once how often SMoA wins, ties and loses."""
+    if not said:
+        return f"- {task}: no SMoA and baseline pair has test results"
+    wins = sum("**SMoA wins**" in v for v in said)
+    losses = sum("**SMoA loses**" in v for v in said)
+    return (f"- {task}: of {len(said)} SMoA-vs-baseline comparisons, SMoA wins {wins}, loses {losses}, "
+            f"and {len(said) - wins - losses} show no clear difference (gap within 2 standard errors).")
+
+
+def _speed_note(rows: list[dict]) -> str:
+    lora = next((r["tokens_per_second"] for r in rows if r["variant"] == "lora" and r["tokens_per_second"]), None)
+    ratios = [r["tokens_per_second"] / lora for r in rows if r["method"] == "smoa" and r["tokens_per_second"]]
+    if not lora or not ratios:
+        return ""
+    return f" SMoA's tokens/s: {min(ratios):.2f}x to {max(ratios):.2f}x LoRA's."
+
+
 def verdicts(rows: list[dict], metric: str) -> list[str]:
     """Each SMoA variant against each baseline, on the test mean, judged against twice the standard error."""
     sign = _better(metric)
@@ -254,6 +272,8 @@ def render(data: dict, plot_name: Optional[str]) -> str:
         "exceeds twice its standard error.",
         "",
     ]
+    summary: list[str] = []
+    summary_at = len(lines)
     for task in data["tasks"]:
         info = data["tasks"][task]
         metric = info["metric"]
@@ -281,7 +301,9 @@ def render(data: dict, plot_name: Optional[str]) -> str:
                               for lr, v in sorted(r["valid_by_lr"].items()))
             lines.append(f"- {_name(r, lora)}: {cells}")
         said = verdicts(rows, metric)
+        summary.append(_summary_line(task, said) + _speed_note(rows))
         lines += ["", "Where SMoA stands:", ""] + (said or ["- no SMoA and baseline pair has test results"]) + [""]
+    lines[summary_at:summary_at] = ["## Summary", "", *summary, ""]
     if plot_name:
         lines += ["## Plot", "", f"![test metric per method]({plot_name})", ""]
     lines += ["## How these numbers were made", ""]

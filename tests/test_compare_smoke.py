@@ -216,3 +216,42 @@ def test_a_diverging_rate_is_recorded_and_never_chosen(tiny, tmp_path):
     bad = [r for r in runs if r["lr"] == 1e30]
     assert len(bad) == 1 and "diverged" in bad[0] and "test_accuracy" not in bad[0]
     assert [r["lr"] for r in runs if r.get("test_accuracy") is not None] == [1e-3]
+
+
+def test_report_merges_shards_and_refuses_disagreements(tmp_path):
+    """Shards of one grid (one per GPU) merge into one report; other protocols and clashing runs are refused."""
+    sys.path.insert(0, str(SCRIPTS))
+    import quality_report as qr
+
+    settings = {"lrs": [1e-3], "selection_seed": 0, "scoring": "mean", "iters": 1, "batch_size": 1, "warmup": 0,
+                "dropout": 0.0, "rank": 8, "max_train": 0, "max_valid": 0, "max_test": 0}
+    run = {"task": "qa", "variant": "lora", "method": "lora", "lr": 1e-3, "seed": 0, "valid_accuracy": 0.5,
+           "rank": 8, "blocks": None, "trainable_parameters": 100, "tokens_per_second": 10.0, "peak_memory_gb": 1.0}
+
+    def shard(name, runs, zero, **over):
+        made = {"label": name, "started": "t", "device": "cpu", "mlx": "0", "platform": "p", "command": "c"}
+        data = {"format": "f", "model": "m", "settings": dict(settings, **over), "invocations": [made],
+                "tasks": {"qa": {"metric": "accuracy", "sizes": {}, "reference": {}, "data": "x"}}, "zero_shot": zero,
+                "runs": runs}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        return path
+
+    zero = [{"task": "qa", "test_accuracy": 0.4}]
+    a = shard("a", [run], zero)
+    # The same selection run, later scored on test too (a superset), plus a run only this shard made.
+    b = shard("b", [dict(run, test_accuracy=0.6), dict(run, seed=1, test_accuracy=0.7)], zero)
+    merged = qr.merge_results([(p, json.loads(p.read_text())) for p in (a, b)])
+    assert sorted((r["seed"], r.get("test_accuracy")) for r in merged["runs"]) == [(0, 0.6), (1, 0.7)]
+    assert len(merged["zero_shot"]) == 1 and [i["label"] for i in merged["invocations"]] == ["a", "b"]
+    out = tmp_path / "merged.json"
+    assert qr.main([str(a), str(b), "--doc", str(tmp_path / "Q.md"), "--merged", str(out)]) == 0
+    assert len(json.loads(out.read_text())["runs"]) == 2
+
+    clash = shard("c", [dict(run, valid_accuracy=0.9)], zero)
+    with pytest.raises(ValueError, match=r"c.json: runs record \('qa', 'lora', 0.001, 0\) differs"):
+        qr.merge_results([(p, json.loads(p.read_text())) for p in (a, clash)])
+    other = shard("d", [], zero, rank=16)
+    with pytest.raises(ValueError, match="d.json: settings differs"):
+        qr.merge_results([(p, json.loads(p.read_text())) for p in (a, other)])
+    assert qr.main([str(a), str(other), "--doc", str(tmp_path / "Q2.md")]) == 2

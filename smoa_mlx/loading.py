@@ -77,6 +77,12 @@ def _load_mlx_lm(model: str, tokenizer_config, model_config, lazy: bool):
     elif not _HUB_ID.match(model):
         raise FileNotFoundError(f"--model {model}: no such folder, and not a Hugging Face id ('owner/name')")
     try:
+        if not local.exists():
+            # The snapshot mlx_lm.load would fetch itself (same function), fetched first so its config can be read.
+            from mlx_lm.utils import _download
+
+            model = str(_download(model))
+        model_config = {**rope_config_fix(Path(model) / "config.json"), **(model_config or {})}
         return mlx_lm.load(
             model, tokenizer_config=tokenizer_config, model_config=model_config, lazy=lazy, return_config=True
         )
@@ -85,6 +91,42 @@ def _load_mlx_lm(model: str, tokenizer_config, model_config, lazy: bool):
         # hub exceptions take extra constructor arguments, so re-raise as the nearest plain type
         kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError if isinstance(e, ValueError) else RuntimeError
         raise kind(f"--model {model}: could not load this {where}: {e}") from e
+
+
+def rope_config_fix(config_path: Path) -> dict[str, Any]:
+    """Overrides that let mlx-lm read the RoPE settings of a config.json written by transformers 5.
+
+    transformers 5 keeps ``rope_theta`` (and any scaling) only inside ``rope_parameters``; mlx-lm 0.32's llama,
+    qwen2, mistral... read the top-level keys and silently fall back to their defaults (10000 for llama, whose
+    3.x checkpoints need 500000): the model loads, generates plausibly, and fine-tunes with the wrong positions.
+    Returns {} when the top-level keys are there or the architecture reads ``rope_parameters`` itself.
+    """
+    import dataclasses
+    import warnings
+
+    from mlx_lm.utils import _get_classes
+
+    try:
+        config = read_json_object(config_path)
+        args_class = _get_classes(config)[1]
+    except Exception:  # noqa: BLE001 - mlx-lm reports an unreadable or unknown config itself, with its own words
+        return {}
+    rope = config.get("rope_parameters")
+    fields = {f.name for f in dataclasses.fields(args_class)} if dataclasses.is_dataclass(args_class) else set()
+    if not isinstance(rope, dict) or "rope_parameters" in fields or "rope_theta" not in fields:
+        return {}
+    fix: dict[str, Any] = {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        fix["rope_theta"] = rope["rope_theta"]
+    if "rope_scaling" in fields and config.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
+        fix["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if fix:
+        warnings.warn(
+            f"{config_path}: RoPE settings only inside 'rope_parameters' (transformers 5); passing "
+            f"{sorted(fix)} to mlx-lm, which reads the top-level keys",
+            stacklevel=3,
+        )
+    return fix
 
 
 def read_adapter_kind(adapter_path: PathLike) -> tuple[str, dict[str, Any]]:

@@ -225,3 +225,34 @@ def test_nccl_workaround_reroutes_cpu_all_sums(tiny, monkeypatch):
         trainer.mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu)
     assert seen == [None, mx.cpu]
     assert trainer.mx is mx
+
+
+def test_transformers5_rope_parameters_reach_mlx_lm(tmp_path):
+    """A config.json with rope_theta only inside rope_parameters (as transformers 5 writes it) must not load with
+    mlx-lm's default base: the model would run with the wrong positions and no error."""
+    import json
+
+    from smoa_mlx.loading import load_model
+
+    folder = build_model_folder(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    del config["rope_theta"]
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"rope_parameters.*\['rope_theta'\]"):
+        model, _ = load_model(str(folder))
+    assert model.args.rope_theta == 500000.0
+    assert model.model.layers[0].self_attn.rope.base == 500000.0
+    # Llama 3 scaling lives there too.
+    config["rope_parameters"].update(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=8192)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"\['rope_scaling', 'rope_theta'\]"):
+        model, _ = load_model(str(folder))
+    assert type(model.model.layers[0].self_attn.rope).__name__ == "Llama3RoPE"
+    # Old-style configs load untouched.
+    config["rope_theta"], config["rope_scaling"] = 20000.0, None
+    del config["rope_parameters"]
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(str(folder))
+    assert model.args.rope_theta == 20000.0

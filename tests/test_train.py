@@ -256,3 +256,20 @@ def test_transformers5_rope_parameters_reach_mlx_lm(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     model, _ = load_model(str(folder))
     assert model.args.rope_theta == 20000.0
+
+
+def test_grad_checkpoint_trains_the_same(tiny, tmp_path):
+    """--grad-checkpoint (mlx-lm's, which recomputes each block in the backward) through SMoA's custom vjp."""
+    from mlx_lm.models import llama
+
+    plain = run(base(tiny, tmp_path / "plain", iters=3, dropout=0.0, test=False))
+    original = llama.TransformerBlock.__call__  # mlx-lm patches the class itself: undo it for the other tests
+    try:
+        checkpointed = run(base(tiny, tmp_path / "ckpt", iters=3, dropout=0.0, test=False, grad_checkpoint=True))
+        assert llama.TransformerBlock.__call__ is not original  # the option did reach mlx-lm
+    finally:
+        llama.TransformerBlock.__call__ = original
+    np.testing.assert_allclose([l for _, l in checkpointed["train_losses"]], [l for _, l in plain["train_losses"]],
+                               rtol=1e-4)
+    for k, v in weights(tmp_path / "plain").items():
+        np.testing.assert_allclose(weights(tmp_path / "ckpt")[k], v, rtol=1e-3, atol=1e-6)

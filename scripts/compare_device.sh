@@ -73,10 +73,11 @@ EOF
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 LABEL=${LABEL:-"${GPU:-no GPU found}, MLX $("$PY" -c 'import mlx.core as mx; print(mx.__version__, mx.default_device())'), float32"}
 # The grid: all six budgets x 3 learning rates (seed 0) + 2 more seeds at each chosen rate = 30 runs per task, 60
-# steps of 16 examples each. Estimate for one H200: a run is ~2-4 s of training (a 135M model's step is launch-bound,
-# ~30-60 ms; SMoA's dense CUDA form ~0.9x LoRA's speed, docs/BENCHMARKS.md) plus ~3-4 s of loading, tokenizing,
-# saving and scoring, so ~3-3.5 min per task and ~9-10 min for all three: the 480 s budget may stop it in the last
-# task (the packaged set); the same command again continues there.
+# steps of 16 examples each. Measured on one H200 (2026-11-28, MLX 0.32.4 CUDA, float32): a run takes 15-45 s
+# (3-4 steps/s for a 135M model: launch-bound, not compute-bound; SMoA K=4 is the slowest), the first run of a
+# process ~100 s (kernel compilation), so one task is ~12-15 min: more than one call's 10 minutes. Run it again to
+# continue, or split the grid over the GPUs of a bigger host with scripts/compare_device_parallel.sh (4 GPUs: the
+# last two tasks in one ~8-minute call).
 export TQDM_DISABLE=1
 "$PY" scripts/compare.py --out "$RESULTS/quality.json" --work "$RESULTS/work" --cache-model "$RESULTS/model-f32" \
   --doc "$OUT/QUALITY.md" --plot "$OUT/quality.png" \

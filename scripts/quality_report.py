@@ -86,10 +86,11 @@ def summarize(data: dict, task: str) -> list[dict[str, Any]]:
             "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None),
             "sum_accuracy": [r.get("test_accuracy_sum") for r in runs],
-            # The median, not the mean: the first run of a method in a process pays MLX's kernel compilation
-            # (on CUDA up to 6x slower), which would otherwise decide the column.
+            # Medians, not the mean / max: the first run of a method in a process pays MLX's kernel compilation
+            # (on CUDA up to 6x slower), and a grid finished on other hardware has a run or two from there;
+            # neither should decide the column.
             "tokens_per_second": statistics.median(r["tokens_per_second"] for r in runs) if runs else None,
-            "peak_memory_gb": max(r["peak_memory_gb"] for r in runs) if runs else None,
+            "peak_memory_gb": statistics.median(r["peak_memory_gb"] for r in runs) if runs else None,
             "valid_by_lr": {r["lr"]: None if r.get("diverged") else metric_of(r, "valid", metric, scoring)
                             for r in data["runs"] if r["task"] == task and r["variant"] == variant
                             and r["seed"] == settings["selection_seed"]},
@@ -267,7 +268,7 @@ def render(data: dict, plot_name: Optional[str]) -> str:
         "stream) over the training time, validation excluded; mlx-lm's own figure counts only the answer tokens "
         "(`answer_tokens_per_second` in the JSON). Peak memory: MLX's peak allocation during the run, model "
         "included. tokens/s is the median over the seeds at the chosen rate (the first run of each method in a "
-        "process also compiles MLX's kernels), peak memory the maximum.",
+        "process also compiles MLX's kernels), and so is peak memory.",
         "- Mean ± sample standard deviation over seeds. A verdict says SMoA wins or loses only when the gap "
         "exceeds twice its standard error.",
         "",

@@ -123,8 +123,10 @@ def _summary_line(task: str, said: list[str]) -> str:
         return f"- {task}: no SMoA and baseline pair has test results"
     wins = sum("**SMoA wins**" in v for v in said)
     losses = sum("**SMoA loses**" in v for v in said)
-    return (f"- {task}: of {len(said)} SMoA-vs-baseline comparisons, SMoA wins {wins}, loses {losses}, "
-            f"and {len(said) - wins - losses} show no clear difference (gap within 2 standard errors).")
+    ties = len(said) - wins - losses
+    return (f"- {task}: of {len(said)} SMoA-vs-baseline comparison{'s' if len(said) != 1 else ''}, SMoA wins {wins}, "
+            f"loses {losses}, and {ties} show{'s' if ties == 1 else ''} no clear difference (gap within 2 standard "
+            "errors).")
 
 
 def _speed_note(rows: list[dict]) -> str:
@@ -132,7 +134,9 @@ def _speed_note(rows: list[dict]) -> str:
     ratios = [r["tokens_per_second"] / lora for r in rows if r["method"] == "smoa" and r["tokens_per_second"]]
     if not lora or not ratios:
         return ""
-    return f" SMoA's tokens/s: {min(ratios):.2f}x to {max(ratios):.2f}x LoRA's."
+    span = f"{min(ratios):.2f}x" if f"{min(ratios):.2f}" == f"{max(ratios):.2f}" else \
+        f"{min(ratios):.2f}x to {max(ratios):.2f}x"
+    return f" SMoA's tokens/s: {span} LoRA's."
 
 
 def verdicts(rows: list[dict], metric: str) -> list[str]:

@@ -141,10 +141,14 @@ def check_data(data: Optional[str], need: Sequence[str] = ("train",)) -> Optiona
     if not folder.exists():
         return None
     rows = read_local(folder)
-    for split in need:
-        if split not in rows:
-            raise DataError(f"--data {folder}: no {split}.jsonl (or it is empty); it is needed here")
+    _require(rows, need, folder)
     return rows
+
+
+def _require(present: dict, need: Sequence[str], folder: Path) -> None:
+    for split in need:
+        if split not in present:
+            raise DataError(f"--data {folder}: no {split}.jsonl (or it is empty); it is needed here")
 
 
 def _load_hub(data_id: str, options: types.SimpleNamespace, tokenizer) -> dict[str, Any]:
@@ -182,11 +186,9 @@ def load_splits(
     local = checked if checked is not None else check_data(data, need)
     if local is not None:
         raw = {split: (create_dataset(rows, tokenizer, options), where) for split, (rows, where) in local.items()}
-    else:
+    else:  # a hub id: only now can its splits be checked
         raw = _load_hub(str(data), options, tokenizer)
-    for split in need:
-        if split not in raw:
-            raise DataError(f"--data {folder}: no {split}.jsonl (or it is empty); it is needed here")
+        _require(raw, need, folder)
     out = {}
     for split, (dataset, where) in raw.items():
         tokenized = tokenize_split(dataset, where, max_seq_length, warn)

@@ -1,0 +1,604 @@
+"""The fault trials: each is one thing a crashing laptop or a hostile user does, and the promise it must keep.
+
+A trial is ``fn(world, rng) -> Outcome``; ``failures`` are broken promises (bad input accepted, a raw traceback, a
+folder that no longer loads, a resumed run that differs from the uninterrupted one). ``TRIALS`` lists every kind
+with how often the long suite (``scripts/fault_suite.py``) repeats it; ``tests/faults/test_faults.py`` runs a
+fast subset of the same functions under pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import corrupt
+from .harness import (
+    LOCK_NAME,
+    SCHEDULES,
+    SIGNAL_EXIT,
+    TRAIN,
+    World,
+    cli,
+    env,
+    equal_to_reference,
+    finish,
+    leftovers,
+    loads_or_empty,
+    same_tensors,
+    send,
+    snapshot,
+    spawn,
+    tensors,
+    train_args,
+    wait_for,
+)
+
+TRAIN_CLI = "smoa_mlx.train"
+
+
+@dataclass
+class Outcome:
+    failures: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def fail(self, *problems: str) -> "Outcome":
+        self.failures.extend(p for p in problems if p)
+        return self
+
+
+# -- shared checks ------------------------------------------------------------------------------------------
+def clean_error(proc, *names: str, rc: int = 2) -> list[str]:
+    """A refused command: exit ``rc``, no traceback, the last stderr line is an error naming each of ``names``."""
+    problems = []
+    if "Traceback (most recent call last)" in proc.err:
+        kind = proc.err.strip().splitlines()[-1][:200]
+        problems.append(f"raw traceback ({kind})")
+    elif proc.rc != rc:
+        problems.append(f"exit {proc.rc}, expected {rc} ({proc.tail[:200]!r})")
+    else:
+        at = proc.err.rfind("error:")
+        line = proc.err[at:].strip() if at >= 0 else proc.tail
+        if "error" not in line.lower():
+            problems.append(f"last stderr line is not an error: {line[:200]!r}")
+        missing = [n for n in names if n not in line]
+        if missing:
+            problems.append(f"error does not name {missing}: {line[:300]!r}")
+    return problems
+
+
+def finish_run(world: World, folder: Path, schedule) -> list[str]:
+    """Complete an interrupted run as a user would (``--resume`` when a checkpoint exists, else start over) and
+    compare it with the uninterrupted run."""
+    if (folder / "training_state.safetensors").exists():
+        p = cli(TRAIN_CLI, *train_args(world, folder, schedule, resume=True))
+    else:
+        force = (folder / "adapter_config.json").exists() or (folder / "adapters.safetensors").exists()
+        p = cli(TRAIN_CLI, *train_args(world, folder, schedule, force=force or None))
+    if p.rc != 0:
+        return [f"the run could not be completed afterwards: {p.describe()}"]
+    problems = equal_to_reference(world, folder, schedule)
+    left = leftovers(folder)
+    if left:
+        problems.append(f"#14.7 temporary files left after a completed run: {left[:4]}")
+    return problems
+
+
+# -- crashes during training ---------------------------------------------------------------------------------
+def _kill_during_training(world: World, rng: random.Random, signum: int) -> Outcome:
+    schedule = rng.choice(SCHEDULES)
+    folder = world.folder(f"sig{signum}")
+    proc = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
+    if signum == signal.SIGKILL and rng.random() < 0.3:  # any moment, Python's own startup included
+        time.sleep(rng.uniform(0.0, 6.0))
+        where = "a random moment"
+    elif rng.random() < 0.25:  # any moment once the command runs (model loading, spectral step, training)
+        wait_for(proc, r"^Loading model")
+        time.sleep(rng.uniform(0.0, 3.0))
+        where = "a random moment after start"
+    else:  # just after a random step's report
+        step = rng.randrange(1, TRAIN["iters"] + 1)
+        line = wait_for(proc, rf"^step\s+{step}\s")
+        time.sleep(rng.uniform(0.0, 0.05))
+        where = f"step {step}" + ("" if line else " (never reached)")
+    send(proc, signum)
+    p = finish(proc)
+    out = Outcome(note=f"{signal.Signals(signum).name} at {where}, schedule {schedule}")
+    if signum != signal.SIGKILL:
+        if "Traceback (most recent call last)" in p.err:
+            out.fail(f"raw traceback after {signal.Signals(signum).name}: {p.tail[:200]}")
+        if p.rc not in (0, SIGNAL_EXIT[signum], -signum):
+            out.fail(f"#14.8 exit {p.rc} after {signal.Signals(signum).name}, expected {SIGNAL_EXIT[signum]}")
+        trained = any(l.startswith("step") and "train loss" in l for l in p.out.splitlines())
+        if p.rc == SIGNAL_EXIT[signum] and trained and not (folder / "training_state.safetensors").exists():
+            out.fail(f"#14.8 interrupted by {signal.Signals(signum).name} while training, but nothing was saved")
+    out.fail(*loads_or_empty(world, folder))
+    out.fail(*finish_run(world, folder, schedule))
+    return out
+
+
+def sigkill_random(world, rng, i=0):
+    return _kill_during_training(world, rng, signal.SIGKILL)
+
+
+def sigint_random(world, rng, i=0):
+    return _kill_during_training(world, rng, signal.SIGINT)
+
+
+def sigterm_random(world, rng, i=0):
+    return _kill_during_training(world, rng, signal.SIGTERM)
+
+
+def sighup_random(world, rng, i=0):
+    return _kill_during_training(world, rng, signal.SIGHUP)
+
+
+_RENAMES: dict[tuple, list[str]] = {}
+
+
+def renames(world: World, schedule, resume_from: Optional[Path] = None) -> list[str]:
+    """The targets of every rename an uninterrupted run makes (counted once per schedule)."""
+    key = (schedule, resume_from is not None)
+    if key not in _RENAMES:
+        folder = world.folder("count")
+        count = folder.with_suffix(".renames")
+        count.unlink(missing_ok=True)
+        extra = {}
+        if resume_from is not None:
+            shutil.copytree(resume_from, folder)
+            extra["resume"] = True
+        p = cli(TRAIN_CLI, *train_args(world, folder, schedule, **extra), FAULT_COUNT=str(count))
+        if p.rc != 0:
+            raise RuntimeError(f"counting run failed: {p.describe()}")
+        _RENAMES[key] = [line.split("\t")[2].strip() for line in count.read_text().splitlines()]
+    return _RENAMES[key]
+
+
+def _checkpoint_at(world: World, schedule, step: int) -> Path:
+    """A folder holding the run stopped (Ctrl-C) after ``step``: a resumable checkpoint and its adapter."""
+    folder = world.root / "checkpoints" / f"{'_'.join(map(str, schedule))}_{step}"
+    if not (folder / "training_state.safetensors").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        proc = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
+        wait_for(proc, rf"^step\s+{step}\s")
+        send(proc, signal.SIGINT)
+        finish(proc)
+    return folder
+
+
+def sigkill_at_save(world, rng, i=0):
+    """SIGKILL at the commit point of a random file write (before, during or after the rename)."""
+    schedule = rng.choice(SCHEDULES)
+    resume = rng.random() < 0.4
+    start = _checkpoint_at(world, schedule, 5) if resume else None
+    targets = renames(world, schedule, start)
+    n = rng.randrange(1, len(targets) + 1)
+    when = rng.choice(["before", "partial", "after"])
+    folder = world.folder("save_kill")
+    before = None
+    if start is not None:
+        shutil.copytree(start, folder)
+        before = tensors(folder / "adapters.safetensors")
+    p = cli(TRAIN_CLI, *train_args(world, folder, schedule, resume=resume or None),
+            FAULT_KILL_AT=str(n), FAULT_KILL_WHEN=when)
+    out = Outcome(note=f"kill {when} rename {n}/{len(targets)} ({Path(targets[n - 1]).name}), "
+                       f"{'resumed' if resume else 'fresh'} run, schedule {schedule}")
+    if p.rc != -signal.SIGKILL:
+        return out.fail(f"the injected kill did not happen ({p.describe()})")
+    out.fail(*loads_or_empty(world, folder, before))
+    out.fail(*finish_run(world, folder, schedule))
+    return out
+
+
+# -- corrupt and invalid adapter files -----------------------------------------------------------------------
+CONSUMERS = ("api", "fuse", "generate", "chat", "to-hira")
+
+
+def _broken_adapter(world: World, rng: random.Random, file: str, form: str) -> Path:
+    folder = world.folder("broken")
+    shutil.copytree(world.adapter(), folder)
+    for extra in folder.iterdir():  # the adapter alone, as a user would hand it over
+        if extra.name not in (corrupt.WEIGHTS, corrupt.CONFIG):
+            extra.unlink()
+    forms = corrupt.WEIGHT_FORMS if file == corrupt.WEIGHTS else corrupt.CONFIG_FORMS
+    raw = (folder / file).read_bytes()
+    (folder / file).write_bytes(forms[form](raw, rng))
+    return folder
+
+
+def api_refuses(world: World, adapter: Path, file: str) -> list[str]:
+    """The Python API: one named error (a ValueError / FileNotFoundError subclass) whose message names the file."""
+    code = (
+        "import sys\n"
+        "from smoa_mlx.loading import load_model_with_adapter\n"
+        "try:\n"
+        f"    load_model_with_adapter({world.model!r}, {str(adapter)!r})\n"
+        "except Exception as e:\n"
+        "    print(type(e).__module__ + '.' + type(e).__name__, [c.__name__ for c in type(e).__mro__])\n"
+        "    print(str(e).replace('\\n', ' ')[:2000])\n"
+        "    sys.exit(3)\n"
+    )
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=env())
+    except subprocess.TimeoutExpired:
+        return ["api: no answer within 120 s (hangs)"]
+    if p.returncode == 0:
+        return ["api: the bad adapter loaded without an error"]
+    if p.returncode != 3:
+        return [f"api: crashed ({p.stderr.strip().splitlines()[-1][:200] if p.stderr.strip() else p.returncode})"]
+    kind, message = (p.stdout.splitlines() + ["", ""])[:2]
+    problems = []
+    if "SMoAError" not in kind:
+        problems.append(f"api: {kind.split()[0]} is not one of smoa_mlx's named errors")
+    if file not in message:
+        problems.append(f"api: the error does not name {file}: {message[:200]!r}")
+    return problems
+
+
+def consumer_refuses(world: World, adapter: Path, consumer: str, file: str) -> list[str]:
+    if consumer == "api":
+        return api_refuses(world, adapter, file)
+    out = adapter.parent / f"{adapter.name}_{consumer}_out"
+    if consumer == "fuse":
+        p = cli("smoa_mlx.fuse", "--model", world.model, "--adapter-path", adapter, "--save-path", out, timeout=120)
+    elif consumer == "generate":
+        p = cli("smoa_mlx.generate", "--model", world.model, "--adapter-path", adapter, "--prompt", "the cat",
+                "--max-tokens", 2, timeout=120)
+    elif consumer == "chat":
+        p = cli("smoa_mlx.chat", "--model", world.model, "--adapter-path", adapter, "--max-tokens", 2,
+                stdin="the cat\n", timeout=120)
+    else:
+        p = cli("smoa_mlx.convert", "to-hira", adapter, out, "--base", world.model, timeout=120)
+    problems = [f"{consumer}: {x}" for x in clean_error(p, file)]
+    if out.exists():
+        problems.append(f"{consumer}: wrote {out.name} from a bad adapter")
+    return problems
+
+
+def _file_trial(file: str, forms: dict) -> Callable:
+    def trial(world, rng, i=0, form: Optional[str] = None, consumer: Optional[str] = None):
+        """Repetition ``i`` takes form ``i % len(forms)`` and the next consumer each round of forms."""
+        form = form or sorted(forms)[i % len(forms)]
+        consumer = consumer or CONSUMERS[(i // len(forms)) % len(CONSUMERS)]
+        adapter = _broken_adapter(world, rng, file, form)
+        out = Outcome(note=f"{file}: {form} -> {consumer}")
+        try:
+            return out.fail(*consumer_refuses(world, adapter, consumer, file))
+        except subprocess.TimeoutExpired:
+            return out.fail(f"{consumer}: no answer within 120 s (hangs)")
+
+    return trial
+
+
+corrupt_weights = _file_trial(corrupt.WEIGHTS, corrupt.WEIGHT_FORMS)
+invalid_config = _file_trial(corrupt.CONFIG, corrupt.CONFIG_FORMS)
+
+
+def corrupt_checkpoint(world, rng, i=0):
+    """--resume over a broken training state or numbered checkpoint: a named error, the folder untouched."""
+    schedule = SCHEDULES[0]
+    folder = world.folder("bad_state")
+    shutil.copytree(_checkpoint_at(world, schedule, 5), folder)
+    target = rng.choice(["training_state.safetensors", "0000004_adapters.safetensors"])
+    form = rng.choice(["empty", "truncated", "random bytes", "huge header length", "offsets past EOF"])
+    raw = (folder / target).read_bytes()
+    (folder / target).write_bytes(corrupt.WEIGHT_FORMS[form](raw, rng))
+    before = snapshot(folder)
+    p = cli(TRAIN_CLI, *train_args(world, folder, schedule, resume=True))
+    out = Outcome(note=f"{target}: {form}")
+    out.fail(*clean_error(p, target))
+    if snapshot(folder) != before:
+        out.fail("the refused --resume changed the folder")
+    return out
+
+
+# -- bad data ---------------------------------------------------------------------------------------------------
+DATA_FORMS: dict[str, tuple[list, str, dict]] = {
+    # name: (records appended as line 3 of train.jsonl, what the error must name, extra flags)
+    "empty text": ([{"text": ""}], "'text'", {}),
+    "whitespace text": ([{"text": "   "}], "'text'", {}),
+    "null text": ([{"text": None}], "'text'", {}),
+    "null content": ([{"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]}],
+                     "content", {}),
+    "unknown role": ([{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}],
+                     "role", {}),
+    "no messages": ([{"messages": []}], "'messages'", {}),
+    "all-empty chat": ([{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}],
+                       "content", {}),
+    "all-empty completion": ([{"prompt": "", "completion": ""}], "'completion'", {}),
+    "number completion": ([{"prompt": "a", "completion": 5}], "'completion'", {}),
+}
+
+
+def _data_folder(world: World, kind: str, bad: Optional[list]) -> Path:
+    from train_helpers import build_data_folder
+
+    folder = world.folder(f"data_{kind}")
+    build_data_folder(folder, kind=kind)
+    if bad is not None:
+        lines = (folder / "train.jsonl").read_text().splitlines()
+        lines[2:3] = [json.dumps(r) for r in bad]
+        (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def bad_data(world, rng, i=0, form: Optional[str] = None):
+    forms = sorted(DATA_FORMS) + ["max-seq-length 1", "not UTF-8", "a JSON list line"]
+    form = form or forms[i % len(forms)]
+    out = Outcome(note=form)
+    adapter = world.folder("bad_data_adapter")
+    names = ["train.jsonl", "line 3"]
+    flags: dict = {}
+    if form in DATA_FORMS:
+        records, key, flags = DATA_FORMS[form]
+        kind = "chat" if "messages" in records[0] else "completions" if "prompt" in records[0] else "text"
+        data = _data_folder(world, kind, records)
+        names.append(key)
+    elif form == "max-seq-length 1":
+        data, names, flags = _data_folder(world, "text", None), ["--max-seq-length"], {"max-seq-length": 1}
+    else:
+        data = _data_folder(world, "text", None)
+        raw = (data / "train.jsonl").read_bytes().split(b"\n")
+        raw[2] = b'{"text": "caf\xe9"}' if form == "not UTF-8" else b"[1, 2]"
+        (data / "train.jsonl").write_bytes(b"\n".join(raw))
+        names = ["train.jsonl"] + (["line 3"] if form != "not UTF-8" else [])
+    args = train_args(world, adapter, **flags)
+    args[args.index("--data") + 1] = str(data)
+    p = cli(TRAIN_CLI, *args)
+    out.fail(*clean_error(p, *names))
+    if "Loading model" in p.out:
+        out.fail("the model was loaded before the data error was found")
+    if adapter.exists():
+        out.fail("the refused run created its --adapter-path")
+    return out
+
+
+# -- disk full ------------------------------------------------------------------------------------------------
+class Tmpfs:
+    """A tiny tmpfs (root only), so a write runs out of space for real."""
+
+    def __init__(self, path: Path, size: str = "1m"):
+        self.path = path
+        self.size = size
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise PermissionError(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        return self.path
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", str(self.path)], capture_output=True)
+        return False
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill the file system up to ``leave`` free bytes."""
+    st = os.statvfs(disk)
+    free = st.f_bavail * st.f_frsize
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def disk_full(world, rng, i=0, what: Optional[str] = None):
+    """Out of space while writing: a clear error, nothing partial left, the previous adapter intact."""
+    what = what or ["resume", "fuse", "to-hira"][i % 3]
+    leave = rng.randrange(0, 160_000)
+    out = Outcome(note=f"{what} with {leave} bytes free")
+    mount = world.folder("tmpfs")
+    try:
+        with Tmpfs(mount) as disk:
+            schedule = SCHEDULES[0]
+            if what == "resume":
+                folder = disk / "adapter"
+                shutil.copytree(_checkpoint_at(world, schedule, 5), folder)
+                (folder / "loss_curve.png").unlink(missing_ok=True)
+                before = tensors(folder / "adapters.safetensors")
+                _fill(disk, leave)
+                p = cli(TRAIN_CLI, *train_args(world, folder, schedule, resume=True))
+                if p.rc == 0:
+                    return out.fail(*equal_to_reference(world, folder, schedule)) if leave > 150_000 else out
+                out.fail(*disk_message(p))
+                out.fail(*loads_or_empty(world, folder, before))
+                state = folder / "training_state.safetensors"
+                if not state.exists():
+                    out.fail("the training state is gone")
+                left = leftovers(folder)
+                if left:
+                    out.fail(f"partial files left: {left}")
+            else:
+                adapter = world.adapter()
+                target = disk / "out"
+                _fill(disk, leave)
+                if what == "fuse":
+                    p = cli("smoa_mlx.fuse", "--model", world.model, "--adapter-path", adapter, "--save-path", target)
+                else:
+                    p = cli("smoa_mlx.convert", "to-hira", adapter, target, "--base", world.model)
+                if p.rc == 0:
+                    return out  # it fitted
+                out.fail(*disk_message(p))
+                left = sorted(x.name for x in disk.iterdir() if x.name != "filler")
+                if left:
+                    out.fail(f"partial output left: {left}")
+    except PermissionError as e:
+        out.note += f" (skipped: {e})"
+    return out
+
+
+def disk_message(p) -> list[str]:
+    if "Traceback (most recent call last)" in p.err:
+        return [f"#14.9 raw traceback on a full disk ({p.tail[:160]})"]
+    if "disk full" not in p.tail.lower() and "no space" not in p.tail.lower():
+        return [f"#14.9 the error does not say the disk is full: {p.tail[:200]!r}"]
+    return []
+
+
+# -- two runs, one folder -------------------------------------------------------------------------------------
+def two_runs_one_folder(world, rng, i=0):
+    """A second run into an adapter folder that a live run holds is refused by name; the first finishes intact."""
+    schedule = rng.choice(SCHEDULES)
+    folder = world.folder("two_runs")
+    together = rng.random() < 0.5
+    first = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
+    if not together:
+        wait_for(first, r"^step\s+\d+\s")
+    second = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
+    a, b = finish(first), finish(second)
+    out = Outcome(note=f"{'started together' if together else 'second started during training'}, {schedule}")
+    ok = [p for p in (a, b) if p.rc == 0]
+    refused = [p for p in (a, b) if p.rc != 0]
+    if len(ok) != 1:
+        return out.fail(f"#14.10 expected one run to finish and one to be refused; exits {a.rc}, {b.rc}")
+    out.fail(*clean_error(refused[0], str(folder)))
+    if "lock" not in refused[0].tail.lower() and "in use" not in refused[0].tail.lower():
+        out.fail(f"#14.10 the refusal does not say the folder is in use: {refused[0].tail[:200]!r}")
+    out.fail(*equal_to_reference(world, folder, schedule))
+    if (folder / LOCK_NAME).exists():
+        out.fail("the lock file stayed after the run finished")
+    return out
+
+
+def stale_lock(world, rng, i=0):
+    """A lock left by a dead process (a SIGKILLed run) is taken over."""
+    schedule = SCHEDULES[0]
+    folder = world.folder("stale_lock")
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (folder / LOCK_NAME).write_text(f"{dead.pid}\n")
+    p = cli(TRAIN_CLI, *train_args(world, folder, schedule))
+    out = Outcome(note=f"lock of dead pid {dead.pid}")
+    if p.rc != 0:
+        return out.fail(f"a stale lock blocked the run: {p.describe()}")
+    return out.fail(*equal_to_reference(world, folder, schedule))
+
+
+# -- paths that leave their folder ------------------------------------------------------------------------------
+def state_points_outside(world, rng, i=0):
+    """training_state.safetensors naming a weight file outside the adapter folder: --resume refuses it."""
+    schedule = SCHEDULES[0]
+    folder = world.folder("outside")
+    shutil.copytree(_checkpoint_at(world, schedule, 5), folder)
+    outside = folder.parent / f"{folder.name}_elsewhere.safetensors"
+    shutil.copy(folder / "0000004_adapters.safetensors", outside)
+    form = rng.choice(["relative ..", "absolute", "symlink"])
+    if form == "symlink":
+        (folder / "0000004_adapters.safetensors").unlink()
+        (folder / "0000004_adapters.safetensors").symlink_to(outside)
+    else:
+        name = f"../{outside.name}" if form == "relative .." else str(outside)
+        arrays, meta = corrupt.decode((folder / "training_state.safetensors").read_bytes())
+        meta["weights"] = name
+        (folder / "training_state.safetensors").write_bytes(corrupt.encode(arrays, meta))
+    before = snapshot(folder)
+    p = cli(TRAIN_CLI, *train_args(world, folder, schedule, resume=True))
+    out = Outcome(note=form)
+    out.fail(*clean_error(p, "training_state.safetensors"))
+    if snapshot(folder) != before:
+        out.fail("the refused --resume changed the folder")
+    return out
+
+
+def config_model_relative(world, rng, i=0):
+    """#14.2: adapter_config.json's relative "model" must not resolve against the current directory."""
+    folder = world.folder("relative_model")
+    shutil.copytree(world.adapter(), folder / "adapter")
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    shutil.copytree(world.model, folder / "adapter" / "base")
+    config["model"] = "base"
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    elsewhere = folder / "elsewhere"
+    from tiny_llm import make_model_folder
+
+    make_model_folder(elsewhere / "base", seed=11)  # another model of the same shapes at ./base
+    p = cli("smoa_mlx.generate", "--adapter-path", folder / "adapter", "--prompt", "the cat", "--max-tokens", 2,
+            cwd=elsewhere)
+    out = Outcome(note="relative model path, run from another folder")
+    if p.rc == 0 and str(elsewhere) in p.err:
+        out.fail("#14.2 used the model relative to the current directory")
+    elif p.rc != 0:
+        out.fail(f"#14.2 the adapter's own base (relative to its folder) was not used: {p.tail[:200]!r}")
+    return out
+
+
+# -- resume semantics (#15) -----------------------------------------------------------------------------------
+def resume_validation_schedule(world, rng, i=0):
+    """#15.4: a resumed run validates on the schedule only; a finished run validates once at the end."""
+    schedule = rng.choice(SCHEDULES)
+    spr, spe, save = schedule
+    ref = world.reference(schedule)
+    out = Outcome(note=f"schedule {schedule}")
+    val_steps = [s for s, _ in json.loads((ref / "train_result.json").read_text())["val_losses"]]
+    iters = TRAIN["iters"]
+    want = sorted({0, iters} | set(range(spe, iters, spe)))
+    if val_steps != want:
+        out.fail(f"#15.4 validations at steps {val_steps}, expected {want}")
+    start = rng.randrange(1, iters)
+    folder = world.folder("resume_val")
+    shutil.copytree(_checkpoint_at(world, schedule, start), folder)
+    p = cli(TRAIN_CLI, *train_args(world, folder, schedule, resume=True))
+    if p.rc != 0:
+        return out.fail(f"resume failed: {p.describe()}")
+    import re
+
+    seen = [int(m.group(1)) for m in re.finditer(r"^step\s+(\d+)\s+val loss", p.out, re.M)]
+    saved = json.loads((folder / "train_result.json").read_text())["start_step"]
+    expected = [s for s in want if s > saved]
+    if seen != expected:
+        out.fail(f"#15.4 the run resumed at step {saved} validated at {seen}, expected {expected}")
+    return out
+
+
+def resume_other_iters(world, rng, i=0):
+    """#15.5: --resume with another --iters keeps the schedule or refuses; adapter_config.json is not rewritten."""
+    schedule = SCHEDULES[0]
+    folder = world.folder("resume_iters")
+    shutil.copytree(world.reference(schedule), folder)
+    before = snapshot(folder)
+    iters = rng.choice([TRAIN["iters"] + 4, TRAIN["iters"] * 2, TRAIN["iters"] - 4])
+    p = cli(TRAIN_CLI, *train_args(world, folder, schedule, resume=True, iters=iters))
+    out = Outcome(note=f"--resume --iters {iters} after {TRAIN['iters']}")
+    if p.rc == 0:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        old = json.loads(before["adapter_config.json"])
+        if config["training"]["warmup"] != old["training"]["warmup"]:
+            out.fail("#15.5 the schedule was recomputed (warmup changed)")
+        return out
+    out.fail(*clean_error(p, "--iters"))
+    if "--force" not in p.tail:
+        out.fail("#15.5 the refusal does not say how to start over (--force)")
+    if snapshot(folder) != before:
+        out.fail("#15.5 the refused --resume changed the folder")
+    return out
+
+
+# name -> (function, repetitions in the long suite)
+TRIALS: dict[str, tuple[Callable, int]] = {
+    "sigkill at a random moment": (sigkill_random, 40),
+    "sigkill at save time": (sigkill_at_save, 60),
+    "SIGINT while training": (sigint_random, 12),
+    "SIGTERM while training": (sigterm_random, 12),
+    "SIGHUP while training": (sighup_random, 8),
+    "corrupt adapters.safetensors": (corrupt_weights, len(CONSUMERS) * len(corrupt.WEIGHT_FORMS)),
+    "invalid adapter_config.json": (invalid_config, len(CONSUMERS) * len(corrupt.CONFIG_FORMS)),
+    "corrupt checkpoint on --resume": (corrupt_checkpoint, 8),
+    "bad data": (bad_data, 2 * (len(DATA_FORMS) + 3)),
+    "disk full": (disk_full, 12),
+    "two runs into one folder": (two_runs_one_folder, 8),
+    "stale lock": (stale_lock, 2),
+    "training state points outside": (state_points_outside, 6),
+    "relative base path in adapter_config.json": (config_model_relative, 1),
+    "resume validation schedule": (resume_validation_schedule, 5),
+    "resume with another --iters": (resume_other_iters, 3),
+}

@@ -173,6 +173,9 @@ def resolve(cli: dict[str, Any], yaml_data: Optional[dict[str, Any]] = None) -> 
                 "rank", "blocks"):
         if not isinstance(opts[key], int) or opts[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {opts[key]!r}")
+    if opts["max_seq_length"] < 2:  # a 1-token window leaves nothing to predict: mlx-lm fails reshaping it
+        raise ValueError(f"--max-seq-length must be at least 2 (an input and the token it predicts), "
+                         f"got {opts['max_seq_length']}")
     if opts["warmup"] < 0 or opts["warmup"] > opts["iters"]:
         raise ValueError(f"--warmup must be between 0 and --iters ({opts['iters']}), got {opts['warmup']}")
     if opts["optimizer"] not in OPTIMIZERS:

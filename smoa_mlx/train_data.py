@@ -18,6 +18,8 @@ from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 PACKAGED_DATA = Path(__file__).parent / "data"
 SPLITS = ("train", "valid", "test")
 FORMAT_KEYS = {"completions": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}
+# Roles chat templates know (OpenAI's fine-tuning format plus tool results); anything else is most likely a typo.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 class DataError(ValueError):
@@ -27,10 +29,12 @@ class DataError(ValueError):
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a jsonl file, blank lines skipped; malformed lines raise with file and line number."""
     rows = []
+    raw = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -57,19 +61,42 @@ def detect_format(row: dict, where: str) -> str:
 
 
 def _check_record(row: dict, fmt: str, where: str) -> None:
+    """One record's keys, types and content: what mlx-lm would otherwise crash on mid-run (an empty text) or
+    silently train on (a null content rendered as "None", a misspelt role, a record with nothing to learn)."""
     for key in FORMAT_KEYS[fmt]:
         if key not in row:
             raise DataError(f"{where}: missing key {key!r} (the file's first record is in {fmt} format)")
     if fmt == "chat":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
-        ):
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    else:
-        for key in FORMAT_KEYS[fmt]:
-            if not isinstance(row[key], str):
-                raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+        _check_messages(row["messages"], where)
+        return
+    for key in FORMAT_KEYS[fmt]:
+        if not isinstance(row[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {_type(row[key])}")
+    learned = "text" if fmt == "text" else "completion"  # the part the loss is on (a prompt may be empty)
+    if not row[learned].strip():
+        raise DataError(f"{where}: {learned!r} is empty: the record has nothing to learn")
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        key = f"messages[{i}]"
+        if not isinstance(m, dict) or "role" not in m:
+            raise DataError(f"{where}: {key} must be an object with 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: {key}.role is {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+        content = m.get("content")
+        if content is None and m.get("tool_calls"):  # an assistant turn that only calls tools (OpenAI format)
+            continue
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {key}.content must be a string, got {_type(content)}")
+    if not any(isinstance(m.get("content"), str) and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: every messages[].content is empty: the record has nothing to learn")
 
 
 class TokenizedSplit:
@@ -94,22 +121,43 @@ class TokenizedSplit:
         return sum(len(t) for t, _ in self.items)
 
 
+def _where(dataset: Any, i: int, name: str) -> str:
+    row = dataset[i]
+    line = row.get("_line") if isinstance(row, dict) else None
+    return f"{name}, line {line}" if line else f"{name}, example {i + 1}"
+
+
 def tokenize_split(dataset: Any, name: str, max_seq_length: int, warn=print) -> TokenizedSplit:
+    """Tokenize every example; cut long ones to ``max_seq_length`` (one warning), refuse ones too short to train
+    on (mlx-lm would fail mid-run reshaping an empty batch), and drop, with one warning, examples whose prompt
+    fills the whole window (``--mask-prompt``: no token left to learn, and a batch of only those has a NaN loss)."""
     cache = CacheDataset(dataset)
-    items, too_long, longest = [], 0, 0
+    items, too_long, longest, no_target = [], 0, 0, []
     for i in range(len(cache)):
         tokens, offset = cache[i]
         tokens = list(tokens)
+        if len(tokens) < 2:
+            raise DataError(f"{_where(dataset, i, name)}: {len(tokens)} token(s) after tokenizing; a training "
+                            "example needs at least 2 (an input and the token it predicts)")
         longest = max(longest, len(tokens))
         if len(tokens) > max_seq_length:
             too_long += 1
             tokens = tokens[:max_seq_length]
-        items.append((tokens, min(offset, len(tokens))))
+        if offset >= len(tokens):
+            no_target.append(i)
+            continue
+        items.append((tokens, offset))
     if too_long:
         warn(
-            f"[WARNING] {name}: {too_long} of {len(items)} examples are longer than --max-seq-length "
+            f"[WARNING] {name}: {too_long} of {len(cache)} examples are longer than --max-seq-length "
             f"{max_seq_length} tokens (longest {longest}); they are truncated."
         )
+    if no_target:
+        message = (f"{len(no_target)} of {len(cache)} examples have no completion token within --max-seq-length "
+                   f"{max_seq_length} (first: {_where(dataset, no_target[0], name)})")
+        if not items:
+            raise DataError(f"{name}: {message}; raise --max-seq-length")
+        warn(f"[WARNING] {name}: {message}; they are left out.")
     return TokenizedSplit(items, name)
 
 

@@ -6,7 +6,7 @@ import pytest
 from train_helpers import build_data_folder, write_jsonl
 
 from faults.trials import DATA_FORMS, bad_data, _data_folder
-from smoa_mlx.train_data import DataError, check_data, load_splits
+from smoa_mlx.train.data import DataError, check_data, load_splits
 
 
 @pytest.mark.parametrize("form", sorted(DATA_FORMS))

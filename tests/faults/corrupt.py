@@ -19,6 +19,10 @@ CONFIG = "adapter_config.json"
 
 
 # -- safetensors at the byte level --------------------------------------------------------------------------
+DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32,
+          "I64": np.int64, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
+
+
 def split(raw: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", raw[:8])[0]
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
@@ -32,8 +36,7 @@ def join(header: dict, body: bytes) -> bytes:
 
 def encode(arrays: dict[str, np.ndarray], metadata: dict | None = None) -> bytes:
     """A well-formed safetensors file of numpy arrays (any dtype safetensors knows)."""
-    names = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
-             np.dtype("int32"): "I32", np.dtype("int64"): "I64", np.dtype("uint8"): "U8"}
+    names = {np.dtype(t): n for n, t in DTYPES.items()}
     header, body, offset = {}, b"", 0
     if metadata:
         header["__metadata__"] = metadata
@@ -48,14 +51,12 @@ def encode(arrays: dict[str, np.ndarray], metadata: dict | None = None) -> bytes
 
 
 def decode(raw: bytes) -> tuple[dict[str, np.ndarray], dict]:
-    types = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I32": np.int32, "I64": np.int64,
-             "U8": np.uint8}
     header, body = split(raw)
     metadata = header.pop("__metadata__", {})
     out = {}
     for key, info in header.items():
         start, end = info["data_offsets"]
-        out[key] = np.frombuffer(body[start:end], dtype=types[info["dtype"]]).reshape(info["shape"]).copy()
+        out[key] = np.frombuffer(body[start:end], dtype=DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
     return out, metadata
 
 

@@ -93,6 +93,13 @@ def finish_run(world: World, folder: Path, schedule) -> list[str]:
 
 
 # -- crashes during training ---------------------------------------------------------------------------------
+def printed_steps(schedule) -> list[int]:
+    """Steps after which the run prints a line (a train report or a validation), before the last step."""
+    spr, spe, _ = schedule
+    iters = TRAIN["iters"]
+    return sorted(set(range(spr, iters, spr)) | set(range(spe, iters, spe)))
+
+
 def _kill_during_training(world: World, rng: random.Random, signum: int) -> Outcome:
     schedule = rng.choice(SCHEDULES)
     folder = world.folder(f"sig{signum}")
@@ -105,7 +112,7 @@ def _kill_during_training(world: World, rng: random.Random, signum: int) -> Outc
         time.sleep(rng.uniform(0.0, 3.0))
         where = "a random moment after start"
     else:  # just after a random step's report
-        step = rng.randrange(1, TRAIN["iters"] + 1)
+        step = rng.choice(printed_steps(schedule))
         line = wait_for(proc, rf"^step\s+{step}\s")
         time.sleep(rng.uniform(0.0, 0.05))
         where = f"step {step}" + ("" if line else " (never reached)")
@@ -163,15 +170,24 @@ def renames(world: World, schedule, resume_from: Optional[Path] = None) -> list[
 
 
 def _checkpoint_at(world: World, schedule, step: int) -> Path:
-    """A folder holding the run stopped (Ctrl-C) after ``step``: a resumable checkpoint and its adapter."""
+    """A folder holding the run stopped (Ctrl-C) just after ``step`` (or the next step it prints a line for): a
+    resumable checkpoint, its numbered weights and the adapter."""
+    step = min([s for s in printed_steps(schedule) if s >= step] or printed_steps(schedule)[-1:])
     folder = world.root / "checkpoints" / f"{'_'.join(map(str, schedule))}_{step}"
     if not (folder / "training_state.safetensors").exists():
         shutil.rmtree(folder, ignore_errors=True)
         proc = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
         wait_for(proc, rf"^step\s+{step}\s")
         send(proc, signal.SIGINT)
-        finish(proc)
+        p = finish(proc)
+        if p.rc != 130 or not (folder / "training_state.safetensors").exists():
+            raise RuntimeError(f"could not make a checkpoint at step {step}: {p.describe()}")
     return folder
+
+
+def state_weights(folder: Path) -> str:
+    """The numbered weight file a folder's training state names."""
+    return corrupt.decode((folder / "training_state.safetensors").read_bytes())[1]["weights"]
 
 
 def sigkill_at_save(world, rng, i=0):
@@ -288,7 +304,7 @@ def corrupt_checkpoint(world, rng, i=0):
     schedule = SCHEDULES[0]
     folder = world.folder("bad_state")
     shutil.copytree(_checkpoint_at(world, schedule, 5), folder)
-    target = rng.choice(["training_state.safetensors", "0000004_adapters.safetensors"])
+    target = rng.choice(["training_state.safetensors", state_weights(folder)])
     form = rng.choice(["empty", "truncated", "random bytes", "huge header length", "offsets past EOF"])
     raw = (folder / target).read_bytes()
     (folder / target).write_bytes(corrupt.WEIGHT_FORMS[form](raw, rng))
@@ -446,23 +462,38 @@ def disk_message(p) -> list[str]:
 
 # -- two runs, one folder -------------------------------------------------------------------------------------
 def two_runs_one_folder(world, rng, i=0):
-    """A second run into an adapter folder that a live run holds is refused by name; the first finishes intact."""
+    """A second run into an adapter folder that a live run holds is refused by name; the first finishes intact.
+
+    Either both start at once (whichever comes second is refused: by the lock, or, if the first has already
+    finished, because the folder holds an adapter), or the first is frozen (SIGSTOP) in the middle of training
+    while the second tries, so the lock must be what refuses it, naming the holder's pid.
+    """
     schedule = rng.choice(SCHEDULES)
     folder = world.folder("two_runs")
-    together = rng.random() < 0.5
+    together = i % 2 == 0
     first = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
-    if not together:
-        wait_for(first, r"^step\s+\d+\s")
-    second = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
-    a, b = finish(first), finish(second)
-    out = Outcome(note=f"{'started together' if together else 'second started during training'}, {schedule}")
-    ok = [p for p in (a, b) if p.rc == 0]
-    refused = [p for p in (a, b) if p.rc != 0]
-    if len(ok) != 1:
-        return out.fail(f"#14.10 expected one run to finish and one to be refused; exits {a.rc}, {b.rc}")
-    out.fail(*clean_error(refused[0], str(folder)))
-    if "lock" not in refused[0].tail.lower() and "in use" not in refused[0].tail.lower():
-        out.fail(f"#14.10 the refusal does not say the folder is in use: {refused[0].tail[:200]!r}")
+    out = Outcome(note=f"{'started together' if together else 'second run while the first is frozen'}, {schedule}")
+    if together:
+        second = spawn(TRAIN_CLI, *train_args(world, folder, schedule))
+        a, b = finish(first), finish(second)
+        ok = [p for p in (a, b) if p.rc == 0]
+        if len(ok) != 1:
+            return out.fail(f"#14.10 expected one run to finish and one to be refused; exits {a.rc}, {b.rc}")
+        refused = b if ok[0] is a else a
+        out.fail(*clean_error(refused, str(folder)))
+    else:
+        wait_for(first, rf"^step\s+{rng.choice(printed_steps(schedule))}\s")
+        first.send_signal(signal.SIGSTOP)
+        try:
+            refused = cli(TRAIN_CLI, *train_args(world, folder, schedule))
+        finally:
+            first.send_signal(signal.SIGCONT)
+        a = finish(first)
+        if a.rc != 0:
+            out.fail(f"the first run did not finish: {a.describe()}")
+        out.fail(*clean_error(refused, str(folder), f"pid {first.pid}"))
+        if "in use" not in refused.tail:
+            out.fail(f"#14.10 the refusal does not say the folder is in use: {refused.tail[:200]!r}")
     out.fail(*equal_to_reference(world, folder, schedule))
     if (folder / LOCK_NAME).exists():
         out.fail("the lock file stayed after the run finished")
@@ -491,11 +522,12 @@ def state_points_outside(world, rng, i=0):
     folder = world.folder("outside")
     shutil.copytree(_checkpoint_at(world, schedule, 5), folder)
     outside = folder.parent / f"{folder.name}_elsewhere.safetensors"
-    shutil.copy(folder / "0000004_adapters.safetensors", outside)
-    form = rng.choice(["relative ..", "absolute", "symlink"])
+    weights = state_weights(folder)
+    shutil.copy(folder / weights, outside)
+    form = ["relative ..", "absolute", "symlink"][i % 3]
     if form == "symlink":
-        (folder / "0000004_adapters.safetensors").unlink()
-        (folder / "0000004_adapters.safetensors").symlink_to(outside)
+        (folder / weights).unlink()
+        (folder / weights).symlink_to(outside)
     else:
         name = f"../{outside.name}" if form == "relative .." else str(outside)
         arrays, meta = corrupt.decode((folder / "training_state.safetensors").read_bytes())

@@ -6,7 +6,8 @@ mlx-lm's ``train`` takes ``iterate_batches`` and ``training_callback`` arguments
   from the global one, which evaluation also consumes), so the data order is a function of the seed alone and a
   resumed run can replay it; it skips the steps already done; and it calls ``on_step(step)`` when the batch of the
   next step is fetched, i.e. right after mlx-lm has evaluated step ``step`` (the place to checkpoint).
-* :class:`Recorder` keeps the loss history, totals throughput, and stops on a non-finite loss.
+* :class:`Recorder` keeps the loss history on the global report schedule, totals throughput, and stops on a
+  non-finite loss.
 * :func:`patched_trainer` swaps mlx-lm's rich progress display for a tqdm one that counts global steps, and on
   NCCL reroutes the trainer's ``all_sum(..., stream=mx.cpu)`` calls (NCCL cannot reduce on the CPU).
 """
@@ -82,32 +83,63 @@ class BatchStream:
 
 
 class Recorder(TrainingCallback):
-    """Loss history in global steps, throughput totals, and the NaN stop."""
+    """Loss history in global steps, on the global report schedule; throughput totals; the NaN stop.
 
-    def __init__(self, start_step: int = 0, history: Optional[dict] = None):
+    The runner has mlx-lm report after every step, and this class averages those losses over the user's report
+    windows (every ``every`` steps, and at step ``last``). A window an interruption cut in two travels in the
+    checkpoint (:attr:`state`'s ``pending``), so a resumed run reports the same numbers at the same steps as an
+    uninterrupted one; mlx-lm's own windows restart at the resume step and would average other steps.
+    """
+
+    def __init__(self, start_step: int = 0, saved: Optional[dict] = None, every: int = 1,
+                 last: Optional[int] = None, say: Optional[Callable[[str], None]] = None):
         self.offset = start_step
-        self.history = {"train": [], "val": []}
-        for key in self.history:
-            self.history[key] = [list(x) for x in (history or {}).get(key, [])]
+        self.step = start_step  # the last step whose loss is recorded
+        self.every, self.last, self.say = every, last, say
+        saved = saved or {}
+        self.history = {key: [list(x) for x in saved.get(key, [])] for key in ("train", "val")}
+        self.pending = [float(x) for x in saved.get("pending", [])]  # per-step losses of the open window
         self.tokens = 0
-        self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per report
+        self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per closed report window
+        self._window = [0, 0.0]
         self.peak_memory_gb = 0.0
+
+    @property
+    def state(self) -> dict:
+        """What a checkpoint keeps: the histories and the open window's losses."""
+        return {"train": self.history["train"], "val": self.history["val"], "pending": list(self.pending)}
 
     def on_train_loss_report(self, info: dict) -> None:
         step, loss = info["iteration"] + self.offset, float(info["train_loss"])
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training loss is {loss} at step {step}")
-        self.history["train"].append([step, loss])
-        # mlx-lm reports tokens and tokens/s of the steps since the last report: recover their time.
+        # mlx-lm reports tokens and tokens/s of the steps since its last report: recover their time.
         tokens = info["trained_tokens"] - self.tokens
         self.tokens = info["trained_tokens"]
         if info["tokens_per_second"] > 0:
-            self.windows.append((tokens, tokens / info["tokens_per_second"]))
+            self._window[0] += tokens
+            self._window[1] += tokens / info["tokens_per_second"]
         self.peak_memory_gb = max(self.peak_memory_gb, float(info["peak_memory"]))
+        self.pending.append(loss)
+        self.step = step
+        if step % self.every == 0 or step == self.last:
+            self._report(step)
+
+    def _report(self, step: int) -> None:
+        mean = math.fsum(self.pending) / len(self.pending)
+        self.history["train"].append([step, mean])
+        self.pending = []
+        tokens, seconds = self._window
+        self._window = [0, 0.0]
+        if seconds > 0:
+            self.windows.append((tokens, seconds))
+        if self.say is not None:
+            speed = tokens / seconds if seconds > 0 else 0.0
+            self.say(f"step {step:>6}  train loss {mean:.4f}  {speed:,.0f} tok/s  {self.tokens / 1000:.1f}k tokens")
 
     @property
     def train_time(self) -> float:
-        return sum(t for _, t in self.windows)
+        return sum(t for _, t in self.windows) + self._window[1]
 
     @property
     def tokens_per_second(self) -> float:
@@ -119,10 +151,17 @@ class Recorder(TrainingCallback):
 
     def on_val_loss_report(self, info: dict) -> None:
         step, loss = info["iteration"] + self.offset, float(info["val_loss"])
+        self.record_val(step, loss)
+
+    def record_val(self, step: int, loss: float) -> None:
+        """A validation loss measured after global step ``step``."""
         if not math.isfinite(loss):
             raise TrainingDiverged(f"validation loss is {loss} at step {step}")
         if not self.history["val"] or self.history["val"][-1][0] != step:
             self.history["val"].append([step, loss])
+
+    def has_val(self, step: int) -> bool:
+        return any(s == step for s, _ in self.history["val"])
 
 
 class TqdmUI:
@@ -149,9 +188,8 @@ class TqdmUI:
             self.bar.write(text, file=sys.stdout)
 
     def report_train(self, it, train_loss, tokens_sec, trained_tokens) -> None:
+        """mlx-lm reports every step here; the report lines, on the user's schedule, are the Recorder's."""
         self.bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_sec:,.0f}", refresh=False)
-        self._write(f"step {it + self.offset:>6}  train loss {train_loss:.4f}  {tokens_sec:,.0f} tok/s  "
-                    f"{trained_tokens / 1000:.1f}k tokens")
 
     @contextlib.contextmanager
     def val_task(self, total: int):

@@ -114,9 +114,9 @@ class _Saver:
     """Checkpoints on rank 0: numbered weights, then the training state (the commit point), then the adapter."""
 
     def __init__(self, folder: Path, method: Method, model: nn.Module, optimizer, recorder: Recorder,
-                 identity: dict, extra: dict, save_every: int):
+                 identity: dict, extra: dict):
         self.folder, self.method, self.model, self.optimizer = folder, method, model, optimizer
-        self.recorder, self.identity, self.extra, self.save_every = recorder, identity, extra, save_every
+        self.recorder, self.identity, self.extra = recorder, identity, extra
         self.rank0 = mx.distributed.init().rank() == 0
         self.last_good: Optional[int] = None
 
@@ -125,19 +125,30 @@ class _Saver:
             kept = f"the last good checkpoint (step {self.last_good})" if self.last_good else "no checkpoint"
             raise TrainingDiverged(f"the adapter weights became NaN/inf by step {step}; kept {kept} in {self.folder}")
 
-    def on_step(self, step: int) -> None:
-        self.check(step)
-        if step % self.save_every == 0:
-            self.save(step)
-
     def save(self, step: int) -> None:
         if self.rank0:
             name = checkpoint_name(step)
             self.method.save(self.model, self.folder, self.extra, weights_name=name)
-            state = TrainingState(step, rng_key(), name, self.recorder.history, self.identity)
+            state = TrainingState(step, rng_key(), name, self.recorder.state, self.identity)
             save_training_state(self.folder, self.optimizer, state)
             self.method.save(self.model, self.folder, self.extra)
         self.last_good = step
+
+
+class _Boundary:
+    """What happens between two steps (mlx-lm has evaluated step ``step`` and fetches the next batch), in this
+    order: the NaN check, a validation and a checkpoint when the global schedule says so (``step`` is the global
+    step, so a resumed run keeps the uninterrupted run's schedule)."""
+
+    def __init__(self, saver: _Saver, validate, opts):
+        self.saver, self.validate, self.opts = saver, validate, opts
+
+    def __call__(self, step: int) -> None:
+        self.saver.check(step)
+        if self.validate is not None and step % self.opts.steps_per_eval == 0:
+            self.validate(step)
+        if step % self.opts.save_every == 0:
+            self.saver.save(step)
 
 
 def _optimizer_step(optimizer) -> Optional[int]:
@@ -158,15 +169,14 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
     folder = Path(opts.adapter_path)
     method = _method(opts)
     identity = _identity(opts)
+    need = (("train",) if opts.train else ()) + (("test",) if opts.test else ())
+    checked = check_data(opts.data, need)  # before the model: a bad file should not cost a model load first
     if opts.train:
         note = check_adapter_path(folder, identity, opts.resume, opts.force)
         if note:
             _say(note)
             if world.rank() == 0:  # a later --resume must not pick up the overwritten run's state
                 (folder / STATE_FILE).unlink(missing_ok=True)
-
-    need = (("train",) if opts.train else ()) + (("test",) if opts.test else ())
-    checked = check_data(opts.data, need)  # before the model: a bad file should not cost a model load first
     _say(f"Loading model {describe_model(opts.model)}")
     model, tokenizer = load_model(opts.model)
     splits = load_splits(opts.data, tokenizer, opts.max_seq_length, opts.batch_size, opts.mask_prompt, need,
@@ -196,6 +206,19 @@ def _evaluate(model: nn.Module, split, opts, batches: int) -> float:
                         iterate_batches=BatchStream(opts.seed))
 
 
+def _validator(model: nn.Module, split, opts, recorder: Recorder):
+    """Validation after a global step, recorded and printed (``label`` replaces the timing, e.g. "final")."""
+
+    def validate(step: int, label: Optional[str] = None) -> None:
+        tic = time.perf_counter()
+        loss = _evaluate(model, split, opts, opts.val_batches)
+        model.train()
+        recorder.record_val(step, loss)
+        _say(f"step {step:>6}  val loss   {loss:.4f}  ({label or f'{time.perf_counter() - tic:.1f} s'})")
+
+    return validate
+
+
 def _train(opts, model, splits, method: Method, identity: dict, folder: Path) -> dict[str, Any]:
     start, history, saved_optimizer = 0, None, None
     if opts.resume and (folder / STATE_FILE).exists():
@@ -215,43 +238,46 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
     if saved_optimizer is not None:
         restore_optimizer(optimizer, model.trainable_parameters(), saved_optimizer)
         set_rng_key(state.rng)
-    recorder = Recorder(start, history)
+    recorder = Recorder(start, history, every=opts.steps_per_report, last=opts.iters, say=_say)
     extra = {"model": opts.model, "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
-    saver = _Saver(folder, method, model, optimizer, recorder, identity, extra, opts.save_every)
+    saver = _Saver(folder, method, model, optimizer, recorder, identity, extra)
     saver.last_good = start or None
+    validate = _validator(model, splits["valid"], opts, recorder) if "valid" in splits else None
     out = {"start_step": start, "steps": max(opts.iters, start), "trainable_parameters": trainable,
            "total_parameters": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
     if start < opts.iters:
-        with tempfile.TemporaryDirectory() as scratch:
-            targs = TrainingArgs(
-                batch_size=opts.batch_size,
-                iters=opts.iters - start,
-                val_batches=opts.val_batches,
-                steps_per_report=opts.steps_per_report,
-                steps_per_eval=opts.steps_per_eval,
-                steps_per_save=opts.iters + 1,  # checkpoints are ours (atomic, resumable): mlx-lm never saves
-                max_seq_length=opts.max_seq_length,
-                adapter_file=str(Path(scratch) / "mlx_lm_final.safetensors"),  # mlx-lm's unconditional final save
-                grad_checkpoint=opts.grad_checkpoint,
-            )
-            stream = BatchStream(opts.seed, start, saver.on_step)
-            try:
+        stream = BatchStream(opts.seed, start, _Boundary(saver, validate, opts))
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                # mlx-lm reports every step (the Recorder averages them over the user's windows) and neither
+                # validates nor saves: its schedule would count from the resume step, and it validates before a
+                # step, so twice at the end. Validation and checkpoints are _Boundary's, on the global steps.
+                targs = TrainingArgs(
+                    batch_size=opts.batch_size,
+                    iters=opts.iters - start,
+                    val_batches=opts.val_batches,
+                    steps_per_report=1,
+                    steps_per_eval=opts.iters + 1,
+                    steps_per_save=opts.iters + 1,
+                    max_seq_length=opts.max_seq_length,
+                    adapter_file=str(Path(scratch) / "mlx_lm_final.safetensors"),  # mlx-lm's unconditional save
+                    grad_checkpoint=opts.grad_checkpoint,
+                )
+                if validate is not None and start % opts.steps_per_eval == 0 and not recorder.has_val(start):
+                    validate(start)  # step 0, or a scheduled validation the interrupted run did not get to
                 with patched_trainer(start, uses_nccl()):
-                    train(model, optimizer, splits["train"], splits.get("valid"), targs,
-                          iterate_batches=stream, training_callback=recorder)
-            except KeyboardInterrupt:
-                step = _optimizer_step(optimizer)
-                if step is not None and step > start and _finite(model):
-                    saver.save(step)
-                    _say(f"\nInterrupted: saved the adapter at step {step} in {folder} "
-                         "(continue with --resume)")
-                raise
-        saver.check(opts.iters)
-        if "valid" in splits:  # mlx-lm's last validation runs before the last step: measure the final adapter
-            val = _evaluate(model, splits["valid"], opts, opts.val_batches)
-            recorder.on_val_loss_report({"iteration": opts.iters - start, "val_loss": val})
-            _say(f"step {opts.iters:>6}  val loss   {val:.4f}  (final)")
-        saver.save(opts.iters)
+                    train(model, optimizer, splits["train"], None, targs, iterate_batches=stream,
+                          training_callback=recorder)
+                saver.check(opts.iters)
+                if validate is not None:
+                    validate(opts.iters, "final")
+                saver.save(opts.iters)
+        except KeyboardInterrupt:
+            step = _optimizer_step(optimizer)
+            if step is not None and step > start and step == recorder.step and _finite(model):
+                saver.save(step)  # only a complete, recorded step
+                _say(f"\nInterrupted: saved the adapter at step {step} in {folder} (continue with --resume)")
+            raise
     out.update(_figures(recorder, folder, opts))
     return out
 

@@ -45,6 +45,7 @@ from .args import parse_args, resolve
 from .data import DataError, check_data, load_splits
 from .loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
 from .report import format_summary, plot_losses
+from .signals import Interrupted, StopSignals
 
 __all__ = ["run", "train_adapter", "main", "TrainingDiverged"]
 
@@ -138,10 +139,10 @@ class _Saver:
 class _Boundary:
     """What happens between two steps (mlx-lm has evaluated step ``step`` and fetches the next batch), in this
     order: the NaN check, a validation and a checkpoint when the global schedule says so (``step`` is the global
-    step, so a resumed run keeps the uninterrupted run's schedule)."""
+    step, so a resumed run keeps the uninterrupted run's schedule), then a pending stop signal: checkpoint, stop."""
 
-    def __init__(self, saver: _Saver, validate, opts):
-        self.saver, self.validate, self.opts = saver, validate, opts
+    def __init__(self, saver: _Saver, validate, opts, stops: StopSignals):
+        self.saver, self.validate, self.opts, self.stops = saver, validate, opts, stops
 
     def __call__(self, step: int) -> None:
         self.saver.check(step)
@@ -149,6 +150,10 @@ class _Boundary:
             self.validate(step)
         if step % self.opts.save_every == 0:
             self.saver.save(step)
+        if self.stops.pending is not None:
+            if self.saver.last_good != step:
+                self.saver.save(step)
+            self.stops.raise_pending(saved_step=step)
 
 
 def _optimizer_step(optimizer) -> Optional[int]:
@@ -158,10 +163,19 @@ def _optimizer_step(optimizer) -> Optional[int]:
 
 def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any) -> dict[str, Any]:
     """Train (and/or test) as the CLI does; returns the result dict. ``args`` holds option names as in the YAML
-    config (``learning_rate``, ``adapter_path``...); keyword overrides win. Missing options take the defaults."""
+    config (``learning_rate``, ``adapter_path``...); keyword overrides win. Missing options take the defaults.
+
+    SIGINT, SIGTERM and SIGHUP stop training at the next step boundary with a checkpoint, then raise
+    :class:`~smoa_mlx.train.signals.Interrupted` (a ``KeyboardInterrupt``; see :mod:`.signals`).
+    """
     given = dict(vars(args) if isinstance(args, types.SimpleNamespace) else (args or {}))
     given.update(overrides)
     opts = resolve(given)
+    with StopSignals(say=_say) as stops:
+        return _run(opts, stops)
+
+
+def _run(opts: types.SimpleNamespace, stops: StopSignals) -> dict[str, Any]:
     wall = time.perf_counter()
     np.random.seed(opts.seed)
     mx.random.seed(opts.seed)
@@ -184,7 +198,7 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
     result: dict[str, Any] = {"method": opts.fine_tune_type, "rank": opts.rank, "blocks": opts.blocks,
                               "adapter_path": str(folder), "world_size": world.size(), "test_loss": None}
     if opts.train:
-        result.update(_train(opts, model, splits, method, identity, folder))
+        result.update(_train(opts, model, splits, method, identity, folder, stops))
     else:
         apply_adapter(model, folder)
     if opts.test:
@@ -219,7 +233,7 @@ def _validator(model: nn.Module, split, opts, recorder: Recorder):
     return validate
 
 
-def _train(opts, model, splits, method: Method, identity: dict, folder: Path) -> dict[str, Any]:
+def _train(opts, model, splits, method: Method, identity: dict, folder: Path, stops: StopSignals) -> dict[str, Any]:
     start, history, saved_optimizer = 0, None, None
     if opts.resume and (folder / STATE_FILE).exists():
         state, saved_optimizer = load_state(folder)
@@ -246,9 +260,9 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
     out = {"start_step": start, "steps": max(opts.iters, start), "trainable_parameters": trainable,
            "total_parameters": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
     if start < opts.iters:
-        stream = BatchStream(opts.seed, start, _Boundary(saver, validate, opts))
+        stream = BatchStream(opts.seed, start, _Boundary(saver, validate, opts, stops))
         try:
-            with tempfile.TemporaryDirectory() as scratch:
+            with stops.deferred(), tempfile.TemporaryDirectory() as scratch:
                 # mlx-lm reports every step (the Recorder averages them over the user's windows) and neither
                 # validates nor saves: its schedule would count from the resume step, and it validates before a
                 # step, so twice at the end. Validation and checkpoints are _Boundary's, on the global steps.
@@ -265,6 +279,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
                 )
                 if validate is not None and start % opts.steps_per_eval == 0 and not recorder.has_val(start):
                     validate(start)  # step 0, or a scheduled validation the interrupted run did not get to
+                stops.raise_pending(saved_step=saver.last_good)
                 with patched_trainer(start, uses_nccl()):
                     train(model, optimizer, splits["train"], None, targs, iterate_batches=stream,
                           training_callback=recorder)
@@ -272,14 +287,28 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
                 if validate is not None:
                     validate(opts.iters, "final")
                 saver.save(opts.iters)
-        except KeyboardInterrupt:
-            step = _optimizer_step(optimizer)
-            if step is not None and step > start and step == recorder.step and _finite(model):
-                saver.save(step)  # only a complete, recorded step
-                _say(f"\nInterrupted: saved the adapter at step {step} in {folder} (continue with --resume)")
+                stops.raise_pending(saved_step=opts.iters)
+        except KeyboardInterrupt as e:
+            step = _save_on_interrupt(e, saver, optimizer, recorder, start)
+            what = e.name if isinstance(e, Interrupted) else "Interrupted"
+            saved = (f"saved the adapter at step {step} in {folder} (continue with --resume)" if step
+                     else "nothing new was saved")
+            _say(f"\n{what}: stopped; {saved}")
             raise
     out.update(_figures(recorder, folder, opts))
     return out
+
+
+def _save_on_interrupt(e: KeyboardInterrupt, saver: _Saver, optimizer, recorder: Recorder, start: int):
+    """The step saved for this interruption: already saved at a step boundary (a signal), none (a second signal:
+    stop at once), or, for a KeyboardInterrupt raised in-process, the current step if it is complete."""
+    if isinstance(e, Interrupted):
+        return e.saved_step
+    step = _optimizer_step(optimizer)
+    if step is not None and step > start and step == recorder.step and _finite(saver.model):
+        saver.save(step)
+        return step
+    return None
 
 
 def _figures(recorder: Recorder, folder: Path, opts) -> dict[str, Any]:
@@ -311,8 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         opts = parse_args(argv)
         run(opts)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, SIGTERM, SIGHUP: after saving (see run)
+        return getattr(e, "exit_code", 130)
     except TrainingDiverged as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ __all__ = [
     "MissingKeysError",
     "ShapeMismatchError",
     "UnsupportedArchitectureError",
+    "FolderInUseError",
 ]
 
 
@@ -43,3 +44,7 @@ class ShapeMismatchError(ConversionError):
 
 class UnsupportedArchitectureError(ConversionError):
     """The model family, or one of its modules, has no known Hugging Face counterpart."""
+
+
+class FolderInUseError(SMoAError, FileExistsError):
+    """Another live process holds the output folder's lock (a second training run into one adapter folder)."""

@@ -7,6 +7,7 @@ takes its share of every global batch and mlx-lm's trainer averages the gradient
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -39,6 +40,7 @@ from .checkpoint import (
 )
 from .checkpoint import save_state as save_training_state
 from ..config import SMoAConfig
+from ..folder_lock import FolderLock
 from ..loading import apply_adapter, describe_model, load_model
 from .methods import Method
 from .args import parse_args, resolve
@@ -185,30 +187,35 @@ def _run(opts: types.SimpleNamespace, stops: StopSignals) -> dict[str, Any]:
     identity = _identity(opts)
     need = (("train",) if opts.train else ()) + (("test",) if opts.test else ())
     checked = check_data(opts.data, need)  # before the model: a bad file should not cost a model load first
-    if opts.train:
-        note = check_adapter_path(folder, identity, opts.resume, opts.force)
-        if note:
-            _say(note)
-            if world.rank() == 0:  # a later --resume must not pick up the overwritten run's state
-                (folder / STATE_FILE).unlink(missing_ok=True)
-    _say(f"Loading model {describe_model(opts.model)}")
-    model, tokenizer = load_model(opts.model)
-    splits = load_splits(opts.data, tokenizer, opts.max_seq_length, opts.batch_size, opts.mask_prompt, need,
-                         warn=_say, checked=checked)
-    result: dict[str, Any] = {"method": opts.fine_tune_type, "rank": opts.rank, "blocks": opts.blocks,
-                              "adapter_path": str(folder), "world_size": world.size(), "test_loss": None}
-    if opts.train:
-        result.update(_train(opts, model, splits, method, identity, folder, stops))
-    else:
-        apply_adapter(model, folder)
-    if opts.test:
-        result["test_loss"] = _evaluate(model, splits["test"], opts, opts.test_batches)
-        _say(f"test loss {result['test_loss']:.4f}, test ppl {math.exp(result['test_loss']):.3f}")
-    result["wall_time_s"] = time.perf_counter() - wall
-    if opts.train:
-        _say(format_summary(result))
-        if world.rank() == 0:
-            atomic_write_text(folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+    # One training run per adapter folder: a second one is refused before it reads or writes anything there.
+    lock = FolderLock(folder) if opts.train and world.rank() == 0 else contextlib.nullcontext()
+    with lock:
+        if getattr(lock, "took_over", None):
+            _say(f"{folder}: took over the lock of pid {lock.took_over}, which no longer runs")
+        if opts.train:
+            note = check_adapter_path(folder, identity, opts.resume, opts.force)
+            if note:
+                _say(note)
+                if world.rank() == 0:  # a later --resume must not pick up the overwritten run's state
+                    (folder / STATE_FILE).unlink(missing_ok=True)
+        _say(f"Loading model {describe_model(opts.model)}")
+        model, tokenizer = load_model(opts.model)
+        splits = load_splits(opts.data, tokenizer, opts.max_seq_length, opts.batch_size, opts.mask_prompt, need,
+                             warn=_say, checked=checked)
+        result: dict[str, Any] = {"method": opts.fine_tune_type, "rank": opts.rank, "blocks": opts.blocks,
+                                  "adapter_path": str(folder), "world_size": world.size(), "test_loss": None}
+        if opts.train:
+            result.update(_train(opts, model, splits, method, identity, folder, stops))
+        else:
+            apply_adapter(model, folder)
+        if opts.test:
+            result["test_loss"] = _evaluate(model, splits["test"], opts, opts.test_batches)
+            _say(f"test loss {result['test_loss']:.4f}, test ppl {math.exp(result['test_loss']):.3f}")
+        result["wall_time_s"] = time.perf_counter() - wall
+        if opts.train:
+            _say(format_summary(result))
+            if world.rank() == 0:
+                atomic_write_text(folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from faults import trials
-from faults.harness import tensors
+from faults.harness import LOCK_NAME, tensors
+from smoa_mlx.errors import FolderInUseError
+from smoa_mlx.folder_lock import FolderLock
 from smoa_mlx.train import runner
 from smoa_mlx.train.checkpoint import load_state
 from smoa_mlx.train.loop import Recorder
@@ -97,3 +99,26 @@ def test_sigterm_to_the_cli_saves_and_resumes_exactly(world):
     rng = random.Random(4)
     outcome = trials.sigterm_random(world, rng)
     assert not outcome.failures, (outcome.note, outcome.failures)
+
+
+def test_second_run_into_a_held_folder_is_refused(world, tmp_path):
+    """#14.10: a live holder's lock refuses a second run, naming the folder and the holder's pid; the folder is
+    left as it was."""
+    folder = tmp_path / "held"
+    with FolderLock(folder):
+        assert (folder / LOCK_NAME).read_text().strip() == str(os.getpid())
+        with pytest.raises(FolderInUseError, match=rf"--adapter-path {folder} is in use by another run \(pid {os.getpid()}"):
+            runner.run(opts(world, folder))
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+        p = trials.cli(trials.TRAIN_CLI, *trials.train_args(world, folder))
+        assert p.rc == 2 and f"pid {os.getpid()}" in p.tail and "Traceback" not in p.err
+    assert not folder.exists()  # the lock created the folder and nothing else was put there
+
+
+def test_stale_lock_is_taken_over(world, tmp_path, capsys):
+    folder = tmp_path / "stale"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text("999999999\n")  # no such pid; nobody holds the flock either
+    runner.run(opts(world, folder, iters=2))
+    assert "took over the lock of pid 999999999" in capsys.readouterr().out
+    assert not (folder / LOCK_NAME).exists() and (folder / "adapters.safetensors").is_file()

@@ -1,0 +1,128 @@
+"""One writer per output folder: a second training run into an adapter folder in use is refused by name.
+
+Without it, two runs into one ``--adapter-path`` both train and the one that saves last silently replaces the
+other's work (or, worse, their checkpoints interleave). The lock is a file in the folder, ``.smoa_mlx.lock``,
+holding the writer's pid (for the message), locked with ``flock``: the kernel drops that lock when its holder
+dies, SIGKILL and power loss included, so a stale lock file is simply taken over. Where ``flock`` is not available
+(some network file systems) the pid decides instead: a lock whose process no longer runs is taken over.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from .errors import FolderInUseError
+
+LOCK_NAME = ".smoa_mlx.lock"
+
+try:
+    import fcntl
+except ImportError:  # Windows: pids only
+    fcntl = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 64).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+class FolderLock:
+    """``with FolderLock(folder, "--adapter-path"):`` holds the folder for this process (creating the folder).
+
+    On release the lock file is removed, and so is the folder if this lock created it and nothing else was put
+    in it (a run refused after taking the lock leaves no trace).
+    """
+
+    def __init__(self, folder: Union[str, os.PathLike], flag: str = "--adapter-path"):
+        self.folder = Path(folder)
+        self.flag = flag
+        self.path = self.folder / LOCK_NAME
+        self.fd: Optional[int] = None
+        self.created = False
+        self.took_over: Optional[int] = None  # the pid of a dead holder whose lock was taken over
+
+    def __enter__(self) -> "FolderLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+    def _refuse(self, pid: Optional[int]) -> None:
+        holder = f"pid {pid}" if pid else "another process"
+        raise FolderInUseError(
+            f"{self.flag} {self.folder} is in use by another run ({holder}; lock file {self.path}): "
+            f"wait for it to finish, stop it, or choose another {self.flag}"
+        )
+
+    def acquire(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise FileExistsError(f"{self.flag} {self.folder} exists and is not a folder")
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not self._lock(fd):
+                    self._refuse(_read_pid(fd))
+                # The previous holder may have removed the file between our open and our lock: then retry.
+                if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except BaseException:
+                os.close(fd)
+                self._forget_folder()
+                raise
+            os.close(fd)
+        old = _read_pid(fd)
+        if old and old != os.getpid():
+            self.took_over = old
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def _lock(self, fd: int) -> bool:
+        """True when this process now holds the lock; False when a live process does."""
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        pid = _read_pid(fd)
+        return pid is None or pid == os.getpid() or not _alive(pid)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: no one can be holding the unlinked file
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        self._forget_folder()
+
+    def _forget_folder(self) -> None:
+        if self.created:
+            try:
+                self.folder.rmdir()  # only when empty
+            except OSError:
+                pass

@@ -15,6 +15,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedArchitectureError",
     "FolderInUseError",
+    "CheckpointError",
 ]
 
 
@@ -48,3 +49,7 @@ class UnsupportedArchitectureError(ConversionError):
 
 class FolderInUseError(SMoAError, FileExistsError):
     """Another live process holds the output folder's lock (a second training run into one adapter folder)."""
+
+
+class CheckpointError(SMoAError, ValueError):
+    """A training checkpoint (``training_state.safetensors``) is damaged, or names a file outside its folder."""

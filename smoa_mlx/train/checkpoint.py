@@ -2,7 +2,8 @@
 
 The training state file is written last and names the numbered weight file it belongs to, so a crash between
 the two writes leaves the previous, consistent checkpoint in charge. The data order needs no saving: the batch
-stream is a pure function of the seed and the step (see ``loop.BatchStream``).
+stream is a pure function of the seed and the step (see ``loop.BatchStream``). A resumed run reads nothing but this
+folder's own files (the state names a checkpoint by step, never by path).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..atomic import atomic_save_safetensors
+from ..errors import CheckpointError
 
 STATE_FILE = "training_state.safetensors"
 # Hyperparameters that define the adapter's shape or the meaning of its weights: a resumed run must match them.
@@ -60,24 +62,57 @@ def save_state(folder: Path, optimizer: optim.Optimizer, state: TrainingState) -
     atomic_save_safetensors(folder / STATE_FILE, arrays, metadata=meta)
 
 
+def _inside(folder: Path, name: str) -> bool:
+    """``folder / name`` is a file of ``folder`` itself (no ``..``, no absolute path, no symlink out)."""
+    target = folder / name
+    return Path(name).name == name and target.resolve().parent == folder.resolve()
+
+
+def _parse_state(meta: dict, file: Path) -> TrainingState:
+    """The metadata of a training state, every field checked for type (the file may be damaged or hand-edited)."""
+    try:
+        step = int(meta["step"])
+        rng = json.loads(meta["rng"])
+        history = json.loads(meta["history"])
+        identity = json.loads(meta["identity"])
+        weights = meta["weights"]
+    except KeyError as e:
+        raise CheckpointError(f"{file}: not a training state (no {e.args[0]!r} in its metadata)") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file}: not a readable training state ({type(e).__name__}: {e})") from None
+    if step < 0 or not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng)):
+        raise CheckpointError(f"{file}: bad step {step} or RNG key {rng!r}")
+    if not isinstance(history, dict) or not all(isinstance(history.get(k, []), list) for k in ("train", "val", "pending")):
+        raise CheckpointError(f"{file}: history must hold lists 'train', 'val' and 'pending'")
+    if not isinstance(identity, dict):
+        raise CheckpointError(f"{file}: identity must be a JSON object")
+    return TrainingState(step, rng, weights, history, identity)
+
+
 def load_state(folder: Path) -> tuple[TrainingState, dict[str, mx.array]]:
-    """(state, flat optimizer arrays) of the checkpoint in ``folder``; errors name the file."""
+    """(state, flat optimizer arrays) of the checkpoint in ``folder``; errors name the file.
+
+    Only this folder's own files are read: the state must be a plain file of the folder, and the weights it names
+    must be the folder's checkpoint of that very step (``0000007_adapters.safetensors``), not a path elsewhere.
+    """
     file = folder / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(
             f"--resume: no {STATE_FILE} in {folder} (no checkpoint to resume from; train without --resume)"
         )
+    if not _inside(folder, STATE_FILE):
+        raise CheckpointError(f"{file} points outside {folder}; --resume reads only the folder's own files")
     try:
         arrays, meta = mx.load(str(file), return_metadata=True)
-        state = TrainingState(
-            step=int(meta["step"]),
-            rng=json.loads(meta["rng"]),
-            weights=meta["weights"],
-            history=json.loads(meta["history"]),
-            identity=json.loads(meta["identity"]),
+    except (RuntimeError, ValueError, OSError) as e:  # MLX's bare errors for a damaged file
+        raise CheckpointError(f"{file}: truncated or not a safetensors file ({e})") from None
+    state = _parse_state(meta, file)
+    want = checkpoint_name(state.step)
+    if state.weights != want or not _inside(folder, want):
+        raise CheckpointError(
+            f"{file} names the weight file {state.weights!r}; the checkpoint of step {state.step} must be {want} "
+            f"in {folder} itself (--resume reads only the folder's own files)"
         )
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{file}: not a readable training state ({e})") from None
     if not (folder / state.weights).is_file():
         raise FileNotFoundError(f"{file} names the checkpoint {state.weights}, which is missing from {folder}")
     return state, arrays

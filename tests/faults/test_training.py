@@ -11,18 +11,20 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 from faults import trials
 from faults.harness import LOCK_NAME, tensors
-from smoa_mlx.errors import FolderInUseError
+from smoa_mlx.errors import CheckpointError, FolderInUseError
 from smoa_mlx.folder_lock import FolderLock
 from smoa_mlx.train import runner
-from smoa_mlx.train.checkpoint import load_state
+from smoa_mlx.train.checkpoint import STATE_FILE, load_state
 from smoa_mlx.train.loop import Recorder
 from smoa_mlx.train.signals import Interrupted
 
@@ -122,3 +124,26 @@ def test_stale_lock_is_taken_over(world, tmp_path, capsys):
     runner.run(opts(world, folder, iters=2))
     assert "took over the lock of pid 999999999" in capsys.readouterr().out
     assert not (folder / LOCK_NAME).exists() and (folder / "adapters.safetensors").is_file()
+
+
+@pytest.mark.parametrize("form", ["relative ..", "absolute", "symlink", "other step"])
+def test_resume_reads_only_the_folders_own_files(world, tmp_path, form):
+    """#14.6: the training state may not point --resume at a weight file outside its folder."""
+    folder = tmp_path / "ad"
+    signal_cut = runner.run(opts(world, folder, iters=4, save_every=2))
+    assert signal_cut["steps"] == 4
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(folder / "0000004_adapters.safetensors", outside)
+    arrays, meta = mx.load(str(folder / STATE_FILE), return_metadata=True)
+    if form == "symlink":
+        (folder / "0000004_adapters.safetensors").unlink()
+        (folder / "0000004_adapters.safetensors").symlink_to(outside)
+    else:
+        meta["weights"] = {"relative ..": "../elsewhere.safetensors", "absolute": str(outside),
+                           "other step": "0000002_adapters.safetensors"}[form]
+        mx.save_safetensors(str(folder / STATE_FILE), arrays, metadata=meta)
+    with pytest.raises(CheckpointError, match=r"training_state.safetensors .*the checkpoint of step 4 must be "
+                                              r"0000004_adapters.safetensors"):
+        load_state(folder)
+    with pytest.raises(CheckpointError):
+        runner.run(opts(world, folder, iters=4, save_every=2, resume=True))

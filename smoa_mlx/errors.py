@@ -16,6 +16,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "FolderInUseError",
     "CheckpointError",
+    "ResumeMismatchError",
 ]
 
 
@@ -53,3 +54,7 @@ class FolderInUseError(SMoAError, FileExistsError):
 
 class CheckpointError(SMoAError, ValueError):
     """A training checkpoint (``training_state.safetensors``) is damaged, or names a file outside its folder."""
+
+
+class ResumeMismatchError(SMoAError, ValueError):
+    """``--resume`` asked for other settings than the checkpoint's run: continuing would not be that run."""

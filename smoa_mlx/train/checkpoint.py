@@ -2,8 +2,9 @@
 
 The training state file is written last and names the numbered weight file it belongs to, so a crash between
 the two writes leaves the previous, consistent checkpoint in charge. The data order needs no saving: the batch
-stream is a pure function of the seed and the step (see ``loop.BatchStream``). A resumed run reads nothing but this
-folder's own files (the state names a checkpoint by step, never by path).
+stream is a pure function of the seed and the step (see ``loop.BatchStream``). A resumed run must be the same run:
+same adapter (``IDENTITY_KEYS``) and same schedule and data order (``SCHEDULE_KEYS``), else it is refused; and
+it reads nothing but this folder's own files (the state names a checkpoint by step, never by path).
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from mlx.utils import tree_flatten
 
 from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..atomic import atomic_save_safetensors
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ResumeMismatchError
 
 STATE_FILE = "training_state.safetensors"
 # Hyperparameters that define the adapter's shape or the meaning of its weights: a resumed run must match them.
 IDENTITY_KEYS = ("fine_tune_type", "rank", "blocks", "alpha", "branch_ranks", "target_modules", "num_layers", "model")
+# Options that fix the learning-rate schedule, the optimizer and the data order: continuing with others would not
+# continue the run (``--iters`` sets where the cosine decay ends and the default warmup).
+SCHEDULE_KEYS = ("iters", "learning_rate", "warmup", "lr_schedule", "optimizer", "optimizer_config", "batch_size",
+                 "seed", "dropout", "max_seq_length", "mask_prompt")
 
 
 def checkpoint_name(step: int) -> str:
@@ -47,6 +52,7 @@ class TrainingState:
     weights: str
     history: dict[str, list] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
 
 
 def save_state(folder: Path, optimizer: optim.Optimizer, state: TrainingState) -> None:
@@ -58,6 +64,7 @@ def save_state(folder: Path, optimizer: optim.Optimizer, state: TrainingState) -
         "weights": state.weights,
         "history": json.dumps(state.history),
         "identity": json.dumps(state.identity, sort_keys=True),
+        "schedule": json.dumps(state.schedule, sort_keys=True),
     }
     atomic_save_safetensors(folder / STATE_FILE, arrays, metadata=meta)
 
@@ -75,6 +82,7 @@ def _parse_state(meta: dict, file: Path) -> TrainingState:
         rng = json.loads(meta["rng"])
         history = json.loads(meta["history"])
         identity = json.loads(meta["identity"])
+        schedule = json.loads(meta.get("schedule", "{}"))
         weights = meta["weights"]
     except KeyError as e:
         raise CheckpointError(f"{file}: not a training state (no {e.args[0]!r} in its metadata)") from None
@@ -84,9 +92,9 @@ def _parse_state(meta: dict, file: Path) -> TrainingState:
         raise CheckpointError(f"{file}: bad step {step} or RNG key {rng!r}")
     if not isinstance(history, dict) or not all(isinstance(history.get(k, []), list) for k in ("train", "val", "pending")):
         raise CheckpointError(f"{file}: history must hold lists 'train', 'val' and 'pending'")
-    if not isinstance(identity, dict):
-        raise CheckpointError(f"{file}: identity must be a JSON object")
-    return TrainingState(step, rng, weights, history, identity)
+    if not isinstance(identity, dict) or not isinstance(schedule, dict):
+        raise CheckpointError(f"{file}: identity and schedule must be JSON objects")
+    return TrainingState(step, rng, weights, history, identity, schedule)
 
 
 def load_state(folder: Path) -> tuple[TrainingState, dict[str, mx.array]]:
@@ -141,10 +149,15 @@ def restore_optimizer(optimizer: optim.Optimizer, params: dict, arrays: dict[str
         node[int(leaf) if isinstance(node, list) else leaf] = value
 
 
-def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, force: bool) -> Optional[str]:
-    """Refuse to overwrite an adapter that is there already, unless resuming (with the same settings) or forced.
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
-    Returns a short description of what is there, or None for an empty/new folder.
+
+def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, force: bool,
+                       schedule: Optional[dict[str, Any]] = None) -> Optional[str]:
+    """Refuse to overwrite an adapter that is there already, unless resuming (the same run) or forced.
+
+    Returns a short description of what is there, or None for an empty/new folder. Reads only; writes nothing.
     """
     config_file = folder / ADAPTER_CONFIG
     state_file = folder / STATE_FILE
@@ -157,7 +170,7 @@ def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, for
             try:
                 old = json.loads(config_file.read_text())
                 what = f" (fine_tune_type={old.get('fine_tune_type')}, rank={old.get('lora_parameters', {}).get('rank')})"
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 what = " (unreadable adapter_config.json)"
         raise FileExistsError(
             f"--adapter-path {folder} already holds an adapter{what}: pass --resume to continue it, "
@@ -171,8 +184,26 @@ def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, for
             if saved.identity.get(k) != identity.get(k)
         ]
         if diffs:
-            raise ValueError(
+            raise ResumeMismatchError(
                 f"--resume: the adapter in {folder} was trained with other settings ({'; '.join(diffs)}); "
                 "use the same flags, or --force to start over"
             )
+        check_same_schedule(folder, saved.schedule, schedule or {})
     return None
+
+
+def check_same_schedule(folder: Path, saved: dict[str, Any], asked: dict[str, Any]) -> None:
+    """A resumed run continues the saved run's learning-rate schedule and data order, so those options must not
+    change (a checkpoint from before they were recorded checks what it has)."""
+    diffs = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != asked.get(k)]
+    if not diffs:
+        return
+    listed = "; ".join(f"{_flag(k)}: saved {saved[k]!r}, asked {asked.get(k)!r}" for k in diffs)
+    why = ""
+    if "iters" in diffs:
+        why = (f" --iters fixed the run's learning-rate schedule (warmup {saved.get('warmup')} steps, then cosine "
+               f"decay to 0 at step {saved['iters']}), so a run cannot be extended by resuming it.")
+    raise ResumeMismatchError(
+        f"--resume: the run in {folder} was started with other settings ({listed}).{why} Resume with the saved "
+        f"values, or start over with --force and the new ones (this replaces the adapter in {folder})."
+    )

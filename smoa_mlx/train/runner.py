@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 from .checkpoint import (
+    SCHEDULE_KEYS,
     STATE_FILE,
     TrainingState,
     check_adapter_path,
@@ -117,9 +118,9 @@ class _Saver:
     """Checkpoints on rank 0: numbered weights, then the training state (the commit point), then the adapter."""
 
     def __init__(self, folder: Path, method: Method, model: nn.Module, optimizer, recorder: Recorder,
-                 identity: dict, extra: dict):
+                 identity: dict, schedule: dict, extra: dict):
         self.folder, self.method, self.model, self.optimizer = folder, method, model, optimizer
-        self.recorder, self.identity, self.extra = recorder, identity, extra
+        self.recorder, self.identity, self.schedule, self.extra = recorder, identity, schedule, extra
         self.rank0 = mx.distributed.init().rank() == 0
         self.last_good: Optional[int] = None
 
@@ -132,7 +133,7 @@ class _Saver:
         if self.rank0:
             name = checkpoint_name(step)
             self.method.save(self.model, self.folder, self.extra, weights_name=name)
-            state = TrainingState(step, rng_key(), name, self.recorder.state, self.identity)
+            state = TrainingState(step, rng_key(), name, self.recorder.state, self.identity, self.schedule)
             save_training_state(self.folder, self.optimizer, state)
             self.method.save(self.model, self.folder, self.extra)
         self.last_good = step
@@ -193,7 +194,7 @@ def _run(opts: types.SimpleNamespace, stops: StopSignals) -> dict[str, Any]:
         if getattr(lock, "took_over", None):
             _say(f"{folder}: took over the lock of pid {lock.took_over}, which no longer runs")
         if opts.train:
-            note = check_adapter_path(folder, identity, opts.resume, opts.force)
+            note = check_adapter_path(folder, identity, opts.resume, opts.force, _schedule(opts))
             if note:
                 _say(note)
                 if world.rank() == 0:  # a later --resume must not pick up the overwritten run's state
@@ -217,6 +218,10 @@ def _run(opts: types.SimpleNamespace, stops: StopSignals) -> dict[str, Any]:
             if world.rank() == 0:
                 atomic_write_text(folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _schedule(opts: types.SimpleNamespace) -> dict[str, Any]:
+    return {key: getattr(opts, key) for key in SCHEDULE_KEYS}
 
 
 def _evaluate(model: nn.Module, split, opts, batches: int) -> float:
@@ -261,7 +266,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path, st
         set_rng_key(state.rng)
     recorder = Recorder(start, history, every=opts.steps_per_report, last=opts.iters, say=_say)
     extra = {"model": opts.model, "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
-    saver = _Saver(folder, method, model, optimizer, recorder, identity, extra)
+    saver = _Saver(folder, method, model, optimizer, recorder, identity, _schedule(opts), extra)
     saver.last_good = start or None
     validate = _validator(model, splits["valid"], opts, recorder) if "valid" in splits else None
     out = {"start_step": start, "steps": max(opts.iters, start), "trainable_parameters": trainable,

@@ -21,7 +21,7 @@ import pytest
 
 from faults import trials
 from faults.harness import LOCK_NAME, tensors
-from smoa_mlx.errors import CheckpointError, FolderInUseError
+from smoa_mlx.errors import CheckpointError, FolderInUseError, ResumeMismatchError
 from smoa_mlx.folder_lock import FolderLock
 from smoa_mlx.train import runner
 from smoa_mlx.train.checkpoint import STATE_FILE, load_state
@@ -147,3 +147,18 @@ def test_resume_reads_only_the_folders_own_files(world, tmp_path, form):
         load_state(folder)
     with pytest.raises(CheckpointError):
         runner.run(opts(world, folder, iters=4, save_every=2, resume=True))
+
+
+@pytest.mark.parametrize("change", [{"iters": ITERS + 6}, {"learning_rate": 1e-3}, {"seed": 4}])
+def test_resume_with_another_schedule_is_refused(world, tmp_path, change):
+    """#15.5: --resume --iters N (or another learning rate, seed...) would silently change the run: refused with
+    how to start over, and nothing in the folder rewritten."""
+    folder = tmp_path / "ad"
+    runner.run(opts(world, folder, save_every=5))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    key = next(iter(change))
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ResumeMismatchError, match=rf"{flag}: saved .*start over with --force"):
+        runner.run(opts(world, folder, save_every=5, resume=True, **change))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert json.loads(before["adapter_config.json"])["training"]["iters"] == ITERS

@@ -31,7 +31,7 @@ from .convert.hf_export import export_hf, fuse_adapters
 from .loading import is_embedded, read_adapter_kind
 from .models.folder import save_model_folder
 from .quant_check import LossCheck, adapters_removed, quantization_report, validation_loss
-from .train_data import DataError, check_data, load_splits
+from .train.data import DataError, check_data, load_splits
 
 _QUANT_KEYS = ("quantization", "quantization_config")
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # mlx-lm's, for a dense base

@@ -11,7 +11,7 @@ from train_helpers import build_data_folder
 from smoa_mlx import fuse
 from smoa_mlx.quant_check import LossCheck, validation_loss
 from smoa_mlx.train import run
-from smoa_mlx.train_data import load_splits
+from smoa_mlx.train.data import load_splits
 
 LOSSES = re.compile(
     r"validation loss on (?P<data>\S+): base (?P<base>[\d.]+), fused (?P<fused>[\d.]+), fused and (?P<bits>\d)-bit "

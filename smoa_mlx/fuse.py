@@ -25,16 +25,13 @@ from mlx_lm.utils import dequantize_model, quantize_model
 
 from .cli import add_model_args, load_from_args, model_label, run
 from .convert.hf_export import export_hf, fuse_adapters
-from .loading import read_adapter_kind
+from .adapters.folder import read_adapter, recorded_base
+from .errors import SavePathExistsError
 from .models.folder import save_model_folder
 from .quant_check import quantization_report
 
 _QUANT_KEYS = ("quantization", "quantization_config")
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
-
-
-class SavePathExistsError(FileExistsError):
-    """The output folder exists and ``--force`` was not given."""
 
 
 def adapter_layer_paths(model: nn.Module) -> list[str]:
@@ -107,8 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--q-bits / --q-group-size need --quantize")
     if args.hf_path is not None and not args.export_hf:
         parser.error("--hf-path needs --export-hf")
-    kind, adapter_config = read_adapter_kind(args.adapter_path)  # a bad adapter fails before the slow model load
-    protected = (args.model or adapter_config.get("model"), args.adapter_path)
+    adapter = read_adapter(args.adapter_path)  # a bad adapter fails before the slow model load
+    protected = (args.model or recorded_base(adapter), args.adapter_path)
     save_path = check_save_path(args.save_path, args.force, "--save-path", protected)
     hf_path = None
     if args.export_hf:
@@ -119,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Loading {model_label(args)}", file=sys.stderr)
     model, tokenizer, config = load_from_args(args, return_config=True)
     layers = adapter_layer_paths(model)
-    if not layers and kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
+    if not layers and adapter.kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
         raise ValueError(f"--adapter-path {args.adapter_path}: loading it added no adapter layers to fuse")
     quantize = None
     if args.quantize:

@@ -8,6 +8,7 @@ from ..errors import (
     AdapterTypeError,
     BaseModelMismatchError,
     ConversionError,
+    GroupingMismatchError,
     MissingKeysError,
     ShapeMismatchError,
     UnsupportedArchitectureError,
@@ -17,7 +18,6 @@ from .peft_hira import hira_to_smoa, smoa_to_hira
 from .peft_lora import mlx_lora_to_peft, peft_lora_to_mlx
 from .reference_smoa import (
     FragileGroupingWarning,
-    GroupingMismatchError,
     reference_orders,
     reference_to_smoa,
     smoa_to_reference,

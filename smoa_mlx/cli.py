@@ -92,6 +92,25 @@ def model_label(args: argparse.Namespace) -> str:
     return label + (f" + adapter {args.adapter_path}" if args.adapter_path else "")
 
 
+# Console scripts (pyproject.toml), beside ``python -m smoa_mlx.fuse`` etc.
+def main_fuse() -> int:
+    from .fuse import main
+
+    return run(main, "smoa-fuse")
+
+
+def main_chat() -> int:
+    from .chat import main
+
+    return run(main, "smoa-chat")
+
+
+def main_generate() -> int:
+    from .generate import main
+
+    return run(main, "smoa-generate")
+
+
 __all__ = [
     "add_generation_args",
     "add_model_args",

@@ -18,13 +18,14 @@ import mlx.nn as nn
 import numpy as np
 
 from ..adapters.apply import get_module
-from ..adapters.fingerprint import fingerprint_modules
+from ..adapters.fingerprint import FINGERPRINT_KEY, fingerprint_modules
 from ..adapters.folder import (
     ADAPTER_CONFIG,
     SMOA_TYPES,
     AdapterFolder,
     SMoAModule,
     adapter_config,
+    check_fingerprint_field,
     lora_parameters,
     read_adapter,
     read_json_object,
@@ -34,7 +35,14 @@ from ..adapters.folder import (
     write_adapter,
 )
 from ..config import SMoAConfig
-from ..errors import AdapterTypeError, BaseModelMismatchError, ConversionError, MissingKeysError, ShapeMismatchError
+from ..errors import (
+    AdapterFileError,
+    AdapterTypeError,
+    BaseModelMismatchError,
+    ConversionError,
+    MissingKeysError,
+    ShapeMismatchError,
+)
 from ..layer import base_dims as linear_dims, dequantized_weight
 from .names import PEFT_PREFIX, layer_index, to_hf, to_mlx
 
@@ -138,7 +146,7 @@ def open_peft(
     config, weights, metadata = read_peft(adapter, peft_type)
     file = adapter / PEFT_WEIGHTS
     modules = group_peft(saved_base_layers(weights, base, model_type, file), file, leaf_pattern, model_type)
-    fingerprint = metadata_fingerprint(metadata)
+    fingerprint = metadata_fingerprint(metadata, file)
     verify_base(base, fingerprint, str(adapter))
     return PeftInput(config, modules, fingerprint or base_fingerprint(base, modules), file, model_type)
 
@@ -190,9 +198,16 @@ def verify_base(base: Optional[nn.Module], stored: Optional[dict], source: str) 
         verify_fingerprint(base, stored, source)
 
 
-def metadata_fingerprint(metadata: dict[str, str]) -> Optional[dict]:
+def metadata_fingerprint(metadata: dict[str, str], file: Path) -> Optional[dict]:
+    """The base fingerprint a PEFT file written here carries in its metadata, checked as the adapter reader does."""
     text = metadata.get(METADATA_FINGERPRINT)
-    return json.loads(text) if text else None
+    if not text:
+        return None
+    try:
+        fingerprint = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"{file}: metadata {METADATA_FINGERPRINT} is not valid JSON ({e})") from None
+    return check_fingerprint_field({FINGERPRINT_KEY: fingerprint}, file)
 
 
 def num_layers_for(base: Optional[nn.Module], paths: Iterable[str]) -> int:

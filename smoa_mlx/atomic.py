@@ -79,8 +79,15 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "Unable to write" in str(error)
 
 
-def _disk_full(target: Path, what: str, error: BaseException) -> DiskFullError:
-    return DiskFullError(f"disk full while writing {target}; the previous {what} is intact ({error})")
+@contextlib.contextmanager
+def _named_disk_full(target: Path, what: str) -> Iterator[None]:
+    """Turn running out of space inside the block into one DiskFullError naming ``target``."""
+    try:
+        yield
+    except BaseException as e:
+        if is_disk_full(e):
+            raise DiskFullError(f"disk full while writing {target}; the previous {what} is intact ({e})") from None
+        raise
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -115,13 +122,9 @@ def write_files(folder: PathLike, writers: Mapping[str, Writer], what: str = "fi
             target = folder / name
             tmp = temp_path(target)
             staged.append((tmp, target))
-            try:
+            with _named_disk_full(target, what):
                 write(tmp)
                 _fsync(tmp)
-            except BaseException as e:
-                if is_disk_full(e):
-                    raise _disk_full(target, what, e) from None
-                raise
             _plain_permissions(tmp, 0o666)
         for tmp, target in staged:
             os.replace(tmp, target)
@@ -177,15 +180,11 @@ def staged_folder(path: PathLike, merge: bool = False, what: str = "folder") -> 
     tmp.mkdir()
     _plain_permissions(tmp, 0o777)
     try:
-        try:
+        with _named_disk_full(path, what):
             yield tmp
             for item in tmp.iterdir():
                 if item.is_file():
                     _fsync(item)
-        except BaseException as e:
-            if is_disk_full(e):
-                raise _disk_full(path, what, e) from None
-            raise
         if merge and path.is_dir():
             _merge_into(tmp, path)
         elif path.exists():

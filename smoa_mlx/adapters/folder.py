@@ -512,18 +512,26 @@ def verify_base(model: nn.Module, fingerprint: Optional[dict], source: str) -> b
 
 
 # -- applying to a model ----------------------------------------------------------------------------------
+def _base_modules(model: nn.Module, paths: Iterable[str], errors: list[str]) -> dict[str, nn.Module]:
+    """``model``'s module at each path, an adapter wrapper looked through; a missing one is added to ``errors``."""
+    found = {}
+    for path in paths:
+        try:
+            module = get_module(model, path)
+        except KeyError as e:
+            errors.append(f"  {path}: {e.args[0]}")
+            continue
+        found[path] = module.linear if isinstance(module, SMoALinear) or hasattr(module, "lora_a") else module
+    return found
+
+
 def smoa_layers_for(
     model: nn.Module, config: SMoAConfig, modules: Mapping[str, SMoAModule], file: Path
 ) -> dict[str, SMoALinear]:
     """SMoA layers around ``model``'s modules holding the given factors; every mismatch reported at once."""
     errors, new = [], {}
-    for path, module in modules.items():
-        try:
-            base = get_module(model, path)
-        except KeyError as e:
-            errors.append(f"  {path}: {e.args[0]}")
-            continue
-        base = base.linear if isinstance(base, SMoALinear) else base
+    for path, base in _base_modules(model, modules, errors).items():
+        module = modules[path]
         try:
             check_base(base, path)
             layer = SMoALinear.from_base(
@@ -571,13 +579,8 @@ def _verify(model: nn.Module, adapter: AdapterFolder) -> bool:
 def _check_lora_fits(model: nn.Module, kind: str, modules: Mapping[str, dict[str, mx.array]], file: Path) -> None:
     """LoRA/DoRA factors against the linears they will wrap (other module kinds are left to mlx-lm's check)."""
     errors = []
-    for path, parts in modules.items():
-        try:
-            base = get_module(model, path)
-        except KeyError as e:
-            errors.append(f"  {path}: {e.args[0]}")
-            continue
-        base = getattr(base, "linear", base)
+    for path, base in _base_modules(model, modules, errors).items():
+        parts = modules[path]
         if isinstance(base, (nn.Linear, nn.QuantizedLinear)):
             d_out, d_in = base_dims(base)
             if parts["lora_a"].shape[0] != d_in or parts["lora_b"].shape[1] != d_out:

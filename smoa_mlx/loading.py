@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .errors import AdapterError, SMoAError
 from .models.embedded import EMBEDDED_NAME, embedded_gguf_path, gguf_model
 
 PathLike = Union[str, Path]
@@ -150,7 +151,8 @@ def load_model_with_adapter(
     try:
         apply_adapter(loaded[0], adapter)
     except ValueError as e:
-        raise type(e)(f"{e}\n(base model: {describe_model(model)}, {source})") from e
+        kind = type(e) if isinstance(e, SMoAError) else AdapterError
+        raise kind(f"{e}\n(base model: {describe_model(model)}, {source})") from e
     if log is not None:
         checked = "base fingerprint checked" if adapter.fingerprint else "no base fingerprint recorded: not checked"
         log(f"Base model: {describe_model(model)} ({source}; {checked})")

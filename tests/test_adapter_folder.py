@@ -135,6 +135,8 @@ def test_relative_base_resolves_against_the_adapter_folder(made, tmp_path, monke
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="neither a folder relative to the adapter folder"):
         recorded_base(read_adapter(folder))
+    with pytest.raises(FileNotFoundError, match=f"is a file: an adapter folder is expected; {folder} is the folder"):
+        read_adapter(folder / "adapters.safetensors")
 
 
 # -- every writer read by every reader ------------------------------------------------------------------------

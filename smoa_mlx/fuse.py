@@ -28,7 +28,9 @@ from mlx_lm.utils import dequantize_model, quantize_model
 
 from .cli import add_model_args, load_from_args, model_label, run
 from .convert.hf_export import export_hf, fuse_adapters
-from .loading import is_embedded, read_adapter_kind
+from .adapters.folder import read_adapter, recorded_base
+from .errors import SavePathExistsError
+from .loading import is_embedded
 from .models.folder import save_model_folder
 from .quant_check import LossCheck, adapters_removed, quantization_report, validation_loss
 from .train.data import DataError, check_data, load_splits
@@ -37,10 +39,6 @@ _QUANT_KEYS = ("quantization", "quantization_config")
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # mlx-lm's, for a dense base
 EMBEDDED_QUANTIZATION = (4, 32)  # the embedded model's GGUF is Q4_1: MLX affine, 4 bits, group size 32
 DEFAULT_VAL_BATCHES = 25
-
-
-class SavePathExistsError(FileExistsError):
-    """The output folder exists and ``--force`` was not given."""
 
 
 def adapter_layer_paths(model: nn.Module) -> list[str]:
@@ -162,8 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--val-batches must be -1 (all), 0 (skip) or more, got {args.val_batches}")
     if args.hf_path is not None and not args.export_hf:
         parser.error("--hf-path needs --export-hf")
-    kind, adapter_config = read_adapter_kind(args.adapter_path)  # a bad adapter fails before the slow model load
-    protected = (args.model or adapter_config.get("model"), args.adapter_path)
+    adapter = read_adapter(args.adapter_path)  # a bad adapter fails before the slow model load
+    protected = (args.model or recorded_base(adapter), args.adapter_path)
     save_path = check_save_path(args.save_path, args.force, "--save-path", protected)
     hf_path = None
     if args.export_hf:
@@ -174,14 +172,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Loading {model_label(args)}", file=sys.stderr)
     model, tokenizer, config = load_from_args(args, return_config=True)
     layers = adapter_layer_paths(model)
-    if not layers and kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
+    if not layers and adapter.kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
         raise ValueError(f"--adapter-path {args.adapter_path}: loading it added no adapter layers to fuse")
     quantize, check = None, None
     if args.quantize:
-        bits, group_size = _quant_defaults(config, args.model or adapter_config.get("model"))
+        bits, group_size = _quant_defaults(config, args.model or recorded_base(adapter))
         quantize = (args.q_bits or bits, args.q_group_size or group_size)
         if args.val_batches != 0:
-            check = _validation_split(args, adapter_config, tokenizer)
+            check = _validation_split(args, adapter.data, tokenizer)
     report = quantization_report(model, group_size=quantize[1], bits=quantize[0]) if quantize else None
     losses = {}
     if check:

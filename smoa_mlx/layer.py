@@ -10,8 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import resolve_ranks
 from .kernels import BlockLayout, delta_fn, dense_delta
-from .spectral import spectral_order, split_rank, split_sizes
+from .spectral import spectral_order, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
 
@@ -41,21 +42,6 @@ def dequantized_weight(base: BaseLinear) -> mx.array:
     if isinstance(base, nn.QuantizedLinear):
         return mx.dequantize(base.weight, base.scales, base.biases, group_size=base.group_size, bits=base.bits)
     return base.weight
-
-
-def resolve_ranks(rank: int, blocks: int, branch_ranks: Optional[Sequence[int]], name: str) -> list[int]:
-    if rank < 1:
-        raise ValueError(f"{name}: rank must be >= 1, got {rank}")
-    if blocks < 1:
-        raise ValueError(f"{name}: blocks must be >= 1, got {blocks}")
-    if branch_ranks is None:
-        return split_rank(rank, blocks)
-    ranks = [int(r) for r in branch_ranks]
-    if len(ranks) != blocks or sum(ranks) != rank or min(ranks) < 0:
-        raise ValueError(
-            f"{name}: branch_ranks {ranks} must be {blocks} non-negative ranks summing to rank={rank}"
-        )
-    return ranks
 
 
 class SMoALinear(nn.Module):

@@ -162,6 +162,7 @@ def written(made):
 READERS_BY_KIND = {"smoa": "to-hira", "hira": "to-hira", "lora": "to-peft", "dora": "to-peft"}
 
 
+@pytest.mark.filterwarnings("ignore::smoa_mlx.convert.FragileGroupingWarning")  # the tiny random base has near ties
 def test_every_writer_is_read_by_every_reader(made, written, tmp_path):
     base = str(made["base"])
     assert len(written) == 8

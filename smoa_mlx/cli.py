@@ -15,12 +15,14 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from .errors import SMoAError
 from .loading import describe_model, load_model, load_model_with_adapter
 
 DEFAULT_MAX_TOKENS = 256
 
-# What a user can get wrong; anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError)
+# What a user can get wrong (named errors, and the built-in kinds mlx-lm raises for bad input); anything else is
+# a bug and keeps its traceback.
+USER_ERRORS = (SMoAError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError)
 
 
 def add_model_args(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
@@ -62,10 +64,17 @@ def sampler_from_args(args: argparse.Namespace) -> Callable[[mx.array], mx.array
 
 
 def load_from_args(args: argparse.Namespace, return_config: bool = False):
-    """(model, tokenizer[, config]) for ``--model`` / ``--adapter-path``, through the project's one loader."""
+    """(model, tokenizer[, config]) for ``--model`` / ``--adapter-path``, through the project's one loader.
+
+    With an adapter, one line on stderr says which base model was used and whether its fingerprint was checked.
+    """
     if args.adapter_path is None:
         return load_model(args.model, return_config=return_config)
-    return load_model_with_adapter(args.model, args.adapter_path, return_config=return_config)
+    return load_model_with_adapter(args.model, args.adapter_path, log=_stderr, return_config=return_config)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -81,6 +90,25 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
 def model_label(args: argparse.Namespace) -> str:
     label = describe_model(args.model) if args.model or not args.adapter_path else "the adapter's base model"
     return label + (f" + adapter {args.adapter_path}" if args.adapter_path else "")
+
+
+# Console scripts (pyproject.toml), beside ``python -m smoa_mlx.fuse`` etc.
+def main_fuse() -> int:
+    from .fuse import main
+
+    return run(main, "smoa-fuse")
+
+
+def main_chat() -> int:
+    from .chat import main
+
+    return run(main, "smoa-chat")
+
+
+def main_generate() -> int:
+    from .generate import main
+
+    return run(main, "smoa-generate")
 
 
 __all__ = [

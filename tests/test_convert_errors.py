@@ -62,7 +62,7 @@ def test_mlx_folder_where_peft_expected(tmp_path):
     save_adapter(model, tmp_path / "smoa", cfg)
     with pytest.raises(AdapterTypeError, match="mlx-lm adapter"):
         peft_lora_to_mlx(tmp_path / "smoa", tmp_path / "out", model_type="llama")
-    with pytest.raises(AdapterTypeError, match="fine_tune_type is 'smoa'"):
+    with pytest.raises(AdapterTypeError, match="fine_tune_type='smoa' is not a lora/dora adapter"):
         mlx_lora_to_peft(tmp_path / "smoa", tmp_path / "out", model_type="llama")
 
 

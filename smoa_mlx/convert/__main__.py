@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..errors import SMoAError
 from .peft_hira import hira_to_smoa, smoa_to_hira
 from .peft_lora import mlx_lora_to_peft, peft_lora_to_mlx
 from .reference_smoa import reference_to_smoa, smoa_to_reference
@@ -70,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base = load_base(args.base) if args.base else None
         extra = {"order": args.order} if hasattr(args, "order") else {}
         out = fn(args.adapter, args.out, base=base, model_type=args.model_type, **extra)
-    except (ValueError, FileNotFoundError) as e:  # ConversionError and BaseModelMismatchError included
+    except (SMoAError, ValueError, FileNotFoundError) as e:  # every named error, and mlx-lm's for a bad --base
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

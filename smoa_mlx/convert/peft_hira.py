@@ -16,8 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters.fingerprint import FINGERPRINT_KEY
-from ..adapters.folder import ADAPTER_CONFIG
+from ..adapters.folder import ADAPTER_CONFIG, SMoAModule
 from ..config import SMoAConfig
 from .common import (
     PathLike,
@@ -25,20 +24,19 @@ from .common import (
     base_fingerprint,
     check_shape,
     distinct,
-    fingerprint_field,
     num_layers_for,
     open_peft,
     peft_config,
     peft_weights,
     require,
+    read_smoa,
     resolve_model_type,
     to_numpy,
-    verify_base,
     write_peft,
+    write_smoa,
 )
 from ..errors import ConversionError
 from .names import block_relative, to_hf
-from .smoa_io import SMoAModule, read_smoa, write_smoa
 
 __all__ = ["smoa_to_hira", "hira_to_smoa", "hira_factors"]
 
@@ -66,8 +64,8 @@ def smoa_to_hira(
     """
     distinct(adapter, out)
     model_type = resolve_model_type(base, model_type)
-    config, data, modules = read_smoa(adapter, base)
-    verify_base(base, modules, data.get(FINGERPRINT_KEY), str(adapter))
+    src, modules = read_smoa(adapter, base)
+    config = src.smoa
     arrays = {}
     for path, module in modules.items():
         to_hf(path, model_type)
@@ -77,7 +75,7 @@ def smoa_to_hira(
         arrays[(path, "hira_B")] = mx.array(b_full).astype(dtype)
     hf_paths = [to_hf(p, model_type) for p in modules]
     cfg = peft_config("HIRA", config.rank, hf_paths, hira_dropout=config.dropout, init_weights=True, rank_pattern={})
-    fingerprint = data.get(FINGERPRINT_KEY) or base_fingerprint(base, modules)
+    fingerprint = src.fingerprint or base_fingerprint(base, modules)
     return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
 
 
@@ -106,4 +104,4 @@ def hira_to_smoa(
         target_modules=sorted({block_relative(p) for p in modules}),
         num_layers=num_layers_for(base, modules),
     )
-    return write_smoa(out, smoa, modules, fingerprint_field(src.fingerprint))
+    return write_smoa(out, smoa, modules, src.fingerprint)

@@ -18,9 +18,9 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
 from ..atomic import atomic_save_safetensors
-from ..errors import CheckpointError, ResumeMismatchError
+from ..errors import AdapterError, CheckpointError, ResumeMismatchError
 
 STATE_FILE = "training_state.safetensors"
 # Hyperparameters that define the adapter's shape or the meaning of its weights: a resumed run must match them.
@@ -168,9 +168,9 @@ def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, for
         what = ""
         if config_file.is_file():
             try:
-                old = json.loads(config_file.read_text())
-                what = f" (fine_tune_type={old.get('fine_tune_type')}, rank={old.get('lora_parameters', {}).get('rank')})"
-            except (ValueError, AttributeError, RecursionError):
+                old = read_adapter(folder)
+                what = f" (fine_tune_type={old.kind}, rank={(old.lora or {}).get('rank')})"
+            except AdapterError:
                 what = " (unreadable adapter_config.json)"
         raise FileExistsError(
             f"--adapter-path {folder} already holds an adapter{what}: pass --resume to continue it, "

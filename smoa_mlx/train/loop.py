@@ -26,9 +26,7 @@ from mlx_lm.tuner import trainer as mlx_trainer
 from mlx_lm.tuner.callbacks import TrainingCallback
 from tqdm import tqdm
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the adapter weights became NaN/inf; the last good checkpoint is kept."""
+from ..errors import TrainingDiverged
 
 
 @contextlib.contextmanager

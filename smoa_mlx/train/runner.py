@@ -40,13 +40,15 @@ from .checkpoint import (
     set_rng_key,
 )
 from .checkpoint import save_state as save_training_state
+from ..adapters.folder import apply_adapter, base_reference
 from ..config import SMoAConfig
 from ..folder_lock import FolderLock
-from ..loading import apply_adapter, describe_model, load_model
+from ..errors import DataError, OptionError, SMoAError, TrainingDiverged
+from ..loading import describe_model, load_model
+from .args import OPTIMIZERS, SMOA_KEYS, parse_args, resolve
+from .data import check_data, load_splits
+from .loop import BatchStream, Recorder, patched_trainer, uses_nccl
 from .methods import Method
-from .args import parse_args, resolve
-from .data import DataError, check_data, load_splits
-from .loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
 from .report import format_summary, plot_losses
 from .signals import Interrupted, StopSignals
 
@@ -62,16 +64,7 @@ def _say(*parts: Any) -> None:
 
 
 def _method(opts: types.SimpleNamespace) -> Method:
-    config = SMoAConfig(
-        rank=opts.rank,
-        blocks=opts.blocks,
-        alpha=opts.alpha,
-        dropout=opts.dropout,
-        branch_ranks=opts.branch_ranks,
-        target_modules=opts.target_modules,
-        num_layers=opts.num_layers,
-    )
-    return Method(opts.fine_tune_type, config)
+    return Method(opts.fine_tune_type, SMoAConfig(**{key: getattr(opts, key) for key in SMOA_KEYS}))
 
 
 def _identity(opts: types.SimpleNamespace) -> dict[str, Any]:
@@ -87,25 +80,27 @@ def _identity(opts: types.SimpleNamespace) -> dict[str, Any]:
     }
 
 
+def default_schedule(opts: types.SimpleNamespace) -> dict[str, Any]:
+    """The reference runs' schedule as an mlx-lm ``lr_schedule``: linear warmup from 0, then cosine decay to 0."""
+    return {"name": "cosine_decay", "arguments": [opts.learning_rate, max(opts.iters - opts.warmup, 1), 0.0],
+            "warmup": opts.warmup, "warmup_init": 0.0}
+
+
+# mlx_lm.lora's optimizer names, each the mlx.optimizers class of that name.
+OPTIMIZER_CLASSES = {
+    name: next(cls for attr, cls in vars(optim).items() if attr.lower() == name and isinstance(cls, type))
+    for name in OPTIMIZERS
+}
+
+
 def _optimizer(opts: types.SimpleNamespace) -> optim.Optimizer:
-    """Linear warmup then cosine decay to zero, unless an mlx-lm ``lr_schedule`` is configured."""
-    if opts.lr_schedule:
-        lr = build_schedule(opts.lr_schedule)
-    elif opts.warmup > 0:
-        lr = optim.join_schedules(
-            [optim.linear_schedule(0.0, opts.learning_rate, opts.warmup),
-             optim.cosine_decay(opts.learning_rate, max(opts.iters - opts.warmup, 1))],
-            [opts.warmup],
-        )
-    else:
-        lr = optim.cosine_decay(opts.learning_rate, opts.iters)
-    classes = {"adamw": optim.AdamW, "adam": optim.Adam, "sgd": optim.SGD, "adafactor": optim.Adafactor,
-               "muon": optim.Muon}
+    """As ``mlx_lm.lora`` builds it (``build_schedule``, ``optimizer_config``); the default schedule is ours."""
+    lr = build_schedule(opts.lr_schedule or default_schedule(opts))
     extra = (opts.optimizer_config or {}).get(opts.optimizer, {})
     try:
-        return classes[opts.optimizer](learning_rate=lr, **extra)
+        return OPTIMIZER_CLASSES[opts.optimizer](learning_rate=lr, **extra)
     except TypeError as e:
-        raise ValueError(f"optimizer_config.{opts.optimizer}: {e}") from None
+        raise OptionError(f"optimizer_config.{opts.optimizer}: {e}") from None
 
 
 def _finite(model: nn.Module) -> bool:
@@ -265,7 +260,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path, st
         restore_optimizer(optimizer, model.trainable_parameters(), saved_optimizer)
         set_rng_key(state.rng)
     recorder = Recorder(start, history, every=opts.steps_per_report, last=opts.iters, say=_say)
-    extra = {"model": opts.model, "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
+    extra = {"model": base_reference(opts.model), "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
     saver = _Saver(folder, method, model, optimizer, recorder, identity, _schedule(opts), extra)
     saver.last_good = start or None
     validate = _validator(model, splits["valid"], opts, recorder) if "valid" in splits else None
@@ -357,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 1
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (SMoAError, DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

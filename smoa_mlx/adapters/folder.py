@@ -17,8 +17,8 @@ SMoA tensors, per adapted module path: ``smoa_a.<k>`` [r_k, |C_k|], ``smoa_b.<k>
 
 Reading goes through :func:`read_adapter` (the config) and :func:`read_weights` (the tensors), each value checked
 by one function named for it (``check_kind``, ``check_lora_parameters``, ``check_smoa_parameters``,
-``check_fingerprint_field``, ``check_recorded_base``, :func:`smoa_modules`, :func:`lora_modules`), all before
-any model is touched. Writing goes through :func:`write_adapter`: weights and config staged together and
+``check_fingerprint_field``, ``check_recorded_base``, :func:`smoa_modules`, :func:`lora_modules`, and for every
+factor tensor :func:`check_factor`: dtype and finiteness), all before any model is touched. Writing goes through :func:`write_adapter`: weights and config staged together and
 renamed into place (:mod:`smoa_mlx.atomic`), so a crash or a full disk leaves the previous adapter intact.
 """
 
@@ -311,8 +311,13 @@ def check_smoa_parameters(data: dict, file: Path, kind: str) -> SMoAConfig:
     return config
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
 def check_fingerprint_field(data: dict, file: Path) -> Optional[dict]:
-    """``base_fingerprint``: absent (nothing to check) or {version, modules: {path: {shape, rms, probes}}}."""
+    """``base_fingerprint``: absent (nothing to check) or {version, modules: {path: {shape, rms, probes}}}, every
+    value of the right type (a hand-edited or damaged one must fail here, naming the file, not in the comparison)."""
     fingerprint = data.get(FINGERPRINT_KEY)
     if fingerprint is None:
         return None
@@ -323,6 +328,18 @@ def check_fingerprint_field(data: dict, file: Path) -> Optional[dict]:
         raise AdapterFileError(
             f"{file}: {FINGERPRINT_KEY} must be an object with 'modules' mapping paths to {{shape, rms, probes}}"
         )
+    version = fingerprint.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterFileError(f"{file}: {FINGERPRINT_KEY}.version must be an integer, got {version!r}")
+    for path, m in modules.items():
+        where = f"{file}: {FINGERPRINT_KEY}.modules[{path!r}]"
+        shape, probes = m["shape"], m["probes"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise AdapterFileError(f"{where}.shape must be two non-negative integers, got {shape!r}")
+        if not _finite_number(m["rms"]) or m["rms"] < 0:
+            raise AdapterFileError(f"{where}.rms must be a finite number >= 0, got {m['rms']!r}")
+        if not (isinstance(probes, list) and probes and all(_finite_number(v) for v in probes)):
+            raise AdapterFileError(f"{where}.probes must be a non-empty list of finite numbers")
     return fingerprint
 
 
@@ -382,6 +399,20 @@ def check_order(order: Any, n: Optional[int], what: str, file: Path) -> np.ndarr
     return order.astype(np.int64)
 
 
+# Factors are trained in these; an integer or float64 file was not written by a trainer, and casting it silently
+# would hide that (and float64 is not even computable on Apple GPUs).
+FACTOR_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def check_factor(value: mx.array, what: str, file: Path) -> None:
+    """A trained factor: a float32/float16/bfloat16 tensor holding no NaN or inf (a fused model would be NaN)."""
+    if value.dtype not in FACTOR_DTYPES:
+        raise AdapterFileError(f"{file}: {what} is {str(value.dtype).rpartition('.')[2]}; adapter factors are "
+                               "float32, float16 or bfloat16")
+    if value.size and not mx.isfinite(value).all().item():
+        raise AdapterFileError(f"{file}: {what} holds NaN or inf values")
+
+
 def check_smoa_factors(path: str, config: SMoAConfig, module: SMoAModule, file: Path) -> None:
     """Block count, per-block ranks and factor shapes against the config and the module's dimensions."""
     ranks = resolve_ranks(config.rank, config.blocks, config.branch_ranks, path)
@@ -390,9 +421,10 @@ def check_smoa_factors(path: str, config: SMoAConfig, module: SMoAModule, file: 
         raise ShapeMismatchError(f"{file}: {path} is {d_out}x{d_in}, too small for blocks={config.blocks}")
     sizes = zip(ranks, split_sizes(d_out, config.blocks), split_sizes(d_in, config.blocks))
     for k, (r_k, rows, cols) in enumerate(sizes):
-        for what, got, want in (("smoa_a", module.a[k].shape, (r_k, cols)), ("smoa_b", module.b[k].shape, (rows, r_k))):
-            if tuple(got) != want:
-                raise ShapeMismatchError(f"{file}: {path}.{what}.{k} has shape {tuple(got)}, expected {want}")
+        for what, value, want in (("smoa_a", module.a[k], (r_k, cols)), ("smoa_b", module.b[k], (rows, r_k))):
+            if tuple(value.shape) != want:
+                raise ShapeMismatchError(f"{file}: {path}.{what}.{k} has shape {tuple(value.shape)}, expected {want}")
+            check_factor(value, f"{path}.{what}.{k}", file)
 
 
 def smoa_modules(weights: Mapping[str, mx.array], config: SMoAConfig, file: Path) -> dict[str, SMoAModule]:
@@ -410,10 +442,11 @@ def smoa_modules(weights: Mapping[str, mx.array], config: SMoAConfig, file: Path
     modules = {}
     for path in sorted(parts, key=natural_key):
         p = parts[path]
-        for kind in ("a", "b"):
-            if sorted(p[kind]) != list(range(config.blocks)):
+        for kind in ("a", "b"):  # the count first: a config may claim a billion blocks
+            if len(p[kind]) != config.blocks or sorted(p[kind]) != list(range(config.blocks)):
                 raise MissingKeysError(
-                    f"{file}: {path}.smoa_{kind} has blocks {sorted(p[kind])}, the config says blocks={config.blocks}"
+                    f"{file}: {path}.smoa_{kind} has blocks {sorted(p[kind])}, but {ADAPTER_CONFIG} says "
+                    f"blocks={config.blocks}"
                 )
         missing = [k for k in ("row_order", "col_order") if k not in p]
         if missing:
@@ -456,6 +489,8 @@ def lora_modules(weights: Mapping[str, mx.array], kind: str, rank: int, file: Pa
             )
         if "m" in parts and tuple(parts["m"].shape) != (b.shape[1],):
             raise ShapeMismatchError(f"{file}: {path}.m has shape {tuple(parts['m'].shape)}, expected ({b.shape[1]},)")
+        for leaf, value in parts.items():
+            check_factor(value, f"{path}.{leaf}", file)
     if not modules:
         raise MissingKeysError(f"{file}: holds no adapter tensors")
     return modules

@@ -171,6 +171,7 @@ CONFIG_FORMS: dict[str, Callable[[bytes, random.Random], bytes]] = {
     "alpha Infinity": _smoa("alpha", float("inf")),
     "alpha a string": _smoa("alpha", "big"),
     "blocks 1e9": _smoa("blocks", 1_000_000_000),
+    "rank and blocks 1e9": _edit(lambda d: d["smoa_parameters"].update(rank=10**9, blocks=10**9)),
     "blocks 0": _smoa("blocks", 0),
     "blocks 2.0": _smoa("blocks", 2.0),
     "blocks true": _smoa("blocks", True),

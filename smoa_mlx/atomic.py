@@ -114,6 +114,7 @@ def write_files(folder: PathLike, writers: Mapping[str, Writer], what: str = "fi
     previous content in the disk-full message ("the previous adapter is intact").
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale(folder)
     staged: list[tuple[Path, Path]] = []
@@ -132,6 +133,9 @@ def write_files(folder: PathLike, writers: Mapping[str, Writer], what: str = "fi
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if created:  # a failed write into a new folder leaves no empty folder behind either
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: after success it is not
     return folder
 
 

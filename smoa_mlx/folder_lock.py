@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .errors import FolderInUseError
+from .atomic import is_disk_full
+from .errors import DiskFullError, FolderInUseError
 
 LOCK_NAME = ".smoa_mlx.lock"
 
@@ -91,10 +92,16 @@ class FolderLock:
         old = _read_pid(fd)
         if old and old != os.getpid():
             self.took_over = old
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            self.release()
+            if is_disk_full(e):
+                raise DiskFullError(f"disk full while writing the lock file {self.path}; nothing was written") from None
+            raise
 
     def _lock(self, fd: int) -> bool:
         """True when this process now holds the lock; False when a live process does."""

@@ -49,6 +49,7 @@ TRAIN_CLI = "smoa_mlx.train"
 class Outcome:
     failures: list[str] = field(default_factory=list)
     note: str = ""
+    skipped: bool = False
 
     def fail(self, *problems: str) -> "Outcome":
         self.failures.extend(p for p in problems if p)
@@ -407,10 +408,10 @@ def _fill(disk: Path, leave: int) -> None:
         f.write(b"\0" * max(free - leave, 0))
 
 
-def disk_full(world, rng, i=0, what: Optional[str] = None):
+def disk_full(world, rng, i=0, what: Optional[str] = None, leave: Optional[int] = None):
     """Out of space while writing: a clear error, nothing partial left, the previous adapter intact."""
     what = what or ["resume", "fuse", "to-hira"][i % 3]
-    leave = rng.randrange(0, 160_000)
+    leave = rng.randrange(0, 160_000) if leave is None else leave
     out = Outcome(note=f"{what} with {leave} bytes free")
     mount = world.folder("tmpfs")
     try:
@@ -449,6 +450,7 @@ def disk_full(world, rng, i=0, what: Optional[str] = None):
                     out.fail(f"partial output left: {left}")
     except PermissionError as e:
         out.note += f" (skipped: {e})"
+        out.skipped = True
     return out
 
 

@@ -169,7 +169,7 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
     given = dict(vars(args) if isinstance(args, types.SimpleNamespace) else (args or {}))
     given.update(overrides)
     opts = resolve(given)
-    with StopSignals(say=_say) as stops:
+    with StopSignals() as stops:
         return _run(opts, stops)
 
 

@@ -10,8 +10,8 @@ resumable checkpoint there and raises :class:`Interrupted`. A second signal stop
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 import threading
 from typing import Iterator, Optional
 
@@ -39,10 +39,9 @@ class StopSignals:
     """Handlers for SIGINT / SIGTERM / SIGHUP for the duration of a ``with`` block (main thread only: elsewhere
     Python cannot install handlers, and the block does nothing)."""
 
-    def __init__(self, say=None):
+    def __init__(self):
         self.pending: Optional[int] = None
         self.deferring = False
-        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self._saved: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -60,8 +59,13 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.deferring and self.pending is None:
             self.pending = signum
-            self.say(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                     "(send it again to stop at once, without saving)")
+            # os.write, not print: the signal may have interrupted a print to the same stream (a reentrant call)
+            note = (f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                    "(send it again to stop at once, without saving)\n")
+            try:
+                os.write(2, note.encode())
+            except OSError:
+                pass
             return
         raise Interrupted(signum)
 

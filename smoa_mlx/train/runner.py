@@ -110,7 +110,10 @@ def _finite(model: nn.Module) -> bool:
 
 
 class _Saver:
-    """Checkpoints on rank 0: numbered weights, then the training state (the commit point), then the adapter."""
+    """Checkpoints on rank 0: the numbered weights, the adapter (weights and config), then the training state,
+    the commit point: a kill before it leaves the previous checkpoint in charge, and a state never names a step
+    whose adapter and config are not on disk yet (a resume reads the config; a finished state is the final adapter).
+    """
 
     def __init__(self, folder: Path, method: Method, model: nn.Module, optimizer, recorder: Recorder,
                  identity: dict, schedule: dict, extra: dict):
@@ -128,9 +131,9 @@ class _Saver:
         if self.rank0:
             name = checkpoint_name(step)
             self.method.save(self.model, self.folder, self.extra, weights_name=name)
+            self.method.save(self.model, self.folder, self.extra)
             state = TrainingState(step, rng_key(), name, self.recorder.state, self.identity, self.schedule)
             save_training_state(self.folder, self.optimizer, state)
-            self.method.save(self.model, self.folder, self.extra)
         self.last_good = step
 
 

@@ -162,3 +162,31 @@ def test_resume_with_another_schedule_is_refused(world, tmp_path, change):
         runner.run(opts(world, folder, save_every=5, resume=True, **change))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert json.loads(before["adapter_config.json"])["training"]["iters"] == ITERS
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing catches it, so no later write of the run happens."""
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_a_kill_right_after_a_checkpoint_commits_resumes_exactly(world, tmp_path, monkeypatch, which):
+    """The training state is the commit point and is written last: a state on disk means its adapter and config
+    are too. (Written before the adapter, a kill right after the first state left no adapter_config.json, so
+    --resume failed; right after the last state, the final adapter stayed at the previous checkpoint.)"""
+    full = runner.run(opts(world, tmp_path / "full"))
+    real_replace = os.replace
+    commits = []
+
+    def replace(src, dst, *a, **kw):
+        real_replace(src, dst, *a, **kw)
+        if Path(dst).name == STATE_FILE:
+            commits.append(dst)
+            if which == "first" or len(commits) == len(range(4, ITERS, 4)) + 1:  # the final save
+                raise _Killed
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(_Killed):
+        runner.run(opts(world, tmp_path / "cut"))
+    monkeypatch.undo()
+    resumed = runner.run(opts(world, tmp_path / "cut", resume=True))
+    same_run(full, resumed, tmp_path / "full", tmp_path / "cut")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every trial's outcome to this file")
     parser.add_argument("--list", action="store_true", help="list the trial kinds and exit")
     args = parser.parse_args(argv)
+    # Stopping the suite (Ctrl-C, or kill when it runs in the background, where SIGINT is ignored) still prints the
+    # figures of the trials that ran and unmounts a tmpfs in use.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.list:
         for name, (_, reps) in TRIALS.items():
             print(f"{reps:4d}  {name}")

@@ -240,7 +240,9 @@ def loads_or_empty(world: World, folder: Path, previous: Optional[dict] = None) 
     try:
         world.load(folder)
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding
-        return [f"the adapter left behind does not load: {type(e).__name__}: {str(e)[:300]}"]
+        pair = " (new weights without their config: a kill between the two renames of one save)" if (
+            weights.exists() and not config.exists()) else ""
+        return [f"the adapter left behind does not load{pair}: {type(e).__name__}: {str(e)[:300]}"]
     return []
 
 

@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import Callable, Iterator, Optional, Sequence, TextIO
 
-from . import cli_common as cli
-from .session import Conversation, stream_to
+from . import cli
+from .conversation import Conversation, stream_to
 
 COMMANDS = {
     "/reset": "forget the conversation (the system prompt stays)",

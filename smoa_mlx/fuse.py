@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, quantize_model
 
-from .cli_common import add_model_args, load_from_args, model_label, run
+from .cli import add_model_args, load_from_args, model_label, run
 from .convert.hf_export import export_hf, fuse_adapters
 from .loading import read_adapter_kind
 from .models.folder import save_model_folder

@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 from mlx_lm.generate import stream_generate
 
-from . import cli_common as cli
-from .session import Conversation, TurnStats, stream_to
+from . import cli
+from .conversation import Conversation, TurnStats, stream_to
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINE_TUNE_TYPES, load_adapter, read_json_object
+from .adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINE_TUNE_TYPES, load_adapter, read_json_object
 from .models.embedded import EMBEDDED_NAME, embedded_gguf_path, gguf_model
 
 PathLike = Union[str, Path]

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2
 
 from smoa_mlx import SMoAConfig, SMoALinear, apply_smoa, load_adapter, save_adapter, smoa_layers, target_paths
-from smoa_mlx import adapters as adapters_mod
+from smoa_mlx.adapters import folder as adapters_mod
 
 
 def _llama(layers=3, seed=0, quantize=False):
@@ -174,7 +174,7 @@ def test_mismatched_adapter_is_refused_and_model_untouched(tmp_path):
     assert not smoa_layers(fresh)
 
     # Same architecture and shapes, other base weights: the recorded fingerprint catches it.
-    from smoa_mlx.fingerprint import BaseModelMismatchError
+    from smoa_mlx.adapters.fingerprint import BaseModelMismatchError
 
     other = _llama(seed=7)
     with pytest.raises(BaseModelMismatchError, match=r"adapter_config\.json: the adapter was trained on a different base"):

@@ -24,7 +24,7 @@ from smoa_mlx.convert import (
 )
 from smoa_mlx.convert.__main__ import main
 from smoa_mlx.convert.names import to_hf, to_mlx
-from smoa_mlx.fingerprint import check_fingerprint, fingerprint_modules
+from smoa_mlx.adapters.fingerprint import check_fingerprint, fingerprint_modules
 
 Q = "model.layers.1.self_attn.q_proj"
 

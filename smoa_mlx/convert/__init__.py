@@ -4,7 +4,7 @@ The MLX side never needs torch: PEFT folders are plain safetensors + JSON. torch
 converted files (and by :mod:`smoa_mlx.convert.torch_reference`, imported lazily).
 """
 
-from .errors import (
+from ..errors import (
     AdapterTypeError,
     BaseModelMismatchError,
     ConversionError,

@@ -17,17 +17,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    atomic_save_safetensors,
-    atomic_write_text,
-    get_module,
-    read_json_object,
-)
-from ..fingerprint import FINGERPRINT_KEY, check_fingerprint, fingerprint_modules
+from ..adapters.apply import get_module
+from ..adapters.fingerprint import FINGERPRINT_KEY, check_fingerprint, fingerprint_modules
+from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json_object
+from ..atomic import atomic_save_safetensors, atomic_write_text
 from ..layer import base_dims as linear_dims, dequantized_weight
-from .errors import AdapterTypeError, BaseModelMismatchError, ConversionError, MissingKeysError, ShapeMismatchError
+from ..errors import AdapterTypeError, BaseModelMismatchError, ConversionError, MissingKeysError, ShapeMismatchError
 from .names import PEFT_PREFIX, layer_index, to_hf, to_mlx
 
 PathLike = Union[str, os.PathLike]

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 from .names import FAMILIES
 
 __all__ = ["export_hf", "fuse_adapters"]

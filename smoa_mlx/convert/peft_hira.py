@@ -16,9 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import ADAPTER_CONFIG
+from ..adapters.fingerprint import FINGERPRINT_KEY
+from ..adapters.folder import ADAPTER_CONFIG
 from ..config import SMoAConfig
-from ..fingerprint import FINGERPRINT_KEY
 from .common import (
     PathLike,
     base_dims,
@@ -36,7 +36,7 @@ from .common import (
     verify_base,
     write_peft,
 )
-from .errors import ConversionError
+from ..errors import ConversionError
 from .names import block_relative, to_hf
 from .smoa_io import SMoAModule, read_smoa, write_smoa
 

@@ -15,8 +15,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..fingerprint import FINGERPRINT_KEY
+from ..adapters.fingerprint import FINGERPRINT_KEY
+from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .common import (
     PathLike,
     base_dims,
@@ -36,7 +36,7 @@ from .common import (
     write_mlx,
     write_peft,
 )
-from .errors import ConversionError, MissingKeysError
+from ..errors import ConversionError, MissingKeysError
 from .names import block_relative, to_hf
 
 __all__ = ["mlx_lora_to_peft", "peft_lora_to_mlx"]

@@ -26,9 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import get_module
+from ..adapters.apply import get_module
+from ..adapters.fingerprint import FINGERPRINT_KEY
 from ..config import SMoAConfig
-from ..fingerprint import FINGERPRINT_KEY
 from ..layer import dequantized_weight, resolve_ranks
 from ..spectral import order_margin, spectral_order, spectral_scores, spectral_scores_svd, split_sizes
 from .common import (
@@ -46,7 +46,7 @@ from .common import (
     verify_base,
     write_peft,
 )
-from .errors import ConversionError, MissingKeysError
+from ..errors import ConversionError, MissingKeysError
 from .names import block_relative, to_hf
 from .smoa_io import SMoAModule, _cut, read_smoa, write_smoa
 

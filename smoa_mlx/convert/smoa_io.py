@@ -10,12 +10,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import ADAPTER_WEIGHTS, _group_by_module, adapter_config_dict, read_adapter_config
+from ..adapters.folder import ADAPTER_WEIGHTS, _group_by_module, adapter_config_dict, read_adapter_config
 from ..config import SMoAConfig
 from ..layer import resolve_ranks
 from ..spectral import split_sizes
 from .common import PathLike, base_dims, check_shape, read_weights, write_folder
-from .errors import AdapterTypeError, MissingKeysError, ShapeMismatchError
+from ..errors import AdapterTypeError, MissingKeysError, ShapeMismatchError
 
 
 @dataclass

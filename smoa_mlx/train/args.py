@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .config import DEFAULT_TARGETS
+from ..config import DEFAULT_TARGETS
 from .methods import DEFAULT_LEARNING_RATES, METHODS
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")

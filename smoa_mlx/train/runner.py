@@ -1,4 +1,4 @@
-"""``python -m smoa_mlx.train``: fine-tune with SMoA (or HiRA / LoRA / DoRA baselines) on mlx-lm's training loop.
+"""What ``python -m smoa_mlx.train`` does: fine-tune with SMoA (or HiRA / LoRA / DoRA baselines) on mlx-lm's training loop.
 
 Everything goes through :func:`run`, which the CLI, ``scripts/compare.py`` and ``scripts/bench_train.py`` share:
 it returns a result dict (losses, tokens/s, peak memory, wall time). Data-parallel under ``mlx.launch``: each rank
@@ -26,7 +26,7 @@ from mlx_lm.tuner.utils import build_schedule
 from mlx_lm.utils import get_total_parameters
 from tqdm import tqdm
 
-from .adapters import atomic_write_text
+from ..atomic import atomic_write_text
 from .checkpoint import (
     STATE_FILE,
     TrainingState,
@@ -38,13 +38,13 @@ from .checkpoint import (
     set_rng_key,
 )
 from .checkpoint import save_state as save_training_state
-from .config import SMoAConfig
-from .loading import apply_adapter, describe_model, load_model
+from ..config import SMoAConfig
+from ..loading import apply_adapter, describe_model, load_model
 from .methods import Method
-from .train_args import parse_args, resolve
-from .train_data import DataError, check_data, load_splits
-from .train_loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
-from .train_report import format_summary, plot_losses
+from .args import parse_args, resolve
+from .data import DataError, check_data, load_splits
+from .loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
+from .report import format_summary, plot_losses
 
 __all__ = ["run", "train_adapter", "main", "TrainingDiverged"]
 
@@ -295,6 +295,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

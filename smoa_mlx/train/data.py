@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
-PACKAGED_DATA = Path(__file__).parent / "data"
+PACKAGED_DATA = Path(__file__).resolve().parent.parent / "data"
 SPLITS = ("train", "valid", "test")
 FORMAT_KEYS = {"completions": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}
 

@@ -1,20 +1,31 @@
-"""Named errors of the converters, so callers (and tests) can tell a wrong file from a wrong model."""
+"""Every named error of the package, under one base class, so callers can catch "anything smoa-mlx refused".
+
+Errors about input (a file, a flag, a model that does not fit) also subclass ``ValueError``, so code that catches
+``ValueError`` keeps working; the message names the file, key or flag.
+"""
 
 from __future__ import annotations
 
-from ..fingerprint import BaseModelMismatchError
-
 __all__ = [
+    "SMoAError",
+    "BaseModelMismatchError",
     "ConversionError",
     "AdapterTypeError",
     "MissingKeysError",
     "ShapeMismatchError",
     "UnsupportedArchitectureError",
-    "BaseModelMismatchError",
 ]
 
 
-class ConversionError(ValueError):
+class SMoAError(Exception):
+    """Base class of every error smoa-mlx raises on purpose."""
+
+
+class BaseModelMismatchError(SMoAError, ValueError):
+    """The adapter was trained on other base weights than the model it is being applied to or converted for."""
+
+
+class ConversionError(SMoAError, ValueError):
     """Base class: the input cannot be converted; nothing was written."""
 
 

@@ -15,18 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    adapter_arrays,
-    apply_smoa,
-    atomic_save_safetensors,
-    atomic_write_text,
-    load_adapter,
-    save_adapter,
-    target_paths,
-)
-from .config import SMoAConfig
+from ..adapters.apply import apply_smoa, target_paths
+from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_arrays, load_adapter, save_adapter
+from ..atomic import atomic_save_safetensors, atomic_write_text
+from ..config import SMoAConfig
 
 METHODS = ("smoa", "hira", "lora", "dora")
 # Hadamard adapters scale the update by W0's own entries, so they need a far larger step than LoRA (PEFT's HiRA

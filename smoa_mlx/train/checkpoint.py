@@ -2,7 +2,7 @@
 
 The training state file is written last and names the numbered weight file it belongs to, so a crash between
 the two writes leaves the previous, consistent checkpoint in charge. The data order needs no saving: the batch
-stream is a pure function of the seed and the step (see ``train_loop.BatchStream``).
+stream is a pure function of the seed and the step (see ``loop.BatchStream``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_save_safetensors
+from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..atomic import atomic_save_safetensors
 
 STATE_FILE = "training_state.safetensors"
 # Hyperparameters that define the adapter's shape or the meaning of its weights: a resumed run must match them.

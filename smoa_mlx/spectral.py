@@ -175,7 +175,7 @@ def _read_cached(file: Path, shape: tuple) -> Optional[tuple[np.ndarray, np.ndar
 def _write_cached(file: Path, rows: np.ndarray, cols: np.ndarray) -> None:
     """Atomic (a reader sees the whole file or none); a cache that cannot be written costs speed, not the run."""
     global _warned_write
-    from .adapters import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.save(buffer, np.concatenate([rows, cols]).astype(np.int32))

@@ -41,10 +41,12 @@ from .checkpoint import save_state as save_training_state
 from ..config import SMoAConfig
 from ..loading import apply_adapter, describe_model, load_model
 from .methods import Method
-from .args import parse_args, resolve
+from .args import parse_args, resolve, schedule_note
 from .data import DataError, check_data, load_splits
 from .loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
+from .preview import answer, held_out_question, question_text
 from .report import format_summary, plot_losses
+from ..spectral import cached_orders
 
 __all__ = ["run", "train_adapter", "main", "TrainingDiverged"]
 
@@ -159,6 +161,7 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
     method = _method(opts)
     identity = _identity(opts)
     if opts.train:
+        _say(schedule_note(opts))
         note = check_adapter_path(folder, identity, opts.resume, opts.force)
         if note:
             _say(note)
@@ -173,8 +176,15 @@ def run(args: Union[types.SimpleNamespace, dict, None] = None, **overrides: Any)
                          warn=_say, checked=checked)
     result: dict[str, Any] = {"method": opts.fine_tune_type, "rank": opts.rank, "blocks": opts.blocks,
                               "adapter_path": str(folder), "world_size": world.size(), "test_loss": None}
+    question = held_out_question(checked) if opts.train and opts.preview and world.rank() == 0 else None
+    if question:
+        before = answer(model, tokenizer, question)
+        _say(f"Held-out question: {question_text(question)}\n  before training: {before}")
     if opts.train:
         result.update(_train(opts, model, splits, method, identity, folder))
+        if question:
+            result["preview"] = {"question": question_text(question), "before": before,
+                                 "after": answer(model, tokenizer, question)}
     else:
         apply_adapter(model, folder)
     if opts.test:
@@ -207,8 +217,9 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
         load_state(folder)  # raises: nothing to resume
     else:
         _say(f"Applying {opts.fine_tune_type} to {describe_model(opts.model)}")
-        method.apply(model, progress=lambda xs: tqdm(xs, desc="spectral order", leave=False, file=sys.stderr,
-                                                      disable=mx.distributed.init().rank() != 0))
+        with cached_orders(disk=True):  # the orders depend on W0 alone: a second run reads them back
+            method.apply(model, progress=lambda xs: tqdm(xs, desc="spectral order", leave=False, file=sys.stderr,
+                                                          disable=mx.distributed.init().rank() != 0))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = get_total_parameters(model)
     optimizer = _optimizer(opts)

@@ -20,6 +20,7 @@ import yaml
 from mlx_lm.lora import CONFIG_DEFAULTS as MLX_LM_DEFAULTS
 from mlx_lm.lora import yaml_loader
 
+from ..cli import show_defaults
 from ..config import DEFAULT_TARGETS, check_smoa_values
 from ..errors import OptionError
 from .methods import DEFAULT_LEARNING_RATES, METHODS
@@ -29,7 +30,8 @@ SMOA_KEYS = ("rank", "blocks", "alpha", "dropout", "branch_ranks", "target_modul
 
 # mlx_lm.lora's own defaults, for every option that means the same here.
 _FROM_MLX_LM = ("train", "test", "lr_schedule", "mask_prompt", "batch_size", "val_batches", "test_batches",
-                "steps_per_report", "save_every", "adapter_path", "max_seq_length", "grad_checkpoint", "seed", "config")
+                "steps_per_report", "save_every", "adapter_path", "max_seq_length", "grad_checkpoint", "seed", "config",
+                "grad_accumulation_steps", "report_to", "project_name")
 DEFAULTS: dict[str, Any] = {
     **{key: MLX_LM_DEFAULTS[key] for key in _FROM_MLX_LM},
     # Where this package differs from mlx_lm.lora. The reference runs: K=2, alpha = rank (scale 1), AdamW with
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask-prompt", action="store_true", default=None, help="no loss on prompt tokens (chat/completions)")
     add("--num-layers", type=int, help="adapt the last N transformer blocks (-1: all, the default)")
     add("--batch-size", type=int, help="global batch size (split across data-parallel ranks)")
-    add("--iters", type=int, help="total optimizer steps (a resumed run continues up to this)")
+    add("--iters", type=int, help="total steps, one batch each (a resumed run continues up to this)")
     add("--val-batches", type=int, help="validation batches per evaluation (-1: the whole valid set)")
     add("--test-batches", type=int, help="test batches (-1: the whole test set)")
     add("--steps-per-report", type=int, help="steps between training-loss reports")
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adapter-path", help="folder for the adapter, checkpoints and loss curve (default ./adapters)")
     add("--max-seq-length", type=int, help="longer examples are truncated (with a warning)")
     add("--grad-checkpoint", action="store_true", default=None, help="recompute activations to save memory")
+    add("--grad-accumulation-steps", type=int, help="batches whose gradients are summed into one optimizer step "
+        "(mlx-lm's flag; --iters, --save-every and --warmup still count batches)")
+    add("--report-to", help="also log losses to wandb, swanlab or wandb,swanlab (mlx-lm's reporting callbacks)")
+    add("--project-name", help="project name for --report-to")
     add("--seed", type=int, help="seed for initialisation, data order and dropout")
     add("--resume", action="store_true", default=None, help="continue from the checkpoint in --adapter-path")
     add("--force", action="store_true", default=None, help="overwrite an adapter already in --adapter-path")
@@ -105,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dropout", type=float, help="dropout on the adapter path (default 0.05)")
     add("--target-modules", type=_name_list, help="comma-separated module names (default q,k,v,up,down proj)")
     add("-c", "--config", help="YAML file with any of these options (underscored names)")
-    return p
+    return show_defaults(p, DEFAULTS)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -183,9 +189,34 @@ def resolve(cli: dict[str, Any], yaml_data: Optional[dict[str, Any]] = None) -> 
     lr = opts["learning_rate"]
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
         raise OptionError(f"{name('learning_rate')} must be a finite number >= 0, got {lr!r}")
+    accumulate = opts["grad_accumulation_steps"]
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise OptionError(f"{name('grad_accumulation_steps')} must be a positive integer, got {accumulate!r}")
+    for key in ("iters", "save_every"):  # checkpoints and the end must fall where an optimizer step was just taken
+        if opts[key] % accumulate and not (key == "save_every" and opts[key] > opts["iters"]):
+            raise OptionError(f"{name(key)} {opts[key]} must be a multiple of {name('grad_accumulation_steps')} "
+                              f"{accumulate}")
+    check_report_to(opts["report_to"], name("report_to"))
     if opts["optimizer"] not in OPTIMIZERS:
         raise OptionError(f"{name('optimizer')} must be one of {', '.join(OPTIMIZERS)}, got {opts['optimizer']!r}")
     return types.SimpleNamespace(**opts)
+
+
+def check_report_to(report_to: Optional[str], flag: str) -> None:
+    """Every service named is one mlx-lm can report to and is installed, before any model is loaded."""
+    import importlib.util
+
+    from mlx_lm.tuner.callbacks import SUPPORT_CALLBACK
+
+    if report_to is None:
+        return
+    if not isinstance(report_to, str):
+        raise OptionError(f"{flag} must be a comma-separated list of services, got {report_to!r}")
+    for service in (s.strip().lower() for s in report_to.split(",") if s.strip()):
+        if service not in SUPPORT_CALLBACK:
+            raise OptionError(f"{flag}: unknown service {service!r} (known: {', '.join(SUPPORT_CALLBACK)})")
+        if service in ("wandb", "swanlab") and importlib.util.find_spec(service) is None:
+            raise OptionError(f"{flag} {service}: the {service} package is not installed (pip install {service})")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:

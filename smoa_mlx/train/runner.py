@@ -44,7 +44,7 @@ from ..errors import DataError, OptionError, SMoAError, TrainingDiverged
 from ..loading import describe_model, load_model
 from .args import OPTIMIZERS, SMOA_KEYS, parse_args, resolve
 from .data import check_data, load_splits
-from .loop import BatchStream, Recorder, patched_trainer, uses_nccl
+from .loop import BatchStream, Recorder, patched_trainer, uses_nccl, with_reporting
 from .methods import Method
 from .report import format_summary, plot_losses
 
@@ -73,13 +73,20 @@ def _identity(opts: types.SimpleNamespace) -> dict[str, Any]:
         "target_modules": list(opts.target_modules),
         "num_layers": opts.num_layers,
         "model": opts.model,
+        # only when set, so that checkpoints made before the option existed still resume
+        **({"grad_accumulation_steps": opts.grad_accumulation_steps} if opts.grad_accumulation_steps > 1 else {}),
     }
 
 
 def default_schedule(opts: types.SimpleNamespace) -> dict[str, Any]:
-    """The reference runs' schedule as an mlx-lm ``lr_schedule``: linear warmup from 0, then cosine decay to 0."""
-    return {"name": "cosine_decay", "arguments": [opts.learning_rate, max(opts.iters - opts.warmup, 1), 0.0],
-            "warmup": opts.warmup, "warmup_init": 0.0}
+    """The reference runs' schedule as an mlx-lm ``lr_schedule``: linear warmup from 0, then cosine decay to 0.
+
+    The optimizer counts its own steps: with gradient accumulation, one per ``grad_accumulation_steps`` batches.
+    """
+    per_update = opts.grad_accumulation_steps
+    iters, warmup = opts.iters // per_update, opts.warmup // per_update
+    return {"name": "cosine_decay", "arguments": [opts.learning_rate, max(iters - warmup, 1), 0.0],
+            "warmup": warmup, "warmup_init": 0.0}
 
 
 # mlx_lm.lora's optimizer names, each the mlx.optimizers class of that name.
@@ -211,6 +218,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
         restore_optimizer(optimizer, model.trainable_parameters(), saved_optimizer)
         set_rng_key(state.rng)
     recorder = Recorder(start, history)
+    callback = with_reporting(recorder, opts, folder, start)
     extra = {"model": base_reference(opts.model), "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
     saver = _Saver(folder, method, model, optimizer, recorder, identity, extra, opts.save_every)
     saver.last_good = start or None
@@ -228,14 +236,16 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
                 max_seq_length=opts.max_seq_length,
                 adapter_file=str(Path(scratch) / "mlx_lm_final.safetensors"),  # mlx-lm's unconditional final save
                 grad_checkpoint=opts.grad_checkpoint,
+                grad_accumulation_steps=opts.grad_accumulation_steps,
             )
             stream = BatchStream(opts.seed, start, saver.on_step)
             try:
                 with patched_trainer(start, uses_nccl()):
                     train(model, optimizer, splits["train"], splits.get("valid"), targs,
-                          iterate_batches=stream, training_callback=recorder)
+                          iterate_batches=stream, training_callback=callback)
             except KeyboardInterrupt:
-                step = _optimizer_step(optimizer)
+                updates = _optimizer_step(optimizer)  # batches of an unfinished accumulation are dropped
+                step = None if updates is None else updates * opts.grad_accumulation_steps
                 if step is not None and step > start and _finite(model):
                     saver.save(step)
                     _say(f"\nInterrupted: saved the adapter at step {step} in {folder} "
@@ -244,7 +254,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
         saver.check(opts.iters)
         if "valid" in splits:  # mlx-lm's last validation runs before the last step: measure the final adapter
             val = _evaluate(model, splits["valid"], opts, opts.val_batches)
-            recorder.on_val_loss_report({"iteration": opts.iters - start, "val_loss": val})
+            callback.on_val_loss_report({"iteration": opts.iters - start, "val_loss": val})
             _say(f"step {opts.iters:>6}  val loss   {val:.4f}  (final)")
         saver.save(opts.iters)
     out.update(_figures(recorder, folder, opts))

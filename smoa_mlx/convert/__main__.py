@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 from ..adapters.folder import read_adapter, recorded_base
 from ..errors import OptionError, SMoAError
 from ..loading import EMBEDDED, HUB_ID, fetch_from_hub
+from .common import distinct
 from .peft_hira import hira_to_smoa, smoa_to_hira
 from .peft_lora import mlx_lora_to_peft, peft_lora_to_mlx
 from .reference_smoa import reference_to_smoa, smoa_to_reference
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
             + " (default: the base the adapter records, when it is local)",
         )
         p.add_argument("--model-type", help="llama, qwen2, phi3, ... (default: read from --base)")
+        p.add_argument("--force", action="store_true", help="replace the adapter in an output folder that holds one")
         if "reference" in name:
             p.add_argument(
                 "--order",
@@ -116,9 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     fn, needs_base, _ = DIRECTIONS[args.direction]
     try:
+        distinct(args.adapter, args.out, args.force)  # before the base model loads (the converter checks again)
         base, model_type = _base_and_type(args, needs_base)
         extra = {"order": args.order} if hasattr(args, "order") else {}
-        out = fn(args.adapter, args.out, base=base, model_type=model_type, **extra)
+        out = fn(args.adapter, args.out, base=base, model_type=model_type, force=args.force, **extra)
     except (SMoAError, ValueError, FileNotFoundError) as e:  # every named error, and mlx-lm's for a bad --base
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,7 +46,8 @@ from smoa_mlx import train  # noqa: E402
 from smoa_mlx.atomic import atomic_write_text  # noqa: E402
 from smoa_mlx.eval.bigbench import TASKS, reference_accuracies, task_splits, write_completions  # noqa: E402
 from smoa_mlx.eval.choice_eval import Encoded, encode_examples, score_choices  # noqa: E402
-from smoa_mlx.loading import apply_adapter, load_model  # noqa: E402
+from smoa_mlx.adapters import apply_adapter  # noqa: E402
+from smoa_mlx.loading import load_model  # noqa: E402
 from smoa_mlx.models.embedded import EMBEDDED_NAME, build_model, save_embedded  # noqa: E402
 from smoa_mlx.spectral import cached_orders  # noqa: E402
 from smoa_mlx.train.loop import BatchStream  # noqa: E402

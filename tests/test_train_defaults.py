@@ -76,25 +76,20 @@ def test_run_answers_before_and_after_and_the_next_run_reads_the_orders_back(tin
     np.testing.assert_allclose(second["val_losses"][0][1], first["val_losses"][0][1], rtol=1e-5)
 
 
-def test_answer_merges_dense_smoa_layers_only_while_generating(tiny):
+def test_answer_leaves_the_adapter_in_place(tiny):
     from mlx_lm import load
 
     from smoa_mlx import SMoAConfig, apply_smoa, smoa_layers
-    from smoa_mlx.layer import SMoALinear
 
     model, tokenizer = load(tiny["model"])
     apply_smoa(model, SMoAConfig(rank=4, blocks=2, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    for layer in smoa_layers(model).values():  # a non-zero update, so merged and live would differ if wrong
+    for layer in smoa_layers(model).values():  # a non-zero update, so a reply without it would show
         layer.smoa_b = [mx.random.normal(b.shape) * 0.5 for b in layer.smoa_b]
     tokens = mx.array([tokenizer.encode("the cat sat on the mat")])
+    model.train()
     live = model(tokens)
-    question = [{"role": "user", "content": "what is the color of sky"}]
-    reply = answer(model, tokenizer, question, max_tokens=6)
-    assert isinstance(reply, str)
-    assert all(isinstance(m, SMoALinear) for m in smoa_layers(model).values()) and len(smoa_layers(model)) == 4
+    reply = answer(model, tokenizer, [{"role": "user", "content": "what is the color of sky"}], max_tokens=6)
+    assert isinstance(reply, str) and "\n" not in reply
+    assert len(smoa_layers(model)) == 4 and not model.training
+    model.train()
     np.testing.assert_allclose(np.array(model(tokens)), np.array(live), rtol=1e-5, atol=1e-5)
-    from smoa_mlx.train.preview import _fused
-
-    with _fused(model):
-        assert not smoa_layers(model)
-        np.testing.assert_allclose(np.array(model(tokens)), np.array(live), rtol=1e-4, atol=1e-4)

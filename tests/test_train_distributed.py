@@ -54,7 +54,8 @@ def test_two_ring_ranks_equal_one_process(tmp_path):
         assert world.size() == 2, world.size()
         result = run({opts!r}, adapter_path={str(tmp_path / 'ring')!r})
         if world.rank() == 0:
-            json.dump(result, open({str(tmp_path / 'ring.json')!r}, "w"))
+            with open({str(tmp_path / 'ring.json')!r}, "w") as f:
+                json.dump(result, f)
     """))
     procs = [
         subprocess.Popen([sys.executable, str(script)], env={**os.environ, "MLX_RANK": str(r),

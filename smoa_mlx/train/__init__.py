@@ -6,7 +6,7 @@ Reading order: :mod:`.runner` (what a run does, start to end), :mod:`.args` (fla
 :mod:`.report` (summary and loss curve).
 """
 
-from .loop import TrainingDiverged
+from ..errors import TrainingDiverged
 from .runner import main, run, train_adapter
 
 __all__ = ["run", "train_adapter", "main", "TrainingDiverged"]

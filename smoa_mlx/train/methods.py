@@ -1,26 +1,38 @@
 """The fine-tuning methods the trainer offers, behind one interface, so baselines share SMoA's training loop.
 
-``smoa`` and ``hira`` (SMoA with one block) use this package's layer and adapter files; ``lora`` and ``dora`` use
-mlx-lm's own layers (``linear_to_lora_layers``) and write adapters that ``mlx_lm.load(adapter_path=...)`` reads.
+``smoa`` and ``hira`` (SMoA with one block) use this package's layer; ``lora`` and ``dora`` use mlx-lm's own
+layers (``linear_to_lora_layers``), whose adapters ``mlx_lm.load(adapter_path=...)`` reads. Every method saves and
+restores through the adapter folder's one owner, :mod:`smoa_mlx.adapters.folder`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..adapters.apply import apply_smoa, target_paths
-from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_arrays, load_adapter, save_adapter
-from ..atomic import atomic_save_safetensors, atomic_write_text
+from ..adapters.fingerprint import FINGERPRINT_KEY, fingerprint_modules
+from ..adapters.folder import (
+    ADAPTER_WEIGHTS,
+    FINE_TUNE_TYPES,
+    SMOA_TYPES,
+    load_adapter,
+    lora_layers,
+    lora_parameters,
+    read_adapter,
+    read_weights,
+    save_adapter,
+    smoa_layers,
+    verify_base,
+)
 from ..config import SMoAConfig
+from ..errors import AdapterError
 
-METHODS = ("smoa", "hira", "lora", "dora")
+METHODS = FINE_TUNE_TYPES
 # Hadamard adapters scale the update by W0's own entries, so they need a far larger step than LoRA (PEFT's HiRA
 # benchmark: 4.5e-3 against 1e-4 for LoRA); at LoRA's rate SMoA barely moves the loss.
 DEFAULT_LEARNING_RATES = {"smoa": 2e-3, "hira": 2e-3, "lora": 2e-4, "dora": 2e-4}
@@ -28,26 +40,16 @@ DEFAULT_LEARNING_RATES = {"smoa": 2e-3, "hira": 2e-3, "lora": 2e-4, "dora": 2e-4
 
 @dataclass
 class Method:
-    """One adapter kind with its hyperparameters: apply it, save it, load it back for --resume."""
+    """One adapter kind with its (already checked) hyperparameters: apply it, save it, restore it for --resume."""
 
     kind: str
     config: SMoAConfig
     _keys: Optional[list] = field(default=None, init=False, repr=False)  # LoRA keys, known once applied
-
-    def __post_init__(self) -> None:
-        if self.kind not in METHODS:
-            raise ValueError(f"--fine-tune-type must be one of {METHODS}, got {self.kind!r}")
-        if self.kind == "hira" and self.config.blocks != 1:
-            raise ValueError(f"--fine-tune-type hira is SMoA with one block; got --blocks {self.config.blocks}")
+    _fingerprint: Optional[dict] = field(default=None, init=False, repr=False)  # the base's, taken once
 
     @property
     def is_smoa(self) -> bool:
-        return self.kind in ("smoa", "hira")
-
-    def lora_parameters(self) -> dict[str, Any]:
-        """mlx-lm's adapter fields. For LoRA/DoRA the keys are the in-block paths mlx-lm's loader matches."""
-        keys = self._keys or list(self.config.target_modules)
-        return {"rank": self.config.rank, "scale": self.config.scale, "dropout": self.config.dropout, "keys": keys}
+        return self.kind in SMOA_TYPES
 
     def _lora_keys(self, model: nn.Module) -> list[str]:
         """mlx-lm matches LoRA keys against paths inside a block (``self_attn.q_proj``): derive them from ours."""
@@ -67,45 +69,33 @@ class Method:
         self._keys = self._lora_keys(model)
         model.freeze()
         num_layers = len(model.layers) if self.config.num_layers < 0 else self.config.num_layers
-        linear_to_lora_layers(model, num_layers, self.lora_parameters(), use_dora=self.kind == "dora")
+        linear_to_lora_layers(model, num_layers, lora_parameters(self.config, self._keys), use_dora=self.kind == "dora")
         return [k for k, _ in tree_flatten(model.trainable_parameters())]
-
-    def adapter_config(self, model_layers: int, extra: Optional[dict] = None) -> dict[str, Any]:
-        data = dict(extra or {})
-        num_layers = model_layers if self.config.num_layers < 0 else self.config.num_layers
-        data.update(
-            {"fine_tune_type": self.kind, "num_layers": num_layers, "lora_parameters": self.lora_parameters()}
-        )
-        if self.is_smoa:
-            data["smoa_parameters"] = self.config.to_dict()
-        return data
-
-    def weights(self, model: nn.Module) -> dict[str, mx.array]:
-        if self.is_smoa:
-            return adapter_arrays(model)
-        return dict(tree_flatten(model.trainable_parameters()))
 
     def save(self, model: nn.Module, folder: Path, extra: Optional[dict] = None,
              weights_name: str = ADAPTER_WEIGHTS) -> None:
-        """Atomic save; the config JSON is (re)written only with the main adapter file, as mlx-lm does."""
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.adapter_config(len(model.layers), extra)
-        if self.is_smoa:
-            save_adapter(model, folder, self.config, extra_config=config, weights_name=weights_name)
-            if weights_name == ADAPTER_WEIGHTS:  # save_adapter writes "smoa"; keep "hira" when that was asked
-                atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-            return
-        arrays = self.weights(model)
-        mx.eval(arrays)
-        atomic_save_safetensors(folder / weights_name, arrays, metadata={"format": "mlx"})
-        if weights_name == ADAPTER_WEIGHTS:
-            atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        """Atomic save; the config JSON (with the base fingerprint) only with the main adapter file, as mlx-lm."""
+        if self._fingerprint is None:  # the base does not change during training: sketch it once
+            self._fingerprint = fingerprint_modules(smoa_layers(model) if self.is_smoa else lora_layers(model))
+        extra = {**(extra or {}), FINGERPRINT_KEY: self._fingerprint}
+        save_adapter(model, folder, self.config, extra, weights_name, self.kind, keys=self._keys)
 
     def restore(self, model: nn.Module, folder: Path, weights_name: str) -> None:
-        """Apply this method with the saved weights (for --resume). SMoA reads its spectral orders from the
-        file instead of recomputing them."""
+        """Apply this method with the saved weights (for --resume), checked against the model and its base.
+        SMoA reads its spectral orders from the file instead of recomputing them."""
         if self.is_smoa:
             load_adapter(model, folder, weights_name=weights_name)
             return
+        adapter = read_adapter(folder, (self.kind,))
+        verify_base(model, adapter.fingerprint, str(adapter.config_file))
+        weights, _ = read_weights(folder / weights_name)
         self.apply(model)
-        model.load_weights(str(folder / weights_name), strict=False)
+        params = dict(tree_flatten(model.trainable_parameters()))
+        bad = sorted(k for k, v in weights.items() if k not in params or params[k].shape != v.shape)
+        missing = sorted(set(params) - set(weights))
+        if bad or missing:
+            raise AdapterError(
+                f"{folder / weights_name} does not fit this {self.kind} run: unexpected or misshapen {bad[:4]}, "
+                f"missing {missing[:4]}"
+            )
+        model.load_weights(list(weights.items()), strict=False)

@@ -7,13 +7,10 @@ form, asked through the tokenizer's chat template as training saw it, and answer
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlx.nn as nn
 from mlx_lm import generate
-
-from ..adapters.apply import replace_modules, smoa_layers
 
 MAX_TOKENS = 32  # the demo's answers are one sentence; an untrained model's rambling is cut here
 
@@ -35,28 +32,15 @@ def held_out_question(checked: Optional[dict]) -> Optional[list[dict]]:
 
 
 def answer(model: nn.Module, tokenizer, messages: list[dict], max_tokens: int = MAX_TOKENS) -> str:
-    """Greedy reply to ``messages`` on one line (the model is left in eval mode: no dropout)."""
+    """Greedy reply to ``messages`` on one line. The model is left in eval mode: no dropout, and SMoA layers
+    answer from their merged weight instead of re-gathering their anchors for every token."""
     model.eval()
     if getattr(tokenizer, "has_chat_template", False):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     else:
         prompt = tokenizer.encode("\n".join(m["content"] for m in messages))
-    with _fused(model):
-        text = generate(model, tokenizer, prompt, max_tokens=max_tokens, verbose=False)
+    text = generate(model, tokenizer, prompt, max_tokens=max_tokens, verbose=False)
     return " ".join(text.split())
-
-
-@contextlib.contextmanager
-def _fused(model: nn.Module) -> Iterator[None]:
-    """Dense SMoA layers merged (W0 + Delta W) for the duration: the same outputs, but one token at a time the
-    live layers re-gather their anchors from W0 per call, which made this answer ~0.5 s a token on a 2-core CPU.
-    Quantized bases stay live (merging would dequantize them, costly in memory on a large model)."""
-    live = {path: layer for path, layer in smoa_layers(model).items() if isinstance(layer.linear, nn.Linear)}
-    replace_modules(model, {path: layer.fuse() for path, layer in live.items()})
-    try:
-        yield
-    finally:
-        replace_modules(model, live)
 
 
 def question_text(messages: list[dict]) -> str:

@@ -159,6 +159,8 @@ def cache_dir() -> Optional[Path]:
 def _read_cached(file: Path, shape: tuple) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The orders stored in ``file``, or None when absent or not two permutations of the right sizes (a damaged
     file is recomputed and rewritten, never trusted)."""
+    if len(shape) != 2:
+        return None  # not a weight matrix: the computation says so
     try:
         both = np.load(file, allow_pickle=False)
     except (OSError, ValueError):

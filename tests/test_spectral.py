@@ -124,6 +124,8 @@ def test_damaged_cache_file_is_recomputed_and_replaced(monkeypatch, tmp_path):
         got = spectral_order(w)
     for a, b in zip(got, fresh):
         np.testing.assert_array_equal(a, b)
+    with cached_orders(disk=True), pytest.raises(ValueError, match="2-D"):
+        spectral_order(np.zeros(5, dtype=np.float32))  # a cache lookup does not hide the shape error
     _no_recompute(monkeypatch)
     with cached_orders(disk=True):
         spectral_order(w)  # the file was rewritten with the right orders

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .kernels import BlockLayout, delta_fn, dense_delta
+from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, linear_fn
 from .spectral import spectral_order, split_rank, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
@@ -125,12 +125,6 @@ class SMoALinear(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.dropout_p = dropout
         # Private (underscore) arrays are module state but not parameters: never trained, never in weight dumps.
-        self._index = (
-            mx.array(row_order, dtype=mx.int32),
-            mx.array(col_order, dtype=mx.int32),
-            mx.array(np.argsort(row_order), dtype=mx.int32),
-            mx.array(np.argsort(col_order), dtype=mx.int32),
-        )
         self._layout = BlockLayout(
             row_sizes=tuple(row_sizes),
             col_sizes=tuple(col_sizes),
@@ -139,6 +133,14 @@ class SMoALinear(nn.Module):
             group_size=base.group_size if isinstance(base, nn.QuantizedLinear) else 0,
             bits=base.bits if isinstance(base, nn.QuantizedLinear) else 0,
         )
+        # The orders, their inverses and the block-major plan the kernels index with (kernels/plan.py).
+        self._index = (
+            mx.array(row_order, dtype=mx.int32),
+            mx.array(col_order, dtype=mx.int32),
+            mx.array(np.argsort(row_order), dtype=mx.int32),
+            mx.array(np.argsort(col_order), dtype=mx.int32),
+            tuple(build_plan(self._layout, row_order, col_order)),
+        )
         # Reference init: A_k Kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(|C_k|), 1/sqrt(|C_k|)); B_k zero.
         self.smoa_a = [
             mx.random.uniform(-1 / math.sqrt(c), 1 / math.sqrt(c), shape=(r, c)) for r, c in zip(ranks, col_sizes)
@@ -146,7 +148,7 @@ class SMoALinear(nn.Module):
         self.smoa_b = [mx.zeros((n, r)) for r, n in zip(ranks, row_sizes)]
         # Resolve the backend now, outside any mx.compile / grad trace, so a GPU kernel's one-time compile probe
         # (and its fallback warning) happens here rather than in the middle of a training step.
-        delta_fn(self._layout)
+        linear_fn(self._layout)
 
     # -- views ---------------------------------------------------------------------------------------------
     @property
@@ -158,8 +160,8 @@ class SMoALinear(nn.Module):
         return self._layout
 
     @property
-    def index(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-        """(row_order, col_order, inverse row order, inverse col order), int32."""
+    def index(self) -> tuple:
+        """(row_order, col_order, inverse row order, inverse col order, block plan), int32 arrays."""
         return self._index
 
     @property
@@ -197,11 +199,12 @@ class SMoALinear(nn.Module):
 
     # -- compute -------------------------------------------------------------------------------------------
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear(x)
-        if self.dropout_p > 0:
-            x = self.dropout(x)
-        delta = delta_fn(self._layout)(x, self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
-        return y + delta.astype(y.dtype)
+        if self.dropout_p > 0 and self.training:  # dropout on the update path only: two inputs
+            y = self.linear(x)
+            delta = delta_fn(self._layout)(self.dropout(x), self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
+            return y + delta.astype(y.dtype)
+        y = linear_fn(self._layout)(x, self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
+        return y + self.linear.bias if "bias" in self.linear else y
 
     def delta_weight(self, dtype=mx.float32) -> mx.array:
         """The dense d_out x d_in update, for checks and merging only."""

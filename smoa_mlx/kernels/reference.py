@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
+from mlx.utils import tree_map
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _modulated(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) 
 
 
 def _forward(layout: BlockLayout, x, index, weight_parts, a_list, b_list):
-    row_order, col_order, row_inv, _ = index
+    row_order, col_order, row_inv, _ = index[:4]
     xs = mx.take(x, col_order, axis=-1)
     lead = x.shape[:-1]
     outs: list = []
@@ -95,7 +96,7 @@ def _forward(layout: BlockLayout, x, index, weight_parts, a_list, b_list):
 
 
 def _backward(layout: BlockLayout, x, index, weight_parts, a_list, b_list, cotan):
-    row_order, col_order, _, col_inv = index
+    row_order, col_order, _, col_inv = index[:4]
     xs = mx.take(x, col_order, axis=-1)
     gs = mx.take(cotan, row_order, axis=-1)
     lead = x.shape[:-1]
@@ -134,14 +135,14 @@ def reference_delta_fn(layout: BlockLayout):
         x, index, weight_parts, a_list, b_list = primals
         dx, da, db = _backward(layout, x, index, weight_parts, a_list, b_list, cotangent)
         # Frozen inputs: these zeros are lazy and never evaluated, since nothing asks for their gradient.
-        return dx, tuple(mx.zeros_like(i) for i in index), tuple(mx.zeros_like(p) for p in weight_parts), da, db
+        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
 
     return delta
 
 
 def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=mx.float32):
     """The full d_out x d_in update. Only for merging and checks: training never calls it."""
-    row_order, col_order, row_inv, col_inv = index
+    row_order, col_order, row_inv, col_inv = index[:4]
     d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
     permuted = mx.zeros((d_out, d_in), dtype=dtype)
     for k, (r0, r1), (c0, c1), rows, cols in _block_slices(layout, row_order, col_order):
@@ -167,7 +168,7 @@ def _slots(layout: BlockLayout) -> list[tuple[int, int]]:
 
 def _full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
     """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32."""
-    _, _, row_inv, col_inv = index
+    _, _, row_inv, col_inv = index[:4]
     r = sum(layout.ranks)
     b_rows, a_cols = [], []
     for k, (s0, s1) in enumerate(_slots(layout)):
@@ -233,6 +234,6 @@ def dense_form_delta_fn(layout: BlockLayout):
         db_full = layout.scale * (h @ a_full.T).astype(mx.float32)
         da_full = (b_full.T @ h).astype(mx.float32)
         da, db = _split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
-        return dx, tuple(mx.zeros_like(i) for i in index), tuple(mx.zeros_like(p) for p in weight_parts), da, db
+        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
 
     return delta

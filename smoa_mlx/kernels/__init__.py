@@ -5,14 +5,17 @@ Two implementations of one contract, ``fn(x, index, weight_parts, a_list, b_list
 - the block-major form (:mod:`.blocks`): batched MLX matmuls at the FLOP floor (2 + 3/K layer-matmuls per training
   step), its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or CUDA) and
   by plain MLX on the CPU;
-- the pure-MLX reference (:func:`reference_delta_fn`): one block at a time, what tests compare against.
+- the pure-MLX reference (:func:`reference_delta_fn`): one block at a time, what tests compare against;
+- the dense HiRA form (:func:`dense_form_delta_fn`: three full matmuls and a transient d_out x d_in product), the
+  fastest form on the CPU and the fallback where the GPU kernels fail.
 
 :func:`delta_fn` returns the update alone; :func:`linear_fn` returns x W0^T plus the update, the frozen layer's
 products fused with the update's gather and scatter (what :class:`~smoa_mlx.layer.SMoALinear` calls when there is
-no dropout). ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the block form, with the GPU kernels wherever MLX has a
-GPU; on the CPU the form :data:`CPU_FORM` names, measured by scripts/bench_kernels.py), ``kernel`` (the same),
-``mlx`` (the block form with plain-MLX steps, on any device), ``reference``. A kernel that fails to compile or run
-on a first small probe is reported once with a warning, and the plain-MLX block form is used from then on.
+no dropout). ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the block form with the GPU kernels wherever MLX has a
+GPU; on the CPU the form :data:`CPU_FORM` names, measured by scripts/bench_kernels.py), ``kernel`` (the block form
+with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``,
+``reference``. Kernels that fail to compile or run on a first small probe are reported once with a warning, and the
+dense form is used from then on.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import mlx.core as mx
 from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
 from .gpu import GpuRunner, gpu_backend
 from .plan import BlockPlan, build_plan
-from .reference import BlockLayout, dense_delta, gather_anchor, gather_rows, reference_delta_fn
+from .reference import BlockLayout, dense_delta, dense_form_delta_fn, gather_anchor, gather_rows, reference_delta_fn
 
 __all__ = [
     "BlockLayout",
@@ -36,6 +39,7 @@ __all__ = [
     "build_plan",
     "delta_fn",
     "dense_delta",
+    "dense_form_delta_fn",
     "form",
     "gather_anchor",
     "gather_rows",
@@ -44,11 +48,12 @@ __all__ = [
 ]
 
 KERNEL_ENV = "SMOA_MLX_KERNEL"
-FORMS = ("auto", "kernel", "mlx", "reference")
+FORMS = ("auto", "kernel", "mlx", "dense", "reference")
 
-# The form ``auto`` uses where MLX has no GPU: the faster of the two in scripts/bench_kernels.py --cpu on the CPU
-# (docs/BENCHMARKS.md).
-CPU_FORM = "mlx"
+# The form ``auto`` uses where MLX has no GPU: the fastest pure-MLX form in ``scripts/bench_kernels.py --cpu``
+# (docs/BENCHMARKS.md): the dense HiRA form, whose three full matmuls go through BLAS, beat the block forms, whose
+# takes MLX's CPU back-end runs slowly.
+CPU_FORM = "dense"
 
 _MLX_OPS = MlxOps()
 _kernel_ops: dict[str, KernelOps] = {}
@@ -103,33 +108,44 @@ def _probe(ops: KernelOps) -> bool:
 
 
 def _ops():
-    """The memory-bound steps' implementation for this machine: GPU kernels if they work here, else plain MLX."""
+    """The GPU kernels if they work on this machine, else None."""
     backend = gpu_backend()
     if backend is None:
-        return _MLX_OPS
+        return None
     ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend)))
-    return ops if _probe(ops) else _MLX_OPS
+    return ops if _probe(ops) else None
+
+
+def _chosen():
+    """("block", ops) for the block form with these steps, or (name, None) for a pure-MLX form."""
+    chosen = form()
+    if chosen == "mlx":
+        return "block", _MLX_OPS
+    if chosen == "kernel":
+        ops = _ops()
+        return ("block", ops) if ops is not None else ("dense", None)
+    return chosen, None
 
 
 def delta_fn(layout: BlockLayout):
     """The update alone (for layers with dropout on the update path)."""
-    chosen = form()
-    if chosen == "reference":
-        return reference_delta_fn(layout)
-    return block_fn(layout, _ops() if chosen == "kernel" else _MLX_OPS, False)
+    chosen, ops = _chosen()
+    if chosen == "block":
+        return block_fn(layout, ops, False)
+    return reference_delta_fn(layout) if chosen == "reference" else dense_form_delta_fn(layout)
 
 
 def linear_fn(layout: BlockLayout):
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
-    chosen = form()
-    if chosen == "reference":
-        return _reference_linear(layout)
-    return block_fn(layout, _ops() if chosen == "kernel" else _MLX_OPS, True)
+    chosen, ops = _chosen()
+    if chosen == "block":
+        return block_fn(layout, ops, True)
+    return _with_base(layout, chosen)
 
 
 @lru_cache(maxsize=None)
-def _reference_linear(layout: BlockLayout):
-    ref = reference_delta_fn(layout)
+def _with_base(layout: BlockLayout, chosen: str):
+    ref = reference_delta_fn(layout) if chosen == "reference" else dense_form_delta_fn(layout)
 
     def fn(x, index, weight_parts, a_list, b_list):
         y = base_forward(layout, mx.reshape(x, (-1, x.shape[-1])), weight_parts)

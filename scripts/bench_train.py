@@ -27,8 +27,9 @@ TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_p
 MODEL = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
              num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
              rope_theta=500000.0, tie_word_embeddings=True)  # Llama-3.2-1B's shape
-METHODS = ("lora", "smoa", "smoa-dense", "smoa-reference")
-_ENV = {"smoa": "auto", "smoa-dense": "dense", "smoa-reference": "reference"}  # SMOA_MLX_KERNEL per method
+METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense", "smoa-reference")
+# SMOA_MLX_KERNEL per method: smoa is the default (auto), the others force one form on every layer.
+_ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense", "smoa-reference": "reference"}
 
 
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int) -> dict:
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--bits", default="0,4", help="base precisions: 0 = bf16, 4 = 4-bit")
-    ap.add_argument("--methods", default="lora,smoa")
+    ap.add_argument("--methods", default="lora,smoa,smoa-kernel")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     args = ap.parse_args(argv)
     if args.markdown:

@@ -1,18 +1,19 @@
 """Dispatch for the SMoA block-modulated product.
 
-Two implementations of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
+Three implementations of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
 - the block-major form (:mod:`.blocks`): batched MLX matmuls at the FLOP floor (2 + 3/K layer-matmuls per training
-  step), its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or CUDA) and
-  by plain MLX on the CPU;
+  step), its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or CUDA), or
+  by plain MLX takes (``SMOA_MLX_KERNEL=mlx``: the same algorithm anywhere, for checks; slow);
 - the pure-MLX reference (:func:`reference_delta_fn`): one block at a time, what tests compare against;
 - the dense HiRA form (:func:`dense_form_delta_fn`: three full matmuls and a transient d_out x d_in product), the
   fastest form on the CPU and the fallback where the GPU kernels fail.
 
 :func:`delta_fn` returns the update alone; :func:`linear_fn` returns x W0^T plus the update, the frozen layer's
 products fused with the update's gather and scatter (what :class:`~smoa_mlx.layer.SMoALinear` calls when there is
-no dropout). ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the block form with the GPU kernels wherever MLX has a
-GPU; on the CPU the form :data:`CPU_FORM` names, measured by scripts/bench_kernels.py), ``kernel`` (the block form
+no dropout). ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: on a GPU the block form with the GPU kernels for layers of
+at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form for smaller ones; on the CPU the form
+:data:`CPU_FORM` names; both measured by scripts/bench_kernels.py), ``kernel`` (the block form
 with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``,
 ``reference``. Kernels that fail to compile or run on a first small probe are reported once with a warning, and the
 dense form is used from then on.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from functools import lru_cache
+from typing import Optional
 
 import mlx.core as mx
 
@@ -35,6 +37,7 @@ __all__ = [
     "BlockLayout",
     "BlockPlan",
     "CPU_FORM",
+    "GPU_BLOCK_MIN_WEIGHTS",
     "KERNEL_ENV",
     "build_plan",
     "delta_fn",
@@ -55,19 +58,30 @@ FORMS = ("auto", "kernel", "mlx", "dense", "reference")
 # takes MLX's CPU back-end runs slowly.
 CPU_FORM = "dense"
 
+# On a GPU, ``auto`` runs the block form for layers with at least this many weights and the dense form below it.
+# Measured per layer on an H200 (docs/BENCHMARKS.md): the block form beat the dense form at 4096x14336 and
+# 14336x4096 (1.05x-1.36x), tied at 4096x4096 with K=4 and lost at 4096x4096 with K=2 (0.90x) and at 1024x4096
+# (0.75x-0.84x); end to end on a 1B llama (largest adapted layer 8192x2048) the dense form trained faster in bf16.
+# The fixed cost of the block form's extra passes and small launches only pays off on large layers.
+GPU_BLOCK_MIN_WEIGHTS = 32 * 2**20
+
 _MLX_OPS = MlxOps()
 _kernel_ops: dict[str, KernelOps] = {}
 _probed: dict[str, bool] = {}
 
 
-def form() -> str:
-    """The implementation the environment asks for: "kernel", "mlx" or "reference" (``auto`` resolved)."""
+def form(layout: Optional[BlockLayout] = None) -> str:
+    """The implementation the environment asks for (for ``layout``): "kernel", "mlx", "dense" or "reference"."""
     choice = os.environ.get(KERNEL_ENV, "auto").lower()
     if choice not in FORMS:
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {', '.join(FORMS)}")
-    if choice == "auto":
-        return "kernel" if gpu_backend() is not None else CPU_FORM
-    return choice
+    if choice != "auto":
+        return choice
+    if gpu_backend() is None:
+        return CPU_FORM
+    if layout is not None and sum(layout.row_sizes) * sum(layout.col_sizes) < GPU_BLOCK_MIN_WEIGHTS:
+        return "dense"
+    return "kernel"
 
 
 def _probe(ops: KernelOps) -> bool:
@@ -116,9 +130,9 @@ def _ops():
     return ops if _probe(ops) else None
 
 
-def _chosen():
+def _chosen(layout: BlockLayout):
     """("block", ops) for the block form with these steps, or (name, None) for a pure-MLX form."""
-    chosen = form()
+    chosen = form(layout)
     if chosen == "mlx":
         return "block", _MLX_OPS
     if chosen == "kernel":
@@ -129,7 +143,7 @@ def _chosen():
 
 def delta_fn(layout: BlockLayout):
     """The update alone (for layers with dropout on the update path)."""
-    chosen, ops = _chosen()
+    chosen, ops = _chosen(layout)
     if chosen == "block":
         return block_fn(layout, ops, False)
     return reference_delta_fn(layout) if chosen == "reference" else dense_form_delta_fn(layout)
@@ -137,7 +151,7 @@ def delta_fn(layout: BlockLayout):
 
 def linear_fn(layout: BlockLayout):
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
-    chosen, ops = _chosen()
+    chosen, ops = _chosen(layout)
     if chosen == "block":
         return block_fn(layout, ops, True)
     return _with_base(layout, chosen)

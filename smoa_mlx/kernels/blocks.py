@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 from .gpu import Launch, Runner
 from .plan import BlockPlan, padded_dims, plan_of
 from .reference import BlockLayout, gather_rows
-from .source import GROUP, TI, TT, columns_per_thread
+from .source import GROUP, TI, TT, V
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -107,7 +107,6 @@ class KernelOps(MlxOps):
         wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
         dims = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
         scale = mx.array([layout.scale], dtype=mx.float32)
-        V = columns_per_thread(R if kernel == "modulate" else 0)
         template = [("T", dtype), ("TI", TI), ("V", V)] + ([("R", R)] if kernel == "modulate" else [])
         if layout.quantized:
             template += [("BITS", layout.bits), ("GS", layout.group_size)]

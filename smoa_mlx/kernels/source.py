@@ -29,14 +29,9 @@ BACKENDS = ("metal", "cuda")
 KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard")
 
 GROUP = 256  # threads per threadgroup (x); the y and z extents of every threadgroup are 1
-TT = 16  # tokens per gather/scatter thread: its loads in flight
-TI = 8  # block rows per modulate/hadamard thread
-
-
-def columns_per_thread(rank: int) -> int:
-    """Columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp. The modulate
-    thread holds V x R factor values in registers, so fewer columns for large ranks."""
-    return 4 if rank <= 16 else 2
+TT = 8  # tokens per gather/scatter thread
+TI = 16  # block rows per modulate/hadamard thread
+V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 
 _VOCAB = {
     "metal": {
@@ -80,17 +75,10 @@ GATHER_BODY = """
   const int k = $TZ;
   if (j < P) {
     const int src_col = src[k * P + j];
-    // All TT loads are issued before the first store (which might alias them as far as the compiler knows):
-    // TT loads in flight per thread is what keeps the memory system busy.
-    T vals[TT];
-    for (int u = 0; u < TT; ++u) {
-      const int t = t0 + u;
-      vals[u] = (src_col >= 0 && t < n_tok) ? inp[long(t) * width + src_col] : $TOT(0.0f);
-    }
     for (int u = 0; u < TT; ++u) {
       const int t = t0 + u;
       if (t < n_tok) {
-        out[(long(k) * n_tok + t) * P + j] = vals[u];
+        out[(long(k) * n_tok + t) * P + j] = src_col >= 0 ? inp[long(t) * width + src_col] : $TOT(0.0f);
       }
     }
   }
@@ -106,15 +94,10 @@ _SCATTER_TEMPLATE = """
     const int s = slot[c];
     const int k = s / P;
     const long from = long(k) * n_tok * P + (s - k * P);
-    float vals[TT];
-    for (int u = 0; u < TT; ++u) {
-      const int t = t0 + u;
-      vals[u] = t < n_tok ? $TOF(inp[from + long(t) * P])$ADD : 0.0f;
-    }
     for (int u = 0; u < TT; ++u) {
       const int t = t0 + u;
       if (t < n_tok) {
-        out[long(t) * width + c] = $TOO(vals[u]);
+        out[long(t) * width + c] = $TOO($TOF(inp[from + long(t) * P])$ADD);
       }
     }
   }
@@ -139,7 +122,6 @@ _MOD_PRELOAD = {
   }""",
     "hadamard": "",
 }
-_MOD_LOAD = {"modulate": "", "hadamard": "\n          gv[ii * V + v] = live ? $TOF(g[(long(k) * M + i) * N + j]) : 0.0f;"}
 _MOD_ROW = {
     "modulate": """
       float bv[R];
@@ -153,10 +135,9 @@ _MOD_FACTOR = {
           for (int q = 0; q < R; ++q) {
             f += bv[q] * av[v * R + q];
           }""",
-    "hadamard": "const float f = gv[ii * V + v];",
+    "hadamard": "const float f = $TOF(g[(long(k) * M + i) * N + j]);",
 }
 
-# Two phases, so that each thread has TI * V anchor (and G) loads in flight before it computes and stores.
 _MODULATE_TEMPLATE = """
   const int M = dims[0];
   const int N = dims[1];
@@ -174,25 +155,20 @@ _MODULATE_TEMPLATE = """
     const int j = jb + 32 * v;
     cols[v] = j < N ? col_src[k * N + j] : -1;
   }$PRELOAD
-  float mv[TI * V];$GDECL
   for (int ii = 0; ii < TI; ++ii) {
     const int i = i0 + ii;
-    const int row = i < M ? row_src[k * M + i] : -1;
-    for (int v = 0; v < V; ++v) {
-      const int j = jb + 32 * v;
-      const int col = cols[v];
-      const bool live = i < M && j < N;
-      mv[ii * V + v] = (row >= 0 && col >= 0) ? $ANCHOR : 0.0f;$LOAD
-    }
-  }
-  for (int ii = 0; ii < TI; ++ii) {
-    const int i = i0 + ii;
-    if (i < M) {$ROW
+    if (i < M) {
+      const int row = row_src[k * M + i];$ROW
       for (int v = 0; v < V; ++v) {
         const int j = jb + 32 * v;
         if (j < N) {
-          $FACTOR
-          out[(long(k) * M + i) * N + j] = $TOT(s * f * mv[ii * V + v]);
+          float val = 0.0f;
+          const int col = cols[v];
+          if (row >= 0 && col >= 0) {
+            $FACTOR
+            val = s * f * $ANCHOR;
+          }
+          out[(long(k) * M + i) * N + j] = $TOT(val);
         }
       }
     }
@@ -225,8 +201,6 @@ def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
     if kernel in ("modulate", "hadamard"):
         body = (
             _MODULATE_TEMPLATE.replace("$PRELOAD", _MOD_PRELOAD[kernel])
-            .replace("$GDECL", "\n  float gv[TI * V];" if kernel == "hadamard" else "")
-            .replace("$LOAD", _MOD_LOAD[kernel])
             .replace("$ROW", _MOD_ROW[kernel])
             .replace("$FACTOR", _MOD_FACTOR[kernel])
             .replace("$ANCHOR", _ANCHOR_QUANT if quantized else _ANCHOR_DENSE)

@@ -111,7 +111,7 @@ def _probe(ops: KernelOps) -> bool:
             return True  # called inside mx.compile: cannot probe now, try the kernels and probe next time
         warnings.warn(
             f"smoa_mlx: the {backend} SMoA kernels failed ({type(err).__name__}: {str(err)[:300]}); "
-            f"falling back to plain MLX (set {KERNEL_ENV}=mlx to silence this)",
+            f"falling back to plain MLX, the dense form (set {KERNEL_ENV}=dense to silence this)",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -215,8 +215,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
     import mlx.core as mx
     import numpy as np
 
-    from smoa_mlx.kernels import reference_delta_fn
-    from smoa_mlx.kernels.blocks import base_forward, block_fn
+    from smoa_mlx.kernels.blocks import MlxOps, block_fn
 
     import faulthandler
 
@@ -230,14 +229,9 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
             x = mx.random.normal((2, n_tok // 2, d_in)).astype(getattr(mx, dtype))
             cot = mx.random.normal((2, n_tok // 2, d_out)).astype(getattr(mx, dtype))
             want = _numpy_reference(layer, x, cot)
-            ref = reference_delta_fn(layer.layout)
-
-            def ref_full(x, index, parts, a, b):
-                y = mx.reshape(base_forward(layer.layout, mx.reshape(x, (-1, d_in)), parts), (*x.shape[:-1], d_out))
-                return y + ref(x, index, parts, a, b).astype(y.dtype)
-
             errs = {}
-            for name, fn in (("kernel", block_fn(layer.layout, kernel_ops, True)), ("reference", ref_full),
+            for name, fn in (("kernel", block_fn(layer.layout, kernel_ops, True)),
+                             ("reference", block_fn(layer.layout, MlxOps(), True)),
                              ("kernel_delta", None)):
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
                     fn = _with_base(layer, block_fn(layer.layout, kernel_ops, False))
@@ -267,7 +261,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
 
 def _verified(row: dict) -> bool:
     """Within the type's tolerance of float64, and no worse than twice the pure-MLX reference's own error in the
-    same type (plus float32 rounding)."""
+    same type on the same device (plus float32 rounding)."""
     worst = max(row["kernel_rel_err"], row["kernel_delta_rel_err"])
     return worst < row["tol"] and worst <= 2 * row["reference_rel_err"] + 1e-5
 
@@ -328,7 +322,7 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import block_fn
-    from smoa_mlx.kernels.reference import dense_form_delta_fn
+    from smoa_mlx.kernels.dense import dense_form_delta_fn
 
     rows = []
     for d_out, d_in in shapes:
@@ -363,14 +357,13 @@ def bench_cpu(shape=(1024, 1024), tokens=512, blocks=2, rank=16) -> list[dict]:
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import MlxOps, block_fn
-    from smoa_mlx.kernels.reference import dense_form_delta_fn, reference_delta_fn
+    from smoa_mlx.kernels.dense import dense_form_delta_fn
 
     rows = []
     d_out, d_in = shape
     layer = _mlx_layer(d_out, d_in, rank, blocks, "float32")
     x, cot = mx.random.normal((tokens, d_in)), mx.random.normal((tokens, d_out))
     forms = {"mlx (block-major)": block_fn(layer.layout, MlxOps(), True),
-             "reference": _with_base(layer, reference_delta_fn(layer.layout)),
              "dense (HiRA form)": _with_base(layer, dense_form_delta_fn(layer.layout))}
     for rep in range(3):
         for name, fn in forms.items():
@@ -381,20 +374,29 @@ def bench_cpu(shape=(1024, 1024), tokens=512, blocks=2, rank=16) -> list[dict]:
     return rows
 
 
+def _auto(row: dict) -> tuple[float, str]:
+    """(ms, form) of what SMOA_MLX_KERNEL=auto runs on this layer: the block form above the size threshold."""
+    from smoa_mlx.kernels import GPU_BLOCK_MIN_WEIGHTS
+
+    if row["d_out"] * row["d_in"] >= GPU_BLOCK_MIN_WEIGHTS:
+        return row["ms"]["smoa"], "block"
+    return row["ms"]["smoa_dense"], "dense"
+
+
 def markdown(data: dict) -> str:
     out = [f"Command: `{data['command']}`  ", f"Device: {data['device']}; MLX {data['mlx']}, torch {data['torch']}.", ""]
     if "bench" in data:
-        out += ["| W0 (out x in) | K | r | LoRA r | frozen | floor | SMoA | x floor | dense form (old) | MLX LoRA "
-                "| PyTorch ref SMoA | PyTorch LoRA | SMoA / LoRA | ref / SMoA | dense / SMoA |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["| W0 (out x in) | K | r | LoRA r | frozen | floor | block form | x floor | dense form | x floor "
+                "| auto runs | MLX LoRA | PyTorch ref SMoA | PyTorch LoRA | auto / MLX LoRA | ref / auto |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in data["bench"]:
             t = r["ms"]
+            auto, name = _auto(r)
             out.append(
                 f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {r['rank']} | {r['lora_rank']} | {t['frozen_mlx']:.2f} "
                 f"| {r['floor_ms']:.2f} | {t['smoa']:.2f} | **{r['x_floor']:.2f}x** | {t['smoa_dense']:.2f} "
-                f"| {t['lora_mlx']:.2f} | {t['smoa_torch_ref']:.2f} | {t['lora_torch']:.2f} "
-                f"| {t['smoa'] / t['lora_mlx']:.2f}x | {t['smoa_torch_ref'] / t['smoa']:.2f}x "
-                f"| {t['smoa_dense'] / t['smoa']:.2f}x |")
+                f"| {t['smoa_dense'] / r['floor_ms']:.2f}x | {name} | {t['lora_mlx']:.2f} | {t['smoa_torch_ref']:.2f} "
+                f"| {t['lora_torch']:.2f} | {auto / t['lora_mlx']:.2f}x | {t['smoa_torch_ref'] / auto:.2f}x |")
         out += ["", _goal_summary(data["bench"]), ""]
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
@@ -425,10 +427,12 @@ def _goal_summary(rows: list[dict]) -> str:
         sel = [r for r in rows if r["blocks"] == blocks]
         med = lambda f: statistics.median(f(r) for r in sel)  # noqa: E731
         lines.append(
-            f"K={blocks}: median x floor {med(lambda r: r['x_floor']):.2f} (max {max(r['x_floor'] for r in sel):.2f}); "
-            f"median SMoA / MLX LoRA {med(lambda r: r['ms']['smoa'] / r['ms']['lora_mlx']):.2f}; "
-            f"median PyTorch ref / SMoA {med(lambda r: r['ms']['smoa_torch_ref'] / r['ms']['smoa']):.2f}; "
-            f"slowest SMoA / dense form {max(r['ms']['smoa'] / r['ms']['smoa_dense'] for r in sel):.2f}.")
+            f"K={blocks}, medians over the shapes: block form {med(lambda r: r['x_floor']):.2f}x floor, "
+            f"auto {med(lambda r: _auto(r)[0] / r['floor_ms']):.2f}x floor; "
+            f"auto / MLX LoRA {med(lambda r: _auto(r)[0] / r['ms']['lora_mlx']):.2f}; "
+            f"PyTorch ref / auto {med(lambda r: r['ms']['smoa_torch_ref'] / _auto(r)[0]):.2f}; "
+            f"block form / dense form {min(r['ms']['smoa'] / r['ms']['smoa_dense'] for r in sel):.2f} to "
+            f"{max(r['ms']['smoa'] / r['ms']['smoa_dense'] for r in sel):.2f}.")
     return "  \n".join(lines)
 
 

@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 import smoa_mlx.kernels as kernels
-from smoa_mlx.kernels import BlockLayout, delta_fn, dense_form_delta_fn, linear_fn, reference_delta_fn
+from smoa_mlx.kernels import BlockLayout, delta_fn, dense_form_delta_fn, linear_fn
 from smoa_mlx.kernels.blocks import block_fn
 
 SMALL = BlockLayout((4, 4), (4, 4), (2, 2), 1.0)
@@ -40,14 +40,12 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
 
 
 def test_env_forces_a_form(monkeypatch):
-    monkeypatch.setenv(kernels.KERNEL_ENV, "reference")
-    assert delta_fn(LARGE) is reference_delta_fn(LARGE)
     monkeypatch.setenv(kernels.KERNEL_ENV, "mlx")
     assert delta_fn(SMALL) is block_fn(SMALL, kernels._MLX_OPS, False)
     monkeypatch.setenv(kernels.KERNEL_ENV, "dense")
     assert delta_fn(LARGE) is dense_form_delta_fn(LARGE)
-    monkeypatch.setenv(kernels.KERNEL_ENV, "fused")
-    with pytest.raises(ValueError, match="SMOA_MLX_KERNEL='fused'"):
+    monkeypatch.setenv(kernels.KERNEL_ENV, "reference")  # retired with the one-block-at-a-time form
+    with pytest.raises(ValueError, match="SMOA_MLX_KERNEL='reference'"):
         delta_fn(SMALL)
 
 

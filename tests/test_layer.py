@@ -190,12 +190,11 @@ def _extra_peak(fn):
     return mx.get_peak_memory() - start
 
 
-@pytest.mark.parametrize("form", ["mlx", "reference"])
 @pytest.mark.parametrize("blocks", [2, 4])
-def test_training_step_never_builds_the_dense_update(blocks, form, monkeypatch):
-    """The block forms' forward + backward peak memory stays far below what a dense Delta W (the reference's way)
+def test_training_step_never_builds_the_dense_update(blocks, monkeypatch):
+    """The block form's forward + backward peak memory stays far below what a dense Delta W (the reference's way)
     costs. (On the CPU ``auto`` runs the dense form, measured faster there, whose transient product is accepted.)"""
-    monkeypatch.setenv("SMOA_MLX_KERNEL", form)
+    monkeypatch.setenv("SMOA_MLX_KERNEL", "mlx")
     d = 1024
     base = _base(d, d, bias=False)
     layer = SMoALinear.from_base(base, rank=8, blocks=blocks)
@@ -215,8 +214,8 @@ def test_training_step_never_builds_the_dense_update(blocks, form, monkeypatch):
     dense_peak = _extra_peak(lambda: dense_step(layer.trainable_parameters()))
     assert dense_peak > 2 * dense_bytes  # the measurement sees dense matrices when they are there
     assert smoa_peak < dense_peak / 3
-    if blocks == 4 and form == "reference":  # one block at a time; the block-major form holds all K at once
-        assert smoa_peak < dense_bytes  # all blocks together are 1/4 of the dense size
+    if blocks == 4:
+        assert smoa_peak < 1.5 * dense_bytes  # K blocks of 1/4 the dense size, a few of them alive at once
 
 
 def test_bad_input_names_the_layer_and_values():

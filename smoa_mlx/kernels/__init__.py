@@ -1,21 +1,21 @@
 """Dispatch for the SMoA block-modulated product.
 
-Three implementations of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
+Two forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
 - the block-major form (:mod:`.blocks`): batched MLX matmuls at the FLOP floor (2 + 3/K layer-matmuls per training
-  step), its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or CUDA), or
-  by plain MLX takes (``SMOA_MLX_KERNEL=mlx``: the same algorithm anywhere, for checks; slow);
-- the pure-MLX reference (:func:`reference_delta_fn`): one block at a time, what tests compare against;
+  step), its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or CUDA); with
+  those steps in plain MLX takes instead it is the pure-MLX reference the kernels are checked against
+  (``SMOA_MLX_KERNEL=mlx``, any device);
 - the dense HiRA form (:func:`dense_form_delta_fn`: three full matmuls and a transient d_out x d_in product), the
-  fastest form on the CPU and the fallback where the GPU kernels fail.
+  measured winner on the CPU and for small layers on a GPU, and the fallback where the GPU kernels fail.
 
 :func:`delta_fn` returns the update alone; :func:`linear_fn` returns x W0^T plus the update, the frozen layer's
 products fused with the update's gather and scatter (what :class:`~smoa_mlx.layer.SMoALinear` calls when there is
 no dropout). ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: on a GPU the block form with the GPU kernels for layers of
 at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form for smaller ones; on the CPU the form
 :data:`CPU_FORM` names; both measured by scripts/bench_kernels.py), ``kernel`` (the block form
-with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``,
-``reference``. Kernels that fail to compile or run on a first small probe are reported once with a warning, and the
+with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``.
+Kernels that fail to compile or run on a first small probe are reported once with a warning, and the
 dense form is used from then on.
 """
 
@@ -30,8 +30,8 @@ import mlx.core as mx
 
 from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
 from .gpu import GpuRunner, gpu_backend
-from .plan import BlockPlan, build_plan
-from .reference import BlockLayout, dense_delta, dense_form_delta_fn, gather_anchor, gather_rows, reference_delta_fn
+from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
+from .plan import BlockLayout, BlockPlan, build_plan
 
 __all__ = [
     "BlockLayout",
@@ -47,11 +47,10 @@ __all__ = [
     "gather_anchor",
     "gather_rows",
     "linear_fn",
-    "reference_delta_fn",
 ]
 
 KERNEL_ENV = "SMOA_MLX_KERNEL"
-FORMS = ("auto", "kernel", "mlx", "dense", "reference")
+FORMS = ("auto", "kernel", "mlx", "dense")
 
 # The form ``auto`` uses where MLX has no GPU: the fastest pure-MLX form in ``scripts/bench_kernels.py --cpu``
 # (docs/BENCHMARKS.md): the dense HiRA form, whose three full matmuls go through BLAS, beat the block forms, whose
@@ -71,7 +70,7 @@ _probed: dict[str, bool] = {}
 
 
 def form(layout: Optional[BlockLayout] = None) -> str:
-    """The implementation the environment asks for (for ``layout``): "kernel", "mlx", "dense" or "reference"."""
+    """The implementation the environment asks for (for ``layout``): "kernel", "mlx" or "dense"."""
     choice = os.environ.get(KERNEL_ENV, "auto").lower()
     if choice not in FORMS:
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {', '.join(FORMS)}")
@@ -130,40 +129,33 @@ def _ops():
     return ops if _probe(ops) else None
 
 
-def _chosen(layout: BlockLayout):
-    """("block", ops) for the block form with these steps, or (name, None) for a pure-MLX form."""
+def _block_ops(layout: BlockLayout):
+    """The block form's steps for ``layout`` (GPU kernels or plain MLX), or None for the dense form."""
     chosen = form(layout)
     if chosen == "mlx":
-        return "block", _MLX_OPS
-    if chosen == "kernel":
-        ops = _ops()
-        return ("block", ops) if ops is not None else ("dense", None)
-    return chosen, None
+        return _MLX_OPS
+    return _ops() if chosen == "kernel" else None
 
 
 def delta_fn(layout: BlockLayout):
     """The update alone (for layers with dropout on the update path)."""
-    chosen, ops = _chosen(layout)
-    if chosen == "block":
-        return block_fn(layout, ops, False)
-    return reference_delta_fn(layout) if chosen == "reference" else dense_form_delta_fn(layout)
+    ops = _block_ops(layout)
+    return dense_form_delta_fn(layout) if ops is None else block_fn(layout, ops, False)
 
 
 def linear_fn(layout: BlockLayout):
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
-    chosen, ops = _chosen(layout)
-    if chosen == "block":
-        return block_fn(layout, ops, True)
-    return _with_base(layout, chosen)
+    ops = _block_ops(layout)
+    return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 
 
 @lru_cache(maxsize=None)
-def _with_base(layout: BlockLayout, chosen: str):
-    ref = reference_delta_fn(layout) if chosen == "reference" else dense_form_delta_fn(layout)
+def _dense_linear(layout: BlockLayout):
+    delta = dense_form_delta_fn(layout)
 
     def fn(x, index, weight_parts, a_list, b_list):
         y = base_forward(layout, mx.reshape(x, (-1, x.shape[-1])), weight_parts)
         y = mx.reshape(y, (*x.shape[:-1], y.shape[-1]))
-        return y + ref(x, index, weight_parts, a_list, b_list).astype(y.dtype)
+        return y + delta(x, index, weight_parts, a_list, b_list).astype(y.dtype)
 
     return fn

@@ -14,20 +14,20 @@ With the K blocks padded to (M, N) and stored block-major (:mod:`.plan`), one tr
 so the matmul work is 2 + 3/K layer-matmuls with the base (1 + 1 for its forward and input gradient), and nothing
 of size d_out x d_in is built: the largest temporaries are the K blocks (1/K of W0) and the block-major
 activations. The gathers, scatters and the two anchor-reading steps are the kernels of :mod:`.source` on a GPU
-(:class:`KernelOps`) and plain MLX elsewhere (:class:`MlxOps`, the same algorithm on the CPU).
+(:class:`KernelOps`), or plain MLX (:class:`MlxOps`): the pure-MLX reference the kernels are checked against, the
+same algorithm on any device.
 """
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import mlx.core as mx
 from mlx.utils import tree_map
 
 from .gpu import Launch, Runner
-from .plan import BlockPlan, padded_dims, plan_of
-from .reference import BlockLayout, gather_rows
+from .dense import gather_rows
+from .plan import BlockLayout, BlockPlan, padded_dims, plan_of
 from .source import GROUP, TI, TT, V
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
@@ -208,9 +208,3 @@ def block_fn(layout: BlockLayout, ops, with_base: bool = False):
         return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
 
     return fn
-
-
-def check_sizes(n_tokens: int, layout: BlockLayout) -> bool:
-    """The kernels index rows of one block-major array with 32-bit ints (tokens x width < 2^31 per block)."""
-    K, M, N, _ = padded_dims(layout)
-    return n_tokens * max(M, N, sum(layout.row_sizes), sum(layout.col_sizes)) < 2**31 and math.prod((K, M, N)) < 2**31

@@ -1,4 +1,4 @@
-"""Per-layer index arrays of the block-major form, built once (numpy, at apply time) and kept on the layer.
+"""A layer's block layout, and the per-layer index arrays of the block-major form, built once (numpy, at apply time) and kept on the layer.
 
 Block-major layout: block k's rows (columns) padded to the longest block, M = max |R_k| (N = max |C_k|), so every
 block is one slice of a (K, ., .) array and one batched matmul covers all of them. Within a block the rows
@@ -10,12 +10,34 @@ the padded gradients back to the factors' own (spectral) order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from .reference import BlockLayout
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Static description of a layer's blocks; hashable so compiled functions can be cached per layout."""
+
+    row_sizes: tuple[int, ...]
+    col_sizes: tuple[int, ...]
+    ranks: tuple[int, ...]
+    scale: float
+    group_size: int = 0  # 0: dense base weight
+    bits: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits > 0
+
+    def offsets(self, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for n in sizes:
+            out.append((start, start + n))
+            start += n
+        return out
 
 
 class BlockPlan(NamedTuple):

@@ -7,7 +7,9 @@
 Each configuration runs in its own process (clean peak-memory counter) through mlx_lm.tuner.trainer.train, the
 loop smoa_mlx.train drives, with SMoA applied by smoa_mlx.apply_smoa (random row/column orders stand in for the
 spectral step, which costs the same for every run and is not part of a training step) and LoRA by mlx-lm's own
-linear_to_lora_layers. Tokens/s is the trainer's own figure, averaged over the reports after the first (which
+linear_to_lora_layers, at rank / K for each SMoA block count (equal trainable parameters). Methods: ``smoa`` is the
+default form (SMOA_MLX_KERNEL=auto), ``smoa-kernel`` and ``smoa-dense`` force one form on every layer. Tokens/s is
+the trainer's own figure, averaged over the reports after the first (which
 includes compilation); peak memory is MLX's peak over training.
 """
 
@@ -27,9 +29,9 @@ TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_p
 MODEL = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
              num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
              rope_theta=500000.0, tie_word_embeddings=True)  # Llama-3.2-1B's shape
-METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense", "smoa-reference")
+METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense")
 # SMOA_MLX_KERNEL per method: smoa is the default (auto), the others force one form on every layer.
-_ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense", "smoa-reference": "reference"}
+_ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense"}
 
 
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int) -> dict:

@@ -5,11 +5,11 @@
 
 Every fine-tune goes through ``smoa_mlx.train.run`` (the code path of ``python -m smoa_mlx.train``) on the
 embedded SmolLM2-135M-Instruct. Protocol, identical for every method: the same train/valid/test data (BIG-bench
-tasks split by :mod:`smoa_mlx.bigbench`, or the package's own training set), the same steps, batch, warmup +
+tasks split by :mod:`smoa_mlx.eval.bigbench`, or the package's own training set), the same steps, batch, warmup +
 cosine schedule, dropout, target modules and prompt masking; each method's learning rate is chosen from the same
 grid on the validation split (with the first seed), then every seed is trained at that rate and scored on the
 test split. Multiple-choice tasks score the option with the highest mean log-likelihood per token
-(:mod:`smoa_mlx.choice_eval`); the package's own set, which has no options, scores the test loss. The zero-shot
+(:mod:`smoa_mlx.eval.choice_eval`); the package's own set, which has no options, scores the test loss. The zero-shot
 model is the floor.
 
 Budgets: ``lora`` / ``dora`` / ``hira`` at rank r, ``smoa-k2`` at total rank 2r (equal parameters), ``smoa-k4`` at
@@ -43,14 +43,15 @@ sys.path.insert(0, str(HERE))
 from quality_report import metric_of, select_lr, write_report  # noqa: E402
 
 from smoa_mlx import train  # noqa: E402
-from smoa_mlx.adapters import atomic_write_text  # noqa: E402
-from smoa_mlx.bigbench import TASKS, reference_accuracies, task_splits, write_completions  # noqa: E402
-from smoa_mlx.choice_eval import Encoded, encode_examples, score_choices  # noqa: E402
-from smoa_mlx.loading import apply_adapter, load_model  # noqa: E402
+from smoa_mlx.atomic import atomic_write_text  # noqa: E402
+from smoa_mlx.eval.bigbench import TASKS, reference_accuracies, task_splits, write_completions  # noqa: E402
+from smoa_mlx.eval.choice_eval import Encoded, encode_examples, score_choices  # noqa: E402
+from smoa_mlx.adapters import apply_adapter  # noqa: E402
+from smoa_mlx.loading import load_model  # noqa: E402
 from smoa_mlx.models.embedded import EMBEDDED_NAME, build_model, save_embedded  # noqa: E402
 from smoa_mlx.spectral import cached_orders  # noqa: E402
-from smoa_mlx.train_loop import BatchStream  # noqa: E402
-from smoa_mlx.train_data import PACKAGED_DATA, detect_format, load_splits, read_jsonl  # noqa: E402
+from smoa_mlx.train.loop import BatchStream  # noqa: E402
+from smoa_mlx.train.data import PACKAGED_DATA, detect_format, load_splits, read_jsonl  # noqa: E402
 
 FORMAT = "smoa-mlx-quality/1"
 DEFAULT_TASK = "default"  # the training set shipped in smoa_mlx/data

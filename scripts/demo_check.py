@@ -13,9 +13,10 @@ import math
 from mlx_lm import generate
 from mlx_lm.tuner.trainer import evaluate
 
-from smoa_mlx.loading import apply_adapter, load_model
-from smoa_mlx.train_data import PACKAGED_DATA, load_splits, read_jsonl
-from smoa_mlx.train_loop import BatchStream
+from smoa_mlx.adapters import apply_adapter
+from smoa_mlx.loading import load_model
+from smoa_mlx.train.data import PACKAGED_DATA, load_splits, read_jsonl
+from smoa_mlx.train.loop import BatchStream
 
 
 def measure(model, tokenizer, questions: list[dict]) -> dict:

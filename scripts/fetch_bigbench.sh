@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Puts BIG-bench's Social IQa and WinoWhy task files (Apache-2.0) into .bigbench/ (git-ignored), where
-# smoa_mlx.bigbench.data_root() finds them: taken unchanged from the bigbench==1.0.0 sdist on PyPI, checked by hash.
+# smoa_mlx.eval.bigbench.data_root() finds them: taken unchanged from the bigbench==1.0.0 sdist on PyPI, checked by hash.
 # Used by .ci/run and by anyone running scripts/compare.py without the shared data folder.
 #   bash scripts/fetch_bigbench.sh [DEST]      (default: .bigbench in the repository root)
 set -euo pipefail

@@ -218,7 +218,7 @@ def plot(data: dict, path: Path) -> Optional[Path]:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    from smoa_mlx.adapters import atomic_write_bytes
+    from smoa_mlx.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -261,12 +261,12 @@ def render(data: dict, plot_name: Optional[str]) -> str:
         f"- Learning rate: chosen per method from the same grid {s['lrs']} by the validation metric (accuracy; "
         f"loss for the packaged set) of seed {s['selection_seed']}; then every seed is trained at that rate and "
         "scored on the test split. Test numbers of other rates are never looked at.",
-        "- BIG-bench tasks: split 70 / 10 / 20 by a SHA-256 of a grouping key (`smoa_mlx/bigbench.py`); WinoWhy "
+        "- BIG-bench tasks: split 70 / 10 / 20 by a SHA-256 of a grouping key (`smoa_mlx/eval/bigbench.py`); WinoWhy "
         "groups by the Winograd sentence, so no test sentence is trained on. Caps on examples: "
         f"train {s['max_train'] or 'all'}, valid {s['max_valid'] or 'all'}, test {s['max_test'] or 'all'}.",
         f"- Accuracy: the option with the highest **{s.get('scoring', 'mean')}** log-likelihood of its tokens given "
         "the prompt (the answer text plus the chat template's end-of-turn tokens, tokenized as in training; "
-        "`smoa_mlx/choice_eval.py`). The other ranking is in the JSON (`*_accuracy_sum`). The package's own "
+        "`smoa_mlx/eval/choice_eval.py`). The other ranking is in the JSON (`*_accuracy_sum`). The package's own "
         "training set has no options: its score is the test loss (lower is better).",
         "- tokens/s: the prompt and answer tokens of the run's batches (replayed from the trainer's seeded batch "
         "stream) over the training time, validation excluded; mlx-lm's own figure counts only the answer tokens "
@@ -344,7 +344,7 @@ different figures is refused) with `--merged benchmarks/quality.json`.
 
 
 def write_report(data: dict, doc: Path, plot_path: Optional[Path] = None) -> Path:
-    from smoa_mlx.adapters import atomic_write_text
+    from smoa_mlx.atomic import atomic_write_text
 
     plot_path = plot_path or doc.with_suffix(".png")
     for folder in {doc.parent, plot_path.parent}:
@@ -415,7 +415,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if opts.merged:
-        from smoa_mlx.adapters import atomic_write_text
+        from smoa_mlx.atomic import atomic_write_text
 
         Path(opts.merged).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(opts.merged), json.dumps(data, indent=1) + "\n")

@@ -14,7 +14,7 @@ ROOT=$(git rev-parse --show-toplevel)
 cd "$ROOT"
 PY=${PYTHON:-python3}
 GGUF=$("$PY" -c 'from smoa_mlx.models.embedded import embedded_gguf_path; print(embedded_gguf_path())')
-DATA=$("$PY" -c 'from smoa_mlx.bigbench import data_root; print(data_root())')
+DATA=$("$PY" -c 'from smoa_mlx.eval.bigbench import data_root; print(data_root())')
 # .compare-resume/ (a previous quality.json to continue from on a fresh machine) and .compare-out/ (the device
 # script's default output folder) are ignored too, so they can be carried and never get committed.
 for d in .gguf-a .gguf-b .bigbench .compare-resume .compare-out; do

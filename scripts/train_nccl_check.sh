@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 2-GPU data-parallel check of `python -m smoa_mlx.train` over NCCL (needs an NVIDIA host with 2 GPUs and
 # mlx[cuda]). Runs the same 20 steps on 1 GPU and on 2 GPUs (mlx.launch --backend nccl), then compares losses and
-# throughput. Exercises the workaround in smoa_mlx/train_loop.py (nccl_safe_mx): mlx-lm's trainer sums reported
+# throughput. Exercises the workaround in smoa_mlx/train/loop.py (nccl_safe_mx): mlx-lm's trainer sums reported
 # losses with all_sum(..., stream=mx.cpu), which NCCL cannot do; under NCCL those sums go to the GPU stream.
 #
 #   bash scripts/train_nccl_check.sh [OUT_DIR]        (default: ${OUT:-/tmp}/nccl_check)

@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import Callable, Iterator, Optional, Sequence, TextIO
 
-from . import cli_common as cli
-from .session import Conversation, stream_to
+from . import cli
+from .conversation import Conversation, stream_to
 
 COMMANDS = {
     "/reset": "forget the conversation (the system prompt stays)",
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_model_args(parser)
     cli.add_generation_args(parser)
-    return parser
+    return cli.show_defaults(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None, stdin: TextIO = None, stdout: TextIO = None) -> int:

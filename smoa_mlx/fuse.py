@@ -5,7 +5,10 @@ The folder (config.json, model.safetensors, tokenizer files) has no adapter laye
 through ``SMoALinear.fuse``, mlx-lm LoRA/DoRA layers through their own ``fuse``: every layer that can fuse itself.
 
 Dequantized by default: re-quantizing a fused model can round a small update away entirely (mlx-lm #1172), so
-``--quantize`` measures, per adapted layer, how much of the update the quantization drops, and warns.
+``--quantize`` measures, per adapted layer, how much of the update the quantization drops, and, on the adapter's
+validation data, how much of the adapter's loss improvement the quantized model keeps; it warns on either.
+It quantizes as the base was quantized (the embedded model: its GGUF's Q4_1, i.e. 4 bits, group size 32): another
+group size re-rounds every base weight, adapted or not.
 The folder is written to a temporary sibling and renamed into place (``models.folder.save_model_folder``); an
 existing folder is replaced only with ``--force``, and never when it is the model or adapter being read.
 """
@@ -23,18 +26,19 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, quantize_model
 
-from .cli_common import add_model_args, load_from_args, model_label, run
+from .cli import add_model_args, load_from_args, model_label, run, show_defaults
 from .convert.hf_export import export_hf, fuse_adapters
-from .loading import read_adapter_kind
+from .adapters.folder import read_adapter, recorded_base
+from .errors import SavePathExistsError
+from .loading import is_embedded
 from .models.folder import save_model_folder
-from .quant_check import quantization_report
+from .quant_check import LossCheck, adapters_removed, quantization_report, validation_loss
+from .train.data import DataError, check_data, load_splits
 
 _QUANT_KEYS = ("quantization", "quantization_config")
-DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
-
-
-class SavePathExistsError(FileExistsError):
-    """The output folder exists and ``--force`` was not given."""
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # mlx-lm's, for a dense base
+EMBEDDED_QUANTIZATION = (4, 32)  # the embedded model's GGUF is Q4_1: MLX affine, 4 bits, group size 32
+DEFAULT_VAL_BATCHES = 25
 
 
 def adapter_layer_paths(model: nn.Module) -> list[str]:
@@ -66,10 +70,52 @@ def merge_dense(model: nn.Module, config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _QUANT_KEYS}
 
 
-def _quant_defaults(config: dict) -> tuple[int, int]:
-    """Re-quantize as the base was quantized, unless told otherwise; mlx-lm's defaults for a dense base."""
-    q = config.get("quantization") or {}
-    return int(q.get("bits", DEFAULT_BITS)), int(q.get("group_size", DEFAULT_GROUP_SIZE))
+def _base_quantization(config: dict, model: Optional[str]) -> Optional[tuple[int, int]]:
+    """(bits, group size) of the base as stored, even when it was loaded dequantized (the embedded model's GGUF);
+    None for a base that never was quantized."""
+    q = config.get("quantization")
+    if q:
+        return int(q.get("bits", DEFAULT_BITS)), int(q.get("group_size", DEFAULT_GROUP_SIZE))
+    if is_embedded(model):
+        return EMBEDDED_QUANTIZATION
+    return None
+
+
+def _quant_defaults(config: dict, model: Optional[str]) -> tuple[int, int]:
+    """(bits, group size) for --quantize: the base's own, so its weights land back on their own grid; mlx-lm's
+    defaults for a base that never was quantized."""
+    return _base_quantization(config, model) or (DEFAULT_BITS, DEFAULT_GROUP_SIZE)
+
+
+def _training_options(adapter_config: dict) -> Optional[dict]:
+    """The options the adapter was trained with: smoa_mlx.train records them under ``training``, mlx-lm's
+    ``lora`` at the top level (only when it holds ``data``); None when the config does not say."""
+    training = adapter_config.get("training")
+    if isinstance(training, dict):
+        return training
+    return adapter_config if "data" in adapter_config else None
+
+
+def _validation_split(args: argparse.Namespace, adapter_config: dict, tokenizer) -> Optional[tuple]:
+    """(tokenized valid split, where, batch size, batches, max length) for the loss check, or None with a note."""
+    options = _training_options(adapter_config) or {}
+    if args.data is None and _training_options(adapter_config) is None:
+        print("Loss check skipped: the adapter does not record its training data; pass --data", file=sys.stderr)
+        return None
+    data = args.data if args.data is not None else options.get("data")
+    batch_size = int(options.get("batch_size") or 4)
+    max_seq_length = int(options.get("max_seq_length") or 2048)
+    batches = args.val_batches if args.val_batches is not None else int(options.get("val_batches") or DEFAULT_VAL_BATCHES)
+    try:
+        checked = check_data(data, need=("valid",))
+        if checked is not None:
+            checked = {"valid": checked["valid"]}  # tokenize only what the check reads
+        split = load_splits(data, tokenizer, max_seq_length, batch_size, bool(options.get("mask_prompt")),
+                            need=("valid",), warn=lambda m: print(m, file=sys.stderr), checked=checked)["valid"]
+    except (DataError, FileNotFoundError) as e:
+        print(f"Loss check skipped: {e}", file=sys.stderr)
+        return None
+    return split, split.name, batch_size, batches, max_seq_length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize the fused model (default: save it dequantized); reports how much of the update survives",
     )
     parser.add_argument(
+        "--dequantize", action=argparse.BooleanOptionalAction, default=None,
+        help="mlx-lm's flag: --dequantize saves the fused model dense (what fuse does anyway); --no-dequantize keeps "
+        "the base's own quantization (--quantize with the base's bits and group size; a dense base stays dense) "
+        "(default: dense)",
+    )
+    parser.add_argument(
         "--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
         help="bits for --quantize (default: the base's, else 4)",
     )
@@ -93,22 +145,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="group size for --quantize (default: the base's, else 64)",
     )
     parser.add_argument(
+        "--data", default=None,
+        help="data folder whose valid.jsonl the --quantize loss check uses (default: the adapter's training data)",
+    )
+    parser.add_argument(
+        "--val-batches", type=int, default=None,
+        help=f"batches for the --quantize loss check, -1 for all, 0 to skip it (default: the adapter's training "
+        f"setting, else {DEFAULT_VAL_BATCHES})",
+    )
+    parser.add_argument(
         "--export-hf", action="store_true",
         help="also write a Hugging Face transformers checkpoint (dense safetensors) of the fused model",
     )
     parser.add_argument("--hf-path", default=None, help="folder for --export-hf (default: <save-path>-hf)")
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.dequantize and args.quantize:
+        parser.error("--dequantize and --quantize contradict each other; give one")
     if (args.q_bits is not None or args.q_group_size is not None) and not args.quantize:
         parser.error("--q-bits / --q-group-size need --quantize")
+    if (args.data is not None or args.val_batches is not None) and not args.quantize:
+        parser.error("--data / --val-batches are for the --quantize loss check; add --quantize")
+    if args.val_batches is not None and args.val_batches < -1:
+        parser.error(f"--val-batches must be -1 (all), 0 (skip) or more, got {args.val_batches}")
     if args.hf_path is not None and not args.export_hf:
         parser.error("--hf-path needs --export-hf")
-    kind, adapter_config = read_adapter_kind(args.adapter_path)  # a bad adapter fails before the slow model load
-    protected = (args.model or adapter_config.get("model"), args.adapter_path)
+    adapter = read_adapter(args.adapter_path)  # a bad adapter fails before the slow model load
+    protected = (args.model or recorded_base(adapter), args.adapter_path)
     save_path = check_save_path(args.save_path, args.force, "--save-path", protected)
     hf_path = None
     if args.export_hf:
@@ -119,14 +186,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Loading {model_label(args)}", file=sys.stderr)
     model, tokenizer, config = load_from_args(args, return_config=True)
     layers = adapter_layer_paths(model)
-    if not layers and kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
+    if not layers and adapter.kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
         raise ValueError(f"--adapter-path {args.adapter_path}: loading it added no adapter layers to fuse")
-    quantize = None
+    quantize, check = None, None
+    if args.dequantize is False and not args.quantize:
+        args.quantize = _base_quantization(config, args.model or recorded_base(adapter)) is not None
+        if not args.quantize:
+            print("--no-dequantize: the base is not quantized, so the fused model stays dense", file=sys.stderr)
     if args.quantize:
-        bits, group_size = _quant_defaults(config)
+        bits, group_size = _quant_defaults(config, args.model or recorded_base(adapter))
         quantize = (args.q_bits or bits, args.q_group_size or group_size)
+        if args.val_batches != 0:
+            check = _validation_split(args, adapter.data, tokenizer)
     report = quantization_report(model, group_size=quantize[1], bits=quantize[0]) if quantize else None
+    losses = {}
+    if check:
+        split, _, batch_size, batches, max_seq_length = check
+        print(f"Loss check on {split.name}: base and fused model", file=sys.stderr)
+        with adapters_removed(model):
+            losses["base"] = validation_loss(model, split, batch_size, batches, max_seq_length)
     config = merge_dense(model, config)
+    if check:
+        losses["fused"] = validation_loss(model, split, batch_size, batches, max_seq_length)
     print(f"Fused {len(layers)} adapter layers", file=sys.stderr)
     if hf_path is not None:
         source = args.model if args.model and Path(args.model).is_dir() else None
@@ -138,11 +219,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtypes = sorted({str(v.dtype).split(".")[-1] for _, v in tree_flatten(model.parameters())})
     kind = f"{quantize[0]}-bit, group size {quantize[1]}" if quantize else "dequantized"
     print(f"Saved fused model to {save_path} ({kind}; {', '.join(dtypes)})")
-    if report is not None:
-        print(report.summary())
-        warning = report.warning()
-        if warning:
-            print(warning, file=sys.stderr)
+    if check:
+        # The saved quantized model computes with exactly these dequantized weights, and dense is fast everywhere.
+        dequantize_model(model)
+        losses["quantized"] = validation_loss(model, split, batch_size, batches, max_seq_length)
+        check = LossCheck(split.name, quantize[0], quantize[1], **losses)
+    for measure in (report, check):
+        if measure:
+            print(measure.summary())
+            warning = measure.warning()
+            if warning:
+                print(warning, file=sys.stderr)
     return 0
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import resolve_ranks
 from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, linear_fn
-from .spectral import spectral_order, split_rank, split_sizes
+from .spectral import spectral_order, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
 
@@ -40,21 +42,6 @@ def dequantized_weight(base: BaseLinear) -> mx.array:
     if isinstance(base, nn.QuantizedLinear):
         return mx.dequantize(base.weight, base.scales, base.biases, group_size=base.group_size, bits=base.bits)
     return base.weight
-
-
-def resolve_ranks(rank: int, blocks: int, branch_ranks: Optional[Sequence[int]], name: str) -> list[int]:
-    if rank < 1:
-        raise ValueError(f"{name}: rank must be >= 1, got {rank}")
-    if blocks < 1:
-        raise ValueError(f"{name}: blocks must be >= 1, got {blocks}")
-    if branch_ranks is None:
-        return split_rank(rank, blocks)
-    ranks = [int(r) for r in branch_ranks]
-    if len(ranks) != blocks or sum(ranks) != rank or min(ranks) < 0:
-        raise ValueError(
-            f"{name}: branch_ranks {ranks} must be {blocks} non-negative ranks summing to rank={rank}"
-        )
-    return ranks
 
 
 class SMoALinear(nn.Module):
@@ -199,12 +186,53 @@ class SMoALinear(nn.Module):
 
     # -- compute -------------------------------------------------------------------------------------------
     def __call__(self, x: mx.array) -> mx.array:
+        if not self.training and SMoALinear.cache_merged_weight:
+            merged = self._inference_weight()
+            return x @ merged.T if "bias" not in self.linear else mx.addmm(self.linear.bias, x, merged.T)
         if self.dropout_p > 0 and self.training:  # dropout on the update path only: two inputs
             y = self.linear(x)
             delta = delta_fn(self._layout)(self.dropout(x), self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
             return y + delta.astype(y.dtype)
         y = linear_fn(self._layout)(x, self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
         return y + self.linear.bias if "bias" in self.linear else y
+
+    # Inference (eval mode) runs on a cached W0 + Delta W; False (or SMOA_MLX_MERGE_CACHE=0) keeps the live
+    # block form and its smaller memory.
+    cache_merged_weight = os.environ.get("SMOA_MLX_MERGE_CACHE", "1") != "0"
+
+    def _inference_weight(self) -> mx.array:
+        """W0 + Delta W, built on the first inference call and reused while the adapter and base stay the same.
+
+        Decoding one token at a time makes the live update the bottleneck (every block re-modulated per token),
+        so at inference the layer runs as its fused linear would. The cache keeps the very arrays it was built
+        from and is rebuilt when any of them is replaced: an optimizer step, ``load_weights``, ``set_dtype``, the
+        tracer copies inside ``mx.grad`` / ``mx.compile`` (so gradients taken in eval mode still flow through it).
+        Training mode never reads it and switching to training mode drops it. In-place item assignment on a factor
+        is not seen: call :meth:`clear_inference_weight` after one. Cost: one d_out x d_in copy per layer, dense in
+        the base's compute dtype even for a quantized base (re-quantizing can round a small update away; see
+        ``fuse -q``); ``SMoALinear.cache_merged_weight = False`` or ``SMOA_MLX_MERGE_CACHE=0`` keeps the block form.
+        """
+        sources = (*self.smoa_a, *self.smoa_b, *self.weight_parts())
+        cached = self.__dict__.get("_inference_cache")  # a plain attribute: module entries join mx.compile's state
+        if cached is not None and len(cached[0]) == len(sources) and all(a is b for a, b in zip(cached[0], sources)):
+            return cached[1]
+        merged = self.merged_weight()
+        self.__dict__["_inference_cache"] = (sources, merged)
+        return merged
+
+    def clear_inference_weight(self) -> None:
+        """Forget the cached W0 + Delta W; the next inference call rebuilds it."""
+        self.__dict__.pop("_inference_cache", None)
+
+    def _set_training_mode(self, mode: bool) -> None:
+        super()._set_training_mode(mode)
+        if mode:
+            self.clear_inference_weight()
+
+    def merged_weight(self) -> mx.array:
+        """W0 + Delta W as one dense matrix in the base's compute dtype (summed in float32)."""
+        w0 = dequantized_weight(self.linear)
+        return (w0.astype(mx.float32) + self.delta_weight(mx.float32)).astype(w0.dtype)
 
     def delta_weight(self, dtype=mx.float32) -> mx.array:
         """The dense d_out x d_in update, for checks and merging only."""
@@ -217,9 +245,7 @@ class SMoALinear(nn.Module):
         own group size and bits (quantization error can then swallow part of a small update).
         """
         base = self.linear
-        w0 = dequantized_weight(base)
-        dtype = w0.dtype
-        merged = (w0.astype(mx.float32) + self.delta_weight(mx.float32)).astype(dtype)
+        merged = self.merged_weight()
         d_out, d_in = self.shape
         has_bias = "bias" in base
         fused = nn.Linear(d_in, d_out, bias=has_bias)

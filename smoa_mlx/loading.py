@@ -2,28 +2,28 @@
 
 ``--model`` absent means the embedded SmolLM2-135M-Instruct (works offline, no download); anything else goes to
 ``mlx_lm.load`` unchanged (hub ids on a Mac, local folders, quantized models), so the commands accept exactly what
-mlx-lm's own commands accept. Adapters are dispatched on their ``fine_tune_type``: SMoA/HiRA through
-:func:`smoa_mlx.load_adapter`, LoRA/DoRA/full through mlx-lm's own loader.
+mlx-lm's own commands accept. Adapters are the business of :mod:`smoa_mlx.adapters.folder`;
+:func:`load_model_with_adapter` only joins the two.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINE_TUNE_TYPES, load_adapter, read_json_object
+from .errors import AdapterError, HubUnreachableError, SMoAError
 from .models.embedded import EMBEDDED_NAME, embedded_gguf_path, gguf_model
 
 PathLike = Union[str, Path]
 
 EMBEDDED = "embedded"  # an explicit name for the default, for configs and adapter_config.json
-MLX_LM_TYPES = ("lora", "dora", "full")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_embedded(model: Optional[str]) -> bool:
@@ -74,14 +74,14 @@ def _load_mlx_lm(model: str, tokenizer_config, model_config, lazy: bool):
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"--model {model}: no config.json in {local} (not an mlx-lm model folder)")
         model = str(local)
-    elif not _HUB_ID.match(model):
+    elif not HUB_ID.match(model):
         raise FileNotFoundError(f"--model {model}: no such folder, and not a Hugging Face id ('owner/name')")
-    try:
-        if not local.exists():
-            # The snapshot mlx_lm.load would fetch itself (same function), fetched first so its config can be read.
-            from mlx_lm.utils import _download
+    if not local.exists():
+        # The snapshot mlx_lm.load would fetch itself (same function), fetched first so its config can be read.
+        from mlx_lm.utils import _download
 
-            model = str(_download(model))
+        model = str(fetch_from_hub(_download, model, "--model"))
+    try:
         model_config = {**rope_config_fix(Path(model) / "config.json"), **(model_config or {})}
         return mlx_lm.load(
             model, tokenizer_config=tokenizer_config, model_config=model_config, lazy=lazy, return_config=True
@@ -91,6 +91,25 @@ def _load_mlx_lm(model: str, tokenizer_config, model_config, lazy: bool):
         # hub exceptions take extra constructor arguments, so re-raise as the nearest plain type
         kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError if isinstance(e, ValueError) else RuntimeError
         raise kind(f"--model {model}: could not load this {where}: {e}") from e
+
+
+def fetch_from_hub(download: Callable[..., Any], name: str, flag: str, hint: str = "", **kw: Any) -> Path:
+    """``download(name, **kw)`` (a hub snapshot, from the local cache when it is there), its failures in one line
+    naming the flag: an unreachable hub (offline, proxy) says so and what to pass instead, not a ConnectError."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(download(name, **kw))
+    except LocalEntryNotFoundError:
+        raise HubUnreachableError(
+            f"{flag} {name}: no such local folder, and the Hugging Face hub cannot be reached (offline?) nor does "
+            f"the local cache hold it. Pass a local model folder to {flag}{hint}."
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{flag} {name}: no such local folder, and no such model on the Hugging Face hub "
+                                "(or it is private: log in with `hf auth login`)") from None
+    except Exception as e:  # noqa: BLE001 - the hub client raises many kinds; name the flag and the cause
+        raise HubUnreachableError(f"{flag} {name}: downloading it from the Hugging Face hub failed: {e}") from None
 
 
 def rope_config_fix(config_path: Path) -> dict[str, Any]:
@@ -107,7 +126,7 @@ def rope_config_fix(config_path: Path) -> dict[str, Any]:
     from mlx_lm.utils import _get_classes
 
     try:
-        config = read_json_object(config_path)
+        config = json.loads(config_path.read_text())
         args_class = _get_classes(config)[1]
     except Exception:  # noqa: BLE001 - mlx-lm reports an unreadable or unknown config itself, with its own words
         return {}
@@ -129,51 +148,31 @@ def rope_config_fix(config_path: Path) -> dict[str, Any]:
     return fix
 
 
-def read_adapter_kind(adapter_path: PathLike) -> tuple[str, dict[str, Any]]:
-    """(fine_tune_type, the adapter_config.json contents), with errors naming the missing or bad file."""
-    folder = Path(adapter_path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder not found: {folder}")
-    file = folder / ADAPTER_CONFIG
-    data = read_json_object(file)
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in adapter folder {folder}")
-    kind = data.get("fine_tune_type", "lora")
-    if kind not in FINE_TUNE_TYPES + MLX_LM_TYPES:
-        raise ValueError(f"{file}: unknown fine_tune_type {kind!r} (known: {', '.join(FINE_TUNE_TYPES + MLX_LM_TYPES)})")
-    return kind, data
-
-
-def apply_adapter(model: nn.Module, adapter_path: PathLike) -> str:
-    """Load any adapter this project or mlx-lm writes into ``model`` (in place); returns its fine_tune_type."""
-    kind, _ = read_adapter_kind(adapter_path)
-    if kind in FINE_TUNE_TYPES:
-        load_adapter(model, adapter_path)
-    else:
-        from mlx_lm.tuner.utils import load_adapters
-
-        try:
-            load_adapters(model, str(adapter_path))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ValueError(f"{kind} adapter {adapter_path} does not fit the model: {e}") from e
-    model.eval()
-    return kind
-
-
 def load_model_with_adapter(
-    model: Optional[str], adapter_path: PathLike, **kw: Any
+    model: Optional[str],
+    adapter_path: PathLike,
+    log: Optional[Callable[[str], None]] = None,
+    **kw: Any,
 ) -> Union[tuple[nn.Module, TokenizerWrapper], tuple[nn.Module, TokenizerWrapper, dict[str, Any]]]:
-    """The base model with an adapter applied (layers live, not fused).
+    """The base model with an adapter applied (layers live, not fused), the base checked against the adapter.
 
-    ``model=None`` means the base the adapter was trained on, as its adapter_config.json records it (``model``
-    field, written by mlx-lm and smoa_mlx.train), else the embedded default. Other keywords go to :func:`load_model`.
+    ``model=None`` means the base the adapter was trained on, as its adapter_config.json records it (a relative
+    path there is relative to the adapter folder), else the embedded default. ``log`` receives one line saying
+    which base was used and whether its fingerprint was checked. Other keywords go to :func:`load_model`.
     """
-    _, data = read_adapter_kind(adapter_path)  # fail on a bad adapter before spending time on the model
+    from .adapters.folder import apply_adapter, read_adapter, recorded_base
+
+    adapter = read_adapter(adapter_path)  # fail on a bad adapter before spending time on the model
+    source = "given by --model" if model is not None else f"recorded in {adapter.config_file}"
     if model is None:
-        model = data.get("model") or None
+        model = recorded_base(adapter)
     loaded = load_model(model, **kw)
     try:
-        apply_adapter(loaded[0], adapter_path)
+        apply_adapter(loaded[0], adapter)
     except ValueError as e:
-        raise ValueError(f"{e}\n(base model: {describe_model(model)})") from e
+        kind = type(e) if isinstance(e, SMoAError) else AdapterError
+        raise kind(f"{e}\n(base model: {describe_model(model)}, {source})") from e
+    if log is not None:
+        checked = "base fingerprint checked" if adapter.fingerprint else "no base fingerprint recorded: not checked"
+        log(f"Base model: {describe_model(model)} ({source}; {checked})")
     return loaded

@@ -1,4 +1,4 @@
-"""How much of an adapter's update survives re-quantizing the fused weights.
+"""How much of an adapter's update survives re-quantizing the fused weights, in weight space and in behaviour.
 
 Fusing into a quantized base and quantizing again can silently drop the whole fine-tune (mlx-lm #1172): on a
 base already on the quantization grid, an update smaller than half a step rounds straight back to the base.
@@ -8,18 +8,30 @@ its projection on the update, <kept, dW> / <dW, dW>: 1 when the update survives 
 dithers it), 0 when quantization erased it. Alongside, the largest update entry that left its quantized weight
 unchanged. Measured per adapted layer before anything is merged, with the same ``mx.quantize`` call (group size,
 bits, dtype) that mlx-lm's ``quantize_model`` then applies to the fused layer.
+
+The weight-space share is a proxy, and an optimistic one: it weighs every update entry alike while a few erased
+entries can carry what the adapter learned (81% kept, yet the loss nearly doubled, in the case in
+:class:`LossCheck`), and it does not see quantization moving the base weights themselves (every layer, adapted or
+not, e.g. a 4-bit base re-quantized with another group size than its own: 93% kept, loss 0.35 -> 0.79).
+:class:`LossCheck` measures behaviour instead: the loss on the adapter's validation data of the base, the fused
+model and the quantized fused model.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 # Share of the update lost above which the quantized fused model no longer carries the fine-tune reliably.
 WARN_DROPPED = 0.25
+# Relative rise of the validation perplexity (quantized fused against fused) above which fuse warns.
+WARN_PERPLEXITY = 0.10
 
 
 @dataclass
@@ -144,3 +156,74 @@ def quantization_report(
             continue
         layers.append(layer_loss(path, dense_weight(_base_of(module)), fused.weight, gs, b))
     return QuantizationReport(bits=bits, group_size=group_size, layers=layers)
+
+
+@dataclass
+class LossCheck:
+    """Validation loss of the base, the fused model and the quantized fused model, on the same examples.
+
+    The perplexity ratio of the quantized to the unquantized fused model is what the warning watches. The share of
+    the adapter's improvement kept is reported too, but it flatters: much of a fine-tune's first gain is format
+    (a chat template, an answer style) that survives quantization while the content does not. Measured on the
+    embedded model (30 SMoA steps on the packaged data, fused at 4 bits, group size 32): share 91%, yet the loss
+    nearly doubled (0.35 -> 0.66) and "What is 45 minus 24?" went from 21 to 24.
+    """
+
+    data: str
+    bits: int
+    group_size: int
+    base: float
+    fused: float
+    quantized: float
+
+    @property
+    def kept(self) -> Optional[float]:
+        """Share of the adapter's loss improvement the quantized model keeps (None if the adapter did not improve)."""
+        gain = self.base - self.fused
+        return (self.base - self.quantized) / gain if gain > 0 else None
+
+    @property
+    def perplexity_ratio(self) -> float:
+        """Validation perplexity of the quantized fused model over the unquantized one's."""
+        return math.exp(self.quantized - self.fused)
+
+    def summary(self) -> str:
+        kept = self.kept
+        share = f"; it keeps {kept:.1%} of the adapter's loss improvement" if kept is not None else ""
+        return (
+            f"validation loss on {self.data}: base {self.base:.4f}, fused {self.fused:.4f}, fused and "
+            f"{self.bits}-bit (group size {self.group_size}) {self.quantized:.4f}: perplexity "
+            f"{self.perplexity_ratio:.2f}x the unquantized fused model's{share}"
+        )
+
+    def warning(self) -> Optional[str]:
+        if self.perplexity_ratio <= 1.0 + WARN_PERPLEXITY:
+            return None
+        return (
+            f"WARNING: the {self.bits}-bit (group size {self.group_size}) fused model's validation perplexity is "
+            f"{self.perplexity_ratio:.2f}x the unquantized fused model's (loss {self.quantized:.4f} against "
+            f"{self.fused:.4f}; base {self.base:.4f}): quantization changes what the adapter does. Fuse without "
+            f"--quantize, or use more bits (--q-bits 8) or a smaller --q-group-size."
+        )
+
+
+@contextmanager
+def adapters_removed(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with every adapter layer swapped for its base layer, put back on exit: the base's behaviour."""
+    adapters = [(path, m) for path, m in model.named_modules() if callable(getattr(m, "fuse", None))]
+    model.update_modules(tree_unflatten([(path, _base_of(m)) for path, m in adapters]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(adapters))
+
+
+def validation_loss(model: nn.Module, dataset: Any, batch_size: int, batches: int, max_seq_length: int) -> float:
+    """mlx-lm's own validation loss (mean over tokens), in eval mode, on the same batches at every call."""
+    from functools import partial
+
+    from mlx_lm.tuner.trainer import evaluate, iterate_batches
+
+    model.eval()
+    same_batches = partial(iterate_batches, seed=0)
+    return evaluate(model, dataset, batch_size, batches, max_seq_length, iterate_batches=same_batches)

@@ -13,8 +13,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from smoa_mlx import bigbench
-from smoa_mlx.choice_eval import encode, score_choices
+from smoa_mlx.eval import bigbench
+from smoa_mlx.eval.choice_eval import encode, score_choices
 from smoa_mlx.spectral import cached_orders, spectral_order
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"

@@ -24,7 +24,7 @@ from smoa_mlx.convert import (
 )
 from smoa_mlx.convert.__main__ import main
 from smoa_mlx.convert.names import to_hf, to_mlx
-from smoa_mlx.fingerprint import check_fingerprint, fingerprint_modules
+from smoa_mlx.adapters.fingerprint import check_fingerprint, fingerprint_modules
 
 Q = "model.layers.1.self_attn.q_proj"
 
@@ -62,7 +62,7 @@ def test_mlx_folder_where_peft_expected(tmp_path):
     save_adapter(model, tmp_path / "smoa", cfg)
     with pytest.raises(AdapterTypeError, match="mlx-lm adapter"):
         peft_lora_to_mlx(tmp_path / "smoa", tmp_path / "out", model_type="llama")
-    with pytest.raises(AdapterTypeError, match="fine_tune_type is 'smoa'"):
+    with pytest.raises(AdapterTypeError, match="fine_tune_type='smoa' is not a lora/dora adapter"):
         mlx_lora_to_peft(tmp_path / "smoa", tmp_path / "out", model_type="llama")
 
 
@@ -89,7 +89,7 @@ def test_other_base_model_detected_and_nothing_overwritten(tmp_path):
     out = smoa_to_hira(tmp_path / "smoa", tmp_path / "out", base=tiny(seed=0))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(BaseModelMismatchError, match=r"(?s)different base model.*q_proj: weight fingerprint differs"):
-        smoa_to_hira(tmp_path / "smoa", out, base=tiny(seed=1))
+        smoa_to_hira(tmp_path / "smoa", out, base=tiny(seed=1), force=True)  # even forced: checked before writing
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

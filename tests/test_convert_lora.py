@@ -12,6 +12,8 @@ from smoa_mlx.convert import mlx_lora_to_peft, peft_lora_to_mlx
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+# peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: not this code's to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj"]
 # qwen2's q/k/v carry biases (DoRA rescales before adding them); phi3 fuses qkv_proj and gate_up_proj.

@@ -54,6 +54,7 @@ def test_smoa_to_reference(tmp_path):
     assert_close(torch_logits(torch_model), want, base=base_logits)
 
 
+@pytest.mark.filterwarnings("ignore::smoa_mlx.convert.FragileGroupingWarning")  # the tiny random base has near ties
 def test_reference_to_smoa(tmp_path):
     torch_model = make_hf_llama(tmp_path / "base")
     base_logits = torch_logits(torch_model)

@@ -145,7 +145,7 @@ def test_load_model_with_adapter_smoa_and_lora(tmp_path, embedded_model):
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     from smoa_mlx import SMoAConfig, apply_smoa, save_adapter
-    from smoa_mlx.loading import apply_adapter
+    from smoa_mlx.adapters import apply_adapter
 
     _, tokenizer = embedded_model
     folder = _tiny_folder(tmp_path / "tiny", tokenizer, hidden=64)

@@ -77,7 +77,7 @@ def test_mlx_lm_adapters_fuse(tiny, tmp_path, kind):
     """mlx-lm's own adapters: LoRA / DoRA fuse through their own .fuse(); a full fine-tune is saved as loaded."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from smoa_mlx.adapters import atomic_save_safetensors
+    from smoa_mlx.atomic import atomic_save_safetensors
 
     model_dir, _ = tiny["dense"]
     model, _ = mlx_lm.load(str(model_dir))

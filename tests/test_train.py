@@ -15,12 +15,12 @@ import pytest
 
 from train_helpers import build_data_folder, build_model_folder, write_jsonl
 
-from smoa_mlx import train as train_mod
-from smoa_mlx.checkpoint import STATE_FILE, load_state
+from smoa_mlx.train import runner as train_mod
+from smoa_mlx.train.checkpoint import STATE_FILE, load_state
 from smoa_mlx.train import run
-from smoa_mlx.train_args import parse_args
-from smoa_mlx.train_data import PACKAGED_DATA, DataError, load_splits, read_jsonl
-from smoa_mlx.train_loop import Recorder, TrainingDiverged
+from smoa_mlx.train.args import parse_args
+from smoa_mlx.train.data import PACKAGED_DATA, DataError, load_splits, read_jsonl
+from smoa_mlx.train.loop import Recorder, TrainingDiverged
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_nccl_workaround_reroutes_cpu_all_sums(tiny, monkeypatch):
     """Under NCCL the trainer's all_sum(..., stream=mx.cpu) must go to the default (GPU) stream."""
     from mlx_lm.tuner import trainer
 
-    from smoa_mlx.train_loop import patched_trainer
+    from smoa_mlx.train.loop import patched_trainer
 
     seen = []
     real = mx.distributed.all_sum

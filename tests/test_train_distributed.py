@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -17,6 +18,10 @@ import pytest
 from train_helpers import build_data_folder, build_model_folder
 
 from smoa_mlx.train import run
+
+# The rank scripts import this checkout's smoa_mlx, installed or not.
+REPO = str(Path(__file__).resolve().parent.parent)
+PYTHONPATH = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def _free_ports(n: int) -> list[int]:
@@ -49,11 +54,13 @@ def test_two_ring_ranks_equal_one_process(tmp_path):
         assert world.size() == 2, world.size()
         result = run({opts!r}, adapter_path={str(tmp_path / 'ring')!r})
         if world.rank() == 0:
-            json.dump(result, open({str(tmp_path / 'ring.json')!r}, "w"))
+            with open({str(tmp_path / 'ring.json')!r}, "w") as f:
+                json.dump(result, f)
     """))
     procs = [
         subprocess.Popen([sys.executable, str(script)], env={**os.environ, "MLX_RANK": str(r),
-                         "MLX_HOSTFILE": str(hostfile)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": PYTHONPATH},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(2)
     ]
     try:

@@ -17,17 +17,35 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import (
+from ..adapters.apply import get_module
+from ..adapters.fingerprint import FINGERPRINT_KEY, fingerprint_modules
+from ..adapters.folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    atomic_save_safetensors,
-    atomic_write_text,
-    get_module,
+    SMOA_TYPES,
+    AdapterFolder,
+    SMoAModule,
+    adapter_config,
+    check_fingerprint_field,
+    lora_parameters,
+    read_adapter,
     read_json_object,
+    read_weights,
+    smoa_modules,
+    verify_base as verify_fingerprint,
+    write_adapter,
 )
-from ..fingerprint import FINGERPRINT_KEY, check_fingerprint, fingerprint_modules
+from ..config import SMoAConfig
+from ..errors import (
+    AdapterFileError,
+    AdapterTypeError,
+    BaseModelMismatchError,
+    ConversionError,
+    MissingKeysError,
+    SavePathExistsError,
+    ShapeMismatchError,
+)
 from ..layer import base_dims as linear_dims, dequantized_weight
-from .errors import AdapterTypeError, BaseModelMismatchError, ConversionError, MissingKeysError, ShapeMismatchError
 from .names import PEFT_PREFIX, layer_index, to_hf, to_mlx
 
 PathLike = Union[str, os.PathLike]
@@ -37,29 +55,10 @@ METADATA_FINGERPRINT = "smoa_mlx.base_fingerprint"
 
 
 # -- reading ----------------------------------------------------------------------------------------------
-def read_json(file: Path) -> dict:
-    try:
-        return read_json_object(file)
-    except FileNotFoundError:
-        raise
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
-
-
-def read_weights(file: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
-    if not file.is_file():
-        raise FileNotFoundError(f"no {file.name} in adapter folder {file.parent}")
-    try:
-        weights, metadata = mx.load(str(file), return_metadata=True)
-    except Exception as e:  # mx raises bare RuntimeError/ValueError for corrupt files
-        raise ConversionError(f"{file}: not a readable safetensors file ({e})") from None
-    return weights, dict(metadata or {})
-
-
 def read_peft(folder: PathLike, peft_type: str) -> tuple[dict, dict[str, mx.array], dict[str, str]]:
     """(config, weights, metadata) of a PEFT-style folder whose ``peft_type`` must be ``peft_type``."""
     folder = Path(folder)
-    config = read_json(folder / ADAPTER_CONFIG)
+    config = read_json_object(folder / ADAPTER_CONFIG)
     found = config.get("peft_type", config.get("fine_tune_type"))
     if str(found).upper() != peft_type:
         hint = " (an mlx-lm adapter folder)" if "fine_tune_type" in config else ""
@@ -70,16 +69,19 @@ def read_peft(folder: PathLike, peft_type: str) -> tuple[dict, dict[str, mx.arra
     return config, weights, metadata
 
 
-def read_mlx_config(folder: PathLike, kinds: Iterable[str]) -> dict:
-    file = Path(folder) / ADAPTER_CONFIG
-    config = read_json(file)
-    if "peft_type" in config:
-        raise AdapterTypeError(f"{file}: a PEFT adapter (peft_type={config['peft_type']!r}), expected an mlx-lm one")
-    kind = config.get("fine_tune_type", "lora")
-    kinds = tuple(kinds)
-    if kind not in kinds:
-        raise AdapterTypeError(f"{file}: fine_tune_type is {kind!r}, expected one of {kinds}")
-    return config
+def read_smoa(folder: PathLike, base: Optional[nn.Module] = None) -> tuple[AdapterFolder, dict[str, SMoAModule]]:
+    """An SMoA adapter folder read and checked (its shapes against ``base`` too, and its base fingerprint)."""
+    adapter = read_adapter(folder, SMOA_TYPES)
+    weights, _ = read_weights(adapter.weights_file)
+    modules = smoa_modules(weights, adapter.smoa, adapter.weights_file)
+    for path, module in modules.items():
+        dims = base_dims(base, path)
+        if dims is not None and dims != module.shape:
+            raise ShapeMismatchError(
+                f"{adapter.weights_file}: {path} is {module.shape[0]}x{module.shape[1]}, the base layer {dims}"
+            )
+    verify_base(base, adapter.fingerprint, str(adapter.folder))
+    return adapter, modules
 
 
 def group_peft(
@@ -146,8 +148,8 @@ def open_peft(
     config, weights, metadata = read_peft(adapter, peft_type)
     file = adapter / PEFT_WEIGHTS
     modules = group_peft(saved_base_layers(weights, base, model_type, file), file, leaf_pattern, model_type)
-    fingerprint = metadata_fingerprint(metadata)
-    verify_base(base, modules, fingerprint, str(adapter))
+    fingerprint = metadata_fingerprint(metadata, file)
+    verify_base(base, fingerprint, str(adapter))
     return PeftInput(config, modules, fingerprint or base_fingerprint(base, modules), file, model_type)
 
 
@@ -192,15 +194,22 @@ def base_fingerprint(base: Optional[nn.Module], paths: Iterable[str]) -> Optiona
     return fingerprint_modules({p: get_module(base, p) for p in paths})
 
 
-def verify_base(base: Optional[nn.Module], paths: Iterable[str], stored: Optional[dict], source: str) -> None:
+def verify_base(base: Optional[nn.Module], stored: Optional[dict], source: str) -> None:
     """Fingerprint check of the base against what the adapter recorded (nothing to do without either)."""
-    if base is not None and stored:
-        check_fingerprint(stored, base_fingerprint(base, paths), source)
+    if base is not None:
+        verify_fingerprint(base, stored, source)
 
 
-def metadata_fingerprint(metadata: dict[str, str]) -> Optional[dict]:
+def metadata_fingerprint(metadata: dict[str, str], file: Path) -> Optional[dict]:
+    """The base fingerprint a PEFT file written here carries in its metadata, checked as the adapter reader does."""
     text = metadata.get(METADATA_FINGERPRINT)
-    return json.loads(text) if text else None
+    if not text:
+        return None
+    try:
+        fingerprint = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"{file}: metadata {METADATA_FINGERPRINT} is not valid JSON ({e})") from None
+    return check_fingerprint_field({FINGERPRINT_KEY: fingerprint}, file)
 
 
 def num_layers_for(base: Optional[nn.Module], paths: Iterable[str]) -> int:
@@ -212,10 +221,32 @@ def num_layers_for(base: Optional[nn.Module], paths: Iterable[str]) -> int:
     return len(layers) - min(indices)
 
 
-def distinct(adapter: PathLike, out: PathLike) -> None:
-    """Both formats name their config adapter_config.json: converting into the input folder would clobber it."""
-    if Path(out).resolve() == Path(adapter).resolve():
+def distinct(adapter: PathLike, out: PathLike, force: bool = False) -> None:
+    """Refuse an output folder that would lose something: the input folder (both formats name their config
+    adapter_config.json), or, without ``force``, a folder that holds anything (another adapter would be left half
+    replaced, its weights beside the new config), as fuse and train refuse theirs."""
+    out = Path(out)
+    if out.resolve() == Path(adapter).resolve():
         raise ConversionError(f"output folder {out} is the input folder: choose another one")
+    if out.exists() and not out.is_dir():
+        raise SavePathExistsError(f"output folder {out} exists and is not a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        listed = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise SavePathExistsError(f"output folder {out} already holds {listed}; pass --force to replace the adapter "
+                                  "in it, or choose another folder")
+
+
+def write_converted(
+    folder: PathLike, arrays: dict[str, mx.array], config: dict, weights_name: str, metadata: dict[str, str]
+) -> Path:
+    """Write the converted adapter (all or nothing), then remove the other format's weights file that a forced
+    conversion into an adapter folder leaves behind, so the folder holds one loadable adapter."""
+    out = write_adapter(folder, arrays, config, weights_name, metadata)
+    for name in (ADAPTER_WEIGHTS, PEFT_WEIGHTS):
+        if name != weights_name:
+            (out / name).unlink(missing_ok=True)
+    return out
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -243,38 +274,22 @@ def peft_weights(arrays: dict[tuple[str, str], mx.array], model_type: str) -> di
     return {f"{PEFT_PREFIX}{to_hf(path, model_type)}.{suffix}": v for (path, suffix), v in arrays.items()}
 
 
-def write_folder(
-    folder: PathLike,
-    weights_name: str,
-    arrays: dict[str, mx.array],
-    config: dict,
-    metadata: Optional[dict[str, str]] = None,
-) -> Path:
-    """Weights first, then the config, each written atomically (the config is what marks a folder complete)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.eval(arrays)
-    atomic_save_safetensors(folder / weights_name, arrays, metadata=metadata)
-    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
 def write_peft(folder: PathLike, arrays: dict[str, mx.array], config: dict, fingerprint: Optional[dict]) -> Path:
     metadata = {"format": "pt"}
     if fingerprint:
         metadata[METADATA_FINGERPRINT] = json.dumps(fingerprint, sort_keys=True)
-    return write_folder(folder, PEFT_WEIGHTS, arrays, config, metadata)
+    return write_converted(folder, arrays, config, PEFT_WEIGHTS, metadata)
 
 
-def write_mlx(folder: PathLike, arrays: dict[str, mx.array], config: dict) -> Path:
-    return write_folder(folder, ADAPTER_WEIGHTS, arrays, config, {"format": "mlx"})
+def write_smoa(folder: PathLike, config: SMoAConfig, modules: dict[str, SMoAModule], fingerprint: Optional[dict]) -> Path:
+    """An SMoA adapter folder (what :func:`smoa_mlx.save_adapter` writes) from plain data."""
+    arrays = {}
+    for path, module in modules.items():
+        arrays.update(module.arrays(path))
+    cfg = adapter_config("smoa", lora_parameters(config), config.num_layers, config, fingerprint)
+    return write_converted(folder, arrays, cfg, ADAPTER_WEIGHTS, {"format": "mlx", "adapter": "smoa"})
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
     return np.asarray(x.astype(mx.float32)) if x.dtype == mx.bfloat16 else np.asarray(x)
 
-
-def fingerprint_field(fingerprint: Optional[dict]) -> dict:
-    return {FINGERPRINT_KEY: fingerprint} if fingerprint else {}

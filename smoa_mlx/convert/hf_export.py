@@ -4,7 +4,8 @@ mlx-lm's own ``save`` writes MLX-flavoured folders (quantization fields, ``forma
 weights). A deployment on PyTorch wants plain dense safetensors under transformers' names plus the tokenizer, so
 this merges every adapter layer, dequantizes, and checks the family is one whose mlx-lm names are transformers'
 names (see :mod:`smoa_mlx.convert.names`); anything else is refused rather than written with wrong keys.
-The folder is assembled in a temporary directory beside ``path`` and moved into place only when complete.
+The folder is assembled in a temporary directory beside ``path`` and moved into place only when complete
+(:func:`smoa_mlx.atomic.staged_folder`; into an existing folder, file by file).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import UnsupportedArchitectureError
+from ..atomic import staged_folder
+from ..errors import UnsupportedArchitectureError
 from .names import FAMILIES
 
 __all__ = ["export_hf", "fuse_adapters"]
@@ -75,9 +76,9 @@ def export_hf(
             config["torch_dtype"] = config["dtype"] = name
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export_hf: {out} exists and is not a folder")
+    with staged_folder(out, merge=True, what="checkpoint") as staging:
         shards = make_shards(weights)
         names = (
             ["model.safetensors"]
@@ -95,23 +96,5 @@ def export_hf(
         tokenizer.save_pretrained(str(staging))
         if src_path is not None and (Path(src_path) / "generation_config.json").is_file():
             shutil.copy(Path(src_path) / "generation_config.json", staging)
-        _move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; into an existing folder, replace file by file (each atomic)."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"export_hf: {out} exists and is not a folder")
-    written = {p.name for p in staging.iterdir()}
-    # config.json last: a reader that sees the new config also sees the new weights.
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-        os.replace(item, out / item.name)
-    for stale in out.glob("model*.safetensors*"):  # shards of an earlier, differently sharded export
-        if stale.name not in written:
-            stale.unlink()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 
 PEFT_PREFIX = "base_model.model."
 

@@ -16,29 +16,27 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import ADAPTER_CONFIG
+from ..adapters.folder import ADAPTER_CONFIG, SMoAModule
 from ..config import SMoAConfig
-from ..fingerprint import FINGERPRINT_KEY
 from .common import (
     PathLike,
     base_dims,
     base_fingerprint,
     check_shape,
     distinct,
-    fingerprint_field,
     num_layers_for,
     open_peft,
     peft_config,
     peft_weights,
     require,
+    read_smoa,
     resolve_model_type,
     to_numpy,
-    verify_base,
     write_peft,
+    write_smoa,
 )
-from .errors import ConversionError
+from ..errors import ConversionError
 from .names import block_relative, to_hf
-from .smoa_io import SMoAModule, read_smoa, write_smoa
 
 __all__ = ["smoa_to_hira", "hira_to_smoa", "hira_factors"]
 
@@ -58,16 +56,20 @@ def hira_factors(module: SMoAModule, scale: float) -> tuple[np.ndarray, np.ndarr
 
 
 def smoa_to_hira(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert an SMoA adapter folder into a stock PEFT HiRA one (``PeftModel.from_pretrained`` loads it).
 
     ``base`` (the MLX base model) enables the shape and base-fingerprint checks and supplies the model type.
     """
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     model_type = resolve_model_type(base, model_type)
-    config, data, modules = read_smoa(adapter, base)
-    verify_base(base, modules, data.get(FINGERPRINT_KEY), str(adapter))
+    src, modules = read_smoa(adapter, base)
+    config = src.smoa
     arrays = {}
     for path, module in modules.items():
         to_hf(path, model_type)
@@ -77,15 +79,19 @@ def smoa_to_hira(
         arrays[(path, "hira_B")] = mx.array(b_full).astype(dtype)
     hf_paths = [to_hf(p, model_type) for p in modules]
     cfg = peft_config("HIRA", config.rank, hf_paths, hira_dropout=config.dropout, init_weights=True, rank_pattern={})
-    fingerprint = data.get(FINGERPRINT_KEY) or base_fingerprint(base, modules)
+    fingerprint = src.fingerprint or base_fingerprint(base, modules)
     return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
 
 
 def hira_to_smoa(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert a stock PEFT HiRA adapter folder into an SMoA adapter with one block (``load_adapter`` loads it)."""
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     src = open_peft(adapter, "HIRA", r"hira_A|hira_B", base, model_type)
     rank = int(src.config["r"])
     if any(int(r) != rank for r in (src.config.get("rank_pattern") or {}).values()):
@@ -106,4 +112,4 @@ def hira_to_smoa(
         target_modules=sorted({block_relative(p) for p in modules}),
         num_layers=num_layers_for(base, modules),
     )
-    return write_smoa(out, smoa, modules, fingerprint_field(src.fingerprint))
+    return write_smoa(out, smoa, modules, src.fingerprint)

@@ -12,46 +12,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..fingerprint import FINGERPRINT_KEY
+from ..adapters.folder import ADAPTER_WEIGHTS, LORA_TYPES, adapter_config, lora_modules, read_adapter, read_weights
+from ..errors import ConversionError
 from .common import (
     PathLike,
     base_dims,
     base_fingerprint,
     check_shape,
     distinct,
-    fingerprint_field,
     num_layers_for,
     open_peft,
     peft_config,
     peft_weights,
-    read_mlx_config,
-    read_weights,
     require,
     resolve_model_type,
     verify_base,
-    write_mlx,
+    write_converted,
     write_peft,
 )
-from .errors import ConversionError, MissingKeysError
 from .names import block_relative, to_hf
 
 __all__ = ["mlx_lora_to_peft", "peft_lora_to_mlx"]
-
-_MLX_LEAVES = ("lora_a", "lora_b", "m")
-
-
-def _group_mlx(weights: dict[str, mx.array], file: Path) -> dict[str, dict[str, mx.array]]:
-    modules: dict[str, dict[str, mx.array]] = {}
-    for key, value in weights.items():
-        path, _, leaf = key.rpartition(".")
-        if leaf not in _MLX_LEAVES:
-            raise ConversionError(f"{file}: unexpected tensor {key!r} (not a LoRA/DoRA adapter tensor)")
-        modules.setdefault(path, {})[leaf] = value
-    return modules
 
 
 def _check_module(path: str, a_shape, b_shape, rank: int, base: Optional[nn.Module], file: Path, dora: bool, m=None):
@@ -66,37 +49,32 @@ def _check_module(path: str, a_shape, b_shape, rank: int, base: Optional[nn.Modu
 
 
 def mlx_lora_to_peft(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert an mlx-lm LoRA or DoRA adapter folder into a PEFT one (``PeftModel.from_pretrained`` loads it).
 
     ``base`` (the MLX base model) enables the shape and base-fingerprint checks and supplies the model type.
     """
-    distinct(adapter, out)
-    adapter = Path(adapter)
+    distinct(adapter, out, force)
     model_type = resolve_model_type(base, model_type)
-    config = read_mlx_config(adapter, ("lora", "dora"))
-    dora = config.get("fine_tune_type") == "dora"
-    params = config.get("lora_parameters") or {}
-    if "scale" not in params or "rank" not in params:
-        raise ConversionError(f"{adapter / ADAPTER_CONFIG}: lora_parameters needs 'rank' and 'scale'")
-    rank = int(params["rank"])
-    file = adapter / ADAPTER_WEIGHTS
-    weights, _ = read_weights(file)
-    modules = _group_mlx(weights, file)
-    if not modules:
-        raise MissingKeysError(f"{file}: holds no adapter tensors")
+    src = read_adapter(adapter, LORA_TYPES)
+    dora, rank, params = src.kind == "dora", src.lora["rank"], src.lora
+    weights, _ = read_weights(src.weights_file)
+    modules = lora_modules(weights, src.kind, rank, src.weights_file)
     arrays = {}
-    for path, parts in sorted(modules.items()):
-        require(parts, ("lora_a", "lora_b") + (("m",) if dora else ()), path, file)
+    for path, parts in modules.items():
         to_hf(path, model_type)  # refuse unmappable modules before anything is written
         a, b = parts["lora_a"].T, parts["lora_b"].T
-        _check_module(path, a.shape, b.shape, rank, base, file, dora, parts.get("m"))
+        _check_module(path, a.shape, b.shape, rank, base, src.weights_file, dora, parts.get("m"))
         arrays[(path, "lora_A.weight")] = a
         arrays[(path, "lora_B.weight")] = b
         if dora:
             arrays[(path, "lora_magnitude_vector")] = parts["m"]
-    verify_base(base, modules, config.get(FINGERPRINT_KEY), str(adapter))
+    verify_base(base, src.fingerprint, str(src.folder))
     hf_paths = [to_hf(p, model_type) for p in modules]
     cfg = peft_config(
         "LORA",
@@ -110,15 +88,19 @@ def mlx_lora_to_peft(
         rank_pattern={},
         alpha_pattern={},
     )
-    fingerprint = config.get(FINGERPRINT_KEY) or base_fingerprint(base, modules)
+    fingerprint = src.fingerprint or base_fingerprint(base, modules)
     return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
 
 
 def peft_lora_to_mlx(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert a PEFT LoRA or DoRA adapter folder into an mlx-lm one (``mlx_lm.load(..., adapter_path=out)``)."""
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     src = open_peft(adapter, "LORA", r"lora_A\.weight|lora_B\.weight|lora_magnitude_vector", base, model_type)
     config, source = src.config, Path(adapter) / "adapter_config.json"
     for field in ("rank_pattern", "alpha_pattern"):
@@ -142,15 +124,11 @@ def peft_lora_to_mlx(
         arrays[f"{path}.lora_b"] = b.T
         if dora:
             arrays[f"{path}.m"] = parts["lora_magnitude_vector"]
-    cfg = {
-        "fine_tune_type": "dora" if dora else "lora",
-        "num_layers": num_layers_for(base, src.modules),
-        "lora_parameters": {
-            "rank": rank,
-            "scale": scale,
-            "dropout": float(config.get("lora_dropout", 0.0)),
-            "keys": sorted({block_relative(p) for p in src.modules}),
-        },
-        **fingerprint_field(src.fingerprint),
+    lora = {
+        "rank": rank,
+        "scale": scale,
+        "dropout": float(config.get("lora_dropout", 0.0)),
+        "keys": sorted({block_relative(p) for p in src.modules}),
     }
-    return write_mlx(out, arrays, cfg)
+    cfg = adapter_config("dora" if dora else "lora", lora, num_layers_for(base, src.modules), fingerprint=src.fingerprint)
+    return write_converted(out, arrays, cfg, ADAPTER_WEIGHTS, {"format": "mlx"})

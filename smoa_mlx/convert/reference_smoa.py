@@ -26,29 +26,28 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..adapters import get_module
-from ..config import SMoAConfig
-from ..fingerprint import FINGERPRINT_KEY
-from ..layer import dequantized_weight, resolve_ranks
-from ..spectral import order_margin, spectral_order, spectral_scores, spectral_scores_svd, split_sizes
+from ..adapters.apply import get_module
+from ..adapters.folder import SMoAModule, cut_groups
+from ..config import SMoAConfig, resolve_ranks
+from ..layer import dequantized_weight
+from ..spectral import order_margin, spectral_order, spectral_scores, spectral_scores_svd, split_rank, split_sizes
 from .common import (
     PathLike,
     base_dims,
     base_fingerprint,
     check_shape,
     distinct,
-    fingerprint_field,
     num_layers_for,
     open_peft,
     peft_config,
     peft_weights,
+    read_smoa,
     resolve_model_type,
-    verify_base,
     write_peft,
+    write_smoa,
 )
-from .errors import ConversionError, MissingKeysError
+from ..errors import ConversionError, GroupingMismatchError, MissingKeysError
 from .names import block_relative, to_hf
-from .smoa_io import SMoAModule, _cut, read_smoa, write_smoa
 
 __all__ = [
     "FragileGroupingWarning",
@@ -67,10 +66,6 @@ BOUNDARY_MARGIN = NEAR_TIE
 
 class FragileGroupingWarning(UserWarning):
     """The reference's recomputed grouping of a module depends on float32 rounding."""
-
-
-class GroupingMismatchError(ConversionError):
-    """The adapter's groups differ from those the reference will recompute: no exact export exists."""
 
 
 def reference_orders(
@@ -146,25 +141,30 @@ def _require_base(base: Optional[nn.Module], what: str) -> nn.Module:
 
 
 def smoa_to_reference(
-    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None, order: str = "svd32"
+    adapter: PathLike,
+    out: PathLike,
+    base: nn.Module,
+    model_type: Optional[str] = None,
+    order: str = "svd32",
+    force: bool = False,
 ) -> Path:
     """Convert an SMoA adapter folder into the reference SMoA format, for the base model ``base``.
 
     ``base`` must be the model the reference will load (the float checkpoint, not a quantized copy).
     ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
     """
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     _require_base(base, "smoa_to_reference")
     model_type = resolve_model_type(base, model_type)
-    config, data, modules = read_smoa(adapter, base)
-    verify_base(base, modules, data.get(FINGERPRINT_KEY), str(adapter))
+    src, modules = read_smoa(adapter, base)
+    config = src.smoa
     arrays, problems, report = {}, [], {}
     for path, module in modules.items():
         to_hf(path, model_type)
         weight = _base_weight(base, path)
         rows, cols = reference_orders(weight, method=order)
         report[path] = _fragility(weight, rows, cols, config.blocks)
-        ref_rows, ref_cols = _cut(rows, config.blocks), _cut(cols, config.blocks)
+        ref_rows, ref_cols = cut_groups(rows, config.blocks), cut_groups(cols, config.blocks)
         for k, (a, b, mine_r, mine_c, want_r, want_c) in enumerate(
             zip(module.a, module.b, module.row_groups(), module.col_groups(), ref_rows, ref_cols)
         ):
@@ -195,7 +195,7 @@ def smoa_to_reference(
         bias="none",
         init_lora_weights=True,
     )
-    fingerprint = data.get(FINGERPRINT_KEY) or base_fingerprint(base, modules)
+    fingerprint = src.fingerprint or base_fingerprint(base, modules)
     return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
 
 
@@ -208,23 +208,31 @@ def _permutation(mine: np.ndarray, want: np.ndarray) -> Optional[np.ndarray]:
 
 
 def reference_to_smoa(
-    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None, order: str = "svd32"
+    adapter: PathLike,
+    out: PathLike,
+    base: nn.Module,
+    model_type: Optional[str] = None,
+    order: str = "svd32",
+    force: bool = False,
 ) -> Path:
     """Convert a reference-format SMoA adapter into an SMoA adapter folder for ``base`` (``load_adapter``).
 
     ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
     """
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     _require_base(base, "reference_to_smoa")
     src = open_peft(adapter, "SMOA", r"lora_[AB]\.\d+\.weight", base, model_type)
     ref, source, file = src.config, Path(adapter) / "adapter_config.json", src.file
     try:
+        rank, blocks, branch = int(ref["r"]), int(ref.get("num_blocks", 2)), ref.get("branch_ranks")
+        if branch is None and blocks > rank:  # the reference leaves the extra blocks empty: say so explicitly
+            branch = split_rank(rank, blocks)
         config = SMoAConfig(
-            rank=int(ref["r"]),
-            blocks=int(ref.get("num_blocks", 2)),
+            rank=rank,
+            blocks=blocks,
             alpha=float(ref.get("lora_alpha", 8)),
             dropout=float(ref.get("lora_dropout", 0.0)),
-            branch_ranks=ref.get("branch_ranks"),
+            branch_ranks=branch,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{source}: bad SMoA fields ({e})") from None
@@ -258,4 +266,4 @@ def reference_to_smoa(
     _warn_fragile(report)
     config.target_modules = sorted({block_relative(p) for p in modules})
     config.num_layers = num_layers_for(base, modules)
-    return write_smoa(out, config, modules, fingerprint_field(src.fingerprint))
+    return write_smoa(out, config, modules, src.fingerprint)

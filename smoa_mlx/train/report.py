@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .adapters import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 
 def plot_losses(history: dict, path: Path, title: str) -> Path:

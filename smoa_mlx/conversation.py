@@ -17,11 +17,9 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import common_prefix_len
 
+from .errors import NoChatTemplateError
+
 Sampler = Callable[[mx.array], mx.array]
-
-
-class NoChatTemplateError(ValueError):
-    """The tokenizer has no chat template, so a conversation cannot be rendered."""
 
 
 @dataclass

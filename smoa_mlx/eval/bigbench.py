@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .adapters import atomic_write_text
+from ..atomic import atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,7 +59,7 @@ TASKS: dict[str, Callable[[dict, dict], tuple[str, str]]] = {"social_iqa": _soci
 def data_root(explicit: Optional[PathLike] = None) -> Path:
     """Where the task files are: ``explicit``, else ``$SMOA_MLX_BIGBENCH``, else ``../shared/data/bigbench`` next
     to the repository, else ``.bigbench/`` inside it (the copy carried to a GPU host by scripts/split_gguf.sh)."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     candidates = [Path(explicit)] if explicit else []
     if os.environ.get(DATA_ENV):
         candidates.append(Path(os.environ[DATA_ENV]))

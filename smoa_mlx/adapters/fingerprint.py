@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..errors import BaseModelMismatchError
+
 __all__ = [
     "BaseModelMismatchError",
     "FINGERPRINT_KEY",
@@ -29,10 +31,6 @@ PROBES = 8
 # Normalised probe distance above which a module counts as a different weight: above 2-bit quantization noise,
 # while an unrelated weight stays below it with probability ~2% per module (one module above it is enough).
 TOLERANCE = 0.7
-
-
-class BaseModelMismatchError(ValueError):
-    """The adapter was trained on other base weights than the model it is being applied to or converted for."""
 
 
 def _signs(n: int, seed: int) -> np.ndarray:
@@ -68,7 +66,7 @@ def fingerprint_weights(weights: Mapping[str, Any]) -> dict[str, Any]:
 
 def fingerprint_modules(modules: Mapping[str, Any]) -> dict[str, Any]:
     """Fingerprint of MLX linear layers (plain, quantized, or wrapped by an adapter layer in ``.linear``)."""
-    from .layer import dequantized_weight
+    from ..layer import dequantized_weight
 
     return fingerprint_weights({path: dequantized_weight(getattr(m, "linear", m)) for path, m in modules.items()})
 

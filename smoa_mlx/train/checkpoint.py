@@ -2,7 +2,7 @@
 
 The training state file is written last and names the numbered weight file it belongs to, so a crash between
 the two writes leaves the previous, consistent checkpoint in charge. The data order needs no saving: the batch
-stream is a pure function of the seed and the step (see ``train_loop.BatchStream``).
+stream is a pure function of the seed and the step (see ``loop.BatchStream``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_save_safetensors
+from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, file_not_folder, read_adapter
+from ..atomic import atomic_save_safetensors
+from ..errors import AdapterError
 
 STATE_FILE = "training_state.safetensors"
 # Hyperparameters that define the adapter's shape or the meaning of its weights: a resumed run must match them.
-IDENTITY_KEYS = ("fine_tune_type", "rank", "blocks", "alpha", "branch_ranks", "target_modules", "num_layers", "model")
+IDENTITY_KEYS = ("fine_tune_type", "rank", "blocks", "alpha", "branch_ranks", "target_modules", "num_layers", "model",
+                 "grad_accumulation_steps")
 
 
 def checkpoint_name(step: int) -> str:
@@ -110,6 +113,8 @@ def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, for
 
     Returns a short description of what is there, or None for an empty/new folder.
     """
+    if folder.is_file():  # e.g. the adapters.safetensors of the run to continue
+        raise FileExistsError(f"--adapter-path {file_not_folder(folder)}")
     config_file = folder / ADAPTER_CONFIG
     state_file = folder / STATE_FILE
     present = [p.name for p in (config_file, folder / ADAPTER_WEIGHTS, state_file) if p.exists()]
@@ -119,9 +124,9 @@ def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, for
         what = ""
         if config_file.is_file():
             try:
-                old = json.loads(config_file.read_text())
-                what = f" (fine_tune_type={old.get('fine_tune_type')}, rank={old.get('lora_parameters', {}).get('rank')})"
-            except (json.JSONDecodeError, AttributeError):
+                old = read_adapter(folder)
+                what = f" (fine_tune_type={old.kind}, rank={(old.lora or {}).get('rank')})"
+            except AdapterError:
                 what = " (unreadable adapter_config.json)"
         raise FileExistsError(
             f"--adapter-path {folder} already holds an adapter{what}: pass --resume to continue it, "

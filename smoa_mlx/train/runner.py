@@ -1,4 +1,4 @@
-"""``python -m smoa_mlx.train``: fine-tune with SMoA (or HiRA / LoRA / DoRA baselines) on mlx-lm's training loop.
+"""What ``python -m smoa_mlx.train`` does: fine-tune with SMoA (or HiRA / LoRA / DoRA baselines) on mlx-lm's training loop.
 
 Everything goes through :func:`run`, which the CLI, ``scripts/compare.py`` and ``scripts/bench_train.py`` share:
 it returns a result dict (losses, tokens/s, peak memory, wall time). Data-parallel under ``mlx.launch``: each rank
@@ -26,7 +26,7 @@ from mlx_lm.tuner.utils import build_schedule
 from mlx_lm.utils import get_total_parameters
 from tqdm import tqdm
 
-from .adapters import atomic_write_text
+from ..atomic import atomic_write_text
 from .checkpoint import (
     STATE_FILE,
     TrainingState,
@@ -38,13 +38,15 @@ from .checkpoint import (
     set_rng_key,
 )
 from .checkpoint import save_state as save_training_state
-from .config import SMoAConfig
-from .loading import apply_adapter, describe_model, load_model
+from ..adapters.folder import apply_adapter, base_reference
+from ..config import SMoAConfig
+from ..errors import DataError, OptionError, SMoAError, TrainingDiverged
+from ..loading import describe_model, load_model
+from .args import OPTIMIZERS, SMOA_KEYS, parse_args, resolve
+from .data import check_data, load_splits
+from .loop import BatchStream, Recorder, patched_trainer, uses_nccl, with_reporting
 from .methods import Method
-from .train_args import parse_args, resolve
-from .train_data import DataError, check_data, load_splits
-from .train_loop import BatchStream, Recorder, TrainingDiverged, patched_trainer, uses_nccl
-from .train_report import format_summary, plot_losses
+from .report import format_summary, plot_losses
 
 __all__ = ["run", "train_adapter", "main", "TrainingDiverged"]
 
@@ -58,16 +60,7 @@ def _say(*parts: Any) -> None:
 
 
 def _method(opts: types.SimpleNamespace) -> Method:
-    config = SMoAConfig(
-        rank=opts.rank,
-        blocks=opts.blocks,
-        alpha=opts.alpha,
-        dropout=opts.dropout,
-        branch_ranks=opts.branch_ranks,
-        target_modules=opts.target_modules,
-        num_layers=opts.num_layers,
-    )
-    return Method(opts.fine_tune_type, config)
+    return Method(opts.fine_tune_type, SMoAConfig(**{key: getattr(opts, key) for key in SMOA_KEYS}))
 
 
 def _identity(opts: types.SimpleNamespace) -> dict[str, Any]:
@@ -80,28 +73,37 @@ def _identity(opts: types.SimpleNamespace) -> dict[str, Any]:
         "target_modules": list(opts.target_modules),
         "num_layers": opts.num_layers,
         "model": opts.model,
+        # only when set, so that checkpoints made before the option existed still resume
+        **({"grad_accumulation_steps": opts.grad_accumulation_steps} if opts.grad_accumulation_steps > 1 else {}),
     }
 
 
+def default_schedule(opts: types.SimpleNamespace) -> dict[str, Any]:
+    """The reference runs' schedule as an mlx-lm ``lr_schedule``: linear warmup from 0, then cosine decay to 0.
+
+    The optimizer counts its own steps: with gradient accumulation, one per ``grad_accumulation_steps`` batches.
+    """
+    per_update = opts.grad_accumulation_steps
+    iters, warmup = opts.iters // per_update, opts.warmup // per_update
+    return {"name": "cosine_decay", "arguments": [opts.learning_rate, max(iters - warmup, 1), 0.0],
+            "warmup": warmup, "warmup_init": 0.0}
+
+
+# mlx_lm.lora's optimizer names, each the mlx.optimizers class of that name.
+OPTIMIZER_CLASSES = {
+    name: next(cls for attr, cls in vars(optim).items() if attr.lower() == name and isinstance(cls, type))
+    for name in OPTIMIZERS
+}
+
+
 def _optimizer(opts: types.SimpleNamespace) -> optim.Optimizer:
-    """Linear warmup then cosine decay to zero, unless an mlx-lm ``lr_schedule`` is configured."""
-    if opts.lr_schedule:
-        lr = build_schedule(opts.lr_schedule)
-    elif opts.warmup > 0:
-        lr = optim.join_schedules(
-            [optim.linear_schedule(0.0, opts.learning_rate, opts.warmup),
-             optim.cosine_decay(opts.learning_rate, max(opts.iters - opts.warmup, 1))],
-            [opts.warmup],
-        )
-    else:
-        lr = optim.cosine_decay(opts.learning_rate, opts.iters)
-    classes = {"adamw": optim.AdamW, "adam": optim.Adam, "sgd": optim.SGD, "adafactor": optim.Adafactor,
-               "muon": optim.Muon}
+    """As ``mlx_lm.lora`` builds it (``build_schedule``, ``optimizer_config``); the default schedule is ours."""
+    lr = build_schedule(opts.lr_schedule or default_schedule(opts))
     extra = (opts.optimizer_config or {}).get(opts.optimizer, {})
     try:
-        return classes[opts.optimizer](learning_rate=lr, **extra)
+        return OPTIMIZER_CLASSES[opts.optimizer](learning_rate=lr, **extra)
     except TypeError as e:
-        raise ValueError(f"optimizer_config.{opts.optimizer}: {e}") from None
+        raise OptionError(f"optimizer_config.{opts.optimizer}: {e}") from None
 
 
 def _finite(model: nn.Module) -> bool:
@@ -216,7 +218,8 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
         restore_optimizer(optimizer, model.trainable_parameters(), saved_optimizer)
         set_rng_key(state.rng)
     recorder = Recorder(start, history)
-    extra = {"model": opts.model, "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
+    callback = with_reporting(recorder, opts, folder, start)
+    extra = {"model": base_reference(opts.model), "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
     saver = _Saver(folder, method, model, optimizer, recorder, identity, extra, opts.save_every)
     saver.last_good = start or None
     out = {"start_step": start, "steps": max(opts.iters, start), "trainable_parameters": trainable,
@@ -233,14 +236,16 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
                 max_seq_length=opts.max_seq_length,
                 adapter_file=str(Path(scratch) / "mlx_lm_final.safetensors"),  # mlx-lm's unconditional final save
                 grad_checkpoint=opts.grad_checkpoint,
+                grad_accumulation_steps=opts.grad_accumulation_steps,
             )
             stream = BatchStream(opts.seed, start, saver.on_step)
             try:
                 with patched_trainer(start, uses_nccl()):
                     train(model, optimizer, splits["train"], splits.get("valid"), targs,
-                          iterate_batches=stream, training_callback=recorder)
+                          iterate_batches=stream, training_callback=callback)
             except KeyboardInterrupt:
-                step = _optimizer_step(optimizer)
+                updates = _optimizer_step(optimizer)  # batches of an unfinished accumulation are dropped
+                step = None if updates is None else updates * opts.grad_accumulation_steps
                 if step is not None and step > start and _finite(model):
                     saver.save(step)
                     _say(f"\nInterrupted: saved the adapter at step {step} in {folder} "
@@ -249,7 +254,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path) ->
         saver.check(opts.iters)
         if "valid" in splits:  # mlx-lm's last validation runs before the last step: measure the final adapter
             val = _evaluate(model, splits["valid"], opts, opts.val_batches)
-            recorder.on_val_loss_report({"iteration": opts.iters - start, "val_loss": val})
+            callback.on_val_loss_report({"iteration": opts.iters - start, "val_loss": val})
             _say(f"step {opts.iters:>6}  val loss   {val:.4f}  (final)")
         saver.save(opts.iters)
     out.update(_figures(recorder, folder, opts))
@@ -290,11 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 1
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (SMoAError, DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,50 +1,52 @@
 """Command line and YAML options of ``python -m smoa_mlx.train``: mlx_lm.lora's names plus SMoA's own.
 
-Precedence: command line, then the YAML file (``-c``), then defaults; unknown flags and unknown YAML keys are
-errors (a typo must not silently train with a default). Each method gets its own default learning rate.
+Precedence: command line, then the YAML file (``-c``, read with mlx-lm's own YAML loader, so ``1e-5`` is a
+number as in ``mlx_lm.lora``), then defaults (mlx-lm's where the reference runs do not say otherwise); unknown
+flags and unknown YAML keys are errors (a typo must not silently train with a default). Each method gets its own
+default learning rate. Every value is checked before anything is loaded; SMoA's hyperparameters by
+:func:`smoa_mlx.config.check_smoa_values`, the one place that checks them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import types
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
+from mlx_lm.lora import CONFIG_DEFAULTS as MLX_LM_DEFAULTS
+from mlx_lm.lora import yaml_loader
 
-from .config import DEFAULT_TARGETS
+from ..cli import show_defaults
+from ..config import DEFAULT_TARGETS, check_smoa_values
+from ..errors import OptionError
 from .methods import DEFAULT_LEARNING_RATES, METHODS
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
+OPTIMIZERS = tuple(MLX_LM_DEFAULTS["optimizer_config"])  # mlx_lm.lora's choices
+SMOA_KEYS = ("rank", "blocks", "alpha", "dropout", "branch_ranks", "target_modules", "num_layers")
 
-# Reference runs: K=2, alpha = rank (scale 1), AdamW, warmup 100 steps, dropout 0.05, targets q,k,v,up,down.
-# Steps and evaluation cadence are sized for the packaged demo set (a few minutes on a laptop).
+# mlx_lm.lora's own defaults, for every option that means the same here.
+_FROM_MLX_LM = ("train", "test", "lr_schedule", "mask_prompt", "batch_size", "val_batches", "test_batches",
+                "steps_per_report", "save_every", "adapter_path", "max_seq_length", "grad_checkpoint", "seed", "config",
+                "grad_accumulation_steps", "report_to", "project_name")
 DEFAULTS: dict[str, Any] = {
+    **{key: MLX_LM_DEFAULTS[key] for key in _FROM_MLX_LM},
+    # Where this package differs from mlx_lm.lora. The reference runs: K=2, alpha = rank (scale 1), AdamW with
+    # no weight decay, warmup 100 steps, dropout 0.05, targets q,k,v,up,down in every block. Steps and evaluation
+    # cadence are sized for the packaged demo set (a few minutes on a laptop).
     "model": None,  # None: the embedded SmolLM2-135M-Instruct
     "data": None,  # None: the training set shipped in smoa_mlx/data
-    "train": False,
-    "test": False,
     "fine_tune_type": "smoa",
     "optimizer": "adamw",
     "optimizer_config": {"adamw": {"weight_decay": 0.0}},
-    "lr_schedule": None,
     "learning_rate": None,  # None: DEFAULT_LEARNING_RATES[fine_tune_type]
     "warmup": None,  # None: min(100, iters // 10) steps of linear warmup, then cosine decay
-    "mask_prompt": False,
     "num_layers": -1,
-    "batch_size": 4,
     "iters": 200,
-    "val_batches": 25,
-    "test_batches": 500,
-    "steps_per_report": 10,
     "steps_per_eval": 50,
-    "save_every": 100,
-    "adapter_path": "adapters",
-    "max_seq_length": 2048,
-    "grad_checkpoint": False,
-    "seed": 0,
     "resume": False,
     "force": False,
     "rank": 8,
@@ -53,7 +55,6 @@ DEFAULTS: dict[str, Any] = {
     "alpha": None,  # None: alpha = rank
     "dropout": 0.05,
     "target_modules": list(DEFAULT_TARGETS),
-    "config": None,
     "lora_parameters": None,  # mlx-lm YAML compatibility: {rank, scale, dropout, keys}
 }
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask-prompt", action="store_true", default=None, help="no loss on prompt tokens (chat/completions)")
     add("--num-layers", type=int, help="adapt the last N transformer blocks (-1: all, the default)")
     add("--batch-size", type=int, help="global batch size (split across data-parallel ranks)")
-    add("--iters", type=int, help="total optimizer steps (a resumed run continues up to this)")
+    add("--iters", type=int, help="total steps, one batch each (a resumed run continues up to this)")
     add("--val-batches", type=int, help="validation batches per evaluation (-1: the whole valid set)")
     add("--test-batches", type=int, help="test batches (-1: the whole test set)")
     add("--steps-per-report", type=int, help="steps between training-loss reports")
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adapter-path", help="folder for the adapter, checkpoints and loss curve (default ./adapters)")
     add("--max-seq-length", type=int, help="longer examples are truncated (with a warning)")
     add("--grad-checkpoint", action="store_true", default=None, help="recompute activations to save memory")
+    add("--grad-accumulation-steps", type=int, help="batches whose gradients are summed into one optimizer step "
+        "(mlx-lm's flag; --iters, --save-every and --warmup still count batches)")
+    add("--report-to", help="also log losses to wandb, swanlab or wandb,swanlab (mlx-lm's reporting callbacks)")
+    add("--project-name", help="project name for --report-to")
     add("--seed", type=int, help="seed for initialisation, data order and dropout")
     add("--resume", action="store_true", default=None, help="continue from the checkpoint in --adapter-path")
     add("--force", action="store_true", default=None, help="overwrite an adapter already in --adapter-path")
@@ -106,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dropout", type=float, help="dropout on the adapter path (default 0.05)")
     add("--target-modules", type=_name_list, help="comma-separated module names (default q,k,v,up,down proj)")
     add("-c", "--config", help="YAML file with any of these options (underscored names)")
-    return p
+    return show_defaults(p, DEFAULTS)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -114,20 +119,14 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"-c {file}: no such config file")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.load(file.read_text(), Loader=yaml_loader) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{file}: not valid YAML ({e})") from None
+        raise OptionError(f"{file}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a mapping of option names to values")
+        raise OptionError(f"{file}: expected a mapping of option names to values")
     unknown = sorted(set(data) - set(DEFAULTS) - {"config"})
     if unknown:
-        raise ValueError(f"{file}: unknown config keys {unknown} (known: {sorted(DEFAULTS)})")
-    for key in ("learning_rate", "alpha", "dropout"):  # YAML reads 1e-3 as a string
-        if isinstance(data.get(key), str):
-            try:
-                data[key] = float(data[key])
-            except ValueError:
-                raise ValueError(f"{file}: {key} must be a number, got {data[key]!r}") from None
+        raise OptionError(f"{file}: unknown config keys {unknown} (known: {sorted(DEFAULTS)})")
     return data
 
 
@@ -136,7 +135,7 @@ def _fold_lora_parameters(opts: dict[str, Any], explicit: set) -> None:
     lp = opts.pop("lora_parameters", None) or {}
     unknown = sorted(set(lp) - {"rank", "scale", "dropout", "keys"})
     if unknown:
-        raise ValueError(f"lora_parameters: unknown keys {unknown} (known: rank, scale, dropout, keys)")
+        raise OptionError(f"lora_parameters: unknown keys {unknown} (known: rank, scale, dropout, keys)")
     if "rank" in lp and "rank" not in explicit:
         opts["rank"] = int(lp["rank"])
     if "dropout" in lp and "dropout" not in explicit:
@@ -156,30 +155,68 @@ def resolve(cli: dict[str, Any], yaml_data: Optional[dict[str, Any]] = None) -> 
         for key, value in source.items():
             if value is not None:
                 if key not in DEFAULTS:
-                    raise ValueError(f"unknown option {key!r}")
+                    raise OptionError(f"unknown option {key!r} (known: {', '.join(sorted(DEFAULTS))})")
                 opts[key] = value
                 explicit.add(key)
     _fold_lora_parameters(opts, explicit)
+    from_yaml = set(yaml_data) - {k for k, v in cli.items() if v is not None}
+
+    def name(key: str) -> str:
+        """What the user wrote: the flag, or the key of the YAML file it came from."""
+        return f"{key} (in {cli.get('config')})" if key in from_yaml else f"--{key.replace('_', '-')}"
+
     kind = opts["fine_tune_type"]
+    if kind not in METHODS:
+        raise OptionError(f"{name('fine_tune_type')} must be one of {', '.join(METHODS)}, got {kind!r}")
     if kind == "hira" and "blocks" not in explicit:
         opts["blocks"] = 1
+    if kind == "hira" and opts["blocks"] != 1:
+        raise OptionError(f"{name('fine_tune_type')} hira is SMoA with one block; got {name('blocks')} {opts['blocks']}")
+    if isinstance(opts["target_modules"], str):
+        opts["target_modules"] = _name_list(opts["target_modules"])
+    check_smoa_values({k: opts[k] for k in SMOA_KEYS}, name)
     if opts["learning_rate"] is None:
         opts["learning_rate"] = DEFAULT_LEARNING_RATES[kind]
     if opts["warmup"] is None:
         opts["warmup"] = min(100, opts["iters"] // 10)
     if not opts["train"] and not opts["test"]:
         opts["train"] = True
-    for key in ("iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every", "max_seq_length",
-                "rank", "blocks"):
-        if not isinstance(opts[key], int) or opts[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {opts[key]!r}")
-    if opts["warmup"] < 0 or opts["warmup"] > opts["iters"]:
-        raise ValueError(f"--warmup must be between 0 and --iters ({opts['iters']}), got {opts['warmup']}")
+    for key in ("iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every", "max_seq_length"):
+        if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1:
+            raise OptionError(f"{name(key)} must be a positive integer, got {opts[key]!r}")
+    if not isinstance(opts["warmup"], int) or not 0 <= opts["warmup"] <= opts["iters"]:
+        raise OptionError(f"{name('warmup')} must be between 0 and --iters ({opts['iters']}), got {opts['warmup']!r}")
+    lr = opts["learning_rate"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise OptionError(f"{name('learning_rate')} must be a finite number >= 0, got {lr!r}")
+    accumulate = opts["grad_accumulation_steps"]
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise OptionError(f"{name('grad_accumulation_steps')} must be a positive integer, got {accumulate!r}")
+    for key in ("iters", "save_every"):  # checkpoints and the end must fall where an optimizer step was just taken
+        if opts[key] % accumulate and not (key == "save_every" and opts[key] > opts["iters"]):
+            raise OptionError(f"{name(key)} {opts[key]} must be a multiple of {name('grad_accumulation_steps')} "
+                              f"{accumulate}")
+    check_report_to(opts["report_to"], name("report_to"))
     if opts["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {opts['optimizer']!r}")
-    if isinstance(opts["target_modules"], str):
-        opts["target_modules"] = _name_list(opts["target_modules"])
+        raise OptionError(f"{name('optimizer')} must be one of {', '.join(OPTIMIZERS)}, got {opts['optimizer']!r}")
     return types.SimpleNamespace(**opts)
+
+
+def check_report_to(report_to: Optional[str], flag: str) -> None:
+    """Every service named is one mlx-lm can report to and is installed, before any model is loaded."""
+    import importlib.util
+
+    from mlx_lm.tuner.callbacks import SUPPORT_CALLBACK
+
+    if report_to is None:
+        return
+    if not isinstance(report_to, str):
+        raise OptionError(f"{flag} must be a comma-separated list of services, got {report_to!r}")
+    for service in (s.strip().lower() for s in report_to.split(",") if s.strip()):
+        if service not in SUPPORT_CALLBACK:
+            raise OptionError(f"{flag}: unknown service {service!r} (known: {', '.join(SUPPORT_CALLBACK)})")
+        if service in ("wandb", "swanlab") and importlib.util.find_spec(service) is None:
+            raise OptionError(f"{flag} {service}: the {service} package is not installed (pip install {service})")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:

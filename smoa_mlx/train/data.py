@@ -15,13 +15,11 @@ from typing import Any, Optional, Sequence
 
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
-PACKAGED_DATA = Path(__file__).parent / "data"
+from ..errors import DataError
+
+PACKAGED_DATA = Path(__file__).resolve().parent.parent / "data"
 SPLITS = ("train", "valid", "test")
 FORMAT_KEYS = {"completions": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file (and line)."""
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -6,7 +6,8 @@ mlx-lm's ``train`` takes ``iterate_batches`` and ``training_callback`` arguments
   from the global one, which evaluation also consumes), so the data order is a function of the seed alone and a
   resumed run can replay it; it skips the steps already done; and it calls ``on_step(step)`` when the batch of the
   next step is fetched, i.e. right after mlx-lm has evaluated step ``step`` (the place to checkpoint).
-* :class:`Recorder` keeps the loss history, totals throughput, and stops on a non-finite loss.
+* :class:`Recorder` keeps the loss history, totals throughput, and stops on a non-finite loss;
+  :func:`with_reporting` adds mlx-lm's reporting callbacks (``--report-to wandb``) behind it.
 * :func:`patched_trainer` swaps mlx-lm's rich progress display for a tqdm one that counts global steps, and on
   NCCL reroutes the trainer's ``all_sum(..., stream=mx.cpu)`` calls (NCCL cannot reduce on the CPU).
 """
@@ -25,9 +26,7 @@ from mlx_lm.tuner import trainer as mlx_trainer
 from mlx_lm.tuner.callbacks import TrainingCallback
 from tqdm import tqdm
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the adapter weights became NaN/inf; the last good checkpoint is kept."""
+from ..errors import TrainingDiverged
 
 
 @contextlib.contextmanager
@@ -206,3 +205,30 @@ def patched_trainer(offset: int, nccl: bool) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(mlx_trainer, name, value)
+
+
+class _Reporting(TrainingCallback):
+    """The recorder first (it stops on a NaN before anything is logged), then mlx-lm's reporting callbacks, which
+    see global steps as the recorder does (a resumed run continues its curve)."""
+
+    def __init__(self, recorder: Recorder, reporter: TrainingCallback, offset: int):
+        self.recorder, self.reporter, self.offset = recorder, reporter, offset
+
+    def on_train_loss_report(self, info: dict) -> None:
+        self.recorder.on_train_loss_report(info)
+        self.reporter.on_train_loss_report({**info, "iteration": info["iteration"] + self.offset})
+
+    def on_val_loss_report(self, info: dict) -> None:
+        self.recorder.on_val_loss_report(info)
+        self.reporter.on_val_loss_report({**info, "iteration": info["iteration"] + self.offset})
+
+
+def with_reporting(recorder: Recorder, opts, folder, offset: int) -> TrainingCallback:
+    """``recorder``, plus mlx-lm's callbacks for ``--report-to`` (built as ``mlx_lm.lora`` builds them) on rank 0."""
+    from mlx_lm.tuner.callbacks import get_reporting_callbacks
+
+    if not opts.report_to or mx.distributed.init().rank() != 0:
+        return recorder
+    reporter = get_reporting_callbacks(opts.report_to, project_name=opts.project_name, log_dir=str(folder),
+                                       config=vars(opts))
+    return _Reporting(recorder, reporter, offset) if reporter is not None else recorder

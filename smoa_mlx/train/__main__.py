@@ -1,0 +1,7 @@
+"""``python -m smoa_mlx.train``."""
+
+import sys
+
+from .runner import main
+
+sys.exit(main())

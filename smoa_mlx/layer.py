@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, linear_fn
 from .spectral import spectral_order, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
+_CACHE_WARNED = False  # the inference cache's memory warning is given once per process
 
 
 def base_dims(base: BaseLinear) -> tuple[int, int]:
@@ -186,8 +188,8 @@ class SMoALinear(nn.Module):
 
     # -- compute -------------------------------------------------------------------------------------------
     def __call__(self, x: mx.array) -> mx.array:
-        if not self.training and SMoALinear.cache_merged_weight:
-            merged = self._inference_weight()
+        merged = None if self.training or not SMoALinear.cache_merged_weight else self._inference_weight()
+        if merged is not None:
             return x @ merged.T if "bias" not in self.linear else mx.addmm(self.linear.bias, x, merged.T)
         if self.dropout_p > 0 and self.training:  # dropout on the update path only: two inputs
             y = self.linear(x)
@@ -199,8 +201,12 @@ class SMoALinear(nn.Module):
     # Inference (eval mode) runs on a cached W0 + Delta W; False (or SMOA_MLX_MERGE_CACHE=0) keeps the live
     # block form and its smaller memory.
     cache_merged_weight = os.environ.get("SMOA_MLX_MERGE_CACHE", "1") != "0"
+    # The cached copies may grow active memory up to this share of the device's recommended working set (Metal)
+    # or memory size; past it a layer stays on the live form, so chat on a big quantized model on a laptop does
+    # not trade a 15x speed-up for swapping. Where MLX reports no limit (the CPU backend), there is no cap.
+    cache_memory_share = 0.75
 
-    def _inference_weight(self) -> mx.array:
+    def _inference_weight(self) -> Optional[mx.array]:
         """W0 + Delta W, built on the first inference call and reused while the adapter and base stay the same.
 
         Decoding one token at a time makes the live update the bottleneck (every block re-modulated per token),
@@ -211,14 +217,33 @@ class SMoALinear(nn.Module):
         is not seen: call :meth:`clear_inference_weight` after one. Cost: one d_out x d_in copy per layer, dense in
         the base's compute dtype even for a quantized base (re-quantizing can round a small update away; see
         ``fuse -q``); ``SMoALinear.cache_merged_weight = False`` or ``SMOA_MLX_MERGE_CACHE=0`` keeps the block form.
+        None where the copy would not fit in :attr:`cache_memory_share` of the device's memory (the live form then).
         """
         sources = (*self.smoa_a, *self.smoa_b, *self.weight_parts())
         cached = self.__dict__.get("_inference_cache")  # a plain attribute: module entries join mx.compile's state
         if cached is not None and len(cached[0]) == len(sources) and all(a is b for a, b in zip(cached[0], sources)):
             return cached[1]
-        merged = self.merged_weight()
+        merged = self.merged_weight() if self._cache_fits() else None
         self.__dict__["_inference_cache"] = (sources, merged)
         return merged
+
+    def _cache_fits(self) -> bool:
+        info = mx.device_info()
+        limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if not limit:
+            return True
+        d_out, d_in = self.shape
+        nbytes = d_out * d_in * dequantized_weight(self.linear).dtype.size
+        if mx.get_active_memory() + nbytes <= SMoALinear.cache_memory_share * limit:
+            return True
+        global _CACHE_WARNED
+        if not _CACHE_WARNED:
+            _CACHE_WARNED = True
+            warnings.warn(
+                f"smoa_mlx: {self.name} and later SMoA layers run the live block form at inference: caching their "
+                f"merged weights would pass {SMoALinear.cache_memory_share:.0%} of the device memory "
+                f"(fuse the adapter for full speed)", RuntimeWarning, stacklevel=4)
+        return False
 
     def clear_inference_weight(self) -> None:
         """Forget the cached W0 + Delta W; the next inference call rebuilds it."""

@@ -163,3 +163,21 @@ def test_switch_keeps_the_live_form(monkeypatch):
     x = mx.random.normal((2, 64))
     _close(layer(x), _live(layer, x))
     assert "_inference_cache" not in layer.__dict__
+
+
+def test_cache_stays_off_where_the_device_memory_would_not_hold_it(monkeypatch):
+    """A device whose working set cannot take the merged copy keeps the live form (same outputs), warning once."""
+    layer = _layer(quantized=True)
+    layer.eval()
+    x = mx.random.normal((3, 64))
+    want = _live(layer, x)
+    monkeypatch.setattr(layer_module, "_CACHE_WARNED", False)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1024})
+    with pytest.warns(RuntimeWarning, match="live block form"):
+        got = layer(x)
+    _close(got, want)
+    assert layer.__dict__["_inference_cache"][1] is None  # decided once for these arrays, not per call
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 40})
+    layer.clear_inference_weight()
+    _close(layer(x), want)
+    assert layer.__dict__["_inference_cache"][1] is not None

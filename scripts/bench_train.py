@@ -7,7 +7,9 @@
 Each configuration runs in its own process (clean peak-memory counter) through mlx_lm.tuner.trainer.train, the
 loop smoa_mlx.train drives, with SMoA applied by smoa_mlx.apply_smoa (random row/column orders stand in for the
 spectral step, which costs the same for every run and is not part of a training step) and LoRA by mlx-lm's own
-linear_to_lora_layers. Tokens/s is the trainer's own figure, averaged over the reports after the first (which
+linear_to_lora_layers, at rank / K for each SMoA block count (equal trainable parameters). Methods: ``smoa`` is the
+default form (SMOA_MLX_KERNEL=auto), ``smoa-kernel`` and ``smoa-dense`` force one form on every layer. Tokens/s is
+the trainer's own figure, averaged over the reports after the first (which
 includes compilation); peak memory is MLX's peak over training.
 """
 
@@ -21,12 +23,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's smoa_mlx, also in the children
+
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]
 MODEL = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
              num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
              rope_theta=500000.0, tie_word_embeddings=True)  # Llama-3.2-1B's shape
-METHODS = ("lora", "smoa-blocks", "smoa-dense", "smoa-kernel")
-_ENV = {"smoa-blocks": "reference", "smoa-dense": "mlx", "smoa-kernel": "kernel"}  # SMOA_MLX_KERNEL per method
+METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense")
+# SMOA_MLX_KERNEL per method: smoa is the default (auto), the others force one form on every layer.
+_ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense"}
 
 
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int) -> dict:
@@ -87,22 +92,25 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
 
 def markdown(data: dict) -> str:
     out = [f"Command: `{data['command']}`  ", f"Device: {data.get('device', '?')}; model: {MODEL}", "",
-           "| base | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |", "|---|---|---|---|---|---|---|"]
+           "| base | K | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |", "|---|---|---|---|---|---|---|---|"]
     for bits in sorted({r["bits"] for r in data["runs"]}):
-        runs = {r["method"]: r for r in data["runs"] if r["bits"] == bits}
-        lora = runs.get("lora")
-        for m in METHODS:
-            r = runs.get(m)
-            if r is None:
-                continue
-            if "error" in r:
-                out.append(f"| {'bf16' if not bits else f'{bits}-bit'} | {m} | - | failed: {r['error'][:80]} | | | |")
-                continue
-            tps = r["tokens_per_second"] / lora["tokens_per_second"] if lora and "error" not in lora else float("nan")
-            mem = r["peak_memory_gb"] / lora["peak_memory_gb"] if lora and "error" not in lora else float("nan")
-            out.append(f"| {'bf16' if not bits else f'{bits}-bit'} | {m} (r={r['rank'] if m != 'lora' else r['rank'] // r['blocks']}) "
-                       f"| {r['trainable']:,} | {r['tokens_per_second']:.0f} | {tps:.2f}x | {r['peak_memory_gb']:.2f} "
-                       f"| {mem:.2f}x |")
+        for blocks in sorted({r.get("blocks", 2) for r in data["runs"]}):
+            runs = {r["method"]: r for r in data["runs"] if r["bits"] == bits and r.get("blocks", 2) == blocks}
+            lora = runs.get("lora")
+            for m in METHODS:
+                r = runs.get(m)
+                if r is None:
+                    continue
+                base = "bf16" if not bits else f"{bits}-bit"
+                if "error" in r:
+                    out.append(f"| {base} | {blocks} | {m} | - | failed: {r['error'][-80:]} | | | |")
+                    continue
+                ok = lora and "error" not in lora
+                tps = r["tokens_per_second"] / lora["tokens_per_second"] if ok else float("nan")
+                mem = r["peak_memory_gb"] / lora["peak_memory_gb"] if ok else float("nan")
+                rank = r["rank"] // r["blocks"] if m == "lora" else r["rank"]
+                out.append(f"| {base} | {blocks} | {m} (r={rank}) | {r['trainable']:,} | {r['tokens_per_second']:.0f} "
+                           f"| {tps:.2f}x | {r['peak_memory_gb']:.2f} | {mem:.2f}x |")
     return "\n".join(out)
 
 
@@ -112,12 +120,12 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "BITS"), help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--blocks", default="2,4", help="SMoA block counts (LoRA gets rank / K: equal parameters)")
     ap.add_argument("--iters", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--bits", default="0,4", help="base precisions: 0 = bf16, 4 = 4-bit")
-    ap.add_argument("--methods", default="lora,smoa-dense,smoa-kernel")
+    ap.add_argument("--methods", default="lora,smoa,smoa-kernel")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -127,21 +135,22 @@ def main(argv=None) -> int:
         MODEL.update(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=256)
     if args.child:
-        res = child(args.child[0], int(args.child[1]), args.rank, args.blocks, args.iters, args.batch, args.seq)
+        res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     runs = []
     for bits in map(int, args.bits.split(",")):
-        for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
-                   str(args.blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-            if lines:
-                runs.append(json.loads(lines[-1][7:]))
-            else:
-                runs.append(dict(method=method, bits=bits, error=(done.stderr or done.stdout)[-1500:]))
-            print(json.dumps(runs[-1])[:2000], flush=True)
+        for blocks in map(int, args.blocks.split(",")):
+            for method in args.methods.split(","):
+                cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
+                       str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq)]
+                done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if lines:
+                    runs.append(json.loads(lines[-1][7:]))
+                else:
+                    runs.append(dict(method=method, bits=bits, blocks=blocks, error=(done.stderr or done.stdout)[-1500:]))
+                print(json.dumps(runs[-1])[:2000], flush=True)
     device = "?"
     try:
         import torch

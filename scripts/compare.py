@@ -271,7 +271,7 @@ def train_options(task: Task, variant: str, lr: float, seed: int, opts, folder: 
         fine_tune_type=kind, rank=opts.rank * mult, learning_rate=lr, iters=opts.iters, batch_size=opts.batch_size,
         warmup=opts.warmup, seed=seed, adapter_path=str(folder), force=True, mask_prompt=task.mask_prompt,
         dropout=opts.dropout, val_batches=opts.val_batches, steps_per_eval=opts.iters, save_every=opts.iters,
-        steps_per_report=max(1, opts.iters // 10), max_seq_length=opts.max_seq_length,
+        steps_per_report=max(1, opts.iters // 10), max_seq_length=opts.max_seq_length, preview=False,
     )
     if kind in ("smoa", "hira"):
         options["blocks"] = blocks

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_model_args(parser)
     cli.add_generation_args(parser)
-    return parser
+    return cli.show_defaults(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None, stdin: TextIO = None, stdout: TextIO = None) -> int:

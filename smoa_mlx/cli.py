@@ -42,10 +42,12 @@ def add_model_args(parser: argparse.ArgumentParser, adapter_required: bool = Fal
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--system-prompt", default=None, help="system message for the chat template")
+    parser.add_argument("--system-prompt", default=None, help="system message for the chat template (default: none)")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per reply")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
@@ -56,11 +58,36 @@ def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(f"--temp must be >= 0, got {args.temp}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    if not 0 <= args.min_p < 1:
+        parser.error(f"--min-p must be in [0, 1) (0: off), got {args.min_p}")
 
 
 def sampler_from_args(args: argparse.Namespace) -> Callable[[mx.array], mx.array]:
+    """mlx-lm's own sampler (``make_sampler``), as ``mlx_lm.generate`` builds it from the same flags."""
     mx.random.seed(args.seed)
-    return make_sampler(temp=args.temp, top_p=args.top_p)
+    return make_sampler(temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k)
+
+
+def show_defaults(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> argparse.ArgumentParser:
+    """Append "(default: X)" to every option's help that does not state its default yet, so ``--help`` shows all.
+
+    ``defaults`` (by dest) overrides the parser's own, for parsers whose argparse defaults are None placeholders
+    (train: a YAML file may set what the command line leaves out).
+    """
+    for action in parser._actions:
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS) or action.required:
+            continue
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if "default" in action.help or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            continue
+        value = (defaults or {}).get(action.dest, action.default)
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        action.help += f" (default: {'none' if value is None else value})".replace("%", "%%")
+    return parser
 
 
 def load_from_args(args: argparse.Namespace, return_config: bool = False):
@@ -119,4 +146,5 @@ __all__ = [
     "model_label",
     "run",
     "sampler_from_args",
+    "show_defaults",
 ]

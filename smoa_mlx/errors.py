@@ -18,6 +18,7 @@ kinds keeps working. Every message names the file, key or flag at fault.
     │   ├── UnsupportedArchitectureError
     │   └── GroupingMismatchError
     ├── SavePathExistsError         an output folder exists and --force was not given
+    ├── HubUnreachableError         a Hugging Face id was given, and neither the hub nor the local cache has it
     ├── NoChatTemplateError         the tokenizer cannot render a conversation
     ├── DiskFullError               a write ran out of space; the previous file or folder is intact
     └── TrainingDiverged            the loss or the weights became NaN/inf; the last good checkpoint is kept
@@ -40,6 +41,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "GroupingMismatchError",
     "SavePathExistsError",
+    "HubUnreachableError",
     "NoChatTemplateError",
     "DiskFullError",
     "TrainingDiverged",
@@ -103,6 +105,10 @@ class GroupingMismatchError(ConversionError):
 
 class SavePathExistsError(SMoAError, FileExistsError):
     """The output folder exists and ``--force`` was not given."""
+
+
+class HubUnreachableError(SMoAError, FileNotFoundError):
+    """A model was named by its Hugging Face id, the hub cannot be reached and the local cache does not hold it."""
 
 
 class NoChatTemplateError(SMoAError, ValueError):

@@ -26,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, quantize_model
 
-from .cli import add_model_args, load_from_args, model_label, run
+from .cli import add_model_args, load_from_args, model_label, run, show_defaults
 from .convert.hf_export import export_hf, fuse_adapters
 from .adapters.folder import read_adapter, recorded_base
 from .errors import SavePathExistsError
@@ -70,15 +70,21 @@ def merge_dense(model: nn.Module, config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _QUANT_KEYS}
 
 
-def _quant_defaults(config: dict, model: Optional[str]) -> tuple[int, int]:
-    """(bits, group size): the base's own quantization, even when it was loaded dequantized (the embedded model),
-    so the base's weights land back on their own grid; mlx-lm's defaults for a base that never was quantized."""
+def _base_quantization(config: dict, model: Optional[str]) -> Optional[tuple[int, int]]:
+    """(bits, group size) of the base as stored, even when it was loaded dequantized (the embedded model's GGUF);
+    None for a base that never was quantized."""
     q = config.get("quantization")
     if q:
         return int(q.get("bits", DEFAULT_BITS)), int(q.get("group_size", DEFAULT_GROUP_SIZE))
     if is_embedded(model):
         return EMBEDDED_QUANTIZATION
-    return DEFAULT_BITS, DEFAULT_GROUP_SIZE
+    return None
+
+
+def _quant_defaults(config: dict, model: Optional[str]) -> tuple[int, int]:
+    """(bits, group size) for --quantize: the base's own, so its weights land back on their own grid; mlx-lm's
+    defaults for a base that never was quantized."""
+    return _base_quantization(config, model) or (DEFAULT_BITS, DEFAULT_GROUP_SIZE)
 
 
 def _training_options(adapter_config: dict) -> Optional[dict]:
@@ -125,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize the fused model (default: save it dequantized); reports how much of the update survives",
     )
     parser.add_argument(
+        "--dequantize", action=argparse.BooleanOptionalAction, default=None,
+        help="mlx-lm's flag: --dequantize saves the fused model dense (what fuse does anyway); --no-dequantize keeps "
+        "the base's own quantization (--quantize with the base's bits and group size; a dense base stays dense) "
+        "(default: dense)",
+    )
+    parser.add_argument(
         "--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
         help="bits for --quantize (default: the base's, else 4)",
     )
@@ -146,12 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a Hugging Face transformers checkpoint (dense safetensors) of the fused model",
     )
     parser.add_argument("--hf-path", default=None, help="folder for --export-hf (default: <save-path>-hf)")
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.dequantize and args.quantize:
+        parser.error("--dequantize and --quantize contradict each other; give one")
     if (args.q_bits is not None or args.q_group_size is not None) and not args.quantize:
         parser.error("--q-bits / --q-group-size need --quantize")
     if (args.data is not None or args.val_batches is not None) and not args.quantize:
@@ -175,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not layers and adapter.kind != "full":  # mlx-lm "full" fine-tunes load as plain weights: nothing left to merge
         raise ValueError(f"--adapter-path {args.adapter_path}: loading it added no adapter layers to fuse")
     quantize, check = None, None
+    if args.dequantize is False and not args.quantize:
+        args.quantize = _base_quantization(config, args.model or recorded_base(adapter)) is not None
+        if not args.quantize:
+            print("--no-dequantize: the base is not quantized, so the fused model stays dense", file=sys.stderr)
     if args.quantize:
         bits, group_size = _quant_defaults(config, args.model or recorded_base(adapter))
         quantize = (args.q_bits or bits, args.q_group_size or group_size)

@@ -24,10 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the user message ('-' reads it from stdin)")
     parser.add_argument(
-        "--raw-prompt", action="store_true", help="feed the prompt as plain text, without the chat template"
+        "--raw-prompt", "--ignore-chat-template", action="store_true",
+        help="feed the prompt as plain text, without the chat template (--ignore-chat-template: mlx-lm's name)",
     )
     cli.add_generation_args(parser)
-    return parser
+    return cli.show_defaults(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import mlx.core as mx
@@ -11,10 +12,11 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import resolve_ranks
-from .kernels import BlockLayout, delta_fn, dense_delta
+from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, linear_fn
 from .spectral import spectral_order, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
+_CACHE_WARNED = False  # the inference cache's memory warning is given once per process
 
 
 def base_dims(base: BaseLinear) -> tuple[int, int]:
@@ -112,12 +114,6 @@ class SMoALinear(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.dropout_p = dropout
         # Private (underscore) arrays are module state but not parameters: never trained, never in weight dumps.
-        self._index = (
-            mx.array(row_order, dtype=mx.int32),
-            mx.array(col_order, dtype=mx.int32),
-            mx.array(np.argsort(row_order), dtype=mx.int32),
-            mx.array(np.argsort(col_order), dtype=mx.int32),
-        )
         self._layout = BlockLayout(
             row_sizes=tuple(row_sizes),
             col_sizes=tuple(col_sizes),
@@ -126,6 +122,14 @@ class SMoALinear(nn.Module):
             group_size=base.group_size if isinstance(base, nn.QuantizedLinear) else 0,
             bits=base.bits if isinstance(base, nn.QuantizedLinear) else 0,
         )
+        # The orders, their inverses and the block-major plan the kernels index with (kernels/plan.py).
+        self._index = (
+            mx.array(row_order, dtype=mx.int32),
+            mx.array(col_order, dtype=mx.int32),
+            mx.array(np.argsort(row_order), dtype=mx.int32),
+            mx.array(np.argsort(col_order), dtype=mx.int32),
+            tuple(build_plan(self._layout, row_order, col_order)),
+        )
         # Reference init: A_k Kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(|C_k|), 1/sqrt(|C_k|)); B_k zero.
         self.smoa_a = [
             mx.random.uniform(-1 / math.sqrt(c), 1 / math.sqrt(c), shape=(r, c)) for r, c in zip(ranks, col_sizes)
@@ -133,7 +137,7 @@ class SMoALinear(nn.Module):
         self.smoa_b = [mx.zeros((n, r)) for r, n in zip(ranks, row_sizes)]
         # Resolve the backend now, outside any mx.compile / grad trace, so a GPU kernel's one-time compile probe
         # (and its fallback warning) happens here rather than in the middle of a training step.
-        delta_fn(self._layout)
+        linear_fn(self._layout)
 
     # -- views ---------------------------------------------------------------------------------------------
     @property
@@ -145,8 +149,8 @@ class SMoALinear(nn.Module):
         return self._layout
 
     @property
-    def index(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-        """(row_order, col_order, inverse row order, inverse col order), int32."""
+    def index(self) -> tuple:
+        """(row_order, col_order, inverse row order, inverse col order, block plan), int32 arrays."""
         return self._index
 
     @property
@@ -184,20 +188,25 @@ class SMoALinear(nn.Module):
 
     # -- compute -------------------------------------------------------------------------------------------
     def __call__(self, x: mx.array) -> mx.array:
-        if not self.training and SMoALinear.cache_merged_weight:
-            merged = self._inference_weight()
+        merged = None if self.training or not SMoALinear.cache_merged_weight else self._inference_weight()
+        if merged is not None:
             return x @ merged.T if "bias" not in self.linear else mx.addmm(self.linear.bias, x, merged.T)
-        y = self.linear(x)
-        if self.dropout_p > 0:
-            x = self.dropout(x)
-        delta = delta_fn(self._layout)(x, self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
-        return y + delta.astype(y.dtype)
+        if self.dropout_p > 0 and self.training:  # dropout on the update path only: two inputs
+            y = self.linear(x)
+            delta = delta_fn(self._layout)(self.dropout(x), self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
+            return y + delta.astype(y.dtype)
+        y = linear_fn(self._layout)(x, self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
+        return y + self.linear.bias if "bias" in self.linear else y
 
     # Inference (eval mode) runs on a cached W0 + Delta W; False (or SMOA_MLX_MERGE_CACHE=0) keeps the live
     # block form and its smaller memory.
     cache_merged_weight = os.environ.get("SMOA_MLX_MERGE_CACHE", "1") != "0"
+    # The cached copies may grow active memory up to this share of the device's recommended working set (Metal)
+    # or memory size; past it a layer stays on the live form, so chat on a big quantized model on a laptop does
+    # not trade a 15x speed-up for swapping. Where MLX reports no limit (the CPU backend), there is no cap.
+    cache_memory_share = 0.75
 
-    def _inference_weight(self) -> mx.array:
+    def _inference_weight(self) -> Optional[mx.array]:
         """W0 + Delta W, built on the first inference call and reused while the adapter and base stay the same.
 
         Decoding one token at a time makes the live update the bottleneck (every block re-modulated per token),
@@ -208,14 +217,33 @@ class SMoALinear(nn.Module):
         is not seen: call :meth:`clear_inference_weight` after one. Cost: one d_out x d_in copy per layer, dense in
         the base's compute dtype even for a quantized base (re-quantizing can round a small update away; see
         ``fuse -q``); ``SMoALinear.cache_merged_weight = False`` or ``SMOA_MLX_MERGE_CACHE=0`` keeps the block form.
+        None where the copy would not fit in :attr:`cache_memory_share` of the device's memory (the live form then).
         """
         sources = (*self.smoa_a, *self.smoa_b, *self.weight_parts())
         cached = self.__dict__.get("_inference_cache")  # a plain attribute: module entries join mx.compile's state
         if cached is not None and len(cached[0]) == len(sources) and all(a is b for a, b in zip(cached[0], sources)):
             return cached[1]
-        merged = self.merged_weight()
+        merged = self.merged_weight() if self._cache_fits() else None
         self.__dict__["_inference_cache"] = (sources, merged)
         return merged
+
+    def _cache_fits(self) -> bool:
+        info = mx.device_info()
+        limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if not limit:
+            return True
+        d_out, d_in = self.shape
+        nbytes = d_out * d_in * dequantized_weight(self.linear).dtype.size
+        if mx.get_active_memory() + nbytes <= SMoALinear.cache_memory_share * limit:
+            return True
+        global _CACHE_WARNED
+        if not _CACHE_WARNED:
+            _CACHE_WARNED = True
+            warnings.warn(
+                f"smoa_mlx: {self.name} and later SMoA layers run the live block form at inference: caching their "
+                f"merged weights would pass {SMoALinear.cache_memory_share:.0%} of the device memory "
+                f"(fuse the adapter for full speed)", RuntimeWarning, stacklevel=4)
+        return False
 
     def clear_inference_weight(self) -> None:
         """Forget the cached W0 + Delta W; the next inference call rebuilds it."""

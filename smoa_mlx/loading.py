@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .errors import AdapterError, SMoAError
+from .errors import AdapterError, HubUnreachableError, SMoAError
 from .models.embedded import EMBEDDED_NAME, embedded_gguf_path, gguf_model
 
 PathLike = Union[str, Path]
@@ -76,12 +76,12 @@ def _load_mlx_lm(model: str, tokenizer_config, model_config, lazy: bool):
         model = str(local)
     elif not HUB_ID.match(model):
         raise FileNotFoundError(f"--model {model}: no such folder, and not a Hugging Face id ('owner/name')")
-    try:
-        if not local.exists():
-            # The snapshot mlx_lm.load would fetch itself (same function), fetched first so its config can be read.
-            from mlx_lm.utils import _download
+    if not local.exists():
+        # The snapshot mlx_lm.load would fetch itself (same function), fetched first so its config can be read.
+        from mlx_lm.utils import _download
 
-            model = str(_download(model))
+        model = str(fetch_from_hub(_download, model, "--model"))
+    try:
         model_config = {**rope_config_fix(Path(model) / "config.json"), **(model_config or {})}
         return mlx_lm.load(
             model, tokenizer_config=tokenizer_config, model_config=model_config, lazy=lazy, return_config=True
@@ -91,6 +91,25 @@ def _load_mlx_lm(model: str, tokenizer_config, model_config, lazy: bool):
         # hub exceptions take extra constructor arguments, so re-raise as the nearest plain type
         kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError if isinstance(e, ValueError) else RuntimeError
         raise kind(f"--model {model}: could not load this {where}: {e}") from e
+
+
+def fetch_from_hub(download: Callable[..., Any], name: str, flag: str, hint: str = "", **kw: Any) -> Path:
+    """``download(name, **kw)`` (a hub snapshot, from the local cache when it is there), its failures in one line
+    naming the flag: an unreachable hub (offline, proxy) says so and what to pass instead, not a ConnectError."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(download(name, **kw))
+    except LocalEntryNotFoundError:
+        raise HubUnreachableError(
+            f"{flag} {name}: no such local folder, and the Hugging Face hub cannot be reached (offline?) nor does "
+            f"the local cache hold it. Pass a local model folder to {flag}{hint}."
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{flag} {name}: no such local folder, and no such model on the Hugging Face hub "
+                                "(or it is private: log in with `hf auth login`)") from None
+    except Exception as e:  # noqa: BLE001 - the hub client raises many kinds; name the flag and the cause
+        raise HubUnreachableError(f"{flag} {name}: downloading it from the Hugging Face hub failed: {e}") from None
 
 
 def rope_config_fix(config_path: Path) -> dict[str, Any]:

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -21,6 +26,8 @@ __all__ = [
     "spectral_scores_svd",
     "spectral_order",
     "cached_orders",
+    "cache_dir",
+    "spectral_threads",
     "split_sizes",
     "split_rank",
     "order_margin",
@@ -94,48 +101,156 @@ def spectral_order(weight, method: str = "gram") -> tuple[np.ndarray, np.ndarray
     """Row and column orders (ascending spectral score), as int64 numpy arrays.
 
     ``method="gram"`` (default) uses one float64 eigendecomposition; ``method="svd"`` runs the reference's full
-    SVD in float64, for checking the fast path.
+    SVD in float64, for checking the fast path. Inside :func:`cached_orders` a result is reused per weight content.
     """
-    key = _cache_key(weight, method) if _order_cache is not None else None
-    if key is not None and key in _order_cache:
-        rows, cols = _order_cache[key]
-        return rows.copy(), cols.copy()
-    if method == "gram":
-        rows, cols = spectral_scores(weight)
-    elif method == "svd":
-        rows, cols = spectral_scores_svd(weight)
-    else:
+    if method not in ("gram", "svd"):
         raise ValueError(f"spectral_order: unknown method {method!r} (use 'gram' or 'svd')")
+    w = _to_numpy(weight)
+    key = _cache_key(w, method) if _order_cache is not None else None
+    if key is not None:
+        hit = _order_cache.get(key)
+        if hit is None and _disk_dir is not None:
+            hit = _read_cached(_disk_dir / _file_name(key), w.shape)
+            if hit is not None:
+                _order_cache[key] = hit
+        if hit is not None:
+            return hit[0].copy(), hit[1].copy()
+    with _blas_threads():
+        rows, cols = spectral_scores(w) if method == "gram" else spectral_scores_svd(w)
     # A stable sort keeps ties in index order, which is what torch.argsort gives for exact ties on CPU.
     rows, cols = np.argsort(rows, kind="stable"), np.argsort(cols, kind="stable")
     if key is not None:
         _order_cache[key] = (rows.copy(), cols.copy())
+        if _disk_dir is not None:
+            _write_cached(_disk_dir / _file_name(key), rows, cols)
     return rows, cols
 
 
+# -- caching the orders -------------------------------------------------------------------------------------
+CACHE_ENV = "SMOA_MLX_CACHE"  # the folder of smoa-mlx's caches; "off" turns the on-disk order cache off
+_ORDERS_FOLDER = "spectral-orders-v1"  # a new version whenever a change to this module changes the orders
+
 _order_cache: Optional[dict] = None
+_disk_dir: Optional[Path] = None
+_warned_write = False
 
 
-def _cache_key(weight, method: str) -> tuple:
-    w = np.ascontiguousarray(_to_numpy(weight))
+def _cache_key(w: np.ndarray, method: str) -> tuple:
+    w = np.ascontiguousarray(w)
     return method, w.dtype.str, w.shape, hashlib.blake2b(w.view(np.uint8).reshape(-1), digest_size=16).digest()
 
 
+def _file_name(key: tuple) -> str:
+    method, dtype, shape, digest = key
+    return f"{method}-{'x'.join(map(str, shape))}-{dtype.lstrip('<>|=')}-{digest.hex()}.npy"
+
+
+def cache_dir() -> Optional[Path]:
+    """smoa-mlx's cache folder: ``$SMOA_MLX_CACHE``, else the user's cache folder (``~/Library/Caches/smoa-mlx``
+    on macOS, ``$XDG_CACHE_HOME/smoa-mlx`` or ``~/.cache/smoa-mlx`` elsewhere); None when set to ``off``."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "no", "none") else Path(value).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "smoa-mlx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smoa-mlx"
+
+
+def _read_cached(file: Path, shape: tuple) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The orders stored in ``file``, or None when absent or not two permutations of the right sizes (a damaged
+    file is recomputed and rewritten, never trusted)."""
+    if len(shape) != 2:
+        return None  # not a weight matrix: the computation says so
+    try:
+        both = np.load(file, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    d_out, d_in = shape
+    if both.shape != (d_out + d_in,) or both.dtype.kind not in "iu":
+        return None
+    rows, cols = both[:d_out].astype(np.int64), both[d_out:].astype(np.int64)
+    if not (np.array_equal(np.sort(rows), np.arange(d_out)) and np.array_equal(np.sort(cols), np.arange(d_in))):
+        return None
+    return rows, cols
+
+
+def _write_cached(file: Path, rows: np.ndarray, cols: np.ndarray) -> None:
+    """Atomic (a reader sees the whole file or none); a cache that cannot be written costs speed, not the run."""
+    global _warned_write
+    from .atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.concatenate([rows, cols]).astype(np.int32))
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(file, buffer.getvalue())
+    except OSError as e:
+        if not _warned_write:
+            warnings.warn(f"spectral order cache: cannot write {file} ({e}); set {CACHE_ENV}=off or a writable "
+                          "folder", stacklevel=3)
+            _warned_write = True
+
+
 @contextlib.contextmanager
-def cached_orders() -> Iterator[None]:
+def cached_orders(disk: bool = False) -> Iterator[None]:
     """Within the block, :func:`spectral_order` remembers its result per weight content (a hash of the values).
 
-    For comparison grids that apply SMoA to the same base model run after run: the orders are a function of W0
-    alone, and recomputing them is most of an SMoA run's setup time on a small model. Off by default, so
-    timings of the spectral step itself (scripts/bench_spectral.py) stay honest. Nesting keeps the outer cache.
+    The orders are a function of W0 alone, and computing them is most of an SMoA run's setup time on a small
+    model. In memory for comparison grids that apply SMoA to the same base run after run; with ``disk`` also in
+    :func:`cache_dir` (one small file per weight, named by the hash of its bytes), so that the next run of
+    ``python -m smoa_mlx.train`` skips the step. Off by default, so timings of the spectral step itself
+    (scripts/bench_spectral.py) stay honest. Nesting keeps the outer cache.
     """
-    global _order_cache
-    outer = _order_cache
-    _order_cache = {} if outer is None else outer
+    global _order_cache, _disk_dir
+    outer = _order_cache, _disk_dir
+    _order_cache = {} if outer[0] is None else outer[0]
+    if disk and _disk_dir is None:
+        folder = cache_dir()
+        _disk_dir = None if folder is None else folder / _ORDERS_FOLDER
     try:
         yield
     finally:
-        _order_cache = outer
+        _order_cache, _disk_dir = outer
+
+
+# -- threads ------------------------------------------------------------------------------------------------
+THREADS_ENV = "SMOA_MLX_SPECTRAL_THREADS"
+_controller = None
+
+
+def spectral_threads() -> int:
+    """BLAS threads for one ordering: the cores that no other process is using, at least one.
+
+    OpenBLAS threads spin while they wait for each other; on cores that other processes hold, two threads ran the
+    150 orderings of SmolLM2-135M 4-5x slower than one (docs/training_demo.md). Taken from the 1-minute load
+    average less this process; ``$SMOA_MLX_SPECTRAL_THREADS`` overrides, and BLAS's own setting
+    (``OPENBLAS_NUM_THREADS``) is never exceeded.
+    """
+    given = os.environ.get(THREADS_ENV)
+    if given:
+        try:
+            return max(1, int(given))
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={given!r}: expected a number of threads") from None
+    cpus = os.cpu_count() or 1
+    try:
+        others = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:  # no load average (Windows)
+        return cpus
+    return max(1, min(cpus, cpus - int(round(others))))
+
+
+@contextlib.contextmanager
+def _blas_threads() -> Iterator[None]:
+    global _controller
+    from threadpoolctl import ThreadpoolController
+
+    if _controller is None:
+        _controller = ThreadpoolController()
+    blas = _controller.select(user_api="blas")
+    current = [lib["num_threads"] for lib in blas.info()]
+    with blas.limit(limits=min([spectral_threads(), *current])):
+        yield
 
 
 def order_margin(scores: np.ndarray, sizes: Sequence[int]) -> float:

@@ -1,4 +1,4 @@
-"""Runs a :class:`smoa_mlx.kernels.fused.Launch` as Metal would, on the CPU: the proof of the Metal rendering in CI.
+"""Runs a :class:`smoa_mlx.kernels.gpu.Launch` as Metal would, on the CPU: the proof of the Metal rendering in CI.
 
 1. MLX itself writes the Metal source (signature, template instantiation and our body): ``mx.fast.metal_kernel``
    is called under ``mx.export_function`` tracing, which MLX allows without a Metal back-end, with
@@ -20,13 +20,23 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from smoa_mlx.kernels.fused import Launch
+from smoa_mlx.kernels.gpu import Launch
 from smoa_mlx.kernels.source import render
 
 SHIM = Path(__file__).parent / "metal_shim" / "shim.h"
 _BUILD = Path(tempfile.gettempdir()) / f"smoa_metal_shim_{os.getuid()}"
 
-_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.int32: np.int32, mx.uint32: np.uint32}
+_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.int32: np.int32, mx.uint32: np.uint32,
+       mx.bfloat16: np.uint16}  # numpy has no bfloat16: its bits travel as uint16 (the shim's bfloat16_t)
+
+
+def _to_numpy(arr: mx.array) -> np.ndarray:
+    return np.asarray(arr.view(mx.uint16) if arr.dtype == mx.bfloat16 else arr)
+
+
+def _from_numpy(data: np.ndarray, dtype) -> mx.array:
+    out = mx.array(data)
+    return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
 _ATTRS = (
     "thread_position_in_grid",
     "thread_position_in_threadgroup",
@@ -146,11 +156,14 @@ def run_launch(launch: Launch) -> list[mx.array]:
         raise ValueError(f"grid {launch.grid} is not a whole number of threadgroups {launch.threadgroup}")
     with tempfile.TemporaryDirectory() as d:
         for i, arr in enumerate(launch.inputs):
-            np.ascontiguousarray(np.asarray(arr)).tofile(f"{d}/buf{i}.bin")
+            np.ascontiguousarray(_to_numpy(arr)).tofile(f"{d}/buf{i}.bin")
         outs = []
         for j, (shape, dtype) in enumerate(zip(launch.output_shapes, launch.output_dtypes)):
             # Poison: a NaN left anywhere means the kernel never wrote that element.
-            poison = np.full(shape, np.nan, dtype=_NP[dtype])
+            if dtype == mx.bfloat16:
+                poison = np.full(shape, 0x7FC0, dtype=np.uint16)  # a bfloat16 NaN
+            else:
+                poison = np.full(shape, np.nan, dtype=_NP[dtype])
             poison.tofile(f"{d}/buf{n_in + j}.bin")
             outs.append((shape, dtype))
         cmd = [str(exe), d, *map(str, groups), *map(str, launch.threadgroup)]
@@ -158,9 +171,9 @@ def run_launch(launch: Launch) -> list[mx.array]:
         if done.returncode != 0:
             raise RuntimeError(f"emulated kernel failed ({done.returncode}): {done.stderr[:2000]}")
         return [
-            mx.array(np.fromfile(f"{d}/buf{n_in + j}.bin", dtype=_NP[dt]).reshape(shape))
+            _from_numpy(np.fromfile(f"{d}/buf{n_in + j}.bin", dtype=_NP[dt]).reshape(shape), dt)
             for j, (shape, dt) in enumerate(outs)
         ]
 
 
-run_launch.backend = "metal"  # the runner protocol of smoa_mlx.kernels.fused
+run_launch.backend = "metal"  # the runner protocol of smoa_mlx.kernels.gpu

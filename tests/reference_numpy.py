@@ -61,3 +61,20 @@ def ref_dequantize(wq, scales, biases, group_size: int, bits: int) -> np.ndarray
     s = np.repeat(np.asarray(scales, np.float64), group_size, axis=1)
     z = np.repeat(np.asarray(biases, np.float64), group_size, axis=1)
     return q.astype(np.float64) * s + z
+
+
+def ref_layer(w: np.ndarray, x: np.ndarray, cot: np.ndarray, a_list, b_list, k: int, scale: float, orders,
+              with_base: bool = True):
+    """float64 forward and gradients of y = x (W0 + Delta W)^T (``with_base=False``: x Delta W^T alone) for the
+    cotangent ``cot``: [y, dx, dA_0..dA_K-1, dB_0..dB_K-1]. dL/d(B_k A_k) = s (cot^T x)[R_k, C_k] * W0[R_k, C_k]."""
+    w = np.asarray(w, dtype=np.float64)
+    x2 = np.asarray(x, np.float64).reshape(-1, w.shape[1])
+    g2 = np.asarray(cot, np.float64).reshape(-1, w.shape[0])
+    full = ref_delta(w, a_list, b_list, k, scale, orders) + (w if with_base else 0.0)
+    gram = g2.T @ x2
+    da, db = [], []
+    for rows, cols, a, b in zip(ref_groups(orders[0], k), ref_groups(orders[1], k), a_list, b_list):
+        h = scale * gram[np.ix_(rows, cols)] * w[np.ix_(rows, cols)]
+        da.append(np.asarray(b, np.float64).T @ h)
+        db.append(h @ np.asarray(a, np.float64).T)
+    return [x2 @ full.T, g2 @ full, *da, *db]

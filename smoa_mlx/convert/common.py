@@ -21,6 +21,7 @@ from ..adapters.apply import get_module
 from ..adapters.fingerprint import FINGERPRINT_KEY, fingerprint_modules
 from ..adapters.folder import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     SMOA_TYPES,
     AdapterFolder,
     SMoAModule,
@@ -41,6 +42,7 @@ from ..errors import (
     BaseModelMismatchError,
     ConversionError,
     MissingKeysError,
+    SavePathExistsError,
     ShapeMismatchError,
 )
 from ..layer import base_dims as linear_dims, dequantized_weight
@@ -219,10 +221,32 @@ def num_layers_for(base: Optional[nn.Module], paths: Iterable[str]) -> int:
     return len(layers) - min(indices)
 
 
-def distinct(adapter: PathLike, out: PathLike) -> None:
-    """Both formats name their config adapter_config.json: converting into the input folder would clobber it."""
-    if Path(out).resolve() == Path(adapter).resolve():
+def distinct(adapter: PathLike, out: PathLike, force: bool = False) -> None:
+    """Refuse an output folder that would lose something: the input folder (both formats name their config
+    adapter_config.json), or, without ``force``, a folder that holds anything (another adapter would be left half
+    replaced, its weights beside the new config), as fuse and train refuse theirs."""
+    out = Path(out)
+    if out.resolve() == Path(adapter).resolve():
         raise ConversionError(f"output folder {out} is the input folder: choose another one")
+    if out.exists() and not out.is_dir():
+        raise SavePathExistsError(f"output folder {out} exists and is not a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        listed = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise SavePathExistsError(f"output folder {out} already holds {listed}; pass --force to replace the adapter "
+                                  "in it, or choose another folder")
+
+
+def write_converted(
+    folder: PathLike, arrays: dict[str, mx.array], config: dict, weights_name: str, metadata: dict[str, str]
+) -> Path:
+    """Write the converted adapter (all or nothing), then remove the other format's weights file that a forced
+    conversion into an adapter folder leaves behind, so the folder holds one loadable adapter."""
+    out = write_adapter(folder, arrays, config, weights_name, metadata)
+    for name in (ADAPTER_WEIGHTS, PEFT_WEIGHTS):
+        if name != weights_name:
+            (out / name).unlink(missing_ok=True)
+    return out
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -254,7 +278,7 @@ def write_peft(folder: PathLike, arrays: dict[str, mx.array], config: dict, fing
     metadata = {"format": "pt"}
     if fingerprint:
         metadata[METADATA_FINGERPRINT] = json.dumps(fingerprint, sort_keys=True)
-    return write_adapter(folder, arrays, config, PEFT_WEIGHTS, metadata)
+    return write_converted(folder, arrays, config, PEFT_WEIGHTS, metadata)
 
 
 def write_smoa(folder: PathLike, config: SMoAConfig, modules: dict[str, SMoAModule], fingerprint: Optional[dict]) -> Path:
@@ -263,7 +287,7 @@ def write_smoa(folder: PathLike, config: SMoAConfig, modules: dict[str, SMoAModu
     for path, module in modules.items():
         arrays.update(module.arrays(path))
     cfg = adapter_config("smoa", lora_parameters(config), config.num_layers, config, fingerprint)
-    return write_adapter(folder, arrays, cfg, metadata={"format": "mlx", "adapter": "smoa"})
+    return write_converted(folder, arrays, cfg, ADAPTER_WEIGHTS, {"format": "mlx", "adapter": "smoa"})
 
 
 def to_numpy(x: mx.array) -> np.ndarray:

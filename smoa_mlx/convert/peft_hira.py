@@ -56,13 +56,17 @@ def hira_factors(module: SMoAModule, scale: float) -> tuple[np.ndarray, np.ndarr
 
 
 def smoa_to_hira(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert an SMoA adapter folder into a stock PEFT HiRA one (``PeftModel.from_pretrained`` loads it).
 
     ``base`` (the MLX base model) enables the shape and base-fingerprint checks and supplies the model type.
     """
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     model_type = resolve_model_type(base, model_type)
     src, modules = read_smoa(adapter, base)
     config = src.smoa
@@ -80,10 +84,14 @@ def smoa_to_hira(
 
 
 def hira_to_smoa(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert a stock PEFT HiRA adapter folder into an SMoA adapter with one block (``load_adapter`` loads it)."""
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     src = open_peft(adapter, "HIRA", r"hira_A|hira_B", base, model_type)
     rank = int(src.config["r"])
     if any(int(r) != rank for r in (src.config.get("rank_pattern") or {}).values()):

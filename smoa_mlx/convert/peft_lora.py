@@ -14,7 +14,7 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from ..adapters.folder import LORA_TYPES, adapter_config, lora_modules, read_adapter, read_weights, write_adapter
+from ..adapters.folder import ADAPTER_WEIGHTS, LORA_TYPES, adapter_config, lora_modules, read_adapter, read_weights
 from ..errors import ConversionError
 from .common import (
     PathLike,
@@ -29,6 +29,7 @@ from .common import (
     require,
     resolve_model_type,
     verify_base,
+    write_converted,
     write_peft,
 )
 from .names import block_relative, to_hf
@@ -48,13 +49,17 @@ def _check_module(path: str, a_shape, b_shape, rank: int, base: Optional[nn.Modu
 
 
 def mlx_lora_to_peft(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert an mlx-lm LoRA or DoRA adapter folder into a PEFT one (``PeftModel.from_pretrained`` loads it).
 
     ``base`` (the MLX base model) enables the shape and base-fingerprint checks and supplies the model type.
     """
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     model_type = resolve_model_type(base, model_type)
     src = read_adapter(adapter, LORA_TYPES)
     dora, rank, params = src.kind == "dora", src.lora["rank"], src.lora
@@ -88,10 +93,14 @@ def mlx_lora_to_peft(
 
 
 def peft_lora_to_mlx(
-    adapter: PathLike, out: PathLike, base: Optional[nn.Module] = None, model_type: Optional[str] = None
+    adapter: PathLike,
+    out: PathLike,
+    base: Optional[nn.Module] = None,
+    model_type: Optional[str] = None,
+    force: bool = False,
 ) -> Path:
     """Convert a PEFT LoRA or DoRA adapter folder into an mlx-lm one (``mlx_lm.load(..., adapter_path=out)``)."""
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     src = open_peft(adapter, "LORA", r"lora_A\.weight|lora_B\.weight|lora_magnitude_vector", base, model_type)
     config, source = src.config, Path(adapter) / "adapter_config.json"
     for field in ("rank_pattern", "alpha_pattern"):
@@ -122,4 +131,4 @@ def peft_lora_to_mlx(
         "keys": sorted({block_relative(p) for p in src.modules}),
     }
     cfg = adapter_config("dora" if dora else "lora", lora, num_layers_for(base, src.modules), fingerprint=src.fingerprint)
-    return write_adapter(out, arrays, cfg)
+    return write_converted(out, arrays, cfg, ADAPTER_WEIGHTS, {"format": "mlx"})

@@ -141,14 +141,19 @@ def _require_base(base: Optional[nn.Module], what: str) -> nn.Module:
 
 
 def smoa_to_reference(
-    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None, order: str = "svd32"
+    adapter: PathLike,
+    out: PathLike,
+    base: nn.Module,
+    model_type: Optional[str] = None,
+    order: str = "svd32",
+    force: bool = False,
 ) -> Path:
     """Convert an SMoA adapter folder into the reference SMoA format, for the base model ``base``.
 
     ``base`` must be the model the reference will load (the float checkpoint, not a quantized copy).
     ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
     """
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     _require_base(base, "smoa_to_reference")
     model_type = resolve_model_type(base, model_type)
     src, modules = read_smoa(adapter, base)
@@ -203,13 +208,18 @@ def _permutation(mine: np.ndarray, want: np.ndarray) -> Optional[np.ndarray]:
 
 
 def reference_to_smoa(
-    adapter: PathLike, out: PathLike, base: nn.Module, model_type: Optional[str] = None, order: str = "svd32"
+    adapter: PathLike,
+    out: PathLike,
+    base: nn.Module,
+    model_type: Optional[str] = None,
+    order: str = "svd32",
+    force: bool = False,
 ) -> Path:
     """Convert a reference-format SMoA adapter into an SMoA adapter folder for ``base`` (``load_adapter``).
 
     ``order`` is how the reference's ordering is recomputed (see :func:`reference_orders`).
     """
-    distinct(adapter, out)
+    distinct(adapter, out, force)
     _require_base(base, "reference_to_smoa")
     src = open_peft(adapter, "SMOA", r"lora_[AB]\.\d+\.weight", base, model_type)
     ref, source, file = src.config, Path(adapter) / "adapter_config.json", src.file

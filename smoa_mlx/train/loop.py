@@ -7,7 +7,7 @@ mlx-lm's ``train`` takes ``iterate_batches`` and ``training_callback`` arguments
   resumed run can replay it; it skips the steps already done; and it calls ``on_step(step)`` when the batch of the
   next step is fetched, i.e. right after mlx-lm has evaluated step ``step`` (the place to checkpoint).
 * :class:`Recorder` keeps the loss history on the global report schedule, totals throughput, and stops on a
-  non-finite loss.
+  non-finite loss; :func:`with_reporting` hands its reports to mlx-lm's reporting callbacks (``--report-to``).
 * :func:`patched_trainer` swaps mlx-lm's rich progress display for a tqdm one that counts global steps, and on
   NCCL reroutes the trainer's ``all_sum(..., stream=mx.cpu)`` calls (NCCL cannot reduce on the CPU).
 """
@@ -101,6 +101,8 @@ class Recorder(TrainingCallback):
         self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per closed report window
         self._window = [0, 0.0]
         self.peak_memory_gb = 0.0
+        self.learning_rate = 0.0
+        self.reporter: Optional[TrainingCallback] = None  # mlx-lm's --report-to callbacks (with_reporting)
 
     @property
     def state(self) -> dict:
@@ -118,6 +120,7 @@ class Recorder(TrainingCallback):
             self._window[0] += tokens
             self._window[1] += tokens / info["tokens_per_second"]
         self.peak_memory_gb = max(self.peak_memory_gb, float(info["peak_memory"]))
+        self.learning_rate = float(info.get("learning_rate", 0.0))
         self.pending.append(loss)
         self.step = step
         if step % self.every == 0 or step == self.last:
@@ -126,14 +129,20 @@ class Recorder(TrainingCallback):
     def _report(self, step: int) -> None:
         mean = math.fsum(self.pending) / len(self.pending)
         self.history["train"].append([step, mean])
-        self.pending = []
+        steps, self.pending = len(self.pending), []
         tokens, seconds = self._window
         self._window = [0, 0.0]
         if seconds > 0:
             self.windows.append((tokens, seconds))
+        speed = tokens / seconds if seconds > 0 else 0.0
         if self.say is not None:
-            speed = tokens / seconds if seconds > 0 else 0.0
             self.say(f"step {step:>6}  train loss {mean:.4f}  {speed:,.0f} tok/s  {self.tokens / 1000:.1f}k tokens")
+        if self.reporter is not None:
+            self.reporter.on_train_loss_report({
+                "iteration": step, "train_loss": mean, "learning_rate": self.learning_rate,
+                "iterations_per_second": steps / seconds if seconds > 0 else 0.0, "tokens_per_second": speed,
+                "trained_tokens": self.tokens, "peak_memory": self.peak_memory_gb,
+            })
 
     @property
     def train_time(self) -> float:
@@ -151,12 +160,14 @@ class Recorder(TrainingCallback):
         step, loss = info["iteration"] + self.offset, float(info["val_loss"])
         self.record_val(step, loss)
 
-    def record_val(self, step: int, loss: float) -> None:
+    def record_val(self, step: int, loss: float, seconds: float = 0.0) -> None:
         """A validation loss measured after global step ``step``."""
         if not math.isfinite(loss):
             raise TrainingDiverged(f"validation loss is {loss} at step {step}")
         if not self.history["val"] or self.history["val"][-1][0] != step:
             self.history["val"].append([step, loss])
+            if self.reporter is not None:
+                self.reporter.on_val_loss_report({"iteration": step, "val_loss": loss, "val_time": seconds})
 
     def has_val(self, step: int) -> bool:
         return any(s == step for s, _ in self.history["val"])
@@ -242,3 +253,15 @@ def patched_trainer(offset: int, nccl: bool) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(mlx_trainer, name, value)
+
+
+def with_reporting(recorder: Recorder, opts, folder) -> Recorder:
+    """``recorder``, reporting to mlx-lm's callbacks for ``--report-to`` (built as ``mlx_lm.lora`` builds them) on
+    rank 0: they get the recorder's reports (the user's windows, in global steps, so a resumed run continues its
+    curve) and validations, after the NaN check."""
+    from mlx_lm.tuner.callbacks import get_reporting_callbacks
+
+    if opts.report_to and mx.distributed.init().rank() == 0:
+        recorder.reporter = get_reporting_callbacks(opts.report_to, project_name=opts.project_name,
+                                                    log_dir=str(folder), config=vars(opts))
+    return recorder

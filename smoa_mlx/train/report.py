@@ -55,6 +55,11 @@ def format_summary(result: dict[str, Any]) -> str:
     ]
     if result.get("test_loss") is not None:
         lines.insert(5, f"test loss         {loss('test_loss')}")
+    preview = result.get("preview")
+    if preview:
+        at = lines.index(next(line for line in lines if line.startswith("val loss"))) + 1
+        lines[at:at] = [f"held-out question {preview['question']}", f"  before          {preview['before']}",
+                        f"  after           {preview['after']}"]
     if result.get("loss_curve"):
         lines.append(f"loss curve        {result['loss_curve']}")
     return "\n".join(lines)

@@ -45,12 +45,14 @@ from ..config import SMoAConfig
 from ..folder_lock import FolderLock
 from ..errors import DataError, OptionError, SMoAError, TrainingDiverged
 from ..loading import describe_model, load_model
-from .args import OPTIMIZERS, SMOA_KEYS, parse_args, resolve
+from .args import OPTIMIZERS, SMOA_KEYS, parse_args, resolve, schedule_note
 from .data import check_data, load_splits
-from .loop import BatchStream, Recorder, patched_trainer, uses_nccl
+from .loop import BatchStream, Recorder, patched_trainer, uses_nccl, with_reporting
 from .methods import Method
+from .preview import answer, held_out_question, question_text
 from .report import format_summary, plot_losses
 from .signals import Interrupted, StopSignals
+from ..spectral import cached_orders
 
 __all__ = ["run", "train_adapter", "main", "TrainingDiverged"]
 
@@ -77,13 +79,20 @@ def _identity(opts: types.SimpleNamespace) -> dict[str, Any]:
         "target_modules": list(opts.target_modules),
         "num_layers": opts.num_layers,
         "model": opts.model,
+        # only when set, so that checkpoints made before the option existed still resume
+        **({"grad_accumulation_steps": opts.grad_accumulation_steps} if opts.grad_accumulation_steps > 1 else {}),
     }
 
 
 def default_schedule(opts: types.SimpleNamespace) -> dict[str, Any]:
-    """The reference runs' schedule as an mlx-lm ``lr_schedule``: linear warmup from 0, then cosine decay to 0."""
-    return {"name": "cosine_decay", "arguments": [opts.learning_rate, max(opts.iters - opts.warmup, 1), 0.0],
-            "warmup": opts.warmup, "warmup_init": 0.0}
+    """The reference runs' schedule as an mlx-lm ``lr_schedule``: linear warmup from 0, then cosine decay to 0.
+
+    The optimizer counts its own steps: with gradient accumulation, one per ``grad_accumulation_steps`` batches.
+    """
+    per_update = opts.grad_accumulation_steps
+    iters, warmup = opts.iters // per_update, opts.warmup // per_update
+    return {"name": "cosine_decay", "arguments": [opts.learning_rate, max(iters - warmup, 1), 0.0],
+            "warmup": warmup, "warmup_init": 0.0}
 
 
 # mlx_lm.lora's optimizer names, each the mlx.optimizers class of that name.
@@ -140,7 +149,9 @@ class _Saver:
 class _Boundary:
     """What happens between two steps (mlx-lm has evaluated step ``step`` and fetches the next batch), in this
     order: the NaN check, a validation and a checkpoint when the global schedule says so (``step`` is the global
-    step, so a resumed run keeps the uninterrupted run's schedule), then a pending stop signal: checkpoint, stop."""
+    step, so a resumed run keeps the uninterrupted run's schedule), then a pending stop signal: checkpoint, stop,
+    at the first boundary where an optimizer update was just taken (mlx-lm's accumulated gradient of an unfinished
+    ``--grad-accumulation-steps`` window lives in its loop and cannot be saved)."""
 
     def __init__(self, saver: _Saver, validate, opts, stops: StopSignals):
         self.saver, self.validate, self.opts, self.stops = saver, validate, opts, stops
@@ -151,7 +162,7 @@ class _Boundary:
             self.validate(step)
         if step % self.opts.save_every == 0:
             self.saver.save(step)
-        if self.stops.pending is not None:
+        if self.stops.pending is not None and step % self.opts.grad_accumulation_steps == 0:
             if self.saver.last_good != step:
                 self.saver.save(step)
             self.stops.raise_pending(saved_step=step)
@@ -192,6 +203,7 @@ def _run(opts: types.SimpleNamespace, stops: StopSignals) -> dict[str, Any]:
         if getattr(lock, "took_over", None):
             _say(f"{folder}: took over the lock of pid {lock.took_over}, which no longer runs")
         if opts.train:
+            _say(schedule_note(opts))
             note = check_adapter_path(folder, identity, opts.resume, opts.force, _schedule(opts))
             if note:
                 _say(note)
@@ -203,8 +215,15 @@ def _run(opts: types.SimpleNamespace, stops: StopSignals) -> dict[str, Any]:
                              warn=_say, checked=checked)
         result: dict[str, Any] = {"method": opts.fine_tune_type, "rank": opts.rank, "blocks": opts.blocks,
                                   "adapter_path": str(folder), "world_size": world.size(), "test_loss": None}
+        question = held_out_question(checked) if opts.train and opts.preview and world.rank() == 0 else None
+        if question:
+            before = answer(model, tokenizer, question)
+            _say(f"Held-out question: {question_text(question)}\n  before training: {before}")
         if opts.train:
             result.update(_train(opts, model, splits, method, identity, folder, stops))
+            if question:
+                result["preview"] = {"question": question_text(question), "before": before,
+                                     "after": answer(model, tokenizer, question)}
         else:
             apply_adapter(model, folder)
         if opts.test:
@@ -254,8 +273,9 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path, st
         load_state(folder)  # raises: nothing to resume
     else:
         _say(f"Applying {opts.fine_tune_type} to {describe_model(opts.model)}")
-        method.apply(model, progress=lambda xs: tqdm(xs, desc="spectral order", leave=False, file=sys.stderr,
-                                                      disable=mx.distributed.init().rank() != 0))
+        with cached_orders(disk=True):  # the orders depend on W0 alone: a second run reads them back
+            method.apply(model, progress=lambda xs: tqdm(xs, desc="spectral order", leave=False, file=sys.stderr,
+                                                          disable=mx.distributed.init().rank() != 0))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = get_total_parameters(model)
     optimizer = _optimizer(opts)
@@ -263,6 +283,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path, st
         restore_optimizer(optimizer, model.trainable_parameters(), saved_optimizer)
         set_rng_key(state.rng)
     recorder = Recorder(start, history, every=opts.steps_per_report, last=opts.iters, say=_say)
+    with_reporting(recorder, opts, folder)
     extra = {"model": base_reference(opts.model), "training": {k: v for k, v in vars(opts).items() if k not in ("force", "resume")}}
     saver = _Saver(folder, method, model, optimizer, recorder, identity, _schedule(opts), extra)
     saver.last_good = start or None
@@ -286,6 +307,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path, st
                     max_seq_length=opts.max_seq_length,
                     adapter_file=str(Path(scratch) / "mlx_lm_final.safetensors"),  # mlx-lm's unconditional save
                     grad_checkpoint=opts.grad_checkpoint,
+                    grad_accumulation_steps=opts.grad_accumulation_steps,
                 )
                 if validate is not None and start % opts.steps_per_eval == 0 and not recorder.has_val(start):
                     validate(start)  # step 0, or a scheduled validation the interrupted run did not get to
@@ -299,7 +321,7 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path, st
                 saver.save(opts.iters)
                 stops.raise_pending(saved_step=opts.iters)
         except KeyboardInterrupt as e:
-            step = _save_on_interrupt(e, saver, optimizer, recorder, start)
+            step = _save_on_interrupt(e, saver, optimizer, recorder, start, opts.grad_accumulation_steps)
             what = e.name if isinstance(e, Interrupted) else "Interrupted"
             saved = (f"saved the adapter at step {step} in {folder} (continue with --resume)" if step
                      else "nothing new was saved")
@@ -309,13 +331,16 @@ def _train(opts, model, splits, method: Method, identity: dict, folder: Path, st
     return out
 
 
-def _save_on_interrupt(e: KeyboardInterrupt, saver: _Saver, optimizer, recorder: Recorder, start: int):
+def _save_on_interrupt(e: KeyboardInterrupt, saver: _Saver, optimizer, recorder: Recorder, start: int,
+                       per_update: int) -> Optional[int]:
     """The step saved for this interruption: already saved at a step boundary (a signal), none (a second signal:
-    stop at once), or, for a KeyboardInterrupt raised in-process, the current step if it is complete."""
+    stop at once), or, for a KeyboardInterrupt raised in-process, the current step if it is complete and ends an
+    optimizer update (``per_update`` batches each)."""
     if isinstance(e, Interrupted):
         return e.saved_step
-    step = _optimizer_step(optimizer)
-    if step is not None and step > start and step == recorder.step and _finite(saver.model):
+    step, updates = recorder.step, _optimizer_step(optimizer)
+    if updates is not None and step > start and step % per_update == 0 and updates * per_update == step \
+            and _finite(saver.model):
         saver.save(step)
         return step
     return None

@@ -85,6 +85,20 @@ def test_resume_equals_uninterrupted_bit_for_bit(world, tmp_path, monkeypatch, c
     same_run(full, resumed, tmp_path / "full", tmp_path / "cut")
 
 
+def test_signal_inside_an_accumulation_window_stops_at_its_end(world, tmp_path, monkeypatch):
+    """With --grad-accumulation-steps 2, a signal after step 5 (mid-window: mlx-lm holds a half-summed gradient
+    that no checkpoint can carry) stops after step 6, and the resumed run still equals the uninterrupted one."""
+    kw = dict(grad_accumulation_steps=2, steps_per_report=2)
+    full = runner.run(opts(world, tmp_path / "full", **kw))
+    signal_at(monkeypatch, 5)
+    with pytest.raises(Interrupted) as e:
+        runner.run(opts(world, tmp_path / "cut", **kw))
+    monkeypatch.undo()
+    assert e.value.saved_step == 6 and load_state(tmp_path / "cut")[0].step == 6
+    resumed = runner.run(opts(world, tmp_path / "cut", resume=True, **kw))
+    same_run(full, resumed, tmp_path / "full", tmp_path / "cut")
+
+
 def test_sighup_saves_and_main_exits_129(world, tmp_path, monkeypatch):
     """#14.8: SIGHUP (a closed terminal) saves like Ctrl-C; main() returns 128 + 1."""
     signal_at(monkeypatch, 3, signal.SIGHUP)

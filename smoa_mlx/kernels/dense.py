@@ -1,44 +1,20 @@
-"""The block-modulated product in plain MLX: the reference every kernel is checked against, and the fallback.
+"""The SMoA update in plain MLX through full-size products: the dense HiRA form, and the dense Delta W itself.
 
-For one layer with row groups R_k, column groups C_k (contiguous slices of ``row_order`` / ``col_order``),
-the update is ``y[..., R_k] += x[..., C_k] @ (s (B_k A_k) * W0[R_k, C_k])^T``. The anchors W0[R_k, C_k] are
-gathered from the base weight on every call (dequantized on the fly for quantized bases) instead of being
-stored, and the backward pass recomputes them, so nothing of size d_out x d_in is built or kept for autograd:
-the per-block products live one block at a time, 1/K of the dense matrix in total.
-
-:func:`dense_form_delta_fn` (below) is the same update in HiRA form: no gathers, three full matmuls, a transient
-d_out x d_in product. It is the pure-MLX path on CUDA, where it measured 1.8x-2.8x faster than the block form.
+:func:`dense_form_delta_fn` computes the update as HiRA does: no gathers, three full matmuls, a transient
+d_out x d_in product rebuilt in the backward. It is the fastest form on the CPU (BLAS matmuls beat MLX's CPU takes)
+and on a GPU for small layers, where the block form's extra passes cost more than its saved FLOPs
+(docs/BENCHMARKS.md). :func:`dense_delta` is the merged Delta W for fusing and checks. The anchors W0[R_k, C_k] are
+read from the base weight (dequantized on the fly for quantized bases), never stored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
+from mlx.utils import tree_map
 
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Static description of a layer's blocks; hashable so compiled functions can be cached per layout."""
-
-    row_sizes: tuple[int, ...]
-    col_sizes: tuple[int, ...]
-    ranks: tuple[int, ...]
-    scale: float
-    group_size: int = 0  # 0: dense base weight
-    bits: int = 0
-
-    @property
-    def quantized(self) -> bool:
-        return self.bits > 0
-
-    def offsets(self, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
-        out, start = [], 0
-        for n in sizes:
-            out.append((start, start + n))
-            start += n
-        return out
+from .plan import BlockLayout
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -61,92 +37,20 @@ def gather_anchor(weight_parts: tuple[mx.array, ...], rows: mx.array, cols: mx.a
     return mx.take(gather_rows(weight_parts, rows, layout), cols, axis=1)
 
 
-def _block_slices(layout: BlockLayout, row_order: mx.array, col_order: mx.array, done: list | None = None):
-    """Per block: index, row and column ranges in the permuted basis, and the row / column indices.
-
-    With ``done`` (a list the caller appends each block's results to), block k's indices depend on block
-    k-1's results, so MLX's scheduler finishes and frees one block's temporaries before gathering the next
-    anchor; without it, all K blocks' temporaries are alive at once (measured: about twice the peak memory).
-    """
-    for k, ((r0, r1), (c0, c1)) in enumerate(zip(layout.offsets(layout.row_sizes), layout.offsets(layout.col_sizes))):
-        rows, cols = row_order[r0:r1], col_order[c0:c1]
-        if done:
-            rows, cols = mx.depends([rows, cols], done[-1])
-        yield k, (r0, r1), (c0, c1), rows, cols
-
-
 def _modulated(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) -> mx.array:
     # The scale goes on the small factor, so the block-sized work is one product and one multiply.
     return ((b * scale) @ a * anchor).astype(dtype)
 
 
-def _forward(layout: BlockLayout, x, index, weight_parts, a_list, b_list):
-    row_order, col_order, row_inv, _ = index
-    xs = mx.take(x, col_order, axis=-1)
-    lead = x.shape[:-1]
-    outs: list = []
-    for k, (r0, r1), (c0, c1), rows, cols in _block_slices(layout, row_order, col_order, outs):
-        if layout.ranks[k] == 0:
-            outs.append(mx.zeros((*lead, r1 - r0), dtype=x.dtype))
-            continue
-        block = _modulated(a_list[k], b_list[k], gather_anchor(weight_parts, rows, cols, layout), layout.scale, x.dtype)
-        outs.append(xs[..., c0:c1] @ block.T)
-    return mx.take(mx.concatenate(outs, axis=-1), row_inv, axis=-1)
-
-
-def _backward(layout: BlockLayout, x, index, weight_parts, a_list, b_list, cotan):
-    row_order, col_order, _, col_inv = index
-    xs = mx.take(x, col_order, axis=-1)
-    gs = mx.take(cotan, row_order, axis=-1)
-    lead = x.shape[:-1]
-    x2 = xs.reshape(-1, xs.shape[-1])
-    g2 = gs.reshape(-1, gs.shape[-1])
-    dxs, da, db, done = [], [], [], []
-    for k, (r0, r1), (c0, c1), rows, cols in _block_slices(layout, row_order, col_order, done):
-        a, b = a_list[k], b_list[k]
-        if layout.ranks[k] == 0:
-            dxs.append(mx.zeros((*lead, c1 - c0), dtype=x.dtype))
-            da.append(mx.zeros_like(a))
-            db.append(mx.zeros_like(b))
-            continue
-        anchor = gather_anchor(weight_parts, rows, cols, layout)
-        block = _modulated(a, b, anchor, layout.scale, x.dtype)
-        dxs.append(gs[..., r0:r1] @ block)
-        # dL/d(B A) = s * (g_k^T x_k) * M_k: one |R_k| x |C_k| product per block, 1/K of the dense cost.
-        gm = (g2[:, r0:r1].T @ x2[:, c0:c1]).astype(mx.float32) * anchor
-        db.append((gm @ (layout.scale * a.astype(mx.float32)).T).astype(b.dtype))
-        da.append(((layout.scale * b.astype(mx.float32)).T @ gm).astype(a.dtype))
-        done.append([dxs[-1], da[-1], db[-1]])
-    dx = mx.take(mx.concatenate(dxs, axis=-1), col_inv, axis=-1)
-    return dx, da, db
-
-
-@lru_cache(maxsize=None)
-def reference_delta_fn(layout: BlockLayout):
-    """An ``mx.custom_function`` computing the SMoA update with a recomputing backward, for ``layout``."""
-
-    @mx.custom_function
-    def delta(x, index, weight_parts, a_list, b_list):
-        return _forward(layout, x, index, weight_parts, a_list, b_list)
-
-    @delta.vjp
-    def delta_vjp(primals, cotangent, output):
-        x, index, weight_parts, a_list, b_list = primals
-        dx, da, db = _backward(layout, x, index, weight_parts, a_list, b_list, cotangent)
-        # Frozen inputs: these zeros are lazy and never evaluated, since nothing asks for their gradient.
-        return dx, tuple(mx.zeros_like(i) for i in index), tuple(mx.zeros_like(p) for p in weight_parts), da, db
-
-    return delta
-
-
 def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=mx.float32):
     """The full d_out x d_in update. Only for merging and checks: training never calls it."""
-    row_order, col_order, row_inv, col_inv = index
+    row_order, col_order, row_inv, col_inv = index[:4]
     d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
     permuted = mx.zeros((d_out, d_in), dtype=dtype)
-    for k, (r0, r1), (c0, c1), rows, cols in _block_slices(layout, row_order, col_order):
+    for k, ((r0, r1), (c0, c1)) in enumerate(zip(layout.offsets(layout.row_sizes), layout.offsets(layout.col_sizes))):
         if layout.ranks[k] == 0:
             continue
+        rows, cols = row_order[r0:r1], col_order[c0:c1]
         anchor = gather_anchor(weight_parts, rows, cols, layout).astype(mx.float32)
         block = _modulated(a_list[k].astype(mx.float32), b_list[k].astype(mx.float32), anchor, layout.scale, dtype)
         permuted[r0:r1, c0:c1] = block
@@ -167,7 +71,7 @@ def _slots(layout: BlockLayout) -> list[tuple[int, int]]:
 
 def _full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
     """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32."""
-    _, _, row_inv, col_inv = index
+    _, _, row_inv, col_inv = index[:4]
     r = sum(layout.ranks)
     b_rows, a_cols = [], []
     for k, (s0, s1) in enumerate(_slots(layout)):
@@ -215,7 +119,7 @@ def _split_factor_grads(layout: BlockLayout, index, db_full, da_full, a_list, b_
 
 @lru_cache(maxsize=None)
 def dense_form_delta_fn(layout: BlockLayout):
-    """Same contract as :func:`reference_delta_fn`, computed in the dense HiRA form (no activation gathers)."""
+    """The update ``fn(x, index, weight_parts, a_list, b_list)`` in the dense HiRA form (no activation gathers)."""
 
     @mx.custom_function
     def delta(x, index, weight_parts, a_list, b_list):
@@ -233,6 +137,6 @@ def dense_form_delta_fn(layout: BlockLayout):
         db_full = layout.scale * (h @ a_full.T).astype(mx.float32)
         da_full = (b_full.T @ h).astype(mx.float32)
         da, db = _split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
-        return dx, tuple(mx.zeros_like(i) for i in index), tuple(mx.zeros_like(p) for p in weight_parts), da, db
+        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
 
     return delta

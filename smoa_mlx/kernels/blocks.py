@@ -1,0 +1,210 @@
+"""The block-major form of the SMoA update: every FLOP in MLX's batched matmuls, everything else memory-bound.
+
+With the K blocks padded to (M, N) and stored block-major (:mod:`.plan`), one training step of an adapted layer is
+
+    forward   xb = gather(x)            (K, T, N)   x's block columns
+              Wb = modulate(A, B, W0)    (K, M, N)   s (B_k A_k) * W0[R_k, C_k], anchors read from W0
+              yb = xb @ Wb^T             (K, T, M)   one batched matmul: 1/K of the layer's own
+              y  = scatter(yb) [+ x W0^T]
+    backward  gb = gather(dy)            (K, T, M)
+              dx = scatter(gb @ Wb) [+ dy W0]        1/K
+              H  = hadamard(gb^T @ xb)   (K, M, N)   s G * W0[R_k, C_k]; G is 1/K
+              dB = H @ A^T, dA = B^T @ H             rank-r products of the blocks
+
+so the matmul work is 2 + 3/K layer-matmuls with the base (1 + 1 for its forward and input gradient), and nothing
+of size d_out x d_in is built: the largest temporaries are the K blocks (1/K of W0) and the block-major
+activations. The gathers, scatters and the two anchor-reading steps are the kernels of :mod:`.source` on a GPU
+(:class:`KernelOps`), or plain MLX (:class:`MlxOps`): the pure-MLX reference the kernels are checked against, the
+same algorithm on any device.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from .gpu import Launch, Runner
+from .dense import gather_rows
+from .plan import BlockLayout, BlockPlan, padded_dims, plan_of
+from .source import GROUP, TI, TT, V
+
+SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
+FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class MlxOps:
+    """The memory-bound steps in plain MLX (takes and elementwise products): any device, the CPU included."""
+
+    name = "mlx"
+
+    def gather(self, inp: mx.array, src: mx.array, blocks: int, width: int) -> mx.array:
+        n_tok = inp.shape[0]
+        out = mx.take(inp, mx.maximum(src, 0), axis=1)
+        out = mx.where(src >= 0, out, mx.zeros((), inp.dtype))
+        return mx.transpose(mx.reshape(out, (n_tok, blocks, width)), (1, 0, 2))
+
+    def scatter(self, inp: mx.array, slot: mx.array, base, out_dtype) -> mx.array:
+        blocks, n_tok, width = inp.shape
+        flat = mx.reshape(mx.transpose(inp, (1, 0, 2)), (n_tok, blocks * width))
+        out = mx.take(flat, slot, axis=1)
+        return (out if base is None else base + out).astype(out_dtype)
+
+    def _anchors(self, layout: BlockLayout, plan: BlockPlan, weight_parts) -> mx.array:
+        K, M, N, _ = padded_dims(layout)
+        rows = mx.reshape(mx.maximum(plan.row_src, 0), (K, M))
+        cols = mx.reshape(mx.maximum(plan.col_src, 0), (K, 1, N))
+        if not layout.quantized:
+            return weight_parts[0][rows[:, :, None], cols]
+        w = mx.reshape(gather_rows(weight_parts, mx.reshape(rows, (-1,)), layout), (K, M, -1))
+        return mx.take_along_axis(w, mx.broadcast_to(cols, (K, M, N)), axis=2)
+
+    def modulate(self, layout, plan, weight_parts, a_pad, b_pad, dtype) -> mx.array:
+        # Padded rows of B and columns of A are zero, so padding comes out zero whatever the clamped anchor.
+        ab = (layout.scale * b_pad.astype(mx.float32)) @ a_pad.astype(mx.float32)
+        return (ab * self._anchors(layout, plan, weight_parts)).astype(dtype)
+
+    def hadamard(self, layout, plan, weight_parts, g) -> mx.array:
+        # Padded entries are not zero here; they meet only zero factor entries or are dropped by a_back/b_back.
+        return (layout.scale * g.astype(mx.float32) * self._anchors(layout, plan, weight_parts)).astype(g.dtype)
+
+
+class KernelOps(MlxOps):
+    """The same steps as the GPU kernels of :mod:`.source`, launched through ``run`` (Metal, CUDA, or the shim)."""
+
+    def __init__(self, run: Runner):
+        self.run = run
+        self.name = getattr(run, "backend", "kernel")
+
+    def gather(self, inp, src, blocks, width):
+        n_tok = inp.shape[0]
+        dims = mx.array([n_tok, inp.shape[1], width], dtype=mx.int32)
+        (out,) = self.run(Launch("gather", False, [inp, src, dims], [("T", inp.dtype), ("TT", TT)],
+                                 (_ceil(width, GROUP) * GROUP, _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
+                                 [(blocks, n_tok, width)], [inp.dtype]))
+        return out
+
+    def scatter(self, inp, slot, base, out_dtype):
+        _, n_tok, width = inp.shape
+        d = slot.shape[0]
+        dims = mx.array([n_tok, d, width], dtype=mx.int32)
+        kernel, extra = ("scatter", []) if base is None else ("scatter_add", [base])
+        (out,) = self.run(Launch(kernel, False, [inp, slot, dims, *extra], [("OT", out_dtype), ("TT", TT)],
+                                 (_ceil(d, GROUP) * GROUP, _ceil(n_tok, TT), 1), (GROUP, 1, 1),
+                                 [(n_tok, d)], [out_dtype]))
+        return out
+
+    def _anchored(self, kernel, layout, plan, weight_parts, data, dtype):
+        if layout.quantized and layout.bits not in SUPPORTED_BITS:
+            return None
+        K, M, N, R = padded_dims(layout)
+        d_in = sum(layout.col_sizes)
+        wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
+        dims = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
+        scale = mx.array([layout.scale], dtype=mx.float32)
+        template = [("T", dtype), ("TI", TI), ("V", V)] + ([("R", R)] if kernel == "modulate" else [])
+        if layout.quantized:
+            template += [("BITS", layout.bits), ("GS", layout.group_size)]
+        cols = _ceil(_ceil(N, 32 * V) * 32, GROUP) * GROUP
+        (out,) = self.run(Launch(kernel, layout.quantized,
+                                 [*data, plan.row_src, plan.col_src, dims, scale, *weight_parts], template,
+                                 (cols, _ceil(M, TI), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
+        return out
+
+    def modulate(self, layout, plan, weight_parts, a_pad, b_pad, dtype):
+        out = self._anchored("modulate", layout, plan, weight_parts, [a_pad, b_pad], dtype)
+        return super().modulate(layout, plan, weight_parts, a_pad, b_pad, dtype) if out is None else out
+
+    def hadamard(self, layout, plan, weight_parts, g):
+        out = self._anchored("hadamard", layout, plan, weight_parts, [g], g.dtype)
+        return super().hadamard(layout, plan, weight_parts, g) if out is None else out
+
+
+# -- the base layer's own products, for the fused form (base + update in one function) -----------------------
+def base_forward(layout: BlockLayout, x2: mx.array, weight_parts) -> mx.array:
+    """x W0^T, as nn.Linear / nn.QuantizedLinear compute it (bias excluded)."""
+    if layout.quantized:
+        w, scales, biases = weight_parts
+        return mx.quantized_matmul(x2, w, scales, biases, transpose=True, group_size=layout.group_size,
+                                   bits=layout.bits)
+    return x2 @ weight_parts[0].T
+
+
+def base_backward(layout: BlockLayout, g2: mx.array, weight_parts) -> mx.array:
+    """dy W0: the frozen layer's input gradient."""
+    if layout.quantized:
+        w, scales, biases = weight_parts
+        return mx.quantized_matmul(g2, w, scales, biases, transpose=False, group_size=layout.group_size,
+                                   bits=layout.bits)
+    return g2 @ weight_parts[0]
+
+
+def _pack(layout: BlockLayout, plan: BlockPlan, a_list, b_list) -> tuple[mx.array, mx.array]:
+    """(A packed (K, R, N), B packed (K, M, R)) in sorted block order, zero in the padding; float32."""
+    K, M, N, R = padded_dims(layout)
+    parts = [mx.reshape(p, (-1,)).astype(mx.float32) for p in (*a_list, *b_list)]
+    flat = mx.take(mx.concatenate(parts + [mx.zeros((1,), dtype=mx.float32)]), plan.fac_take)
+    return mx.reshape(flat[: K * R * N], (K, R, N)), mx.reshape(flat[K * R * N :], (K, M, R))
+
+
+def _unpack(back: mx.array, grad: mx.array, like: list[mx.array]) -> list[mx.array]:
+    flat = mx.take(mx.reshape(grad, (-1,)), back)
+    out, start = [], 0
+    for ref in like:
+        out.append(mx.reshape(flat[start : start + ref.size], ref.shape).astype(ref.dtype))
+        start += ref.size
+    return out
+
+
+def _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list):
+    K, M, N, _ = padded_dims(layout)
+    plan = plan_of(layout, index)
+    x2 = mx.reshape(x, (-1, x.shape[-1]))
+    a_pad, b_pad = _pack(layout, plan, a_list, b_list)
+    xb = ops.gather(x2, plan.col_src, K, N)
+    wb = ops.modulate(layout, plan, weight_parts, a_pad, b_pad, x.dtype)
+    yb = xb @ mx.transpose(wb, (0, 2, 1))
+    base = base_forward(layout, x2, weight_parts) if with_base else None
+    y = ops.scatter(yb, plan.row_slot, base, x.dtype if base is None else base.dtype)
+    return mx.reshape(y, (*x.shape[:-1], y.shape[-1]))
+
+
+def _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, cot):
+    K, M, N, _ = padded_dims(layout)
+    plan = plan_of(layout, index)
+    x2 = mx.reshape(x, (-1, x.shape[-1]))
+    g2 = mx.reshape(cot, (-1, cot.shape[-1])).astype(x.dtype)
+    a_pad, b_pad = _pack(layout, plan, a_list, b_list)
+    xb = ops.gather(x2, plan.col_src, K, N)
+    gb = ops.gather(g2, plan.row_src, K, M)
+    wb = ops.modulate(layout, plan, weight_parts, a_pad, b_pad, x.dtype)
+    base = base_backward(layout, g2, weight_parts).astype(x.dtype) if with_base else None
+    dx = ops.scatter(gb @ wb, plan.col_slot, base, x.dtype)
+    h = ops.hadamard(layout, plan, weight_parts, mx.transpose(gb, (0, 2, 1)) @ xb)  # (K, M, N): s G * M
+    db_pad = (h @ mx.transpose(a_pad, (0, 2, 1)).astype(h.dtype)).astype(mx.float32)
+    da_pad = (mx.transpose(b_pad, (0, 2, 1)).astype(h.dtype) @ h).astype(mx.float32)
+    return mx.reshape(dx, x.shape), _unpack(plan.a_back, da_pad, a_list), _unpack(plan.b_back, db_pad, b_list)
+
+
+@lru_cache(maxsize=None)
+def block_fn(layout: BlockLayout, ops, with_base: bool = False):
+    """``fn(x, index, weight_parts, a_list, b_list)``: the update (``with_base``: x W0^T plus the update, the
+    frozen layer's products fused with the update's gather and scatter), with its custom VJP."""
+
+    @mx.custom_function
+    def fn(x, index, weight_parts, a_list, b_list):
+        return _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list)
+
+    @fn.vjp
+    def fn_vjp(primals, cotangent, output):
+        x, index, weight_parts, a_list, b_list = primals
+        dx, da, db = _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, cotangent)
+        # Frozen inputs: these zeros are lazy and never evaluated, since nothing asks for their gradient.
+        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
+
+    return fn

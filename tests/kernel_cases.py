@@ -1,0 +1,66 @@
+"""Shared by the block-form tests: an SMoA layer with random orders and non-zero factors, and a float64 check of
+its forward and gradients through any implementation of the ``fn(x, index, weight_parts, a_list, b_list)`` contract."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from reference_numpy import ref_dequantize, ref_layer
+from smoa_mlx.layer import SMoALinear
+
+
+def make_layer(d_in, d_out, rank, blocks, dtype=mx.float32, bits=0, group_size=64, branch_ranks=None, seed=0):
+    mx.random.seed(seed)
+    base = nn.Linear(d_in, d_out, bias=False)
+    base.set_dtype(dtype)
+    if bits:
+        base = nn.QuantizedLinear.from_linear(base, group_size=group_size, bits=bits)
+    rng = np.random.default_rng(seed)
+    layer = SMoALinear.from_base(base, rank=rank, blocks=blocks, alpha=2.0 * rank, branch_ranks=branch_ranks,
+                                 row_order=rng.permutation(d_out), col_order=rng.permutation(d_in))
+    # Non-zero B (its init is zero), large enough that Delta W is comparable to W0: an error in the update cannot
+    # hide under the base's share of y and dx.
+    layer.smoa_b = [mx.random.normal(b.shape) * 3.0 for b in layer.smoa_b]
+    return layer
+
+
+def _f64(a: mx.array) -> np.ndarray:
+    return np.asarray(a.astype(mx.float32), dtype=np.float64)
+
+
+def base_weight(layer) -> np.ndarray:
+    parts, layout = layer.weight_parts(), layer.layout
+    if not layout.quantized:
+        return _f64(parts[0])
+    if layout.bits in (2, 4, 8):
+        return ref_dequantize(np.asarray(parts[0]), _f64(parts[1]), _f64(parts[2]), layout.group_size, layout.bits)
+    # 3/5/6-bit values straddle the packed words; MLX's own dequantization in float32 stands in.
+    return _f64(mx.dequantize(parts[0], parts[1].astype(mx.float32), parts[2].astype(mx.float32),
+                              group_size=layout.group_size, bits=layout.bits))
+
+
+def check_against_float64(layer, fn, lead, with_base: bool, tol: float, seed: int = 0) -> None:
+    """fn's output and gradients (x, every A_k and B_k) within ``tol`` relative error of float64, all finite."""
+    dtype = layer.weight_parts()[-1].dtype if layer.layout.quantized else layer.weight_parts()[0].dtype
+    d_out, d_in = layer.shape
+    mx.random.seed(seed + 1)
+    x = mx.random.normal((*lead, d_in)).astype(dtype)
+    cot = mx.random.normal((*lead, d_out)).astype(dtype)
+    k = layer.blocks
+    y, grads = mx.vjp(lambda x, *p: fn(x, layer.index, layer.weight_parts(), list(p[:k]), list(p[k:])),
+                      [x, *layer.smoa_a, *layer.smoa_b], [cot])
+    got = [y[0], *grads]
+    want = ref_layer(base_weight(layer), _f64(x), _f64(cot), [_f64(a) for a in layer.smoa_a],
+                     [_f64(b) for b in layer.smoa_b], k, layer.scale,
+                     (np.asarray(layer.row_order), np.asarray(layer.col_order)), with_base)
+    names = ["y", "dx"] + [f"dA{i}" for i in range(k)] + [f"dB{i}" for i in range(k)]
+    for name, g, w in zip(names, got, want):
+        assert g.size == w.size, f"{name}: {g.shape} vs {w.shape}"
+        if w.size == 0:
+            continue
+        g = _f64(g).reshape(w.shape)
+        assert np.isfinite(g).all(), f"{name}: non-finite values (an element never written?)"
+        err = np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"

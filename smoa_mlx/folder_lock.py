@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from .adapters.folder import file_not_folder
 from .atomic import is_disk_full
 from .errors import DiskFullError, FolderInUseError
 
@@ -73,7 +74,7 @@ class FolderLock:
 
     def acquire(self) -> None:
         if self.folder.exists() and not self.folder.is_dir():
-            raise FileExistsError(f"{self.flag} {self.folder} exists and is not a folder")
+            raise FileExistsError(f"{self.flag} {file_not_folder(self.folder)}")
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:

@@ -1,6 +1,6 @@
 """The long fault-injection suite: every trial kind of ``tests/faults/trials.py``, repeated with random moments.
 
-    python scripts/fault_suite.py                       # the whole suite (about an hour on 2 shared cores)
+    python scripts/fault_suite.py                       # the whole suite (about 30 minutes on 2 shared cores)
     python scripts/fault_suite.py --scale 0.25          # a quarter of the repetitions of each kind
     python scripts/fault_suite.py --only sigkill --seed 7
     python scripts/fault_suite.py --json faults.json    # every trial's outcome, for docs/RELIABILITY.md

@@ -169,6 +169,8 @@ def check_adapter_path(folder: Path, identity: dict[str, Any], resume: bool, for
         return None if not present else f"overwriting {', '.join(present)} (--force)"
     if not resume:
         what = ""
+        if not config_file.exists() and (folder / ADAPTER_WEIGHTS).exists():
+            what = f" ({ADAPTER_WEIGHTS} without {ADAPTER_CONFIG}: an interrupted first save?)"
         if config_file.is_file():
             try:
                 old = read_adapter(folder)

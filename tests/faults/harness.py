@@ -231,18 +231,20 @@ def equal_to_reference(world: World, folder: Path, schedule) -> list[str]:
 
 
 def loads_or_empty(world: World, folder: Path, previous: Optional[dict] = None) -> list[str]:
-    """The promise after any crash: the folder holds a loadable adapter, or (``previous`` None) none at all;
-    with ``previous`` (the tensors that were there before), it must load and hold either those or newer ones."""
-    weights = folder / "adapters.safetensors"
+    """The promise after any crash: the folder holds a loadable adapter, or (``previous`` None) none at all; with
+    ``previous`` (the tensors that were there before), it must load and hold either those or newer ones.
+
+    ``adapter_config.json`` is what makes a folder an adapter (every reader, mlx-lm's included, starts from it, and
+    every save renames it into place last): weights without it are an interrupted first save, which every reader
+    refuses by name, not an adapter.
+    """
     config = folder / "adapter_config.json"
-    if not weights.exists() and not config.exists():
+    if not config.exists():
         return [] if previous is None else ["the previous adapter is gone"]
     try:
         world.load(folder)
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding
-        pair = " (new weights without their config: a kill between the two renames of one save)" if (
-            weights.exists() and not config.exists()) else ""
-        return [f"the adapter left behind does not load{pair}: {type(e).__name__}: {str(e)[:300]}"]
+        return [f"the adapter left behind does not load: {type(e).__name__}: {str(e)[:300]}"]
     return []
 
 

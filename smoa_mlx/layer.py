@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,6 +45,19 @@ def dequantized_weight(base: BaseLinear) -> mx.array:
     if isinstance(base, nn.QuantizedLinear):
         return mx.dequantize(base.weight, base.scales, base.biases, group_size=base.group_size, bits=base.bits)
     return base.weight
+
+
+@contextlib.contextmanager
+def live_inference() -> Iterator[None]:
+    """Eval-mode calls inside run the live form and build no merged copies: validation during training, where
+    the copies (one d_out x d_in per layer, dense even for a quantized base) would raise peak memory for a pass
+    that runs once per evaluation and is dropped again when training resumes."""
+    previous = SMoALinear.cache_merged_weight
+    SMoALinear.cache_merged_weight = False
+    try:
+        yield
+    finally:
+        SMoALinear.cache_merged_weight = previous
 
 
 class SMoALinear(nn.Module):

@@ -181,3 +181,26 @@ def test_cache_stays_off_where_the_device_memory_would_not_hold_it(monkeypatch):
     layer.clear_inference_weight()
     _close(layer(x), want)
     assert layer.__dict__["_inference_cache"][1] is not None
+
+
+def test_validation_during_training_builds_no_merged_copies(tmp_path, monkeypatch):
+    """Validation inside a training run stays on the live form (peak memory as in training); the cache is
+    still there for inference afterwards."""
+    from train_helpers import build_data_folder, build_model_folder
+
+    from smoa_mlx.train import run
+
+    merges = {"n": 0}
+    merged_weight = SMoALinear.merged_weight
+
+    def counting(self):
+        merges["n"] += 1
+        return merged_weight(self)
+
+    monkeypatch.setattr(SMoALinear, "merged_weight", counting)
+    before = SMoALinear.cache_merged_weight
+    run(dict(model=str(build_model_folder(tmp_path / "model")), data=str(build_data_folder(tmp_path / "data")),
+             adapter_path=str(tmp_path / "adapter"), iters=4, batch_size=2, steps_per_eval=2, val_batches=1,
+             save_every=4, warmup=0, preview=False))
+    assert merges["n"] == 0
+    assert SMoALinear.cache_merged_weight == before  # switched back on after the run

@@ -42,6 +42,7 @@ from .checkpoint import (
 from .checkpoint import save_state as save_training_state
 from ..adapters.folder import apply_adapter, base_reference
 from ..config import SMoAConfig
+from ..layer import live_inference
 from ..folder_lock import FolderLock
 from ..errors import DataError, OptionError, SMoAError, TrainingDiverged
 from ..loading import describe_model, load_model
@@ -254,7 +255,8 @@ def _validator(model: nn.Module, split, opts, recorder: Recorder):
 
     def validate(step: int, label: Optional[str] = None) -> None:
         tic = time.perf_counter()
-        loss = _evaluate(model, split, opts, opts.val_batches)
+        with live_inference():  # no merged-weight copies on top of training's memory
+            loss = _evaluate(model, split, opts, opts.val_batches)
         model.train()
         recorder.record_val(step, loss)
         _say(f"step {step:>6}  val loss   {loss:.4f}  ({label or f'{time.perf_counter() - tic:.1f} s'})")

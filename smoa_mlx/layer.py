@@ -247,7 +247,8 @@ class SMoALinear(nn.Module):
         if not limit:
             return True
         d_out, d_in = self.shape
-        nbytes = d_out * d_in * dequantized_weight(self.linear).dtype.size
+        dense = self.linear.scales if isinstance(self.linear, nn.QuantizedLinear) else self.linear.weight
+        nbytes = d_out * d_in * dense.dtype.size  # the merged copy's dtype, without building a dequantize
         if mx.get_active_memory() + nbytes <= SMoALinear.cache_memory_share * limit:
             return True
         global _CACHE_WARNED

@@ -1,5 +1,5 @@
-"""Per-layer SMoA cost on one GPU, side by side in one run: the block-major form (what SMoALinear runs), the dense
-HiRA form it replaces, mlx-lm's LoRALinear at equal trainable parameters, the reference-style PyTorch SMoA (dense
+"""Per-layer SMoA cost on one GPU, side by side in one run: the merged form (what SMoALinear runs without dropout,
+with either way of forming the factor gradients), the block-major form, the dense HiRA form, mlx-lm's LoRALinear at equal trainable parameters, the reference-style PyTorch SMoA (dense
 Delta W + a second matmul, as the authors' code) and PyTorch LoRA; the memory-bound kernels' GB/s against a copy
 measured in the same run; and a correctness check of the kernels (forward and gradients, every float type, dense and
 quantized bases) against a float64 numpy reference.
@@ -216,6 +216,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
     import numpy as np
 
     from smoa_mlx.kernels.blocks import MlxOps, block_fn
+    from smoa_mlx.kernels.merged import merged_fn
 
     import faulthandler
 
@@ -224,15 +225,18 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
         for dtype in ("bfloat16", "float16", "float32"):
             # Seen twice on the H200: the process hung at a fresh case (never the same one); this prints where
             # and ends the run instead of waiting out the machine's time limit.
-            faulthandler.dump_traceback_later(180, exit=True)
+            faulthandler.dump_traceback_later(420, exit=True)
             layer = _mlx_layer(d_out, d_in, rank, blocks, dtype, bits, branch, seed=d_out + d_in + bits)
             x = mx.random.normal((2, n_tok // 2, d_in)).astype(getattr(mx, dtype))
             cot = mx.random.normal((2, n_tok // 2, d_out)).astype(getattr(mx, dtype))
             want = _numpy_reference(layer, x, cot)
             errs = {}
+            t0 = time.perf_counter()
             for name, fn in (("kernel", block_fn(layer.layout, kernel_ops, True)),
                              ("reference", block_fn(layer.layout, MlxOps(), True)),
-                             ("kernel_delta", None)):
+                             ("kernel_delta", None),
+                             ("merged", merged_fn(layer.layout, kernel_ops, False)),
+                             ("merged_blocks", merged_fn(layer.layout, kernel_ops, True))):
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
                     fn = _with_base(layer, block_fn(layer.layout, kernel_ops, False))
                 k = blocks
@@ -251,7 +255,8 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
             tol = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}[dtype]
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, bits=bits, branch=branch, tokens=n_tok,
                        dtype=dtype, kernel_rel_err=errs["kernel"], kernel_delta_rel_err=errs["kernel_delta"],
-                       reference_rel_err=errs["reference"], tol=tol)
+                       merged_rel_err=errs["merged"], merged_blocks_rel_err=errs["merged_blocks"],
+                       reference_rel_err=errs["reference"], tol=tol, seconds=time.perf_counter() - t0)
             row["ok"] = _verified(row)
             print("verify", json.dumps(row), flush=True)
             rows.append(row)
@@ -262,7 +267,8 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
 def _verified(row: dict) -> bool:
     """Within the type's tolerance of float64, and no worse than twice the pure-MLX reference's own error in the
     same type on the same device (plus float32 rounding)."""
-    worst = max(row["kernel_rel_err"], row["kernel_delta_rel_err"])
+    worst = max(row[k] for k in ("kernel_rel_err", "kernel_delta_rel_err", "merged_rel_err", "merged_blocks_rel_err")
+                if k in row)
     return worst < row["tol"] and worst <= 2 * row["reference_rel_err"] + 1e-5
 
 
@@ -323,6 +329,7 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
 
     from smoa_mlx.kernels.blocks import block_fn
     from smoa_mlx.kernels.dense import dense_form_delta_fn
+    from smoa_mlx.kernels.merged import merged_fn
 
     rows = []
     for d_out, d_in in shapes:
@@ -338,6 +345,9 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
+                for name, block_grads in (("smoa_merged", False), ("smoa_merged_blocks", True)):
+                    t[name] = _median_time(_smoa_step(layer, merged_fn(layer.layout, kernel_ops, block_grads), x, cot),
+                                           mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
@@ -345,7 +355,8 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                 floor = (2 + 3 / blocks) / 2 * frozen_mlx
                 row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, lora_rank=lora_rank,
                            smoa_params=layer.num_trainable(), lora_params=lora_params, ms=t, floor_ms=floor,
-                           x_floor=t["smoa"] / floor, smoa_spread=spread, frozen_spread=frozen_spread)
+                           x_floor={k: v / floor for k, v in t.items() if k.startswith("smoa_") or k == "smoa"},
+                           smoa_spread=spread, frozen_spread=frozen_spread)
                 print("bench", json.dumps(row), flush=True)
                 rows.append(row)
                 del layer
@@ -358,13 +369,16 @@ def bench_cpu(shape=(1024, 1024), tokens=512, blocks=2, rank=16) -> list[dict]:
 
     from smoa_mlx.kernels.blocks import MlxOps, block_fn
     from smoa_mlx.kernels.dense import dense_form_delta_fn
+    from smoa_mlx.kernels.merged import merged_fn
 
     rows = []
     d_out, d_in = shape
     layer = _mlx_layer(d_out, d_in, rank, blocks, "float32")
     x, cot = mx.random.normal((tokens, d_in)), mx.random.normal((tokens, d_out))
     forms = {"mlx (block-major)": block_fn(layer.layout, MlxOps(), True),
-             "dense (HiRA form)": _with_base(layer, dense_form_delta_fn(layer.layout))}
+             "dense (HiRA form)": _with_base(layer, dense_form_delta_fn(layer.layout)),
+             "merged": merged_fn(layer.layout, MlxOps(), False),
+             "merged (block grads)": merged_fn(layer.layout, MlxOps(), True)}
     for rep in range(3):
         for name, fn in forms.items():
             ms, spread = _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize, budget_s=2.0)
@@ -375,28 +389,36 @@ def bench_cpu(shape=(1024, 1024), tokens=512, blocks=2, rank=16) -> list[dict]:
 
 
 def _auto(row: dict) -> tuple[float, str]:
-    """(ms, form) of what SMOA_MLX_KERNEL=auto runs on this layer: the block form above the size threshold."""
-    from smoa_mlx.kernels import GPU_BLOCK_MIN_WEIGHTS
+    """(ms, form) of what SMoALinear runs on this layer by default (no dropout): the merged form, its gradients
+    block by block from MERGED_BLOCK_GRADS_MIN_BLOCKS blocks on."""
+    from smoa_mlx.kernels import MERGED_BLOCK_GRADS_MIN_BLOCKS
 
-    if row["d_out"] * row["d_in"] >= GPU_BLOCK_MIN_WEIGHTS:
-        return row["ms"]["smoa"], "block"
-    return row["ms"]["smoa_dense"], "dense"
+    t = row["ms"]
+    if "smoa_merged" not in t:  # results from before the merged form: the block/dense size rule of then
+        return (t["smoa"], "block") if row["d_out"] * row["d_in"] >= 32 * 2**20 else (t["smoa_dense"], "dense")
+    if row["blocks"] >= MERGED_BLOCK_GRADS_MIN_BLOCKS:
+        return t["smoa_merged_blocks"], "merged (block grads)"
+    return t["smoa_merged"], "merged"
 
 
 def markdown(data: dict) -> str:
     out = [f"Command: `{data['command']}`  ", f"Device: {data['device']}; MLX {data['mlx']}, torch {data['torch']}.", ""]
     if "bench" in data:
-        out += ["| W0 (out x in) | K | r | LoRA r | frozen | floor | block form | x floor | dense form | x floor "
-                "| auto runs | MLX LoRA | PyTorch ref SMoA | PyTorch LoRA | auto / MLX LoRA | ref / auto |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["| W0 (out x in) | K | r | LoRA r | frozen | floor | merged | x floor | merged, block grads | x floor "
+                "| block form | x floor | dense form | x floor | auto runs | MLX LoRA | PyTorch ref SMoA | PyTorch LoRA "
+                "| auto / MLX LoRA | ref / auto |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        nan = float("nan")
         for r in data["bench"]:
-            t = r["ms"]
+            t, fl = r["ms"], r["floor_ms"]
             auto, name = _auto(r)
             out.append(
                 f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {r['rank']} | {r['lora_rank']} | {t['frozen_mlx']:.2f} "
-                f"| {r['floor_ms']:.2f} | {t['smoa']:.2f} | **{r['x_floor']:.2f}x** | {t['smoa_dense']:.2f} "
-                f"| {t['smoa_dense'] / r['floor_ms']:.2f}x | {name} | {t['lora_mlx']:.2f} | {t['smoa_torch_ref']:.2f} "
-                f"| {t['lora_torch']:.2f} | {auto / t['lora_mlx']:.2f}x | {t['smoa_torch_ref'] / auto:.2f}x |")
+                f"| {fl:.2f} | {t.get('smoa_merged', nan):.2f} | {t.get('smoa_merged', nan) / fl:.2f}x "
+                f"| {t.get('smoa_merged_blocks', nan):.2f} | {t.get('smoa_merged_blocks', nan) / fl:.2f}x "
+                f"| {t['smoa']:.2f} | {t['smoa'] / fl:.2f}x | {t['smoa_dense']:.2f} | {t['smoa_dense'] / fl:.2f}x "
+                f"| {name} | {t['lora_mlx']:.2f} | {t['smoa_torch_ref']:.2f} | {t['lora_torch']:.2f} "
+                f"| {auto / t['lora_mlx']:.2f}x | {t['smoa_torch_ref'] / auto:.2f}x |")
         out += ["", _goal_summary(data["bench"]), ""]
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
@@ -408,12 +430,15 @@ def markdown(data: dict) -> str:
         out.append("")
     if "verify" in data:
         out += ["Correctness (max relative error over y, dx, dA_k, dB_k against float64 numpy):", "",
-                "| W0 | K | r (per block) | bits | dtype | tokens | kernels (fused base) | kernels (update alone) "
-                "| pure-MLX reference | tol | ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| W0 | K | r (per block) | bits | dtype | tokens | block form (fused base) | block form (update alone) "
+                "| merged | merged, block grads | pure-MLX reference | tol | ok |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for v in data["verify"]:
             ranks = v["branch"] if v["branch"] else v["rank"]
             out.append(f"| {v['d_out']}x{v['d_in']} | {v['blocks']} | {ranks} | {v['bits'] or '-'} | {v['dtype']} "
                        f"| {v['tokens']} | {v['kernel_rel_err']:.1e} | {v['kernel_delta_rel_err']:.1e} "
+                       f"| {v.get('merged_rel_err', float('nan')):.1e} "
+                       f"| {v.get('merged_blocks_rel_err', float('nan')):.1e} "
                        f"| {v['reference_rel_err']:.1e} | {v['tol']:.0e} | {_verified(v)} |")
     if "cpu" in data:
         out += ["", "| form (CPU, float32) | rep | ms |", "|---|---|---|"]
@@ -426,13 +451,14 @@ def _goal_summary(rows: list[dict]) -> str:
     for blocks in sorted({r["blocks"] for r in rows}):
         sel = [r for r in rows if r["blocks"] == blocks]
         med = lambda f: statistics.median(f(r) for r in sel)  # noqa: E731
+        ratio = lambda f: f"{min(f(r) for r in sel):.2f} to {max(f(r) for r in sel):.2f}"  # noqa: E731
         lines.append(
-            f"K={blocks}, medians over the shapes: block form {med(lambda r: r['x_floor']):.2f}x floor, "
-            f"auto {med(lambda r: _auto(r)[0] / r['floor_ms']):.2f}x floor; "
+            f"K={blocks}, medians over the shapes: auto {med(lambda r: _auto(r)[0] / r['floor_ms']):.2f}x floor "
+            f"(block form {med(lambda r: r['ms']['smoa'] / r['floor_ms']):.2f}x, dense form "
+            f"{med(lambda r: r['ms']['smoa_dense'] / r['floor_ms']):.2f}x); "
             f"auto / MLX LoRA {med(lambda r: _auto(r)[0] / r['ms']['lora_mlx']):.2f}; "
             f"PyTorch ref / auto {med(lambda r: r['ms']['smoa_torch_ref'] / _auto(r)[0]):.2f}; "
-            f"block form / dense form {min(r['ms']['smoa'] / r['ms']['smoa_dense'] for r in sel):.2f} to "
-            f"{max(r['ms']['smoa'] / r['ms']['smoa_dense'] for r in sel):.2f}.")
+            f"auto / dense form {ratio(lambda r: _auto(r)[0] / r['ms']['smoa_dense'])}.")
     return "  \n".join(lines)
 
 

@@ -30,11 +30,13 @@ MODEL = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, interme
              num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
              rope_theta=500000.0, tie_word_embeddings=True)  # Llama-3.2-1B's shape
 METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense")
-# SMOA_MLX_KERNEL per method: smoa is the default (auto), the others force one form on every layer.
+# SMOA_MLX_KERNEL per method: smoa is the default (auto: the merged form), the others force one form on every layer
+# (smoa-kernel: the block form with the GPU kernels; smoa-dense: the dense HiRA form, the base apart).
 _ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense"}
 
 
-def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int) -> dict:
+def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
+          report_every: int = 0) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -79,15 +81,17 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
             reports.append(info)
 
     with tempfile.TemporaryDirectory() as d:
-        args = TrainingArgs(batch_size=batch, iters=iters, steps_per_report=max(1, iters // 4), steps_per_eval=10**9,
+        args = TrainingArgs(batch_size=batch, iters=iters, steps_per_report=report_every or max(1, iters // 4),
+                            steps_per_eval=10**9,
                             steps_per_save=10**9, max_seq_length=seq + 1, adapter_file=f"{d}/adapters.safetensors")
         mx.reset_peak_memory()
-        train(model, optim.Adam(learning_rate=1e-4), dataset, None, args, training_callback=Cb())
+        train(model, optim.Adam(learning_rate=lr), dataset, None, args, training_callback=Cb())
     steady = reports[1:] or reports
     return dict(method=method, bits=bits, rank=rank, blocks=blocks, trainable=int(trainable),
                 tokens_per_step=batch * seq, iters=iters,
                 tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
-                peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"])
+                peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
+                lr=lr, losses=[(r["iteration"], r["train_loss"]) for r in reports])
 
 
 def markdown(data: dict) -> str:
@@ -126,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--bits", default="0,4", help="base precisions: 0 = bf16, 4 = 4-bit")
     ap.add_argument("--methods", default="lora,smoa,smoa-kernel")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--report-every", type=int, default=0, help="steps per loss report (default iters / 4)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -135,7 +141,8 @@ def main(argv=None) -> int:
         MODEL.update(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=256)
     if args.child:
-        res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq)
+        res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq,
+                    args.lr, args.report_every)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     runs = []
@@ -143,7 +150,8 @@ def main(argv=None) -> int:
         for blocks in map(int, args.blocks.split(",")):
             for method in args.methods.split(","):
                 cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
-                       str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq)]
+                       str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq),
+                       "--lr", str(args.lr), "--report-every", str(args.report_every)]
                 done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:

@@ -10,6 +10,7 @@ import pytest
 import smoa_mlx.kernels as kernels
 from smoa_mlx.kernels import BlockLayout, delta_fn, dense_form_delta_fn, linear_fn
 from smoa_mlx.kernels.blocks import block_fn
+from smoa_mlx.kernels.merged import merged_fn
 
 SMALL = BlockLayout((4, 4), (4, 4), (2, 2), 1.0)
 LARGE = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0)  # 8192 x 14336 weights: above the GPU threshold
@@ -27,6 +28,9 @@ def test_cpu_uses_the_measured_form():
         pytest.skip("CPU-only check")
     assert kernels.form(SMALL) == kernels.CPU_FORM == "dense"
     assert delta_fn(SMALL) is dense_form_delta_fn(SMALL)
+    # Without dropout: the merged form, its steps in plain MLX, one full matmul for the factor gradients.
+    assert kernels.form(SMALL, fused=True) == "merged"
+    assert linear_fn(LARGE) is merged_fn(LARGE, kernels._MLX_OPS, False)
 
 
 def test_gpu_auto_picks_by_layer_size(monkeypatch):
@@ -36,12 +40,18 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert 4096 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 14336  # between the measured loser and winners
     monkeypatch.setattr(kernels, "_ops", lambda: "ops")
     assert delta_fn(LARGE) is block_fn(LARGE, "ops", False)
-    assert linear_fn(LARGE) is block_fn(LARGE, "ops", True)
+    assert linear_fn(LARGE) is merged_fn(LARGE, "ops", False)  # K=2: one full matmul beats the gathers
+    four = BlockLayout((4,) * 4, (4,) * 4, (2,) * 4, 1.0)
+    assert linear_fn(four) is merged_fn(four, "ops", kernels.MERGED_BLOCK_GRADS_MIN_BLOCKS <= 4)
 
 
 def test_env_forces_a_form(monkeypatch):
     monkeypatch.setenv(kernels.KERNEL_ENV, "mlx")
     assert delta_fn(SMALL) is block_fn(SMALL, kernels._MLX_OPS, False)
+    assert linear_fn(SMALL) is block_fn(SMALL, kernels._MLX_OPS, True)
+    monkeypatch.setenv(kernels.KERNEL_ENV, "merged")
+    assert linear_fn(SMALL) is merged_fn(SMALL, kernels._MLX_OPS, False)
+    assert delta_fn(SMALL) is dense_form_delta_fn(SMALL)  # the update alone cannot be merged: auto's choice
     monkeypatch.setenv(kernels.KERNEL_ENV, "dense")
     assert delta_fn(LARGE) is dense_form_delta_fn(LARGE)
     monkeypatch.setenv(kernels.KERNEL_ENV, "reference")  # retired with the one-block-at-a-time form

@@ -1,22 +1,26 @@
 """Dispatch for the SMoA block-modulated product.
 
-Two forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
+Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
-- the block-major form (:mod:`.blocks`): batched MLX matmuls at the FLOP floor (2 + 3/K layer-matmuls per training
-  step), its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or CUDA); with
-  those steps in plain MLX takes instead it is the pure-MLX reference the kernels are checked against
+- the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight by
+  the ``merge`` kernel, so the forward and dx are one matmul each; its factor gradients come from one full matmul
+  or, with ``block_grads``, from the K diagonal blocks only. It needs the update to see the base's own input, so it
+  serves :func:`linear_fn` (no dropout), the training default;
+- the block-major form (:mod:`.blocks`): the base apart, the update in batched MLX matmuls at 2 + 3/K
+  layer-matmuls, its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or
+  CUDA); with those steps in plain MLX takes it is the pure-MLX reference the kernels are checked against
   (``SMOA_MLX_KERNEL=mlx``, any device);
-- the dense HiRA form (:func:`dense_form_delta_fn`: three full matmuls and a transient d_out x d_in product), the
-  measured winner on the CPU and for small layers on a GPU, and the fallback where the GPU kernels fail.
+- the dense HiRA form (:func:`dense_form_delta_fn`: the update as a second product through a transient
+  d_out x d_in Delta W).
 
-:func:`delta_fn` returns the update alone; :func:`linear_fn` returns x W0^T plus the update, the frozen layer's
-products fused with the update's gather and scatter (what :class:`~smoa_mlx.layer.SMoALinear` calls when there is
-no dropout). ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: on a GPU the block form with the GPU kernels for layers of
-at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form for smaller ones; on the CPU the form
-:data:`CPU_FORM` names; both measured by scripts/bench_kernels.py), ``kernel`` (the block form
-with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``.
-Kernels that fail to compile or run on a first small probe are reported once with a warning, and the
-dense form is used from then on.
+:func:`delta_fn` returns the update alone (layers with dropout on the update path: the block or the dense form);
+:func:`linear_fn` returns x W0^T plus the update. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the merged form for
+:func:`linear_fn` everywhere, with the block gradients where :func:`merged_block_grads` says; for :func:`delta_fn`
+the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form below and on the
+CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with the GPU
+kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form
+runs its kernels on a GPU and the same steps in plain MLX on the CPU. Kernels that fail to compile or run on a first
+small probe are reported once with a warning, and plain MLX is used from then on.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import mlx.core as mx
 from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
 from .gpu import GpuRunner, gpu_backend
 from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
+from .merged import merged_fn
 from .plan import BlockLayout, BlockPlan, build_plan
 
 __all__ = [
@@ -47,21 +52,21 @@ __all__ = [
     "gather_anchor",
     "gather_rows",
     "linear_fn",
+    "merged_block_grads",
+    "merged_fn",
 ]
 
 KERNEL_ENV = "SMOA_MLX_KERNEL"
-FORMS = ("auto", "kernel", "mlx", "dense")
+FORMS = ("auto", "merged", "kernel", "mlx", "dense")
 
-# The form ``auto`` uses where MLX has no GPU: the fastest pure-MLX form in ``scripts/bench_kernels.py --cpu``
-# (docs/BENCHMARKS.md): the dense HiRA form, whose three full matmuls go through BLAS, beat the block forms, whose
-# takes MLX's CPU back-end runs slowly.
+# The form ``auto`` uses for the update alone (dropout) where MLX has no GPU: the dense HiRA form, whose full
+# matmuls go through BLAS, beat the block form, whose takes MLX's CPU back-end runs slowly
+# (``scripts/bench_kernels.py --cpu``, docs/BENCHMARKS.md). Without dropout the merged form beats both there.
 CPU_FORM = "dense"
 
-# On a GPU, ``auto`` runs the block form for layers with at least this many weights and the dense form below it.
-# Measured per layer on an H200 (docs/BENCHMARKS.md): the block form beat the dense form at 4096x14336 and
-# 14336x4096 (1.05x-1.36x), tied at 4096x4096 with K=4 and lost at 4096x4096 with K=2 (0.90x) and at 1024x4096
-# (0.75x-0.84x); end to end on a 1B llama (largest adapted layer 8192x2048) the dense form trained faster in bf16.
-# The fixed cost of the block form's extra passes and small launches only pays off on large layers.
+# On a GPU, ``auto`` runs the update alone (dropout) in the block form for layers with at least this many weights
+# and in the dense form below it. Measured per layer on an H200 (docs/BENCHMARKS.md): the block form beat the dense
+# form at 4096x14336 and 14336x4096, and lost at 4096x4096 with K=2 and at 1024x4096.
 GPU_BLOCK_MIN_WEIGHTS = 32 * 2**20
 
 _MLX_OPS = MlxOps()
@@ -69,11 +74,25 @@ _kernel_ops: dict[str, KernelOps] = {}
 _probed: dict[str, bool] = {}
 
 
-def form(layout: Optional[BlockLayout] = None) -> str:
-    """The implementation the environment asks for (for ``layout``): "kernel", "mlx" or "dense"."""
+# The merged form takes its factor gradients from the K diagonal blocks (two gathers, 1/K of a matmul) instead of
+# one full matmul from this many blocks on, on a GPU (measured: docs/BENCHMARKS.md); on the CPU MLX's takes make
+# the gathers cost more than the matmul they save.
+MERGED_BLOCK_GRADS_MIN_BLOCKS = 4
+
+
+def form(layout: Optional[BlockLayout] = None, fused: bool = False) -> str:
+    """The form the environment asks for (for ``layout``): "merged", "kernel", "mlx" or "dense".
+
+    ``fused``: for the whole layer (:func:`linear_fn`), where the merged form applies; the update alone cannot be
+    merged into the weight, so there ``merged`` means what ``auto`` picks.
+    """
     choice = os.environ.get(KERNEL_ENV, "auto").lower()
     if choice not in FORMS:
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {', '.join(FORMS)}")
+    if choice == "merged" or (choice == "auto" and fused):
+        if fused:
+            return "merged"
+        choice = "auto"
     if choice != "auto":
         return choice
     if gpu_backend() is None:
@@ -81,6 +100,11 @@ def form(layout: Optional[BlockLayout] = None) -> str:
     if layout is not None and sum(layout.row_sizes) * sum(layout.col_sizes) < GPU_BLOCK_MIN_WEIGHTS:
         return "dense"
     return "kernel"
+
+
+def merged_block_grads(layout: BlockLayout) -> bool:
+    """Whether the merged form takes its factor gradients block by block (see MERGED_BLOCK_GRADS_MIN_BLOCKS)."""
+    return gpu_backend() is not None and len(layout.ranks) >= MERGED_BLOCK_GRADS_MIN_BLOCKS
 
 
 def _probe(ops: KernelOps) -> bool:
@@ -101,9 +125,10 @@ def _probe(ops: KernelOps) -> bool:
             b_list = [mx.ones((m, r)) for r, m in zip(layout.ranks, layout.row_sizes)]
             for dtype in FLOAT_TYPES:
                 p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
-                fn = block_fn(layout, ops, True)
-                outs.extend(mx.vjp(lambda x, *f: fn(x, index, p, list(f[:2]), list(f[2:])),
-                                   [mx.ones((3, d_in), dtype=dtype), *a_list, *b_list], [mx.ones((3, d_out), dtype)]))
+                for fn in (block_fn(layout, ops, True), merged_fn(layout, ops, False)):
+                    outs.extend(mx.vjp(lambda x, *f: fn(x, index, p, list(f[:2]), list(f[2:])),
+                                       [mx.ones((3, d_in), dtype=dtype), *a_list, *b_list],
+                                       [mx.ones((3, d_out), dtype)]))
         mx.eval(outs)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
@@ -145,6 +170,8 @@ def delta_fn(layout: BlockLayout):
 
 def linear_fn(layout: BlockLayout):
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
+    if form(layout, fused=True) == "merged":
+        return merged_fn(layout, _ops() or _MLX_OPS, merged_block_grads(layout))
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 

@@ -26,9 +26,9 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from .gpu import Launch, Runner
-from .dense import gather_rows
+from .dense import full_weight, gather_rows
 from .plan import BlockLayout, BlockPlan, padded_dims, plan_of
-from .source import GROUP, TI, TT, V
+from .source import GROUP, TI, TT, V, columns_per_thread
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -73,6 +73,16 @@ class MlxOps:
         # Padded entries are not zero here; they meet only zero factor entries or are dropped by a_back/b_back.
         return (layout.scale * g.astype(mx.float32) * self._anchors(layout, plan, weight_parts)).astype(g.dtype)
 
+    # The merged form's steps over the whole weight (original basis; B_full, A_full float32, disjoint rank slots).
+    def merge(self, layout, weight_parts, b_full, a_full, dtype) -> mx.array:
+        """W0 + s (B_full A_full) * W0, summed in float32 and rounded once."""
+        w0 = full_weight(weight_parts, layout).astype(mx.float32)
+        return (w0 + ((layout.scale * b_full) @ a_full) * w0).astype(dtype)
+
+    def hadamard_full(self, layout, weight_parts, g) -> mx.array:
+        """s G * W0 over the whole weight."""
+        return (layout.scale * g.astype(mx.float32) * full_weight(weight_parts, layout)).astype(g.dtype)
+
 
 class KernelOps(MlxOps):
     """The same steps as the GPU kernels of :mod:`.source`, launched through ``run`` (Metal, CUDA, or the shim)."""
@@ -99,20 +109,22 @@ class KernelOps(MlxOps):
                                  [(n_tok, d)], [out_dtype]))
         return out
 
-    def _anchored(self, kernel, layout, plan, weight_parts, data, dtype):
+    def _anchored(self, kernel, layout, plan, weight_parts, data, dtype, dims=None):
+        """Launch an anchor-reading kernel over (K, M, N) = ``dims`` (default: the layout's padded blocks)."""
         if layout.quantized and layout.bits not in SUPPORTED_BITS:
             return None
-        K, M, N, R = padded_dims(layout)
+        K, M, N, R = dims or padded_dims(layout)
+        v = V if kernel == "hadamard" else columns_per_thread(R)  # hadamard keeps no factors in registers
         d_in = sum(layout.col_sizes)
         wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
-        dims = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
+        sizes = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
         scale = mx.array([layout.scale], dtype=mx.float32)
-        template = [("T", dtype), ("TI", TI), ("V", V)] + ([("R", R)] if kernel == "modulate" else [])
+        template = [("T", dtype), ("TI", TI), ("V", v)] + ([("R", R)] if kernel != "hadamard" else [])
         if layout.quantized:
             template += [("BITS", layout.bits), ("GS", layout.group_size)]
-        cols = _ceil(_ceil(N, 32 * V) * 32, GROUP) * GROUP
+        cols = _ceil(_ceil(N, 32 * v) * 32, GROUP) * GROUP
         (out,) = self.run(Launch(kernel, layout.quantized,
-                                 [*data, plan.row_src, plan.col_src, dims, scale, *weight_parts], template,
+                                 [*data, plan.row_src, plan.col_src, sizes, scale, *weight_parts], template,
                                  (cols, _ceil(M, TI), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
         return out
 
@@ -123,6 +135,23 @@ class KernelOps(MlxOps):
     def hadamard(self, layout, plan, weight_parts, g):
         out = self._anchored("hadamard", layout, plan, weight_parts, [g], g.dtype)
         return super().hadamard(layout, plan, weight_parts, g) if out is None else out
+
+    def merge(self, layout, weight_parts, b_full, a_full, dtype):
+        rows, cols = _identity(layout)
+        out = self._anchored("merge", layout, BlockPlan(rows, cols, *([None] * 5)), weight_parts,
+                             [a_full[None], b_full[None]], dtype, (1, len(rows), len(cols), a_full.shape[0]))
+        return super().merge(layout, weight_parts, b_full, a_full, dtype) if out is None else out[0]
+
+    def hadamard_full(self, layout, weight_parts, g):
+        rows, cols = _identity(layout)
+        out = self._anchored("hadamard", layout, BlockPlan(rows, cols, *([None] * 5)), weight_parts, [g[None]],
+                             g.dtype, (1, len(rows), len(cols), 1))
+        return super().hadamard_full(layout, weight_parts, g) if out is None else out[0]
+
+
+def _identity(layout: BlockLayout) -> tuple[mx.array, mx.array]:
+    """The orders that make the whole weight one block (row_src / col_src of the merged form's kernels)."""
+    return (mx.arange(sum(layout.row_sizes), dtype=mx.int32), mx.arange(sum(layout.col_sizes), dtype=mx.int32))
 
 
 # -- the base layer's own products, for the fused form (base + update in one function) -----------------------
@@ -185,10 +214,17 @@ def _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, co
     wb = ops.modulate(layout, plan, weight_parts, a_pad, b_pad, x.dtype)
     base = base_backward(layout, g2, weight_parts).astype(x.dtype) if with_base else None
     dx = ops.scatter(gb @ wb, plan.col_slot, base, x.dtype)
+    da, db = block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list)
+    return mx.reshape(dx, x.shape), da, db
+
+
+def block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list):
+    """(dA_k list, dB_k list) from the block-major activations: G_k = dy_k^T x_k in one batched matmul (1/K of a
+    layer-matmul), s G_k * M_k in the Hadamard kernel, then the two rank-r products."""
     h = ops.hadamard(layout, plan, weight_parts, mx.transpose(gb, (0, 2, 1)) @ xb)  # (K, M, N): s G * M
     db_pad = (h @ mx.transpose(a_pad, (0, 2, 1)).astype(h.dtype)).astype(mx.float32)
     da_pad = (mx.transpose(b_pad, (0, 2, 1)).astype(h.dtype) @ h).astype(mx.float32)
-    return mx.reshape(dx, x.shape), _unpack(plan.a_back, da_pad, a_list), _unpack(plan.b_back, db_pad, b_list)
+    return _unpack(plan.a_back, da_pad, a_list), _unpack(plan.b_back, db_pad, b_list)
 
 
 @lru_cache(maxsize=None)

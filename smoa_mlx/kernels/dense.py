@@ -69,7 +69,7 @@ def _slots(layout: BlockLayout) -> list[tuple[int, int]]:
     return layout.offsets(layout.ranks)
 
 
-def _full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
+def full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
     """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32."""
     _, _, row_inv, col_inv = index[:4]
     r = sum(layout.ranks)
@@ -84,7 +84,8 @@ def _full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array,
     return mx.take(b_perm, row_inv, axis=0), mx.take(a_perm, col_inv, axis=1)
 
 
-def _full_weight(weight_parts, layout: BlockLayout) -> mx.array:
+def full_weight(weight_parts, layout: BlockLayout) -> mx.array:
+    """W0 as a dense array (dequantized for a quantized base)."""
     if not layout.quantized:
         return weight_parts[0]
     w, scales, biases = weight_parts
@@ -98,13 +99,13 @@ def _dense_update(layout, index, weight_parts, a_list, b_list, dtype):
     rounded once before the Hadamard product, which in bf16 costs no more accuracy than the final cast the block
     form makes, and halves the bytes (and the transient memory) of the float32 version.
     """
-    b_full, a_full = _full_factors(layout, index, a_list, b_list)
+    b_full, a_full = full_factors(layout, index, a_list, b_list)
     b_full, a_full = (layout.scale * b_full).astype(dtype), a_full.astype(dtype)
-    w0 = _full_weight(weight_parts, layout).astype(dtype)
+    w0 = full_weight(weight_parts, layout).astype(dtype)
     return (b_full @ a_full) * w0, b_full, a_full, w0
 
 
-def _split_factor_grads(layout: BlockLayout, index, db_full, da_full, a_list, b_list):
+def split_factor_grads(layout: BlockLayout, index, db_full, da_full, a_list, b_list):
     row_order, col_order = index[0], index[1]
     db_perm = mx.take(db_full, row_order, axis=0)
     da_perm = mx.take(da_full, col_order, axis=1)
@@ -136,7 +137,7 @@ def dense_form_delta_fn(layout: BlockLayout):
         h = (g2.T @ x2) * w0  # dL/d(B_full A_full) / s; b_full already carries s
         db_full = layout.scale * (h @ a_full.T).astype(mx.float32)
         da_full = (b_full.T @ h).astype(mx.float32)
-        da, db = _split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
+        da, db = split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
         return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
 
     return delta

@@ -11,6 +11,10 @@ are memory-bound steps that MLX has no fast primitive for, and they are these ke
 ``modulate``  out[k, i, j] = s (B_k A_k)[i, j] W0[row_src[k, i], col_src[k, j]]: the modulated blocks, with the
               anchor read from the base weight itself (dequantized in the kernel for 2/4/8-bit bases).
 ``hadamard``  out[k, i, j] = s G[k, i, j] W0[row_src[k, i], col_src[k, j]]: the factor-gradient Hadamard product.
+``merge``     out[k, i, j] = (1 + s (B_k A_k)[i, j]) W0[row_src[k, i], col_src[k, j]]: modulate with the anchor added,
+              i.e. W0 + Delta W in one pass; the merged form (:mod:`.merged`) runs it over the whole weight as one
+              block (identity orders, the block-sparse factors in disjoint rank slots), summing in float32 and
+              rounding once.
 
 Each body is plain C++ that both the Metal Shading Language and CUDA accept, plus ``$NAME`` tokens that
 :func:`render` replaces with each backend's spelling (thread position, float conversions) and the anchor read,
@@ -28,12 +32,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("metal", "cuda")
-KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard")
+KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard", "merge")
+
+ANCHORED = ("modulate", "hadamard", "merge")  # the kernels that read W0 (dense or quantized)
 
 GROUP = 256  # threads per threadgroup (x); the y and z extents of every threadgroup are 1
 TT = 8  # tokens per gather/scatter thread
 TI = 16  # block rows per modulate/hadamard thread
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
+
+
+def columns_per_thread(rank: int) -> int:
+    """V for a kernel holding ``rank`` A values per column in registers: fewer columns for large ranks, so
+    V * R stays at most 64 floats (the merged form's R is the layer's whole rank)."""
+    return max(1, min(V, 64 // max(1, rank)))
 
 _VOCAB = {
     "metal": {
@@ -124,6 +136,7 @@ _MOD_PRELOAD = {
   }""",
     "hadamard": "",
 }
+_MOD_PRELOAD["merge"] = _MOD_PRELOAD["modulate"]
 _MOD_ROW = {
     "modulate": """
       float bv[R];
@@ -132,6 +145,7 @@ _MOD_ROW = {
       }""",
     "hadamard": "",
 }
+_MOD_ROW["merge"] = _MOD_ROW["modulate"]
 _MOD_FACTOR = {
     "modulate": """float f = 0.0f;
           for (int q = 0; q < R; ++q) {
@@ -139,6 +153,8 @@ _MOD_FACTOR = {
           }""",
     "hadamard": "const float f = $TOF(g[(long(k) * M + i) * N + j]);",
 }
+_MOD_FACTOR["merge"] = _MOD_FACTOR["modulate"]
+_MOD_VALUE = {"modulate": "s * f * $ANCHOR", "hadamard": "s * f * $ANCHOR", "merge": "(1.0f + s * f) * $ANCHOR"}
 
 _MODULATE_TEMPLATE = """
   const int M = dims[0];
@@ -168,7 +184,7 @@ _MODULATE_TEMPLATE = """
           const int col = cols[v];
           if (row >= 0 && col >= 0) {
             $FACTOR
-            val = s * f * $ANCHOR;
+            val = $VALUE;
           }
           out[(long(k) * M + i) * N + j] = $TOT(val);
         }
@@ -200,21 +216,22 @@ def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
         add = kernel == "scatter_add"
         body = _SCATTER_TEMPLATE.replace("$ADD", " + $TOF(base[long(t) * width + c])" if add else "")
         return body, ("inp", "slot", "dims") + (("base",) if add else ())
-    if kernel in ("modulate", "hadamard"):
+    if kernel in ANCHORED:
         body = (
-            _MODULATE_TEMPLATE.replace("$PRELOAD", _MOD_PRELOAD[kernel])
+            _MODULATE_TEMPLATE.replace("$VALUE", _MOD_VALUE[kernel])
+            .replace("$PRELOAD", _MOD_PRELOAD[kernel])
             .replace("$ROW", _MOD_ROW[kernel])
             .replace("$FACTOR", _MOD_FACTOR[kernel])
             .replace("$ANCHOR", _ANCHOR_QUANT if quantized else _ANCHOR_DENSE)
         )
-        data = ("a", "b") if kernel == "modulate" else ("g",)
+        data = ("g",) if kernel == "hadamard" else ("a", "b")
         return body, data + ("row_src", "col_src", "dims", "scale") + weight_inputs(quantized)
     raise ValueError(f"unknown SMoA kernel {kernel!r}; expected one of {KERNELS}")
 
 
 def render(kernel: str, backend: str, quantized: bool = False) -> KernelSource:
     """The kernel ``kernel`` spelled for ``backend`` ("metal" or "cuda"); ``quantized`` only matters for the
-    anchor-reading kernels (modulate, hadamard)."""
+    anchor-reading kernels (:data:`ANCHORED`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
     body, inputs = _body(kernel, quantized)
@@ -222,6 +239,5 @@ def render(kernel: str, backend: str, quantized: bool = False) -> KernelSource:
         body = body.replace(token, spelling)
     if "$" in body:
         raise AssertionError(f"unrendered token in {kernel} for {backend}: {body[body.index('$'):][:40]!r}")
-    anchored = kernel in ("modulate", "hadamard")
-    name = f"smoa_{kernel}" + (("_q" if quantized else "_d") if anchored else "")
+    name = f"smoa_{kernel}" + (("_q" if quantized else "_d") if kernel in ANCHORED else "")
     return KernelSource(name, inputs, ("out",), _HEADERS[backend], body)

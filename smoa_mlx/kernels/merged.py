@@ -1,0 +1,81 @@
+"""The merged form: the adapted layer as one linear layer of W0 + Delta W, rebuilt in every forward and backward.
+
+Without dropout the update sees the same input as the base, so y = x W0^T + x Delta W^T = x (W0 + Delta W)^T: one
+matmul for the forward and one for dx, where the forms that keep the base apart (:mod:`.blocks`, :mod:`.dense`)
+need 1 + 1/K each. Building W0 + Delta W costs one pass over the weight (the ``merge`` kernel on a GPU: the anchor
+read from W0, dequantized in place for a quantized base, the block-sparse factors in disjoint rank slots, float32
+sums, one rounding), so a training step costs 2 layer-matmuls plus the factor gradients:
+
+- ``block_grads=False``: G = dy^T x as one full matmul, then s G * W0 and two rank-r products (3 layer-matmuls in
+  all, no gathers; below the block form's 2 + 3/K floor for K <= 2);
+- ``block_grads=True``: only the K diagonal blocks of G, through the block form's gathers and one batched matmul
+  (2 + 1/K layer-matmuls, plus two gathers of the activations).
+
+Nothing d_out x d_in is kept for the backward: W0 + Delta W (and G) are transient, as in the dense form.
+Numerics: W0 + Delta W is rounded once to the activations' type, so in bf16 training an entry of Delta W below half
+a unit in the last place of its W0 entry does not change the forward output; the separate forms round y = x W0^T +
+x Delta W^T instead, which loses the same share at the output. The factor gradients never see this rounding (they
+are computed from dy and x alone). docs/BENCHMARKS.md compares training losses of the two.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from .blocks import _pack, block_factor_grads
+from .dense import full_factors, split_factor_grads
+from .plan import BlockLayout, padded_dims, plan_of
+
+
+def _merged_weight(ops, layout: BlockLayout, index, weight_parts, a_list, b_list, dtype):
+    b_full, a_full = full_factors(layout, index, a_list, b_list)
+    return ops.merge(layout, weight_parts, b_full, a_full, dtype), b_full, a_full
+
+
+def _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_full, a_full):
+    h = ops.hadamard_full(layout, weight_parts, g2.T @ x2)  # s G * W0, d_out x d_in, transient
+    db_full = (h @ a_full.T.astype(h.dtype)).astype(mx.float32)
+    da_full = (b_full.T.astype(h.dtype) @ h).astype(mx.float32)
+    return split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
+
+
+def _block_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2):
+    K, M, N, _ = padded_dims(layout)
+    plan = plan_of(layout, index)
+    a_pad, b_pad = _pack(layout, plan, a_list, b_list)
+    xb = ops.gather(x2, plan.col_src, K, N)
+    gb = ops.gather(g2, plan.row_src, K, M)
+    return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list)
+
+
+@lru_cache(maxsize=None)
+def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
+    """``fn(x, index, weight_parts, a_list, b_list)`` = x (W0 + Delta W)^T (no bias), with its custom VJP.
+
+    ``ops`` does the memory-bound steps (:class:`~.blocks.KernelOps` on a GPU, :class:`~.blocks.MlxOps`
+    anywhere); ``block_grads`` picks how the factor gradients are formed (module docstring).
+    """
+
+    @mx.custom_function
+    def fn(x, index, weight_parts, a_list, b_list):
+        w = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)[0]
+        return x @ w.T
+
+    @fn.vjp
+    def fn_vjp(primals, cotangent, output):
+        x, index, weight_parts, a_list, b_list = primals
+        w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)
+        cot = cotangent.astype(x.dtype)
+        dx = cot @ w
+        x2 = mx.reshape(x, (-1, x.shape[-1]))
+        g2 = mx.reshape(cot, (-1, cot.shape[-1]))
+        if block_grads:
+            da, db = _block_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2)
+        else:
+            da, db = _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_full, a_full)
+        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
+
+    return fn

@@ -14,13 +14,23 @@ are memory-bound steps that MLX has no fast primitive for, and they are these ke
 
 Each body is plain C++ that both the Metal Shading Language and CUDA accept, plus ``$NAME`` tokens that
 :func:`render` replaces with each backend's spelling (thread position, float conversions) and the anchor read,
-written once as a snippet. No threadgroup memory, barriers, SIMD-group functions or atomics: every thread reads and
-writes its own elements, so the CPU shim (tests/metal_shim) models the Metal rendering exactly. Threads of a warp
-walk consecutive elements (coalesced loads and stores); each gather/scatter thread reuses its one index for
-``TT`` tokens, each modulate thread keeps its A columns in registers for ``TI`` rows. Products that can exceed
-2^31 (token x width) are formed in 64-bit. Measured on an H200 at 28%-58% of a device copy's bandwidth (one 2-byte
-element per access); a variant issuing all of a thread's loads before its stores (commit d4eda76) sped up the plain
-gathers but not the layer (docs/BENCHMARKS.md).
+written once as a snippet; the vector load/store helpers, which differ only in Metal's ``device`` qualifier, are in
+the per-backend headers. No threadgroup memory, barriers, SIMD-group functions or atomics: every thread reads and
+writes its own elements, so the CPU shim (tests/metal_shim) models the Metal rendering exactly. Products that can
+exceed 2^31 (token x width) are formed in 64-bit.
+
+Gather and scatter: each thread owns ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for ``TT``
+tokens, reusing its VEC indices for every token. It issues all its per-element reads (scattered, so one element
+each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first store, so VEC x TT loads
+are in flight, then writes each token's run with one 16-byte vector store; threads of a warp own consecutive
+runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
+block-major widths M and N are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into
+a width d that 8 (4 for f32) does not divide runs with the widest VEC that divides d, down to one element
+(:func:`vector_width`). Modulate/hadamard: each thread keeps its A columns in registers for ``TI`` rows, ``V``
+columns 32 apart (coalesced across the warp).
+
+Measured on an H200, the previous design (one 2-byte element per access) reached 28%-58% of a device copy's
+bandwidth in the gathers and scatters (docs/BENCHMARKS.md); this vectorised design is not yet measured on the GPU.
 """
 
 from __future__ import annotations
@@ -34,17 +44,19 @@ GROUP = 256  # threads per threadgroup (x); the y and z extents of every threadg
 TT = 8  # tokens per gather/scatter thread
 TI = 16  # block rows per modulate/hadamard thread
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
-VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements
+VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
+# read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
 
 
 def vector_width(width: int, *dtypes) -> int:
     """VEC, the elements per gather/scatter thread: 16 bytes of the widest of ``dtypes``, halved until it divides
-    the row ``width``, so every thread's run starts at a multiple of its own size in a row-major (., width) array
-    (down to 1: the scalar fallback, e.g. d_out = 300 in bf16 gives 4)."""
-    vec = VECTOR_BYTES // max(dtype.size for dtype in dtypes)
+    the row ``width``, so every thread's run starts at a multiple of its own size in a row-major (., width) array.
+    In bf16 a width of 4096 gives 8, d_out = 300 gives 4 (8-byte runs), 75 gives 1 (the scalar fallback)."""
+    vec = max(1, VECTOR_BYTES // max(dtype.size for dtype in dtypes))
     while width % vec:
         vec //= 2
     return vec
+
 
 _VOCAB = {
     "metal": {

@@ -2,11 +2,11 @@
 
 Block-major layout: block k's rows (columns) padded to the longest block, M = max |R_k| (N = max |C_k|), rounded up
 to a multiple of 8 (so the kernels move aligned 16-byte vectors), so every block is one slice of a (K, ., .) array
-and one batched matmul covers all of them. Within a block the rows
-(columns) are visited in ascending original index rather than in spectral order: the sum over a block does not
-depend on the order, and ascending indices make the gathers and the anchor reads walk memory forwards. The factors
-follow: ``fac_take`` places A_k's columns and B_k's rows at those sorted positions, ``a_back`` / ``b_back`` take
-the padded gradients back to the factors' own (spectral) order.
+and one batched matmul covers all of them. Within a block the rows (columns) are visited in ascending original index
+rather than in spectral order: the sum over a block does not depend on the order, and ascending indices make the
+gathers and the anchor reads walk memory forwards. The factors follow: ``fac_take`` places A_k's columns and B_k's
+rows at those sorted positions, ``a_back`` / ``b_back`` take the padded gradients back to the factors' own
+(spectral) order.
 """
 
 from __future__ import annotations

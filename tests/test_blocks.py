@@ -35,7 +35,7 @@ def test_plan_is_a_sorted_partition_and_the_factor_packing_round_trips():
     layer = make_layer(37, 29, 7, 3, branch_ranks=[4, 0, 3], seed=3)
     layout, plan = layer.layout, plan_of(layer.layout, layer.index)
     K, M, N, R = padded_dims(layout)
-    assert (K, M, N, R) == (3, 10, 13, 4)
+    assert (K, M, N, R) == (3, 16, 16, 4)  # 10 and 13 rounded up to multiples of 8
     for src, slot, groups, width in ((plan.row_src, plan.row_slot, layer.row_groups, M),
                                      (plan.col_src, plan.col_slot, layer.col_groups, N)):
         src, slot = np.asarray(src).reshape(K, width), np.asarray(slot)

@@ -2,12 +2,15 @@
 
 The body and signature are assembled as mx.fast.cuda_kernel does (mlx/backend/cuda/custom_kernel.cpp: inputs as
 const pointers, outputs as pointers, template arguments as constexpr/using lines at the top of the body, inside
-namespace mlx::core::cu); nvcc stands in for MLX's NVRTC. Numerical correctness on the GPU is checked by
-scripts/bench_kernels.py (docs/BENCHMARKS.md).
+namespace mlx::core::cu); nvcc stands in for MLX's NVRTC. The gathers and scatters compile both ways, 16-byte
+vectors and the scalar fallback, and the vector variants must really store (and scatter_add load its base) with
+one 16-byte instruction per vector. Numerical correctness on the GPU is checked by scripts/bench_kernels.py
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -20,27 +23,45 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 _INT = ("src", "slot", "dims", "row_src", "col_src")
 
 
-def _kernel(kernel: str, quantized: bool, ctype: str) -> str:
+_SIZE = {"__nv_bfloat16": 2, "__half": 2, "float": 4}
+
+
+def _kernel(kernel: str, quantized: bool, ctype: str, vec: int) -> tuple[str, str]:
     src = render(kernel, "cuda", quantized)
     types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "scale": "float", "wq": "uint32_t"}
     params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names]
     params += [f"{ctype}* {n}" for n in src.output_names]
     consts = [f"using T = {ctype};", f"using OT = {ctype};", f"constexpr int TT = {TT};", f"constexpr int TI = {TI};",
-              "constexpr int V = 4;", "constexpr int R = 16;"]
+              "constexpr int V = 4;", "constexpr int R = 16;", f"constexpr int VEC = {vec};"]
     if quantized:
         consts += ["constexpr int BITS = 4;", "constexpr int GS = 64;"]
     body = "\n  ".join(consts)
-    name = f"{src.name}_{ctype.strip('_')}"
-    return f"__global__ void {name}({', '.join(params)}) {{\n  {body}\n{src.source}\n}}\n"
+    name = f"{src.name}_{ctype.strip('_')}_vec{vec}"
+    return name, f"__global__ void {name}({', '.join(params)}) {{\n  {body}\n{src.source}\n}}\n"
 
 
 def test_cuda_rendering_compiles_for_sm90(tmp_path):
     header = render("gather", "cuda").header
-    kernels = [_kernel(k, q, t) for k in KERNELS for q in ((False, True) if k in ("modulate", "hadamard") else (False,))
-               for t in ("__nv_bfloat16", "__half", "float")]
+    kernels = []
+    for kernel in KERNELS:
+        for quantized in (False, True) if kernel in ("modulate", "hadamard") else (False,):
+            for ctype, size in _SIZE.items():
+                vecs = (16 // size, 1) if kernel in ("gather", "scatter", "scatter_add") else (1,)
+                kernels += [_kernel(kernel, quantized, ctype, vec) for vec in vecs]
     cu = tmp_path / "smoa.cu"
     cu.write_text("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
-                  + "namespace mlx::core::cu {\n" + "\n".join(kernels) + "}\n")
-    done = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o", str(tmp_path / "smoa.o")],
+                  + "namespace mlx::core::cu {\n" + "\n".join(text for _, text in kernels) + "}\n")
+    ptx = tmp_path / "smoa.ptx"
+    done = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
+    # One PTX function per kernel (names are mangled: find each by its plain name inside the .entry line).
+    bodies = re.split(r"\n\.visible \.entry ", ptx.read_text())[1:]
+    for name, _ in kernels:
+        (body,) = [b for b in bodies if name in b.split("(", 1)[0]]
+        vector_store = re.search(r"st\.global(\.\w+)*\.v4\.(b|u|f)32", body) is not None
+        vector_load = re.search(r"ld\.global(\.\w+)*\.v4\.(b|u|f)32", body) is not None
+        wants = name.split("_vec")[1] != "1"
+        assert vector_store == wants, f"{name}: 16-byte vector store {'missing' if wants else 'unexpected'}"
+        if name.startswith("smoa_scatter_add"):
+            assert vector_load == wants, f"{name}: 16-byte vector load of the base {'missing' if wants else 'unexpected'}"

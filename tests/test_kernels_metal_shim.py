@@ -1,7 +1,9 @@
 """The Metal rendering of the SMoA kernels, proven on the CPU: MLX's generated Metal source, compiled by g++
 against tests/metal_shim/shim.h and run under its threadgroup emulator (outputs poisoned with NaN first), inside the
 block form's forward and custom VJP, must match float64 numpy: ragged groups, a zero-rank block, K = 1, dense and
-2/4/8-bit bases (3-bit: the kernels' gathers with plain-MLX anchors), float16/bfloat16/float32, gradients included."""
+2/4/8-bit bases (3-bit: the kernels' gathers with plain-MLX anchors), float16/bfloat16/float32, gradients included;
+the gathers and scatters with 16-byte vectors and with their narrower fallbacks (widths not a multiple of 8). The
+shim's aligned vector copies fault on a misaligned address, so these runs also prove the alignment."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from kernel_cases import check_against_float64, make_layer
 from smoa_mlx.kernels import source
 from smoa_mlx.kernels.blocks import KernelOps, block_fn
+from smoa_mlx.kernels.gpu import Launch
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the Metal shim")
 
@@ -27,6 +30,31 @@ CASES = [
 ]
 TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
 
+# The elements per gather/scatter thread (VEC) these cases must launch: 16-byte vectors for the block-major sides
+# (M, N multiples of 8), the widest power of two dividing d for the scatters into the original basis.
+VEC_CASES = [
+    # d_in, d_out, rank, blocks, dtype, lead, with_base, {(kernel, VEC) launched}
+    pytest.param(75, 300, 6, 3, mx.float16, (13,), True,
+                 {("gather", 8), ("scatter_add", 4), ("scatter_add", 1)}, id="f16-d300-vec4-d75-scalar"),
+    pytest.param(45, 33, 4, 2, mx.bfloat16, (3, 5), False,
+                 {("gather", 8), ("scatter", 1)}, id="bf16-odd-widths-scalar"),
+    pytest.param(33, 27, 4, 3, mx.float32, (9,), True,
+                 {("gather", 4), ("scatter_add", 1)}, id="f32-odd-widths-scalar"),
+    pytest.param(64, 48, 4, 2, mx.float32, (17,), False,
+                 {("gather", 4), ("scatter", 4)}, id="f32-all-vectors"),
+]
+
+
+def _recording(launches: list):
+    from metal_emulator import run_launch
+
+    def run(launch: Launch):
+        launches.append(launch)
+        return run_launch(launch)
+
+    run.backend = run_launch.backend
+    return run
+
 
 @pytest.mark.parametrize("d_in,d_out,rank,blocks,dtype,bits,gs,branch,lead,with_base", CASES)
 def test_metal_rendering_matches_float64(d_in, d_out, rank, blocks, dtype, bits, gs, branch, lead, with_base):
@@ -35,6 +63,37 @@ def test_metal_rendering_matches_float64(d_in, d_out, rank, blocks, dtype, bits,
     layer = make_layer(d_in, d_out, rank, blocks, dtype, bits, gs, branch, seed=d_in + d_out)
     fn = block_fn(layer.layout, KernelOps(run_launch), with_base)
     check_against_float64(layer, fn, lead, with_base, TOL[dtype])
+
+
+@pytest.mark.parametrize("d_in,d_out,rank,blocks,dtype,lead,with_base,vecs", VEC_CASES)
+def test_vector_and_scalar_paths_match_float64(d_in, d_out, rank, blocks, dtype, lead, with_base, vecs):
+    launches: list[Launch] = []
+    layer = make_layer(d_in, d_out, rank, blocks, dtype, seed=d_in + d_out)
+    check_against_float64(layer, block_fn(layer.layout, KernelOps(_recording(launches)), with_base), lead,
+                          with_base, TOL[dtype])
+    launched = {(la.kernel, dict(la.template)["VEC"]) for la in launches if la.kernel in ("gather", "scatter",
+                                                                                           "scatter_add")}
+    assert launched == vecs
+
+
+def test_vector_width():
+    assert source.vector_width(4096, mx.bfloat16) == 8 and source.vector_width(4096, mx.float32) == 4
+    assert source.vector_width(300, mx.bfloat16) == 4 and source.vector_width(150, mx.float32) == 2
+    assert source.vector_width(75, mx.float16) == 1
+    assert source.vector_width(40, mx.bfloat16, mx.float32) == 4  # the widest type sets the 16 bytes
+
+
+def test_misaligned_vector_store_faults_in_the_shim():
+    """The shim's net under the alignment contract: rows of 12 halves (24 bytes) cannot take 16-byte stores."""
+    from metal_emulator import run_launch
+
+    inp = mx.arange(5 * 30).reshape(5, 30).astype(mx.float16)
+    dims = mx.array([5, 30, 12], dtype=mx.int32)
+    launch = Launch("gather", False, [inp, mx.arange(24, dtype=mx.int32), dims],
+                    [("T", mx.float16), ("TT", source.TT), ("VEC", 8)], (256, 1, 2), (256, 1, 1), [(2, 5, 12)],
+                    [mx.float16])
+    with pytest.raises(RuntimeError, match=r"emulated kernel failed \(-11\)"):  # SIGSEGV: movdqa on a bad address
+        run_launch(launch)
 
 
 def test_one_body_renders_both_backends():

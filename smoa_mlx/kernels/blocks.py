@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
 from .plan import BlockLayout, BlockPlan, padded_dims, plan_of
-from .source import GROUP, TI, TT, V, columns_per_thread
+from .source import GROUP, TI, TT, V, columns_per_thread, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -93,19 +93,22 @@ class KernelOps(MlxOps):
 
     def gather(self, inp, src, blocks, width):
         n_tok = inp.shape[0]
+        vec = vector_width(width, inp.dtype)
         dims = mx.array([n_tok, inp.shape[1], width], dtype=mx.int32)
-        (out,) = self.run(Launch("gather", False, [inp, src, dims], [("T", inp.dtype), ("TT", TT)],
-                                 (_ceil(width, GROUP) * GROUP, _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
+        (out,) = self.run(Launch("gather", False, [inp, src, dims], [("T", inp.dtype), ("TT", TT), ("VEC", vec)],
+                                 (_ceil(width // vec, GROUP) * GROUP, _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
                                  [(blocks, n_tok, width)], [inp.dtype]))
         return out
 
     def scatter(self, inp, slot, base, out_dtype):
         _, n_tok, width = inp.shape
         d = slot.shape[0]
+        vec = vector_width(d, out_dtype, *([] if base is None else [base.dtype]))
         dims = mx.array([n_tok, d, width], dtype=mx.int32)
         kernel, extra = ("scatter", []) if base is None else ("scatter_add", [base])
-        (out,) = self.run(Launch(kernel, False, [inp, slot, dims, *extra], [("OT", out_dtype), ("TT", TT)],
-                                 (_ceil(d, GROUP) * GROUP, _ceil(n_tok, TT), 1), (GROUP, 1, 1),
+        (out,) = self.run(Launch(kernel, False, [inp, slot, dims, *extra],
+                                 [("OT", out_dtype), ("TT", TT), ("VEC", vec)],
+                                 (_ceil(d // vec, GROUP) * GROUP, _ceil(n_tok, TT), 1), (GROUP, 1, 1),
                                  [(n_tok, d)], [out_dtype]))
         return out
 

@@ -1,11 +1,12 @@
 """A layer's block layout, and the per-layer index arrays of the block-major form, built once (numpy, at apply time) and kept on the layer.
 
-Block-major layout: block k's rows (columns) padded to the longest block, M = max |R_k| (N = max |C_k|), so every
-block is one slice of a (K, ., .) array and one batched matmul covers all of them. Within a block the rows
-(columns) are visited in ascending original index rather than in spectral order: the sum over a block does not
-depend on the order, and ascending indices make the gathers and the anchor reads walk memory forwards. The factors
-follow: ``fac_take`` places A_k's columns and B_k's rows at those sorted positions, ``a_back`` / ``b_back`` take
-the padded gradients back to the factors' own (spectral) order.
+Block-major layout: block k's rows (columns) padded to the longest block, M = max |R_k| (N = max |C_k|), rounded up
+to a multiple of 8 (so the kernels move aligned 16-byte vectors), so every block is one slice of a (K, ., .) array
+and one batched matmul covers all of them. Within a block the rows (columns) are visited in ascending original index
+rather than in spectral order: the sum over a block does not depend on the order, and ascending indices make the
+gathers and the anchor reads walk memory forwards. The factors follow: ``fac_take`` places A_k's columns and B_k's
+rows at those sorted positions, ``a_back`` / ``b_back`` take the padded gradients back to the factors' own
+(spectral) order.
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ class BlockPlan(NamedTuple):
     b_back: mx.array  # (sum |R_k| r_k,) into the flattened (K, M, R) gradient of the packed B
 
 
+PAD = 8  # M and N are multiples of this: every block-major row starts 16-byte aligned in any float type
+
+
 def padded_dims(layout: BlockLayout) -> tuple[int, int, int, int]:
-    """(K, M, N, R): blocks, longest row group, longest column group, largest rank (at least 1)."""
-    return len(layout.ranks), max(layout.row_sizes), max(layout.col_sizes), max(1, max(layout.ranks))
+    """(K, M, N, R): blocks, longest row group and longest column group rounded up to a multiple of ``PAD`` (so
+    the gather/scatter kernels move whole 16-byte vectors of the block-major arrays), largest rank (at least 1)."""
+    up = lambda n: -(-n // PAD) * PAD  # noqa: E731
+    return len(layout.ranks), up(max(layout.row_sizes)), up(max(layout.col_sizes)), max(1, max(layout.ranks))
 
 
 def _sorted_blocks(order: np.ndarray, sizes, width: int):

@@ -18,13 +18,23 @@ are memory-bound steps that MLX has no fast primitive for, and they are these ke
 
 Each body is plain C++ that both the Metal Shading Language and CUDA accept, plus ``$NAME`` tokens that
 :func:`render` replaces with each backend's spelling (thread position, float conversions) and the anchor read,
-written once as a snippet. No threadgroup memory, barriers, SIMD-group functions or atomics: every thread reads and
-writes its own elements, so the CPU shim (tests/metal_shim) models the Metal rendering exactly. Threads of a warp
-walk consecutive elements (coalesced loads and stores); each gather/scatter thread reuses its one index for
-``TT`` tokens, each modulate thread keeps its A columns in registers for ``TI`` rows. Products that can exceed
-2^31 (token x width) are formed in 64-bit. Measured on an H200 at 28%-58% of a device copy's bandwidth (one 2-byte
-element per access); a variant issuing all of a thread's loads before its stores (commit d4eda76) sped up the plain
-gathers but not the layer (docs/BENCHMARKS.md).
+written once as a snippet; the vector load/store helpers, which differ only in Metal's ``device`` qualifier, are in
+the per-backend headers. No threadgroup memory, barriers, SIMD-group functions or atomics: every thread reads and
+writes its own elements, so the CPU shim (tests/metal_shim) models the Metal rendering exactly. Products that can
+exceed 2^31 (token x width) are formed in 64-bit.
+
+Gather and scatter: each thread owns ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for ``TT``
+tokens, reusing its VEC indices for every token. It issues all its per-element reads (scattered, so one element
+each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first store, so VEC x TT loads
+are in flight, then writes each token's run with one 16-byte vector store; threads of a warp own consecutive
+runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
+block-major widths M and N are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into
+a width d that 8 (4 for f32) does not divide runs with the widest VEC that divides d, down to one element
+(:func:`vector_width`). Modulate/hadamard: each thread keeps its A columns in registers for ``TI`` rows, ``V``
+columns 32 apart (coalesced across the warp).
+
+Measured on an H200, the previous design (one 2-byte element per access) reached 28%-58% of a device copy's
+bandwidth in the gathers and scatters (docs/BENCHMARKS.md); this vectorised design is not yet measured on the GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +50,19 @@ GROUP = 256  # threads per threadgroup (x); the y and z extents of every threadg
 TT = 8  # tokens per gather/scatter thread
 TI = 16  # block rows per modulate/hadamard thread
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
+VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
+# read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
+
+
+def vector_width(width: int, *dtypes) -> int:
+    """VEC, the elements per gather/scatter thread: 16 bytes of the widest of ``dtypes``, halved until it divides
+    the row ``width``, so every thread's run starts at a multiple of its own size in a row-major (., width) array.
+    In bf16 a width of 4096 gives 8, d_out = 300 gives 4 (8-byte runs), 75 gives 1 (the scalar fallback)."""
+    vec = max(1, VECTOR_BYTES // max(dtype.size for dtype in dtypes))
+    while width % vec:
+        vec //= 2
+    return vec
+
 
 
 def columns_per_thread(rank: int) -> int:
@@ -66,9 +89,24 @@ _VOCAB = {
     },
 }
 
+# One vector of N consecutive elements: 16 bytes on the fast path (N = VEC = 16 / sizeof), one element in the
+# fallback (VEC = 1). Copied as a whole through a pointer of its own type it is one vector load or store: its
+# ``alignas`` is what lets the compiler emit that (the idiom of MLX's steel ReadVector and PyTorch's
+# aligned_vector), and the caller guarantees the address is a multiple of it. The helpers differ only in Metal's
+# address-space qualifier, so they live in the headers and the bodies stay one text.
+_VEC_HELPERS = """
+template <typename U, int N> struct alignas(sizeof(U) * N) smoa_vec { U v[N]; };
+template <typename U, int N> FN void smoa_vstore(DEV U* p, smoa_vec<U, N> x) {
+  *reinterpret_cast<DEV smoa_vec<U, N>*>(p) = x;
+}
+template <int N, typename U> FN smoa_vec<U, N> smoa_vload(const DEV U* p) {
+  return *reinterpret_cast<const DEV smoa_vec<U, N>*>(p);
+}
+"""
+
 # Float conversions: Metal's static_cast covers half and MLX's bfloat16_t; CUDA's bf16/f16 types need intrinsics.
 _HEADERS = {
-    "metal": "",
+    "metal": _VEC_HELPERS.replace("FN", "inline").replace("DEV", "device"),
     "cuda": """
 __device__ __forceinline__ float smoa_tof(float v) { return v; }
 __device__ __forceinline__ float smoa_tof(__half v) { return __half2float(v); }
@@ -77,22 +115,35 @@ template <typename U> __device__ __forceinline__ U smoa_fromf(float v);
 template <> __device__ __forceinline__ float smoa_fromf<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half smoa_fromf<__half>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 smoa_fromf<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-""",
+""" + _VEC_HELPERS.replace("FN", "__device__ __forceinline__").replace("DEV ", ""),
 }
 
 GATHER_BODY = """
   const int n_tok = dims[0];
   const int width = dims[1];
   const int P = dims[2];
-  const int j = $TX;
+  const int j0 = $TX * VEC;  // this thread's VEC consecutive block columns (P is a multiple of VEC)
   const int t0 = $TY * TT;
   const int k = $TZ;
-  if (j < P) {
-    const int src_col = src[k * P + j];
+  if (j0 < P) {
+    int cols[VEC];
+    for (int e = 0; e < VEC; ++e) {
+      cols[e] = src[k * P + j0 + e];
+    }
+    // Every load of the thread (VEC columns x TT tokens) is issued before its first store, which the compiler
+    // must assume may alias them: that many loads in flight is what keeps the memory system busy.
+    smoa_vec<T, VEC> vals[TT];
+    for (int u = 0; u < TT; ++u) {
+      const int t = t0 + u;
+      const long row = long(t) * width;
+      for (int e = 0; e < VEC; ++e) {
+        vals[u].v[e] = (t < n_tok && cols[e] >= 0) ? inp[row + cols[e]] : $TOT(0.0f);
+      }
+    }
     for (int u = 0; u < TT; ++u) {
       const int t = t0 + u;
       if (t < n_tok) {
-        out[(long(k) * n_tok + t) * P + j] = src_col >= 0 ? inp[long(t) * width + src_col] : $TOT(0.0f);
+        smoa_vstore(out + (long(k) * n_tok + t) * P + j0, vals[u]);
       }
     }
   }
@@ -102,20 +153,35 @@ _SCATTER_TEMPLATE = """
   const int n_tok = dims[0];
   const int width = dims[1];
   const int P = dims[2];
-  const int c = $TX;
+  const int c0 = $TX * VEC;  // this thread's VEC consecutive output columns (width is a multiple of VEC)
   const int t0 = $TY * TT;
-  if (c < width) {
-    const int s = slot[c];
-    const int k = s / P;
-    const long from = long(k) * n_tok * P + (s - k * P);
+  if (c0 < width) {
+    long from[VEC];
+    for (int e = 0; e < VEC; ++e) {
+      const int s = slot[c0 + e];
+      const int k = s / P;
+      from[e] = long(k) * n_tok * P + (s - k * P);
+    }
+    // All loads (and, for scatter_add, the base vectors) before the first store, as in the gather.
+    smoa_vec<OT, VEC> vals[TT];
+    for (int u = 0; u < TT; ++u) {
+      const int t = t0 + u;
+      if (t < n_tok) {$LOADBASE
+        for (int e = 0; e < VEC; ++e) {
+          vals[u].v[e] = $TOO($TOF(inp[from[e] + long(t) * P])$ADD);
+        }
+      }
+    }
     for (int u = 0; u < TT; ++u) {
       const int t = t0 + u;
       if (t < n_tok) {
-        out[long(t) * width + c] = $TOO($TOF(inp[from + long(t) * P])$ADD);
+        smoa_vstore(out + long(t) * width + c0, vals[u]);
       }
     }
   }
 """
+_SCATTER_BASE = """
+        const auto add = smoa_vload<VEC>(base + long(t) * width + c0);"""
 
 # The anchor W0[row, col] as float: a dense base, or MLX's affine quantization (uint32 words, low bits first).
 _ANCHOR_DENSE = "$TOF(w[long(row) * d_in + col])"
@@ -214,7 +280,8 @@ def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
         return GATHER_BODY, ("inp", "src", "dims")
     if kernel in ("scatter", "scatter_add"):
         add = kernel == "scatter_add"
-        body = _SCATTER_TEMPLATE.replace("$ADD", " + $TOF(base[long(t) * width + c])" if add else "")
+        body = _SCATTER_TEMPLATE.replace("$LOADBASE", _SCATTER_BASE if add else "")
+        body = body.replace("$ADD", " + $TOF(add.v[e])" if add else "")
         return body, ("inp", "slot", "dims") + (("base",) if add else ())
     if kernel in ANCHORED:
         body = (

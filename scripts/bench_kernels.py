@@ -215,7 +215,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
     import mlx.core as mx
     import numpy as np
 
-    from smoa_mlx.kernels.blocks import MlxOps, block_fn
+    from smoa_mlx.kernels.blocks import KernelOps, MlxOps, block_fn
     from smoa_mlx.kernels.merged import merged_fn
 
     import faulthandler
@@ -236,6 +236,8 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
                              ("reference", block_fn(layer.layout, MlxOps(), True)),
                              ("kernel_delta", None),
                              ("merged", merged_fn(layer.layout, kernel_ops, False)),
+                             ("merged_mlx", merged_fn(layer.layout, KernelOps(kernel_ops.run, merge_kernel=False),
+                                                      False)),
                              ("merged_blocks", merged_fn(layer.layout, kernel_ops, True))):
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
                     fn = _with_base(layer, block_fn(layer.layout, kernel_ops, False))
@@ -256,6 +258,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, bits=bits, branch=branch, tokens=n_tok,
                        dtype=dtype, kernel_rel_err=errs["kernel"], kernel_delta_rel_err=errs["kernel_delta"],
                        merged_rel_err=errs["merged"], merged_blocks_rel_err=errs["merged_blocks"],
+                       merged_mlx_rel_err=errs["merged_mlx"],
                        reference_rel_err=errs["reference"], tol=tol, seconds=time.perf_counter() - t0)
             row["ok"] = _verified(row)
             print("verify", json.dumps(row), flush=True)
@@ -267,8 +270,8 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
 def _verified(row: dict) -> bool:
     """Within the type's tolerance of float64, and no worse than twice the pure-MLX reference's own error in the
     same type on the same device (plus float32 rounding)."""
-    worst = max(row[k] for k in ("kernel_rel_err", "kernel_delta_rel_err", "merged_rel_err", "merged_blocks_rel_err")
-                if k in row)
+    worst = max(row[k] for k in ("kernel_rel_err", "kernel_delta_rel_err", "merged_rel_err", "merged_blocks_rel_err",
+                                 "merged_mlx_rel_err") if k in row)
     return worst < row["tol"] and worst <= 2 * row["reference_rel_err"] + 1e-5
 
 
@@ -324,13 +327,53 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10) -> list[dic
     return rows
 
 
+def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10) -> list[dict]:
+    """The merged form's steps alone at one shape: where its time goes (ms per step)."""
+    import mlx.core as mx
+
+    from smoa_mlx.kernels.blocks import KernelOps
+    from smoa_mlx.kernels.dense import full_factors
+
+    d_out, d_in = shape
+    layer = _mlx_layer(d_out, d_in, rank, blocks)
+    parts, layout = layer.weight_parts(), layer.layout
+    x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
+    g = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
+    w = parts[0]
+    bf, af = full_factors(layout, layer.index, layer.smoa_a, layer.smoa_b)
+    gram = mx.random.normal((d_out, d_in)).astype(mx.bfloat16)
+    mx.eval(x, g, bf, af, gram)
+    mlx_ops = KernelOps(kernel_ops.run, merge_kernel=False)
+    steps = {
+        "full factors": lambda: full_factors(layout, layer.index, layer.smoa_a, layer.smoa_b),
+        "merge (kernel)": lambda: kernel_ops.merge(layout, parts, bf, af, mx.bfloat16),
+        "merge (matmul + fused pass)": lambda: mlx_ops.merge(layout, parts, bf, af, mx.bfloat16),
+        "s G * W0 (kernel)": lambda: kernel_ops.hadamard_full(layout, parts, gram),
+        "s G * W0 (fused pass)": lambda: mlx_ops.hadamard_full(layout, parts, gram),
+        "x W^T": lambda: x @ w.T,
+        "dy W": lambda: g @ w,
+        "G = dy^T x": lambda: g.T @ x,
+        "H A^T": lambda: (gram @ af.T.astype(mx.bfloat16)).astype(mx.float32),
+        "B^T H": lambda: (bf.T.astype(mx.bfloat16) @ gram).astype(mx.float32),
+    }
+    rows = []
+    for name, fn in steps.items():
+        ms, spread = _median_time(lambda: mx.eval([fn() for _ in range(reps)]), mx.synchronize, budget_s=0.3)
+        rows.append(dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, spread=spread))
+        print("breakdown", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]:
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import block_fn
     from smoa_mlx.kernels.dense import dense_form_delta_fn
+    from smoa_mlx.kernels.blocks import KernelOps
     from smoa_mlx.kernels.merged import merged_fn
 
+    # The merged form with its whole-weight steps (merge, s G * W0) as MLX matmul + fused pass instead of kernels.
+    mlx_merge = KernelOps(kernel_ops.run, merge_kernel=False)
     rows = []
     for d_out, d_in in shapes:
         x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
@@ -345,9 +388,10 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
-                for name, block_grads in (("smoa_merged", False), ("smoa_merged_blocks", True)):
-                    t[name] = _median_time(_smoa_step(layer, merged_fn(layer.layout, kernel_ops, block_grads), x, cot),
-                                           mx.synchronize)[0]
+                for name, ops in (("smoa_merged", kernel_ops), ("smoa_merged_mlx", mlx_merge)):
+                    for suffix, block_grads in (("", False), ("_blocks", True)):
+                        t[name + suffix] = _median_time(
+                            _smoa_step(layer, merged_fn(layer.layout, ops, block_grads), x, cot), mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
@@ -391,23 +435,26 @@ def bench_cpu(shape=(1024, 1024), tokens=512, blocks=2, rank=16) -> list[dict]:
 def _auto(row: dict) -> tuple[float, str]:
     """(ms, form) of what SMoALinear runs on this layer by default (no dropout): the merged form, its gradients
     block by block from MERGED_BLOCK_GRADS_MIN_BLOCKS blocks on."""
-    from smoa_mlx.kernels import MERGED_BLOCK_GRADS_MIN_BLOCKS
+    from smoa_mlx.kernels import MERGE_KERNEL, MERGED_BLOCK_GRADS_MIN_BLOCKS
 
     t = row["ms"]
     if "smoa_merged" not in t:  # results from before the merged form: the block/dense size rule of then
         return (t["smoa"], "block") if row["d_out"] * row["d_in"] >= 32 * 2**20 else (t["smoa_dense"], "dense")
+    key, name = ("smoa_merged", "merged (merge kernel") if MERGE_KERNEL or "smoa_merged_mlx" not in t else (
+        "smoa_merged_mlx", "merged (MLX merge")
     if row["blocks"] >= MERGED_BLOCK_GRADS_MIN_BLOCKS:
-        return t["smoa_merged_blocks"], "merged (block grads)"
-    return t["smoa_merged"], "merged"
+        return t[key + "_blocks"], name + ", block grads)"
+    return t[key], name + ")"
 
 
 def markdown(data: dict) -> str:
     out = [f"Command: `{data['command']}`  ", f"Device: {data['device']}; MLX {data['mlx']}, torch {data['torch']}.", ""]
     if "bench" in data:
         out += ["| W0 (out x in) | K | r | LoRA r | frozen | floor | merged | x floor | merged, block grads | x floor "
+                "| merged (MLX merge) | x floor | merged (MLX merge), block grads | x floor "
                 "| block form | x floor | dense form | x floor | auto runs | MLX LoRA | PyTorch ref SMoA | PyTorch LoRA "
                 "| auto / MLX LoRA | ref / auto |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|" + "---|" * 24]
         nan = float("nan")
         for r in data["bench"]:
             t, fl = r["ms"], r["floor_ms"]
@@ -416,10 +463,16 @@ def markdown(data: dict) -> str:
                 f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {r['rank']} | {r['lora_rank']} | {t['frozen_mlx']:.2f} "
                 f"| {fl:.2f} | {t.get('smoa_merged', nan):.2f} | {t.get('smoa_merged', nan) / fl:.2f}x "
                 f"| {t.get('smoa_merged_blocks', nan):.2f} | {t.get('smoa_merged_blocks', nan) / fl:.2f}x "
+                f"| {t.get('smoa_merged_mlx', nan):.2f} | {t.get('smoa_merged_mlx', nan) / fl:.2f}x "
+                f"| {t.get('smoa_merged_mlx_blocks', nan):.2f} | {t.get('smoa_merged_mlx_blocks', nan) / fl:.2f}x "
                 f"| {t['smoa']:.2f} | {t['smoa'] / fl:.2f}x | {t['smoa_dense']:.2f} | {t['smoa_dense'] / fl:.2f}x "
                 f"| {name} | {t['lora_mlx']:.2f} | {t['smoa_torch_ref']:.2f} | {t['lora_torch']:.2f} "
                 f"| {auto / t['lora_mlx']:.2f}x | {t['smoa_torch_ref'] / auto:.2f}x |")
         out += ["", _goal_summary(data["bench"]), ""]
+    if "breakdown" in data:
+        out += ["The merged form's steps alone (bf16, ms):", "", "| W0 | step | ms |", "|---|---|---|"]
+        out += [f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r['ms']:.3f} |" for r in data["breakdown"]]
+        out.append("")
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
                 f"{data.get('copy_gbps', float('nan')):.0f} GB/s):", "",
@@ -498,6 +551,7 @@ def main(argv=None) -> int:
         if not args.skip_bench:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
             data["copy_gbps"] = copy_bandwidth()
+            data["breakdown"] = breakdown(kernel_ops) + breakdown(kernel_ops, (4096, 14336))
             data["bandwidth"] = kernel_bandwidth(kernel_ops, shapes[:3])
             data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch)
             if args.out:  # the timings are safe on disk before the verification starts

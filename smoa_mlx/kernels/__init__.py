@@ -74,6 +74,10 @@ _kernel_ops: dict[str, KernelOps] = {}
 _probed: dict[str, bool] = {}
 
 
+# Whether the merged form builds W0 + Delta W and s G * W0 in the ``merge`` / ``hadamard`` kernels (True) or as an
+# MLX matmul for the rank-r product plus one fused elementwise pass (False); measured by scripts/bench_kernels.py.
+MERGE_KERNEL = True
+
 # The merged form takes its factor gradients from the K diagonal blocks (two gathers, 1/K of a matmul) instead of
 # one full matmul from this many blocks on, on a GPU (measured: docs/BENCHMARKS.md); on the CPU MLX's takes make
 # the gathers cost more than the matmul they save.
@@ -150,7 +154,7 @@ def _ops():
     backend = gpu_backend()
     if backend is None:
         return None
-    ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend)))
+    ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend), merge_kernel=MERGE_KERNEL))
     return ops if _probe(ops) else None
 
 

@@ -75,21 +75,37 @@ class MlxOps:
 
     # The merged form's steps over the whole weight (original basis; B_full, A_full float32, disjoint rank slots).
     def merge(self, layout, weight_parts, b_full, a_full, dtype) -> mx.array:
-        """W0 + s (B_full A_full) * W0, summed in float32 and rounded once."""
-        w0 = full_weight(weight_parts, layout).astype(mx.float32)
-        return (w0 + ((layout.scale * b_full) @ a_full) * w0).astype(dtype)
+        """W0 + s (B_full A_full) * W0: the rank-r product as one matmul in the activations' type, then one fused
+        elementwise pass (float32 inside, rounded once)."""
+        pdtype = dtype if dtype in (mx.float16, mx.bfloat16) else mx.float32
+        p = (layout.scale * b_full).astype(pdtype) @ a_full.astype(pdtype)
+        return _merge_pass(dtype)(full_weight(weight_parts, layout), p)
 
     def hadamard_full(self, layout, weight_parts, g) -> mx.array:
-        """s G * W0 over the whole weight."""
-        return (layout.scale * g.astype(mx.float32) * full_weight(weight_parts, layout)).astype(g.dtype)
+        """s G * W0 over the whole weight, one fused elementwise pass."""
+        return _hadamard_pass(g.dtype)(g, full_weight(weight_parts, layout), mx.array(layout.scale, mx.float32))
+
+
+@lru_cache(maxsize=None)
+def _merge_pass(dtype):
+    return mx.compile(lambda w, p: (w.astype(mx.float32) * (1.0 + p.astype(mx.float32))).astype(dtype))
+
+
+@lru_cache(maxsize=None)
+def _hadamard_pass(dtype):
+    return mx.compile(lambda g, w, s: (s * g.astype(mx.float32) * w.astype(mx.float32)).astype(dtype))
 
 
 class KernelOps(MlxOps):
     """The same steps as the GPU kernels of :mod:`.source`, launched through ``run`` (Metal, CUDA, or the shim)."""
 
-    def __init__(self, run: Runner):
+    def __init__(self, run: Runner, merge_kernel: bool = True):
         self.run = run
         self.name = getattr(run, "backend", "kernel")
+        self.merge_kernel = merge_kernel  # False: the merged form's whole-weight steps as MLX matmul + fused pass
+
+    def __repr__(self) -> str:  # part of cache keys
+        return f"KernelOps({self.run!r}, merge_kernel={self.merge_kernel})"
 
     def gather(self, inp, src, blocks, width):
         n_tok = inp.shape[0]
@@ -140,12 +156,16 @@ class KernelOps(MlxOps):
         return super().hadamard(layout, plan, weight_parts, g) if out is None else out
 
     def merge(self, layout, weight_parts, b_full, a_full, dtype):
+        if not self.merge_kernel:
+            return super().merge(layout, weight_parts, b_full, a_full, dtype)
         rows, cols = _identity(layout)
         out = self._anchored("merge", layout, BlockPlan(rows, cols, *([None] * 5)), weight_parts,
                              [a_full[None], b_full[None]], dtype, (1, len(rows), len(cols), a_full.shape[0]))
         return super().merge(layout, weight_parts, b_full, a_full, dtype) if out is None else out[0]
 
     def hadamard_full(self, layout, weight_parts, g):
+        if not self.merge_kernel:
+            return super().hadamard_full(layout, weight_parts, g)
         rows, cols = _identity(layout)
         out = self._anchored("hadamard", layout, BlockPlan(rows, cols, *([None] * 5)), weight_parts, [g[None]],
                              g.dtype, (1, len(rows), len(cols), 1))

@@ -8,8 +8,9 @@ quantized bases) against a float64 numpy reference.
     python scripts/bench_kernels.py --markdown benchmarks/bench_kernels.json     # tables for docs/BENCHMARKS.md
     python scripts/bench_kernels.py --cpu --out benchmarks/bench_kernels_cpu.json  # which pure-MLX form on a CPU
 
-Timings: forward + backward (dx and the adapter's gradients) of one frozen linear plus its adapter, bf16 activations
-and base, 8192 tokens, median over repeats after warm-up, device-synchronised. The floor of a row is
+Timings: forward + backward (dx and the adapter's gradients) of one frozen linear plus its adapter, compiled with
+mx.compile as mlx-lm's trainer compiles its step, bf16 activations and base, 8192 tokens, median over repeats after
+warm-up, device-synchronised. The floor of a row is
 (2 + 3/K) / 2 x the frozen layer's forward + backward measured in the same run: the matmul work SMoA cannot avoid.
 """
 
@@ -68,9 +69,12 @@ def _mlx_layer(d_out, d_in, rank, blocks, dtype_name="bfloat16", bits=0, branch=
 
 
 def _vjp_step(fn, primals, cot):
+    """One forward + backward, compiled as mlx-lm's trainer compiles its step (mx.compile), so the figures hold
+    the GPU's work rather than Python's graph building."""
     import mlx.core as mx
 
-    return lambda: mx.eval(mx.vjp(fn, primals, [cot]))
+    step = mx.compile(lambda *p: mx.vjp(fn, list(p), [cot]))
+    return lambda: mx.eval(step(*primals))
 
 
 def _smoa_step(layer, full, x, cot):

@@ -76,7 +76,7 @@ _probed: dict[str, bool] = {}
 
 # Whether the merged form builds W0 + Delta W and s G * W0 in the ``merge`` / ``hadamard`` kernels (True) or as an
 # MLX matmul for the rank-r product plus one fused elementwise pass (False); measured by scripts/bench_kernels.py.
-MERGE_KERNEL = True
+MERGE_KERNEL = False
 
 # The merged form takes its factor gradients from the K diagonal blocks (two gathers, 1/K of a matmul) instead of
 # one full matmul from this many blocks on, on a GPU (measured: docs/BENCHMARKS.md); on the CPU MLX's takes make

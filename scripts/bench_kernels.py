@@ -219,7 +219,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
     import mlx.core as mx
     import numpy as np
 
-    from smoa_mlx.kernels.blocks import KernelOps, MlxOps, block_fn
+    from smoa_mlx.kernels.blocks import MlxOps, block_fn
     from smoa_mlx.kernels.merged import merged_fn
 
     import faulthandler
@@ -240,8 +240,6 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
                              ("reference", block_fn(layer.layout, MlxOps(), True)),
                              ("kernel_delta", None),
                              ("merged", merged_fn(layer.layout, kernel_ops, False)),
-                             ("merged_mlx", merged_fn(layer.layout, KernelOps(kernel_ops.run, merge_kernel=False),
-                                                      False)),
                              ("merged_blocks", merged_fn(layer.layout, kernel_ops, True))):
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
                     fn = _with_base(layer, block_fn(layer.layout, kernel_ops, False))
@@ -262,7 +260,6 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, bits=bits, branch=branch, tokens=n_tok,
                        dtype=dtype, kernel_rel_err=errs["kernel"], kernel_delta_rel_err=errs["kernel_delta"],
                        merged_rel_err=errs["merged"], merged_blocks_rel_err=errs["merged_blocks"],
-                       merged_mlx_rel_err=errs["merged_mlx"],
                        reference_rel_err=errs["reference"], tol=tol, seconds=time.perf_counter() - t0)
             row["ok"] = _verified(row)
             print("verify", json.dumps(row), flush=True)
@@ -274,8 +271,8 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
 def _verified(row: dict) -> bool:
     """Within the type's tolerance of float64, and no worse than twice the pure-MLX reference's own error in the
     same type on the same device (plus float32 rounding)."""
-    worst = max(row[k] for k in ("kernel_rel_err", "kernel_delta_rel_err", "merged_rel_err", "merged_blocks_rel_err",
-                                 "merged_mlx_rel_err") if k in row)
+    worst = max(row[k] for k in ("kernel_rel_err", "kernel_delta_rel_err", "merged_rel_err", "merged_blocks_rel_err")
+                if k in row)
     return worst < row["tol"] and worst <= 2 * row["reference_rel_err"] + 1e-5
 
 
@@ -335,7 +332,6 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10) -> lis
     """The merged form's steps alone at one shape: where its time goes (ms per step)."""
     import mlx.core as mx
 
-    from smoa_mlx.kernels.blocks import KernelOps
     from smoa_mlx.kernels.dense import full_factors
 
     d_out, d_in = shape
@@ -347,13 +343,10 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10) -> lis
     bf, af = full_factors(layout, layer.index, layer.smoa_a, layer.smoa_b)
     gram = mx.random.normal((d_out, d_in)).astype(mx.bfloat16)
     mx.eval(x, g, bf, af, gram)
-    mlx_ops = KernelOps(kernel_ops.run, merge_kernel=False)
     steps = {
         "full factors": lambda: full_factors(layout, layer.index, layer.smoa_a, layer.smoa_b),
-        "merge (kernel)": lambda: kernel_ops.merge(layout, parts, bf, af, mx.bfloat16),
-        "merge (matmul + fused pass)": lambda: mlx_ops.merge(layout, parts, bf, af, mx.bfloat16),
-        "s G * W0 (kernel)": lambda: kernel_ops.hadamard_full(layout, parts, gram),
-        "s G * W0 (fused pass)": lambda: mlx_ops.hadamard_full(layout, parts, gram),
+        "merge (rank-r matmul + fused pass)": lambda: kernel_ops.merge(layout, parts, bf, af, mx.bfloat16),
+        "s G * W0 (fused pass)": lambda: kernel_ops.hadamard_full(layout, parts, gram),
         "x W^T": lambda: x @ w.T,
         "dy W": lambda: g @ w,
         "G = dy^T x": lambda: g.T @ x,
@@ -373,11 +366,8 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
 
     from smoa_mlx.kernels.blocks import block_fn
     from smoa_mlx.kernels.dense import dense_form_delta_fn
-    from smoa_mlx.kernels.blocks import KernelOps
     from smoa_mlx.kernels.merged import merged_fn
 
-    # The merged form with its whole-weight steps (merge, s G * W0) as MLX matmul + fused pass instead of kernels.
-    mlx_merge = KernelOps(kernel_ops.run, merge_kernel=False)
     rows = []
     for d_out, d_in in shapes:
         x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
@@ -392,10 +382,9 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
-                for name, ops in (("smoa_merged", kernel_ops), ("smoa_merged_mlx", mlx_merge)):
-                    for suffix, block_grads in (("", False), ("_blocks", True)):
-                        t[name + suffix] = _median_time(
-                            _smoa_step(layer, merged_fn(layer.layout, ops, block_grads), x, cot), mx.synchronize)[0]
+                for name, block_grads in (("smoa_merged", False), ("smoa_merged_blocks", True)):
+                    t[name] = _median_time(_smoa_step(layer, merged_fn(layer.layout, kernel_ops, block_grads), x, cot),
+                                           mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
@@ -439,26 +428,23 @@ def bench_cpu(shape=(1024, 1024), tokens=512, blocks=2, rank=16) -> list[dict]:
 def _auto(row: dict) -> tuple[float, str]:
     """(ms, form) of what SMoALinear runs on this layer by default (no dropout): the merged form, its gradients
     block by block from MERGED_BLOCK_GRADS_MIN_BLOCKS blocks on."""
-    from smoa_mlx.kernels import MERGE_KERNEL, MERGED_BLOCK_GRADS_MIN_BLOCKS
+    from smoa_mlx.kernels import MERGED_BLOCK_GRADS_MIN_BLOCKS
 
     t = row["ms"]
     if "smoa_merged" not in t:  # results from before the merged form: the block/dense size rule of then
         return (t["smoa"], "block") if row["d_out"] * row["d_in"] >= 32 * 2**20 else (t["smoa_dense"], "dense")
-    key, name = ("smoa_merged", "merged (merge kernel") if MERGE_KERNEL or "smoa_merged_mlx" not in t else (
-        "smoa_merged_mlx", "merged (MLX merge")
     if row["blocks"] >= MERGED_BLOCK_GRADS_MIN_BLOCKS:
-        return t[key + "_blocks"], name + ", block grads)"
-    return t[key], name + ")"
+        return t["smoa_merged_blocks"], "merged, block grads"
+    return t["smoa_merged"], "merged"
 
 
 def markdown(data: dict) -> str:
     out = [f"Command: `{data['command']}`  ", f"Device: {data['device']}; MLX {data['mlx']}, torch {data['torch']}.", ""]
     if "bench" in data:
         out += ["| W0 (out x in) | K | r | LoRA r | frozen | floor | merged | x floor | merged, block grads | x floor "
-                "| merged (MLX merge) | x floor | merged (MLX merge), block grads | x floor "
                 "| block form | x floor | dense form | x floor | auto runs | MLX LoRA | PyTorch ref SMoA | PyTorch LoRA "
                 "| auto / MLX LoRA | ref / auto |",
-                "|" + "---|" * 24]
+                "|" + "---|" * 20]
         nan = float("nan")
         for r in data["bench"]:
             t, fl = r["ms"], r["floor_ms"]
@@ -467,8 +453,6 @@ def markdown(data: dict) -> str:
                 f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {r['rank']} | {r['lora_rank']} | {t['frozen_mlx']:.2f} "
                 f"| {fl:.2f} | {t.get('smoa_merged', nan):.2f} | {t.get('smoa_merged', nan) / fl:.2f}x "
                 f"| {t.get('smoa_merged_blocks', nan):.2f} | {t.get('smoa_merged_blocks', nan) / fl:.2f}x "
-                f"| {t.get('smoa_merged_mlx', nan):.2f} | {t.get('smoa_merged_mlx', nan) / fl:.2f}x "
-                f"| {t.get('smoa_merged_mlx_blocks', nan):.2f} | {t.get('smoa_merged_mlx_blocks', nan) / fl:.2f}x "
                 f"| {t['smoa']:.2f} | {t['smoa'] / fl:.2f}x | {t['smoa_dense']:.2f} | {t['smoa_dense'] / fl:.2f}x "
                 f"| {name} | {t['lora_mlx']:.2f} | {t['smoa_torch_ref']:.2f} | {t['lora_torch']:.2f} "
                 f"| {auto / t['lora_mlx']:.2f}x | {t['smoa_torch_ref'] / auto:.2f}x |")

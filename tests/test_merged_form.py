@@ -1,5 +1,5 @@
 """The merged form (x (W0 + Delta W)^T, rebuilt per call) against float64 numpy, in plain MLX and with the Metal
-rendering of its kernels under the CPU shim, with both ways of forming the factor gradients."""
+rendering of the block gradients' kernels under the CPU shim, with both ways of forming the factor gradients."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def test_metal_rendering_matches_float64(d_in, d_out, rank, blocks, dtype, bits,
 
     layer = make_layer(d_in, d_out, rank, blocks, dtype, bits, gs, branch, seed=d_in + d_out)
     check_against_float64(layer, merged_fn(layer.layout, KernelOps(run), block_grads), (2, 7), True, TOL[dtype])
-    if bits != 3:  # 3-bit words straddle: plain-MLX anchors by design
-        assert launched.count("merge") == 2 and "hadamard" in launched  # forward and backward both merged
+    # The whole-weight steps are MLX's own on every device; the block gradients use the gather and Hadamard kernels
+    # (3-bit words straddle: plain-MLX anchors by design).
     assert ("gather" in launched) == block_grads
+    assert ("hadamard" in launched) == (block_grads and bits != 3)

@@ -2,8 +2,8 @@
 
 Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
-- the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight by
-  the ``merge`` kernel, so the forward and dx are one matmul each; its factor gradients come from one full matmul
+- the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight (an
+  MLX matmul for the rank-r product and one fused elementwise pass), so the forward and dx are one matmul each; its factor gradients come from one full matmul
   or, with ``block_grads``, from the K diagonal blocks only. It needs the update to see the base's own input, so it
   serves :func:`linear_fn` (no dropout), the training default;
 - the block-major form (:mod:`.blocks`): the base apart, the update in batched MLX matmuls at 2 + 3/K
@@ -18,8 +18,8 @@ Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 :func:`linear_fn` everywhere, with the block gradients where :func:`merged_block_grads` says; for :func:`delta_fn`
 the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form below and on the
 CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with the GPU
-kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form
-runs its kernels on a GPU and the same steps in plain MLX on the CPU. Kernels that fail to compile or run on a first
+kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form's
+block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere. Kernels that fail to compile or run on a first
 small probe are reported once with a warning, and plain MLX is used from then on.
 """
 
@@ -74,10 +74,6 @@ _kernel_ops: dict[str, KernelOps] = {}
 _probed: dict[str, bool] = {}
 
 
-# Whether the merged form builds W0 + Delta W and s G * W0 in the ``merge`` / ``hadamard`` kernels (True) or as an
-# MLX matmul for the rank-r product plus one fused elementwise pass (False); measured by scripts/bench_kernels.py.
-MERGE_KERNEL = False
-
 # The merged form takes its factor gradients from the K diagonal blocks (two gathers, 1/K of a matmul) instead of
 # one full matmul from this many blocks on, on a GPU (measured: docs/BENCHMARKS.md); on the CPU MLX's takes make
 # the gathers cost more than the matmul they save.
@@ -129,7 +125,7 @@ def _probe(ops: KernelOps) -> bool:
             b_list = [mx.ones((m, r)) for r, m in zip(layout.ranks, layout.row_sizes)]
             for dtype in FLOAT_TYPES:
                 p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
-                for fn in (block_fn(layout, ops, True), merged_fn(layout, ops, False)):
+                for fn in (block_fn(layout, ops, True), merged_fn(layout, ops, True)):
                     outs.extend(mx.vjp(lambda x, *f: fn(x, index, p, list(f[:2]), list(f[2:])),
                                        [mx.ones((3, d_in), dtype=dtype), *a_list, *b_list],
                                        [mx.ones((3, d_out), dtype)]))
@@ -154,7 +150,7 @@ def _ops():
     backend = gpu_backend()
     if backend is None:
         return None
-    ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend), merge_kernel=MERGE_KERNEL))
+    ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend)))
     return ops if _probe(ops) else None
 
 

@@ -74,6 +74,8 @@ class MlxOps:
         return (layout.scale * g.astype(mx.float32) * self._anchors(layout, plan, weight_parts)).astype(g.dtype)
 
     # The merged form's steps over the whole weight (original basis; B_full, A_full float32, disjoint rank slots).
+    # MLX's own matmul and a compiled elementwise pass, on every device: on an H200 3.5x (merge) and 5x (s G * W0)
+    # faster than kernels of the modulate kind over the whole weight (docs/BENCHMARKS.md), so KernelOps keeps them.
     def merge(self, layout, weight_parts, b_full, a_full, dtype) -> mx.array:
         """W0 + s (B_full A_full) * W0: the rank-r product as one matmul in the activations' type, then one fused
         elementwise pass (float32 inside, rounded once)."""
@@ -99,13 +101,9 @@ def _hadamard_pass(dtype):
 class KernelOps(MlxOps):
     """The same steps as the GPU kernels of :mod:`.source`, launched through ``run`` (Metal, CUDA, or the shim)."""
 
-    def __init__(self, run: Runner, merge_kernel: bool = True):
+    def __init__(self, run: Runner):
         self.run = run
         self.name = getattr(run, "backend", "kernel")
-        self.merge_kernel = merge_kernel  # False: the merged form's whole-weight steps as MLX matmul + fused pass
-
-    def __repr__(self) -> str:  # part of cache keys
-        return f"KernelOps({self.run!r}, merge_kernel={self.merge_kernel})"
 
     def gather(self, inp, src, blocks, width):
         n_tok = inp.shape[0]
@@ -128,11 +126,10 @@ class KernelOps(MlxOps):
                                  [(n_tok, d)], [out_dtype]))
         return out
 
-    def _anchored(self, kernel, layout, plan, weight_parts, data, dtype, dims=None):
-        """Launch an anchor-reading kernel over (K, M, N) = ``dims`` (default: the layout's padded blocks)."""
+    def _anchored(self, kernel, layout, plan, weight_parts, data, dtype):
         if layout.quantized and layout.bits not in SUPPORTED_BITS:
             return None
-        K, M, N, R = dims or padded_dims(layout)
+        K, M, N, R = padded_dims(layout)
         v = V if kernel == "hadamard" else columns_per_thread(R)  # hadamard keeps no factors in registers
         d_in = sum(layout.col_sizes)
         wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
@@ -154,27 +151,6 @@ class KernelOps(MlxOps):
     def hadamard(self, layout, plan, weight_parts, g):
         out = self._anchored("hadamard", layout, plan, weight_parts, [g], g.dtype)
         return super().hadamard(layout, plan, weight_parts, g) if out is None else out
-
-    def merge(self, layout, weight_parts, b_full, a_full, dtype):
-        if not self.merge_kernel:
-            return super().merge(layout, weight_parts, b_full, a_full, dtype)
-        rows, cols = _identity(layout)
-        out = self._anchored("merge", layout, BlockPlan(rows, cols, *([None] * 5)), weight_parts,
-                             [a_full[None], b_full[None]], dtype, (1, len(rows), len(cols), a_full.shape[0]))
-        return super().merge(layout, weight_parts, b_full, a_full, dtype) if out is None else out[0]
-
-    def hadamard_full(self, layout, weight_parts, g):
-        if not self.merge_kernel:
-            return super().hadamard_full(layout, weight_parts, g)
-        rows, cols = _identity(layout)
-        out = self._anchored("hadamard", layout, BlockPlan(rows, cols, *([None] * 5)), weight_parts, [g[None]],
-                             g.dtype, (1, len(rows), len(cols), 1))
-        return super().hadamard_full(layout, weight_parts, g) if out is None else out[0]
-
-
-def _identity(layout: BlockLayout) -> tuple[mx.array, mx.array]:
-    """The orders that make the whole weight one block (row_src / col_src of the merged form's kernels)."""
-    return (mx.arange(sum(layout.row_sizes), dtype=mx.int32), mx.arange(sum(layout.col_sizes), dtype=mx.int32))
 
 
 # -- the base layer's own products, for the fused form (base + update in one function) -----------------------

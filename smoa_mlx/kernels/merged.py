@@ -2,9 +2,9 @@
 
 Without dropout the update sees the same input as the base, so y = x W0^T + x Delta W^T = x (W0 + Delta W)^T: one
 matmul for the forward and one for dx, where the forms that keep the base apart (:mod:`.blocks`, :mod:`.dense`)
-need 1 + 1/K each. Building W0 + Delta W costs one pass over the weight (the ``merge`` kernel on a GPU: the anchor
-read from W0, dequantized in place for a quantized base, the block-sparse factors in disjoint rank slots, float32
-sums, one rounding), so a training step costs 2 layer-matmuls plus the factor gradients:
+need 1 + 1/K each. Building W0 + Delta W costs a rank-r matmul (the block-sparse factors in disjoint rank slots) and
+one fused elementwise pass over the weight (float32 inside, one rounding; a quantized base dequantized first), so a
+training step costs 2 layer-matmuls plus the factor gradients:
 
 - ``block_grads=False``: G = dy^T x as one full matmul, then s G * W0 and two rank-r products (3 layer-matmuls in
   all, no gathers; below the block form's 2 + 3/K floor for K <= 2);

@@ -11,10 +11,6 @@ are memory-bound steps that MLX has no fast primitive for, and they are these ke
 ``modulate``  out[k, i, j] = s (B_k A_k)[i, j] W0[row_src[k, i], col_src[k, j]]: the modulated blocks, with the
               anchor read from the base weight itself (dequantized in the kernel for 2/4/8-bit bases).
 ``hadamard``  out[k, i, j] = s G[k, i, j] W0[row_src[k, i], col_src[k, j]]: the factor-gradient Hadamard product.
-``merge``     out[k, i, j] = (1 + s (B_k A_k)[i, j]) W0[row_src[k, i], col_src[k, j]]: modulate with the anchor added,
-              i.e. W0 + Delta W in one pass; the merged form (:mod:`.merged`) runs it over the whole weight as one
-              block (identity orders, the block-sparse factors in disjoint rank slots), summing in float32 and
-              rounding once.
 
 Each body is plain C++ that both the Metal Shading Language and CUDA accept, plus ``$NAME`` tokens that
 :func:`render` replaces with each backend's spelling (thread position, float conversions) and the anchor read,
@@ -42,9 +38,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("metal", "cuda")
-KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard", "merge")
+KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard")
 
-ANCHORED = ("modulate", "hadamard", "merge")  # the kernels that read W0 (dense or quantized)
+ANCHORED = ("modulate", "hadamard")  # the kernels that read W0 (dense or quantized)
 
 GROUP = 256  # threads per threadgroup (x); the y and z extents of every threadgroup are 1
 TT = 8  # tokens per gather/scatter thread
@@ -66,8 +62,8 @@ def vector_width(width: int, *dtypes) -> int:
 
 
 def columns_per_thread(rank: int) -> int:
-    """V for a kernel holding ``rank`` A values per column in registers: fewer columns for large ranks, so
-    V * R stays at most 64 floats (the merged form's R is the layer's whole rank)."""
+    """V for a kernel holding ``rank`` A values per column in registers: fewer columns for large per-block ranks,
+    so V * R stays at most 64 floats."""
     return max(1, min(V, 64 // max(1, rank)))
 
 _VOCAB = {
@@ -202,7 +198,6 @@ _MOD_PRELOAD = {
   }""",
     "hadamard": "",
 }
-_MOD_PRELOAD["merge"] = _MOD_PRELOAD["modulate"]
 _MOD_ROW = {
     "modulate": """
       float bv[R];
@@ -211,7 +206,6 @@ _MOD_ROW = {
       }""",
     "hadamard": "",
 }
-_MOD_ROW["merge"] = _MOD_ROW["modulate"]
 _MOD_FACTOR = {
     "modulate": """float f = 0.0f;
           for (int q = 0; q < R; ++q) {
@@ -219,8 +213,6 @@ _MOD_FACTOR = {
           }""",
     "hadamard": "const float f = $TOF(g[(long(k) * M + i) * N + j]);",
 }
-_MOD_FACTOR["merge"] = _MOD_FACTOR["modulate"]
-_MOD_VALUE = {"modulate": "s * f * $ANCHOR", "hadamard": "s * f * $ANCHOR", "merge": "(1.0f + s * f) * $ANCHOR"}
 
 _MODULATE_TEMPLATE = """
   const int M = dims[0];
@@ -250,7 +242,7 @@ _MODULATE_TEMPLATE = """
           const int col = cols[v];
           if (row >= 0 && col >= 0) {
             $FACTOR
-            val = $VALUE;
+            val = s * f * $ANCHOR;
           }
           out[(long(k) * M + i) * N + j] = $TOT(val);
         }
@@ -285,13 +277,12 @@ def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
         return body, ("inp", "slot", "dims") + (("base",) if add else ())
     if kernel in ANCHORED:
         body = (
-            _MODULATE_TEMPLATE.replace("$VALUE", _MOD_VALUE[kernel])
-            .replace("$PRELOAD", _MOD_PRELOAD[kernel])
+            _MODULATE_TEMPLATE.replace("$PRELOAD", _MOD_PRELOAD[kernel])
             .replace("$ROW", _MOD_ROW[kernel])
             .replace("$FACTOR", _MOD_FACTOR[kernel])
             .replace("$ANCHOR", _ANCHOR_QUANT if quantized else _ANCHOR_DENSE)
         )
-        data = ("g",) if kernel == "hadamard" else ("a", "b")
+        data = ("a", "b") if kernel == "modulate" else ("g",)
         return body, data + ("row_src", "col_src", "dims", "scale") + weight_inputs(quantized)
     raise ValueError(f"unknown SMoA kernel {kernel!r}; expected one of {KERNELS}")
 

@@ -431,8 +431,6 @@ def _auto(row: dict) -> tuple[float, str]:
     from smoa_mlx.kernels import MERGED_BLOCK_GRADS_MIN_BLOCKS
 
     t = row["ms"]
-    if "smoa_merged" not in t:  # results from before the merged form: the block/dense size rule of then
-        return (t["smoa"], "block") if row["d_out"] * row["d_in"] >= 32 * 2**20 else (t["smoa_dense"], "dense")
     if row["blocks"] >= MERGED_BLOCK_GRADS_MIN_BLOCKS:
         return t["smoa_merged_blocks"], "merged, block grads"
     return t["smoa_merged"], "merged"

@@ -38,11 +38,16 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert kernels.form(SMALL) == "dense"
     assert kernels.form(LARGE) == "kernel"
     assert 4096 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 14336  # between the measured loser and winners
-    monkeypatch.setattr(kernels, "_ops", lambda: "ops")
+    probes = []
+    monkeypatch.setattr(kernels, "_ops", lambda: probes.append(1) or "ops")
     assert delta_fn(LARGE) is block_fn(LARGE, "ops", False)
-    assert linear_fn(LARGE) is merged_fn(LARGE, "ops", False)  # K=2: one full matmul beats the gathers
+    probes.clear()
+    # K=2: one full matmul beats the gathers; those are MLX's own ops, so the kernels are not even probed.
+    assert linear_fn(LARGE) is merged_fn(LARGE, kernels._MLX_OPS, False)
+    assert probes == []
     four = BlockLayout((4,) * 4, (4,) * 4, (2,) * 4, 1.0)
-    assert linear_fn(four) is merged_fn(four, "ops", kernels.MERGED_BLOCK_GRADS_MIN_BLOCKS <= 4)
+    assert kernels.MERGED_BLOCK_GRADS_MIN_BLOCKS <= 4
+    assert linear_fn(four) is merged_fn(four, "ops", True)
 
 
 def test_env_forces_a_form(monkeypatch):

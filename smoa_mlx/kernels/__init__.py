@@ -3,8 +3,8 @@
 Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
 - the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight (an
-  MLX matmul for the rank-r product and one fused elementwise pass), so the forward and dx are one matmul each; its factor gradients come from one full matmul
-  or, with ``block_grads``, from the K diagonal blocks only. It needs the update to see the base's own input, so it
+  MLX matmul for the rank-r product and one fused elementwise pass), so the forward and dx are one matmul each;
+  its factor gradients come from one full matmul or, with ``block_grads``, from the K diagonal blocks only. It needs the update to see the base's own input, so it
   serves :func:`linear_fn` (no dropout), the training default;
 - the block-major form (:mod:`.blocks`): the base apart, the update in batched MLX matmuls at 2 + 3/K
   layer-matmuls, its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or
@@ -19,8 +19,9 @@ Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form below and on the
 CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with the GPU
 kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form's
-block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere. Kernels that fail to compile or run on a first
-small probe are reported once with a warning, and plain MLX is used from then on.
+block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere; with full
+gradients it launches no kernel, so it never waits for their compilation. Kernels that fail to compile or run on a
+first small probe are reported once with a warning, and plain MLX is used from then on.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def form(layout: Optional[BlockLayout] = None, fused: bool = False) -> str:
     choice = os.environ.get(KERNEL_ENV, "auto").lower()
     if choice not in FORMS:
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {', '.join(FORMS)}")
-    if choice == "merged" or (choice == "auto" and fused):
+    if choice in ("auto", "merged"):
         if fused:
             return "merged"
         choice = "auto"
@@ -125,10 +126,9 @@ def _probe(ops: KernelOps) -> bool:
             b_list = [mx.ones((m, r)) for r, m in zip(layout.ranks, layout.row_sizes)]
             for dtype in FLOAT_TYPES:
                 p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
-                for fn in (block_fn(layout, ops, True), merged_fn(layout, ops, True)):
-                    outs.extend(mx.vjp(lambda x, *f: fn(x, index, p, list(f[:2]), list(f[2:])),
-                                       [mx.ones((3, d_in), dtype=dtype), *a_list, *b_list],
-                                       [mx.ones((3, d_out), dtype)]))
+                fn = block_fn(layout, ops, True)  # launches every kernel, those of the merged form's block grads too
+                outs.extend(mx.vjp(lambda x, *f: fn(x, index, p, list(f[:2]), list(f[2:])),
+                                   [mx.ones((3, d_in), dtype=dtype), *a_list, *b_list], [mx.ones((3, d_out), dtype)]))
         mx.eval(outs)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
@@ -171,7 +171,9 @@ def delta_fn(layout: BlockLayout):
 def linear_fn(layout: BlockLayout):
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
     if form(layout, fused=True) == "merged":
-        return merged_fn(layout, _ops() or _MLX_OPS, merged_block_grads(layout))
+        block_grads = merged_block_grads(layout)
+        # Full gradients are MLX's own ops: only the block gradients need (and wait for the probe of) the kernels.
+        return merged_fn(layout, (_ops() if block_grads else None) or _MLX_OPS, block_grads)
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 

@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
 from .plan import BlockLayout, BlockPlan, padded_dims, plan_of
-from .source import GROUP, TI, TT, V, columns_per_thread, vector_width
+from .source import GROUP, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -130,17 +130,16 @@ class KernelOps(MlxOps):
         if layout.quantized and layout.bits not in SUPPORTED_BITS:
             return None
         K, M, N, R = padded_dims(layout)
-        v = V if kernel == "hadamard" else columns_per_thread(R)  # hadamard keeps no factors in registers
         d_in = sum(layout.col_sizes)
         wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
-        sizes = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
+        dims = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
         scale = mx.array([layout.scale], dtype=mx.float32)
-        template = [("T", dtype), ("TI", TI), ("V", v)] + ([("R", R)] if kernel != "hadamard" else [])
+        template = [("T", dtype), ("TI", TI), ("V", V)] + ([("R", R)] if kernel == "modulate" else [])
         if layout.quantized:
             template += [("BITS", layout.bits), ("GS", layout.group_size)]
-        cols = _ceil(_ceil(N, 32 * v) * 32, GROUP) * GROUP
+        cols = _ceil(_ceil(N, 32 * V) * 32, GROUP) * GROUP
         (out,) = self.run(Launch(kernel, layout.quantized,
-                                 [*data, plan.row_src, plan.col_src, sizes, scale, *weight_parts], template,
+                                 [*data, plan.row_src, plan.col_src, dims, scale, *weight_parts], template,
                                  (cols, _ceil(M, TI), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
         return out
 

@@ -15,7 +15,8 @@ Nothing d_out x d_in is kept for the backward: W0 + Delta W (and G) are transien
 Numerics: W0 + Delta W is rounded once to the activations' type, so in bf16 training an entry of Delta W below half
 a unit in the last place of its W0 entry does not change the forward output; the separate forms round y = x W0^T +
 x Delta W^T instead, which loses the same share at the output. The factor gradients never see this rounding (they
-are computed from dy and x alone). docs/BENCHMARKS.md compares training losses of the two.
+are computed from dy and x alone). A comparison of training curves on a real model is still to be made
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -60,12 +60,6 @@ def vector_width(width: int, *dtypes) -> int:
     return vec
 
 
-
-def columns_per_thread(rank: int) -> int:
-    """V for a kernel holding ``rank`` A values per column in registers: fewer columns for large per-block ranks,
-    so V * R stays at most 64 floats."""
-    return max(1, min(V, 64 // max(1, rank)))
-
 _VOCAB = {
     "metal": {
         "$TX": "int(thread_position_in_grid.x)",

@@ -71,8 +71,47 @@ def _rounding_share(model) -> dict:
     return dict(nonzero=nonzero, lost=lost, lost_share=lost / max(nonzero, 1))
 
 
+def _split_times(model, optimizer, batch: int, seq: int, reps: int = 10) -> dict:
+    """Where a training step's time goes: ms of the compiled forward + backward alone (mlx-lm's default_loss under
+    nn.value_and_grad, the gradients evaluated), and of the trainer's whole compiled step (the same plus the
+    optimizer update), each the median of ``reps`` device-synchronised calls after warm-up."""
+    import statistics
+    import time
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.tuner.trainer import default_loss
+
+    tokens = mx.random.randint(0, MODEL["vocab_size"], (batch, seq + 1))
+    lengths = mx.array([[0, seq]] * batch)
+    value_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+    grads_only = mx.compile(lambda b, n: value_and_grad(model, b, n), inputs=state, outputs=state)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def whole(b, n):
+        (loss, toks), grad = value_and_grad(model, b, n)
+        optimizer.update(model, grad)
+        return loss, toks
+
+    out = {}
+    for name, fn in (("fwd_bwd_ms", lambda: mx.eval(grads_only(tokens, lengths))),
+                     ("step_ms", lambda: mx.eval(whole(tokens, lengths), state))):
+        times = []
+        for i in range(reps + 3):
+            mx.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            mx.synchronize()
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1e3)
+        out[name] = statistics.median(times)
+    return out
+
+
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
-          report_every: int = 0, data: str = "random") -> dict:
+          report_every: int = 0, data: str = "random", split: bool = False) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -116,6 +155,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
         def on_train_loss_report(self, info):
             reports.append(info)
 
+    split_ms = _split_times(model, optim.Adam(learning_rate=0.0), batch, seq) if split else {}
     with tempfile.TemporaryDirectory() as d:
         args = TrainingArgs(batch_size=batch, iters=iters, steps_per_report=report_every or max(1, iters // 4),
                             steps_per_eval=10**9,
@@ -127,7 +167,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
                 tokens_per_step=batch * seq, iters=iters,
                 tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
                 peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
-                lr=lr, data=data, losses=[(r["iteration"], r["train_loss"]) for r in reports],
+                lr=lr, data=data, **split_ms, losses=[(r["iteration"], r["train_loss"]) for r in reports],
                 **({"rounding": _rounding_share(model)} if method != "lora" else {}))
 
 
@@ -171,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report-every", type=int, default=0, help="steps per loss report (default iters / 4)")
     ap.add_argument("--data", choices=("random", "bigram"), default="random",
                     help="training tokens: random (speed) or a learnable bigram table (loss curves)")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the compiled forward + backward alone and the whole step (before training)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -181,7 +223,7 @@ def main(argv=None) -> int:
                      num_key_value_heads=2, vocab_size=256)
     if args.child:
         res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq,
-                    args.lr, args.report_every, args.data)
+                    args.lr, args.report_every, args.data, args.split)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     runs = []
@@ -190,7 +232,7 @@ def main(argv=None) -> int:
             for method in args.methods.split(","):
                 cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
                        str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data]
+                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data] + (["--split"] if args.split else [])
                 done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:

@@ -13,24 +13,36 @@ are memory-bound steps that MLX has no fast primitive for, and they are these ke
 ``hadamard``  out[k, i, j] = s G[k, i, j] W0[row_src[k, i], col_src[k, j]]: the factor-gradient Hadamard product.
 
 Each body is plain C++ that both the Metal Shading Language and CUDA accept, plus ``$NAME`` tokens that
-:func:`render` replaces with each backend's spelling (thread position, float conversions) and the anchor read,
-written once as a snippet; the vector load/store helpers, which differ only in Metal's ``device`` qualifier, are in
-the per-backend headers. No threadgroup memory, barriers, SIMD-group functions or atomics: every thread reads and
-writes its own elements, so the CPU shim (tests/metal_shim) models the Metal rendering exactly. Products that can
-exceed 2^31 (token x width) are formed in 64-bit.
+:func:`render` replaces with each backend's spelling (thread position, float conversions, the threadgroup array and
+its barrier) and the anchor read, written once as a snippet; the vector load/store helpers, which differ only in
+Metal's ``device`` qualifier, are in the per-backend headers. No SIMD-group functions or atomics; threadgroup
+memory and barriers only in the coalesced gathers/scatters, whose barriers every thread of the group reaches (the
+work is guarded, never the barrier). The CPU shim (tests/metal_shim) runs a threadgroup's threads concurrently
+with real barriers, so it models the Metal rendering of all of them. Products that can exceed 2^31 (token x
+width) are formed in 64-bit.
 
-Gather and scatter: each thread owns ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for ``TT``
-tokens, reusing its VEC indices for every token. It issues all its per-element reads (scattered, so one element
-each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first store, so VEC x TT loads
-are in flight, then writes each token's run with one 16-byte vector store; threads of a warp own consecutive
-runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
-block-major widths M and N are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into
-a width d that 8 (4 for f32) does not divide runs with the widest VEC that divides d, down to one element
-(:func:`vector_width`). Modulate/hadamard: each thread keeps its A columns in registers for ``TI`` rows, ``V``
-columns 32 apart (coalesced across the warp).
+Gather and scatter: each thread stores ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for
+``TT`` tokens, one 16-byte vector store per token; threads of a warp own consecutive runs, so a warp stores 512
+contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the block-major widths M and N
+are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into a width d that 8 (4 for f32)
+does not divide runs with the widest VEC that divides d, down to one element (:func:`vector_width`). Every thread
+issues all its element loads (VEC x TT, scattered, so one element each) before its first store. Two variants,
+chosen at launch time by :data:`COALESCED` (:func:`mover`):
 
-Measured on an H200, the previous design (one 2-byte element per access) reached 28%-58% of a device copy's
-bandwidth in the gathers and scatters (docs/BENCHMARKS.md); this vectorised design is not yet measured on the GPU.
+- coalesced (``gather``, ``scatter``, ``scatter_add``): lane l of a warp loads the warp's elements l + 32 e, so
+  one load instruction of the warp reads 32 consecutive sorted columns (a cache line or two), then the values
+  pass through a threadgroup tile (``TC`` tokens a round, :func:`tile_tokens`, at most :data:`TILE_BYTES`) and a
+  barrier to the lane that stores them. scatter_add loads each round's ``base`` vectors as the round begins.
+- direct (``*_direct``, the previous design): each lane loads its own VEC columns, so the lanes' addresses are
+  VEC sorted columns apart and one load instruction touches about 8 cache lines; no tile, no barrier; scatter_add
+  loads all its ``base`` vectors up front.
+
+Modulate/hadamard: each thread keeps its A columns in registers for ``TI`` rows, ``V`` columns 32 apart
+(coalesced across the warp).
+
+Measured on an H200 (docs/BENCHMARKS.md), the direct gathers and scatters reached 63-74% of a device copy's
+bandwidth with 14336-wide rows but 33-40% (scatter_add 50%) at 4096; the coalesced ones are not yet measured on the
+GPU (``scripts/bench_kernels.py --gathers`` measures both). Whichever loses is to be removed with the switch.
 """
 
 from __future__ import annotations

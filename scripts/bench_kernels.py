@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (1024, 4096)]  # (d_out, d_in) as (rows, cols) of W0
@@ -288,13 +289,25 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
+@contextmanager
+def _variant(coalesced):
+    """The gathers/scatters launched inside run coalesced (True) or direct (False); None keeps the default."""
+    from smoa_mlx.kernels import source
+
+    default = source.COALESCED
+    source.COALESCED = default if coalesced is None else coalesced
+    try:
+        yield
+    finally:
+        source.COALESCED = default
+
+
 def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only=False) -> list[dict]:
     """Each memory-bound step alone, ``reps`` launches per evaluation: ms and GB/s of bytes that must move. The
     gathers and scatters run twice, direct and coalesced (``source.COALESCED``; labels "gather x" and
     "gather x (coalesced)"), side by side in the same run."""
     import mlx.core as mx
 
-    from smoa_mlx.kernels import source
     from smoa_mlx.kernels.blocks import _pack
     from smoa_mlx.kernels.plan import padded_dims, plan_of
 
@@ -329,12 +342,8 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only
                 ("hadamard", (lambda: kernel_ops.hadamard(layer.layout, plan, parts, gram), 3 * K * M * N * es), None),
             ]
         for name, (fn, nbytes), coalesced in steps:
-            default = source.COALESCED
-            source.COALESCED = default if coalesced is None else coalesced  # read when fn() launches its kernel
-            try:
+            with _variant(coalesced):  # read when fn() launches its kernel
                 ms, spread = _median_time(lambda: mx.eval([fn() for _ in range(reps)]), mx.synchronize, budget_s=0.3)
-            finally:
-                source.COALESCED = default
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, gb=nbytes / 1e9,
                        gbps=nbytes / (ms / reps) / 1e6, spread=spread)
             print("bandwidth", json.dumps(row), flush=True)
@@ -352,7 +361,6 @@ def check_movers(kernel_ops, cases=MOVER_CHECKS, tokens=TOKENS) -> list[dict]:
     import mlx.core as mx
     import numpy as np
 
-    from smoa_mlx.kernels import source
     from smoa_mlx.kernels.blocks import MlxOps
     from smoa_mlx.kernels.plan import BlockLayout, build_plan, padded_dims
 
@@ -372,16 +380,12 @@ def check_movers(kernel_ops, cases=MOVER_CHECKS, tokens=TOKENS) -> list[dict]:
                     "scatter_add": (ref.scatter(yb, plan.row_slot, None, mx.float32)
                                     + base.astype(mx.float32)).astype(dtype)}
             mx.eval(x, yb, base, *want.values())
-            default = source.COALESCED
             for coalesced in (False, True):
-                source.COALESCED = coalesced
-                try:
+                with _variant(coalesced):
                     got = {"gather": kernel_ops.gather(x, plan.col_src, K, N),
                            "scatter": kernel_ops.scatter(yb, plan.row_slot, None, dtype),
                            "scatter_add": kernel_ops.scatter(yb, plan.row_slot, base, dtype)}
                     mx.eval(*got.values())
-                finally:
-                    source.COALESCED = default
                 for kernel, out in got.items():
                     diff = mx.not_equal(out, want[kernel])
                     row = dict(width=width, blocks=blocks, dtype=str(dtype).split(".")[-1], kernel=kernel,

@@ -171,15 +171,17 @@ _TILE_ROUNDS = """
   }
 """
 
-GATHER_BODY = """
+_MOVER_HEAD = """
   const int n_tok = dims[0];
   const int width = dims[1];
   const int P = dims[2];
-  const int tid = $TX % $GROUP;
-  const int lane = tid % 32;
+  const int t0 = $TY * TT;
+  const int tid = $TX % $GROUP;  // the thread's place in its group of (GROUP, 1, 1)
+  const int lane = tid % 32;"""
+
+GATHER_BODY = _MOVER_HEAD + """
   const int j0 = $TX * VEC;  // the VEC consecutive block columns this thread stores (P is a multiple of VEC)
   const int jw = j0 - lane * VEC;  // its warp's 32 VEC columns, loaded 32 consecutive ones at a time
-  const int t0 = $TY * TT;
   const int k = $TZ;
   int cols[VEC];
   for (int e = 0; e < VEC; ++e) {
@@ -198,15 +200,9 @@ GATHER_BODY = """
 
 # IT: the block-major input's type, which the tile keeps, so each element is rounded to OT once, as in the direct
 # kernel (after scatter_add's float sum).
-_SCATTER_TEMPLATE = """
-  const int n_tok = dims[0];
-  const int width = dims[1];
-  const int P = dims[2];
-  const int tid = $TX % $GROUP;
-  const int lane = tid % 32;
+_SCATTER_TEMPLATE = _MOVER_HEAD + """
   const int c0 = $TX * VEC;  // the VEC consecutive output columns this thread stores (width is a multiple of VEC)
   const int cw = c0 - lane * VEC;  // its warp's 32 VEC columns, loaded 32 consecutive ones at a time
-  const int t0 = $TY * TT;
   long from[VEC];
   for (int e = 0; e < VEC; ++e) {
     const int c = cw + 32 * e + lane;

@@ -216,7 +216,7 @@ def _numpy_reference(layer, x, cot):
     return [y, dx, *da, *db]
 
 
-def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
+def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420) -> list[dict]:
     """Relative errors of the block form with the GPU kernels, and of the pure-MLX reference in the same type."""
     import mlx.core as mx
     import numpy as np
@@ -231,7 +231,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
         for dtype in ("bfloat16", "float16", "float32"):
             # Seen twice on the H200: the process hung at a fresh case (never the same one); this prints where
             # and ends the run instead of waiting out the machine's time limit.
-            faulthandler.dump_traceback_later(420, exit=True)
+            faulthandler.dump_traceback_later(stall_s, exit=True)
             layer = _mlx_layer(d_out, d_in, rank, blocks, dtype, bits, branch, seed=d_out + d_in + bits)
             x = mx.random.normal((2, n_tok // 2, d_in)).astype(getattr(mx, dtype))
             cot = mx.random.normal((2, n_tok // 2, d_out)).astype(getattr(mx, dtype))
@@ -246,6 +246,7 @@ def verify(kernel_ops=None, cases=VERIFY) -> list[dict]:
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
                     fn = _with_base(layer, block_fn(layer.layout, kernel_ops, False))
                 k = blocks
+                print(f"verify: {d_out}x{d_in} K={blocks} bits={bits} {dtype}: {name}", flush=True)
                 y, grads = mx.vjp(lambda x, *p: fn(x, layer.index, layer.weight_parts(), list(p[:k]), list(p[k:])),
                                   [x, *layer.smoa_a, *layer.smoa_b], [cot])
                 got = [y[0], *grads]
@@ -496,12 +497,12 @@ def bench_cpu(shape=(1024, 1024), tokens=512, blocks=2, rank=16) -> list[dict]:
 
 
 def _auto(row: dict) -> tuple[float, str]:
-    """(ms, form) of what SMoALinear runs on this layer by default (no dropout): the merged form, its gradients
-    block by block from MERGED_BLOCK_GRADS_MIN_BLOCKS blocks on."""
-    from smoa_mlx.kernels import MERGED_BLOCK_GRADS_MIN_BLOCKS
+    """(ms, form) of what SMoALinear runs on this layer by default on a GPU (no dropout): the merged form, its
+    gradients block by block where block_grads_pay says."""
+    from smoa_mlx.kernels import block_grads_pay
 
     t = row["ms"]
-    if row["blocks"] >= MERGED_BLOCK_GRADS_MIN_BLOCKS:
+    if block_grads_pay(row["d_out"], row["d_in"], row["blocks"]):
         return t["smoa_merged_blocks"], "merged, block grads"
     return t["smoa_merged"], "merged"
 
@@ -608,6 +609,12 @@ def main(argv=None) -> int:
                          "on full-size inputs, then their bandwidth side by side")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
+    ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
+    ap.add_argument("--stall-s", type=float, default=420, help="end a verification case stuck this long")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="use the GPU kernels without the dispatcher's probe (saves its compilations)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    ap.add_argument("--no-extras", action="store_true", help="skip the copy, step breakdown and bandwidth tables")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
@@ -623,18 +630,23 @@ def main(argv=None) -> int:
     else:
         try:
             import torch
-        except ImportError:  # the comparisons with PyTorch need it, --gathers does not
-            if not args.gathers:
+        except ImportError:  # only the PyTorch columns need it
+            if not (args.gathers or args.no_torch):
                 raise
             torch = None
 
         from smoa_mlx.kernels import _ops
         from smoa_mlx.kernels.blocks import KernelOps
 
-        kernel_ops = _ops()
+        if args.no_probe:
+            from smoa_mlx.kernels.gpu import GpuRunner, gpu_backend
+
+            kernel_ops = KernelOps(GpuRunner(gpu_backend())) if gpu_backend() else None
+        else:
+            kernel_ops = _ops()
         if not isinstance(kernel_ops, KernelOps):
             raise SystemExit("bench_kernels: no working GPU kernels on this machine (see the warning above)")
-        with_torch = torch is not None and torch.cuda.is_available()
+        with_torch = torch is not None and torch.cuda.is_available() and not args.no_torch
         data.update(device=torch.cuda.get_device_name(0) if with_torch else mx.device_info().get("device_name", "?"),
                     torch=torch.__version__ if torch is not None else "-", backend=kernel_ops.name)
         if args.gathers:
@@ -644,14 +656,16 @@ def main(argv=None) -> int:
             data["bandwidth"] = kernel_bandwidth(kernel_ops, SHAPES[:3], movers_only=True)
         elif not args.skip_bench:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
-            data["copy_gbps"] = copy_bandwidth()
-            data["breakdown"] = breakdown(kernel_ops) + breakdown(kernel_ops, (4096, 14336))
-            data["bandwidth"] = kernel_bandwidth(kernel_ops, shapes[:3])
+            if not args.no_extras:
+                data["copy_gbps"] = copy_bandwidth()
+                data["breakdown"] = breakdown(kernel_ops) + breakdown(kernel_ops, (4096, 14336))
+                data["bandwidth"] = kernel_bandwidth(kernel_ops, shapes[:3])
             data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch)
             if args.out:  # the timings are safe on disk before the verification starts
                 Path(args.out).write_text(json.dumps(data, indent=1))
         if not args.skip_verify and not args.gathers:
-            data["verify"] = verify(kernel_ops)
+            cases = [VERIFY[int(i)] for i in args.cases.split(",")] if args.cases else VERIFY
+            data["verify"] = verify(kernel_ops, cases, args.stall_s)
             ok = all(_verified(v) for v in data["verify"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

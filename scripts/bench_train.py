@@ -35,8 +35,44 @@ METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense")
 _ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense"}
 
 
+def _dataset(kind: str, n: int, seq: int, vocab: int, rng) -> list:
+    """``random``: uniform tokens (speed runs: nothing to learn but the sequences themselves). ``bigram``: every
+    token has 4 possible successors in a fixed random table over 1024 tokens (fewer in --tiny), so a model can lower its loss from
+    ln(vocab) towards ln(4) within tens of steps: loss curves that can tell two implementations apart."""
+    if kind == "random":
+        return [(rng.integers(0, vocab, seq + 1).tolist(), 0) for _ in range(n)]
+    n_words = min(1024, vocab)
+    words = rng.choice(vocab, n_words, replace=False)
+    nxt = rng.integers(0, n_words, (n_words, 4))
+    out = []
+    for _ in range(n):
+        t = [int(rng.integers(0, n_words))]
+        for _ in range(seq):
+            t.append(int(nxt[t[-1], rng.integers(0, 4)]))
+        out.append(([int(words[i]) for i in t], 0))
+    return out
+
+
+def _rounding_share(model) -> dict:
+    """Over every SMoA layer: how many of Delta W's non-zero entries vanish when W0 + Delta W is rounded to the
+    base's type, as the merged form's forward does (docs/BENCHMARKS.md, numerics)."""
+    import mlx.core as mx
+
+    from smoa_mlx import smoa_layers
+    from smoa_mlx.layer import dequantized_weight
+
+    lost = nonzero = 0
+    for layer in smoa_layers(model).values():
+        w0 = dequantized_weight(layer.linear)
+        delta = layer.delta_weight(mx.float32)
+        nz = delta != 0
+        lost += int(mx.sum(nz & ((w0.astype(mx.float32) + delta).astype(w0.dtype) == w0)).item())
+        nonzero += int(mx.sum(nz).item())
+    return dict(nonzero=nonzero, lost=lost, lost_share=lost / max(nonzero, 1))
+
+
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
-          report_every: int = 0) -> dict:
+          report_every: int = 0, data: str = "random") -> dict:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -73,7 +109,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
     data_rng = np.random.default_rng(1)
-    dataset = [(data_rng.integers(0, MODEL["vocab_size"], seq + 1).tolist(), 0) for _ in range(4 * batch)]
+    dataset = _dataset(data, 4 * batch, seq, MODEL["vocab_size"], data_rng)
     reports = []
 
     class Cb(TrainingCallback):
@@ -91,7 +127,8 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
                 tokens_per_step=batch * seq, iters=iters,
                 tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
                 peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
-                lr=lr, losses=[(r["iteration"], r["train_loss"]) for r in reports])
+                lr=lr, data=data, losses=[(r["iteration"], r["train_loss"]) for r in reports],
+                **({"rounding": _rounding_share(model)} if method != "lora" else {}))
 
 
 def markdown(data: dict) -> str:
@@ -132,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="lora,smoa,smoa-kernel")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--report-every", type=int, default=0, help="steps per loss report (default iters / 4)")
+    ap.add_argument("--data", choices=("random", "bigram"), default="random",
+                    help="training tokens: random (speed) or a learnable bigram table (loss curves)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -142,7 +181,7 @@ def main(argv=None) -> int:
                      num_key_value_heads=2, vocab_size=256)
     if args.child:
         res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq,
-                    args.lr, args.report_every)
+                    args.lr, args.report_every, args.data)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     runs = []
@@ -151,7 +190,7 @@ def main(argv=None) -> int:
             for method in args.methods.split(","):
                 cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
                        str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--lr", str(args.lr), "--report-every", str(args.report_every)]
+                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data]
                 done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:

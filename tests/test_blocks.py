@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from kernel_cases import check_against_float64, make_layer
-from smoa_mlx.kernels.blocks import MlxOps, _pack, _unpack, block_fn
-from smoa_mlx.kernels.plan import build_plan, padded_dims, plan_of
-from smoa_mlx.kernels.dense import dense_delta
+from smoa_mlx.kernels.blocks import MlxOps, _pack, block_fn
+from smoa_mlx.kernels.dense import dense_delta, full_factors, split_factor_grads
+from smoa_mlx.kernels.plan import build_plan, padded_dims, plan_of, untake_grads
 
 CASES = [
     # d_in, d_out, rank, blocks, dtype, bits, group_size, branch_ranks, lead shape
@@ -46,7 +46,7 @@ def test_plan_is_a_sorted_partition_and_the_factor_packing_round_trips():
             np.testing.assert_array_equal(slot[src[k, :n]], k * width + np.arange(n))
     a_pad, b_pad = _pack(layout, plan, layer.smoa_a, layer.smoa_b)
     assert a_pad.shape == (K, R, N) and b_pad.shape == (K, M, R)
-    for got, want in zip(_unpack(plan.a_back, a_pad, layer.smoa_a) + _unpack(plan.b_back, b_pad, layer.smoa_b),
+    for got, want in zip(untake_grads(plan.a_back, a_pad, layer.smoa_a) + untake_grads(plan.b_back, b_pad, layer.smoa_b),
                          layer.smoa_a + layer.smoa_b):
         assert got.shape == want.shape and mx.array_equal(got, want).item()
     # The padding is zero, and the plan a layer carries equals one built from its orders.
@@ -79,3 +79,19 @@ def test_layer_paths_agree(monkeypatch):
     dropped = layer.dropout(x)
     want = base(x) + dropped @ delta_w.T
     assert mx.allclose(y, want, atol=1e-5).item()
+
+
+def test_whole_weight_factors_round_trip_and_give_the_dense_update():
+    """B_full and A_full come from one take each way: their product modulates W0 into dense_delta, and the take back
+    returns every factor unchanged (a zero-rank block and ragged groups included)."""
+    layer = make_layer(37, 29, 7, 3, branch_ranks=[4, 0, 3], seed=5)
+    layout = layer.layout
+    b_full, a_full = full_factors(layout, layer.index, layer.smoa_a, layer.smoa_b)
+    assert b_full.shape == (29, 7) and a_full.shape == (7, 37)
+    w0 = np.asarray(layer.linear.weight, dtype=np.float64)
+    want = np.asarray(dense_delta(layout, layer.index, layer.weight_parts(), layer.smoa_a, layer.smoa_b))
+    got = layout.scale * (np.asarray(b_full, np.float64) @ np.asarray(a_full, np.float64)) * w0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    da, db = split_factor_grads(layout, layer.index, b_full, a_full, layer.smoa_a, layer.smoa_b)
+    for got_f, want_f in zip(da + db, layer.smoa_a + layer.smoa_b):
+        assert got_f.shape == want_f.shape and mx.array_equal(got_f, want_f).item()

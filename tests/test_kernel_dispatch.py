@@ -42,12 +42,14 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     monkeypatch.setattr(kernels, "_ops", lambda: probes.append(1) or "ops")
     assert delta_fn(LARGE) is block_fn(LARGE, "ops", False)
     probes.clear()
-    # K=2: one full matmul beats the gathers; those are MLX's own ops, so the kernels are not even probed.
-    assert linear_fn(LARGE) is merged_fn(LARGE, kernels._MLX_OPS, False)
+    # A small layer: one full matmul beats the gathers; those are MLX's own ops, so the kernels are not probed.
+    assert linear_fn(SMALL) is merged_fn(SMALL, kernels._MLX_OPS, False)
     assert probes == []
-    four = BlockLayout((4,) * 4, (4,) * 4, (2,) * 4, 1.0)
-    assert kernels.MERGED_BLOCK_GRADS_MIN_BLOCKS <= 4
-    assert linear_fn(four) is merged_fn(four, "ops", True)
+    # A large one: the diagonal blocks' gradients through the kernels' gathers.
+    assert linear_fn(LARGE) is merged_fn(LARGE, "ops", True)
+    # The rule between the measured winners and losers (docs/BENCHMARKS.md), and never with one block.
+    assert kernels.block_grads_pay(4096, 4096, 2) and kernels.block_grads_pay(4096, 14336, 2)
+    assert not kernels.block_grads_pay(1024, 4096, 4) and not kernels.block_grads_pay(14336, 14336, 1)
 
 
 def test_env_forces_a_form(monkeypatch):

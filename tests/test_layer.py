@@ -161,7 +161,7 @@ def test_fuse_equals_base_plus_delta(quantized):
 
 def test_layer_keeps_no_anchor_copy():
     """Besides the base, the layer holds only the factors and int32 indices: the orders, their inverses and the
-    block-major plan (kernels/plan.py: per row and column two indices, per factor entry two)."""
+    block-major plan and the whole-weight takes (kernels/plan.py), nothing of the base's size."""
     base = _base(256, 192)
     layer = SMoALinear.from_base(base, rank=8, blocks=2)
     own = [v for k, v in layer.items() if k != "linear"]
@@ -182,8 +182,11 @@ def test_layer_keeps_no_anchor_copy():
     indices = [a for a in arrays if id(a) not in factor_ids]
     assert all(a.dtype == mx.int32 for a in indices)
     n_factors = sum(a.size for a in layer.smoa_a + layer.smoa_b)
-    assert sum(a.size for a in indices) == 4 * (192 + 256) + 2 * n_factors  # the groups here are equal: no padding
-    assert sum(a.nbytes for a in arrays) < base.weight.nbytes / 4
+    # Orders, inverses, block-major sources and slots: 4 per row and column; the packed take and its way back: 2 per
+    # factor entry (the groups here are equal: no padding); the whole-weight take (B_full, A_full: r (d_out + d_in),
+    # K = 2 times the factors) and its way back (1 per factor entry).
+    assert sum(a.size for a in indices) == 4 * (192 + 256) + 2 * n_factors + 8 * (192 + 256) + n_factors
+    assert sum(a.nbytes for a in arrays) < base.weight.nbytes / 3
 
 
 def _extra_peak(fn):

@@ -15,7 +15,7 @@ Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
 :func:`delta_fn` returns the update alone (layers with dropout on the update path: the block or the dense form);
 :func:`linear_fn` returns x W0^T plus the update. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the merged form for
-:func:`linear_fn` everywhere, with the block gradients where :func:`merged_block_grads` says; for :func:`delta_fn`
+:func:`linear_fn` everywhere, with the block gradients on GPU layers where :func:`block_grads_pay` says; for :func:`delta_fn`
 the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form below and on the
 CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with the GPU
 kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form's
@@ -52,6 +52,7 @@ __all__ = [
     "form",
     "gather_anchor",
     "gather_rows",
+    "block_grads_pay",
     "linear_fn",
     "merged_block_grads",
     "merged_fn",
@@ -75,10 +76,11 @@ _kernel_ops: dict[str, KernelOps] = {}
 _probed: dict[str, bool] = {}
 
 
-# The merged form takes its factor gradients from the K diagonal blocks (two gathers, 1/K of a matmul) instead of
-# one full matmul from this many blocks on, on a GPU (measured: docs/BENCHMARKS.md); on the CPU MLX's takes make
-# the gathers cost more than the matmul they save.
-MERGED_BLOCK_GRADS_MIN_BLOCKS = 4
+# The merged form takes its factor gradients from the K diagonal blocks (two gathers of the activations, 1/K of a
+# matmul) instead of one full matmul where that saves enough: the matmul work it saves per token, d_out d_in (1 - 1/K),
+# against the elements it gathers per token, d_out + d_in, must reach this ratio. Measured per layer on an H200
+# (docs/BENCHMARKS.md); on the CPU MLX's takes make the gathers cost more than the matmul they save.
+MERGED_BLOCK_GRADS_MIN_SAVING = 800.0
 
 
 def form(layout: Optional[BlockLayout] = None, fused: bool = False) -> str:
@@ -103,9 +105,16 @@ def form(layout: Optional[BlockLayout] = None, fused: bool = False) -> str:
     return "kernel"
 
 
+def block_grads_pay(d_out: int, d_in: int, blocks: int) -> bool:
+    """Whether the diagonal blocks' gradients save more matmul work than their gathers cost on a GPU (see
+    MERGED_BLOCK_GRADS_MIN_SAVING); never for K = 1, where the one block is the whole matrix."""
+    return d_out * d_in * (1 - 1 / blocks) / (d_out + d_in) >= MERGED_BLOCK_GRADS_MIN_SAVING
+
+
 def merged_block_grads(layout: BlockLayout) -> bool:
-    """Whether the merged form takes its factor gradients block by block (see MERGED_BLOCK_GRADS_MIN_BLOCKS)."""
-    return gpu_backend() is not None and len(layout.ranks) >= MERGED_BLOCK_GRADS_MIN_BLOCKS
+    """Whether the merged form takes its factor gradients block by block on this device, for this layer."""
+    d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
+    return gpu_backend() is not None and block_grads_pay(d_out, d_in, len(layout.ranks))
 
 
 def _probe(ops: KernelOps) -> bool:

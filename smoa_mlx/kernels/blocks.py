@@ -27,7 +27,7 @@ from mlx.utils import tree_map
 
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
-from .plan import BlockLayout, BlockPlan, padded_dims, plan_of
+from .plan import BlockLayout, BlockPlan, padded_dims, plan_of, take_factors, untake_grads
 from . import source
 from .source import GROUP, TI, TT, V, tile_tokens, vector_width
 
@@ -183,18 +183,8 @@ def base_backward(layout: BlockLayout, g2: mx.array, weight_parts) -> mx.array:
 def _pack(layout: BlockLayout, plan: BlockPlan, a_list, b_list) -> tuple[mx.array, mx.array]:
     """(A packed (K, R, N), B packed (K, M, R)) in sorted block order, zero in the padding; float32."""
     K, M, N, R = padded_dims(layout)
-    parts = [mx.reshape(p, (-1,)).astype(mx.float32) for p in (*a_list, *b_list)]
-    flat = mx.take(mx.concatenate(parts + [mx.zeros((1,), dtype=mx.float32)]), plan.fac_take)
+    flat = take_factors(a_list, b_list, plan.fac_take)
     return mx.reshape(flat[: K * R * N], (K, R, N)), mx.reshape(flat[K * R * N :], (K, M, R))
-
-
-def _unpack(back: mx.array, grad: mx.array, like: list[mx.array]) -> list[mx.array]:
-    flat = mx.take(mx.reshape(grad, (-1,)), back)
-    out, start = [], 0
-    for ref in like:
-        out.append(mx.reshape(flat[start : start + ref.size], ref.shape).astype(ref.dtype))
-        start += ref.size
-    return out
 
 
 def _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list):
@@ -231,7 +221,7 @@ def block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_
     h = ops.hadamard(layout, plan, weight_parts, mx.transpose(gb, (0, 2, 1)) @ xb)  # (K, M, N): s G * M
     db_pad = (h @ mx.transpose(a_pad, (0, 2, 1)).astype(h.dtype)).astype(mx.float32)
     da_pad = (mx.transpose(b_pad, (0, 2, 1)).astype(h.dtype) @ h).astype(mx.float32)
-    return _unpack(plan.a_back, da_pad, a_list), _unpack(plan.b_back, db_pad, b_list)
+    return untake_grads(plan.a_back, da_pad, a_list), untake_grads(plan.b_back, db_pad, b_list)
 
 
 @lru_cache(maxsize=None)

@@ -14,7 +14,7 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from .plan import BlockLayout
+from .plan import BlockLayout, plan_of, take_factors, untake_grads
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -65,23 +65,11 @@ def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=
 # The d_out x d_in product is transient: built in the forward and rebuilt in the backward, never kept.
 
 
-def _slots(layout: BlockLayout) -> list[tuple[int, int]]:
-    return layout.offsets(layout.ranks)
-
-
 def full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
-    """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32."""
-    _, _, row_inv, col_inv = index[:4]
-    r = sum(layout.ranks)
-    b_rows, a_cols = [], []
-    for k, (s0, s1) in enumerate(_slots(layout)):
-        b = b_list[k].astype(mx.float32)
-        a = a_list[k].astype(mx.float32)
-        b_rows.append(mx.pad(b, [(0, 0), (s0, r - s1)]) if r > s1 - s0 else b)
-        a_cols.append(mx.pad(a, [(s0, r - s1), (0, 0)]) if r > s1 - s0 else a)
-    b_perm = mx.concatenate(b_rows, axis=0)
-    a_perm = mx.concatenate(a_cols, axis=1)
-    return mx.take(b_perm, row_inv, axis=0), mx.take(a_perm, col_inv, axis=1)
+    """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32: one take (:mod:`.plan`)."""
+    d_out, d_in, r = sum(layout.row_sizes), sum(layout.col_sizes), sum(layout.ranks)
+    flat = take_factors(a_list, b_list, plan_of(layout, index).full_take)
+    return mx.reshape(flat[: d_out * r], (d_out, r)), mx.reshape(flat[d_out * r :], (r, d_in))
 
 
 def full_weight(weight_parts, layout: BlockLayout) -> mx.array:
@@ -106,16 +94,9 @@ def _dense_update(layout, index, weight_parts, a_list, b_list, dtype):
 
 
 def split_factor_grads(layout: BlockLayout, index, db_full, da_full, a_list, b_list):
-    row_order, col_order = index[0], index[1]
-    db_perm = mx.take(db_full, row_order, axis=0)
-    da_perm = mx.take(da_full, col_order, axis=1)
-    da, db = [], []
-    for k, ((s0, s1), (r0, r1), (c0, c1)) in enumerate(
-        zip(_slots(layout), layout.offsets(layout.row_sizes), layout.offsets(layout.col_sizes))
-    ):
-        db.append(db_perm[r0:r1, s0:s1].astype(b_list[k].dtype))
-        da.append(da_perm[s0:s1, c0:c1].astype(a_list[k].dtype))
-    return da, db
+    """(dA_k list, dB_k list) from the whole-weight factor gradients, one take each (:mod:`.plan`)."""
+    plan = plan_of(layout, index)
+    return untake_grads(plan.full_a_back, da_full, a_list), untake_grads(plan.full_b_back, db_full, b_list)
 
 
 @lru_cache(maxsize=None)

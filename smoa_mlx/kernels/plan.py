@@ -6,7 +6,10 @@ and one batched matmul covers all of them. Within a block the rows (columns) are
 rather than in spectral order: the sum over a block does not depend on the order, and ascending indices make the
 gathers and the anchor reads walk memory forwards. The factors follow: ``fac_take`` places A_k's columns and B_k's
 rows at those sorted positions, ``a_back`` / ``b_back`` take the padded gradients back to the factors' own
-(spectral) order.
+(spectral) order. ``full_take`` / ``full_a_back`` / ``full_b_back`` do the same for the whole-weight forms
+(:mod:`.merged`, :mod:`.dense`): B_full (d_out, r) and A_full (r, d_in) in the original basis, block k's factors in
+its own rank slots, taken from the same flat factors in one take each way (measured on an H200: the pads,
+concatenations and per-block slices this replaces cost about 0.08 ms per call at 4096x4096, fixed per layer).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class BlockPlan(NamedTuple):
     fac_take: mx.array  # (K*R*N + K*M*R,) into [A_0.flat, .., A_K-1.flat, B_0.flat, .., B_K-1.flat, 0]
     a_back: mx.array  # (sum r_k |C_k|,) into the flattened (K, R, N) gradient of the packed A
     b_back: mx.array  # (sum |R_k| r_k,) into the flattened (K, M, R) gradient of the packed B
+    full_take: mx.array  # (d_out*r + r*d_in,) B_full then A_full (original basis), into the same flat factors
+    full_a_back: mx.array  # (sum r_k |C_k|,) into the flattened A_full (r, d_in), A_k's entries in their order
+    full_b_back: mx.array  # (sum |R_k| r_k,) into the flattened B_full (d_out, r)
 
 
 PAD = 8  # M and N are multiples of this: every block-major row starts 16-byte aligned in any float type
@@ -106,7 +112,33 @@ def build_plan(layout: BlockLayout, row_order, col_order) -> BlockPlan:
         boff += m * r
     as32 = lambda a: mx.array(a.reshape(-1).astype(np.int32))  # noqa: E731
     return BlockPlan(as32(row_src), as32(col_src), as32(row_slot), as32(col_slot),
-                     as32(np.concatenate([a_take.reshape(-1), b_take.reshape(-1)])), as32(a_back), as32(b_back))
+                     as32(np.concatenate([a_take.reshape(-1), b_take.reshape(-1)])), as32(a_back), as32(b_back),
+                     *map(as32, _whole_weight_takes(layout, row_order, col_order)))
+
+
+def _whole_weight_takes(layout: BlockLayout, row_order: np.ndarray, col_order: np.ndarray):
+    """(full_take, full_a_back, full_b_back): B_full[row_order[r0 + i], slot_k + q] = B_k[i, q] and
+    A_full[slot_k + q, col_order[c0 + j]] = A_k[q, j], zero elsewhere (disjoint rank slots)."""
+    ranks = layout.ranks
+    total_a = sum(r * n for r, n in zip(ranks, layout.col_sizes))
+    zero = total_a + sum(m * r for r, m in zip(ranks, layout.row_sizes))
+    d_out, d_in, r_all = len(row_order), len(col_order), sum(ranks)
+    b_take = np.full((d_out, r_all), zero, dtype=np.int64)
+    a_take = np.full((r_all, d_in), zero, dtype=np.int64)
+    a_back, b_back = [], []
+    aoff, boff, slot = 0, total_a, 0
+    row_starts, col_starts = layout.offsets(layout.row_sizes), layout.offsets(layout.col_sizes)
+    for k, (r, m, n) in enumerate(zip(ranks, layout.row_sizes, layout.col_sizes)):
+        rows = row_order[row_starts[k][0] : row_starts[k][1]]  # original row of B_k's row i
+        cols = col_order[col_starts[k][0] : col_starts[k][1]]  # original column of A_k's column j
+        q = slot + np.arange(r)
+        a_take[q[:, None], cols[None, :]] = aoff + np.arange(r * n).reshape(r, n)  # A_k[q, j], row-major
+        b_take[rows[:, None], q[None, :]] = boff + np.arange(m * r).reshape(m, r)
+        a_back.append((q[:, None] * d_in + cols[None, :]).reshape(-1))  # A_k's entries in their own order
+        b_back.append((rows[:, None] * r_all + q[None, :]).reshape(-1))
+        aoff, boff, slot = aoff + r * n, boff + m * r, slot + r
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return np.concatenate([b_take.reshape(-1), a_take.reshape(-1)]), cat(a_back), cat(b_back)
 
 
 def plan_of(layout: BlockLayout, index) -> BlockPlan:
@@ -114,3 +146,20 @@ def plan_of(layout: BlockLayout, index) -> BlockPlan:
     if len(index) > 4:
         return BlockPlan(*index[4])
     return build_plan(layout, np.asarray(index[0]), np.asarray(index[1]))
+
+
+def take_factors(a_list, b_list, take: mx.array) -> mx.array:
+    """The factors, flattened in order [A_0, .., A_K-1, B_0, .., B_K-1, 0] in float32, taken by ``take`` (one of
+    the plan's ``fac_take`` / ``full_take``; the trailing 0 fills padding and the slots of other blocks)."""
+    parts = [mx.reshape(p, (-1,)).astype(mx.float32) for p in (*a_list, *b_list)]
+    return mx.take(mx.concatenate(parts + [mx.zeros((1,), dtype=mx.float32)]), take)
+
+
+def untake_grads(back: mx.array, grad: mx.array, like: list[mx.array]) -> list[mx.array]:
+    """Per-factor gradients (shapes and types of ``like``) from a packed or whole-weight gradient, by one take."""
+    flat = mx.take(mx.reshape(grad, (-1,)), back)
+    out, start = [], 0
+    for ref in like:
+        out.append(mx.reshape(flat[start : start + ref.size], ref.shape).astype(ref.dtype))
+        start += ref.size
+    return out

@@ -128,17 +128,23 @@ int main(int argc, char** argv) {{
 """
 
 
+# UBSan's alignment check: every access through a type is checked against the type's alignment, so a vector copy
+# through the kernels' 16-byte ``smoa_vec`` at a misaligned address stops the run whatever instructions g++ chose
+# for it (element-wise moves, say, where a real GPU needs one aligned 16-byte access).
+_FLAGS = ["-std=c++20", "-O1", "-pthread", "-Wno-attributes", "-fsanitize=alignment",
+          "-fno-sanitize-recover=alignment"]
+
+
 def _compile(source: str, n_in: int, n_out: int) -> Path:
     program = f'#include "{SHIM}"\n{source}\n{_harness(source, n_in, n_out)}'
     shim_text = SHIM.read_text() + (SHIM.parent / "include" / "metal_simdgroup_matrix").read_text()
-    digest = hashlib.sha256((program + shim_text).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((program + shim_text + " ".join(_FLAGS)).encode()).hexdigest()[:16]
     _BUILD.mkdir(parents=True, exist_ok=True)
     exe = _BUILD / f"k_{digest}"
     if not exe.exists():
         cpp = _BUILD / f"k_{digest}.cpp"
         cpp.write_text(program)
-        cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-Wno-attributes", "-I", str(SHIM.parent / "include"), str(cpp),
-               "-o", str(exe) + ".tmp"]
+        cmd = ["g++", *_FLAGS, "-I", str(SHIM.parent / "include"), str(cpp), "-o", str(exe) + ".tmp"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"g++ rejected the rendered Metal source:\n{done.stderr[:4000]}")

@@ -2,20 +2,26 @@
 against tests/metal_shim/shim.h and run under its threadgroup emulator (outputs poisoned with NaN first), inside the
 block form's forward and custom VJP, must match float64 numpy: ragged groups, a zero-rank block, K = 1, dense and
 2/4/8-bit bases (3-bit: the kernels' gathers with plain-MLX anchors), float16/bfloat16/float32, gradients included;
-the gathers and scatters with 16-byte vectors and with their narrower fallbacks (widths not a multiple of 8). The
-shim's aligned vector copies fault on a misaligned address, so these runs also prove the alignment."""
+the gathers and scatters with 16-byte vectors and with their narrower fallbacks (widths not a multiple of 8), and
+alone, coalesced and direct (``source.COALESCED``), bit for bit against plain MLX over several threadgroups, ragged
+padded blocks and token counts that are not a multiple of a thread's tokens. The shim is built with UBSan's
+alignment check, so an access through a 16-byte vector at a misaligned address stops the run: these runs also prove
+the alignment. Its threadgroup arrays are shared by the group's threads and its barriers are real, so the coalesced
+kernels' tile transpose runs as on a GPU."""
 
 from __future__ import annotations
 
 import shutil
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from kernel_cases import check_against_float64, make_layer
 from smoa_mlx.kernels import source
-from smoa_mlx.kernels.blocks import KernelOps, block_fn
+from smoa_mlx.kernels.blocks import KernelOps, MlxOps, block_fn
 from smoa_mlx.kernels.gpu import Launch
+from smoa_mlx.kernels.plan import BlockLayout, build_plan, padded_dims
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the Metal shim")
 
@@ -71,9 +77,63 @@ def test_vector_and_scalar_paths_match_float64(d_in, d_out, rank, blocks, dtype,
     layer = make_layer(d_in, d_out, rank, blocks, dtype, seed=d_in + d_out)
     check_against_float64(layer, block_fn(layer.layout, KernelOps(_recording(launches)), with_base), lead,
                           with_base, TOL[dtype])
-    launched = {(la.kernel, dict(la.template)["VEC"]) for la in launches if la.kernel in ("gather", "scatter",
-                                                                                           "scatter_add")}
+    launched = {(la.kernel, dict(la.template)["VEC"]) for la in launches if la.kernel in source.MOVERS}
     assert launched == vecs
+
+
+def _bits(a: mx.array) -> np.ndarray:
+    """The raw bits: equal bits mean an exact copy, and the shim's NaN poison never equals a written value."""
+    return np.asarray(a.view({mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}[a.dtype]))
+
+
+@pytest.mark.parametrize("coalesced", [True, False], ids=["coalesced", "direct"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["f32", "f16", "bf16"])
+def test_movers_copy_exactly(monkeypatch, dtype, coalesced):
+    """Gather, scatter (16-byte vectors: d = 2104) and scatter_add (scalar: d = 2105) alone against MlxOps, bit for
+    bit: two threadgroups across the columns, the second partly idle (its warps past P still reach the barriers), a
+    block padded with -1 from 5 columns to 8 (zeros out), 13 tokens (not a multiple of TT, nor of TC)."""
+    monkeypatch.setattr(source, "COALESCED", coalesced)
+    launches: list[Launch] = []
+    ops, ref = KernelOps(_recording(launches)), MlxOps()
+    rng = np.random.default_rng(7)
+    n_tok, d_out, d_in = 13, 2104, 2105
+    layout = BlockLayout((1100, 1004), (2100, 5), (1, 1), 1.0)
+    K, M, N, _ = padded_dims(layout)
+    plan = build_plan(layout, rng.permutation(d_out), rng.permutation(d_in))
+    new = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)  # noqa: E731
+    x, yb, base = new(n_tok, d_in), new(K, n_tok, M), new(n_tok, d_in)
+    # col_slot scatters back into d_in = 2105 columns (the scalar path); row_slot into d_out = 2104 (vectors).
+    xb = ref.gather(x, plan.col_src, K, N)
+    assert np.array_equal(_bits(ops.gather(x, plan.col_src, K, N)), _bits(xb))
+    assert np.array_equal(_bits(ops.scatter(yb, plan.row_slot, None, dtype)), _bits(ref.scatter(yb, plan.row_slot,
+                                                                                                 None, dtype)))
+    got = ops.scatter(xb, plan.col_slot, base, dtype)
+    assert np.array_equal(_bits(got), _bits(ref.scatter(xb, plan.col_slot, base, dtype)))
+    vec = source.vector_width(d_out, dtype)
+    names = [source.mover(k) for k in ("gather", "scatter", "scatter_add")]
+    assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(names, (16 // dtype.size, vec, 1)))
+    assert all(("TC" in dict(la.template)) == coalesced for la in launches)
+
+
+def test_coalesced_scatter_keeps_its_input_type():
+    """float32 block-major results into a bfloat16 output: the tile holds the float32 inputs (32-byte rows, fewer
+    tokens per round), each element rounded once, as MLX does."""
+    rng = np.random.default_rng(3)
+    layout = BlockLayout((300, 212), (8, 8), (1, 1), 1.0)
+    K, M, _, _ = padded_dims(layout)
+    plan = build_plan(layout, rng.permutation(512), rng.permutation(16))
+    yb = mx.array(rng.standard_normal((K, 11, M)).astype(np.float32))
+    base = mx.array(rng.standard_normal((11, 512)).astype(np.float32)).astype(mx.bfloat16)
+    launches: list[Launch] = []
+    got = KernelOps(_recording(launches)).scatter(yb, plan.row_slot, base, mx.bfloat16)
+    assert np.array_equal(_bits(got), _bits(MlxOps().scatter(yb, plan.row_slot, base, mx.bfloat16)))
+    assert dict(launches[0].template)["TC"] == source.tile_tokens(8, 4) == 2
+
+
+def test_tile_fits_the_limits():
+    for vec, size in ((8, 2), (4, 4), (8, 4), (1, 2), (2, 2)):
+        tc = source.tile_tokens(vec, size)
+        assert source.TT % tc == 0 and source.GROUP * vec * size * tc <= source.TILE_BYTES <= 32 * 1024
 
 
 def test_vector_width():
@@ -83,16 +143,19 @@ def test_vector_width():
     assert source.vector_width(40, mx.bfloat16, mx.float32) == 4  # the widest type sets the 16 bytes
 
 
-def test_misaligned_vector_store_faults_in_the_shim():
-    """The shim's net under the alignment contract: rows of 12 halves (24 bytes) cannot take 16-byte stores."""
+@pytest.mark.parametrize("kernel", ["gather", "gather_direct"])
+def test_misaligned_vector_store_faults_in_the_shim(kernel):
+    """The shim's net under the alignment contract: rows of 12 halves (24 bytes) cannot take 16-byte stores. UBSan
+    (metal_emulator._FLAGS) stops the run at the first store through a misaligned 16-byte vector."""
     from metal_emulator import run_launch
 
     inp = mx.arange(5 * 30).reshape(5, 30).astype(mx.float16)
     dims = mx.array([5, 30, 12], dtype=mx.int32)
-    launch = Launch("gather", False, [inp, mx.arange(24, dtype=mx.int32), dims],
-                    [("T", mx.float16), ("TT", source.TT), ("VEC", 8)], (256, 1, 2), (256, 1, 1), [(2, 5, 12)],
+    tile = [("TC", source.tile_tokens(8, 2))] if kernel == "gather" else []
+    launch = Launch(kernel, False, [inp, mx.arange(24, dtype=mx.int32), dims],
+                    [("T", mx.float16), ("TT", source.TT), ("VEC", 8)] + tile, (256, 1, 2), (256, 1, 1), [(2, 5, 12)],
                     [mx.float16])
-    with pytest.raises(RuntimeError, match=r"emulated kernel failed \(-11\)"):  # SIGSEGV: movdqa on a bad address
+    with pytest.raises(RuntimeError, match=r"(?s)emulated kernel failed.*misaligned address.*smoa_vec"):
         run_launch(launch)
 
 

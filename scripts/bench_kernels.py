@@ -615,6 +615,7 @@ def main(argv=None) -> int:
                     help="use the GPU kernels without the dispatcher's probe (saves its compilations)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
     ap.add_argument("--no-extras", action="store_true", help="skip the copy, step breakdown and bandwidth tables")
+    ap.add_argument("--skip-breakdown", action="store_true", help="skip the merged form's step breakdown")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
@@ -658,7 +659,8 @@ def main(argv=None) -> int:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
             if not args.no_extras:
                 data["copy_gbps"] = copy_bandwidth()
-                data["breakdown"] = breakdown(kernel_ops) + breakdown(kernel_ops, (4096, 14336))
+                if not args.skip_breakdown:
+                    data["breakdown"] = breakdown(kernel_ops) + breakdown(kernel_ops, (4096, 14336))
                 data["bandwidth"] = kernel_bandwidth(kernel_ops, shapes[:3])
             data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch)
             if args.out:  # the timings are safe on disk before the verification starts

@@ -24,7 +24,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (1024, 4096)]  # (d_out, d_in) as (rows, cols) of W0
@@ -290,23 +289,9 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-@contextmanager
-def _variant(coalesced):
-    """The gathers/scatters launched inside run coalesced (True) or direct (False); None keeps the default."""
-    from smoa_mlx.kernels import source
-
-    default = source.COALESCED
-    source.COALESCED = default if coalesced is None else coalesced
-    try:
-        yield
-    finally:
-        source.COALESCED = default
-
-
 def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only=False) -> list[dict]:
-    """Each memory-bound step alone, ``reps`` launches per evaluation: ms and GB/s of bytes that must move. The
-    gathers and scatters run twice, direct and coalesced (``source.COALESCED``; labels "gather x" and
-    "gather x (coalesced)"), side by side in the same run."""
+    """Each memory-bound step alone, ``reps`` launches per evaluation: ms and GB/s of bytes that must move;
+    ``movers_only``: the gathers and scatters alone."""
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import _pack
@@ -326,7 +311,7 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only
         parts = layer.weight_parts()
         mx.eval(x, g, base_y, yb, gram, a_pad, b_pad)
         es = 2
-        movers = {
+        steps = {
             "gather x": (lambda: kernel_ops.gather(x, plan.col_src, K, N), (TOKENS * d_in + K * TOKENS * N) * es),
             "gather dy": (lambda: kernel_ops.gather(g, plan.row_src, K, M), (TOKENS * d_out + K * TOKENS * M) * es),
             "scatter": (lambda: kernel_ops.scatter(yb, plan.row_slot, None, mx.bfloat16),
@@ -334,17 +319,12 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only
             "scatter+add": (lambda: kernel_ops.scatter(yb, plan.row_slot, base_y, mx.bfloat16),
                             (K * TOKENS * M + 2 * TOKENS * d_out) * es),
         }
-        steps = [(name, step, False) for name, step in movers.items()]
-        steps += [(name + " (coalesced)", step, True) for name, step in movers.items()]
         if not movers_only:
-            steps += [
-                ("modulate", (lambda: kernel_ops.modulate(layer.layout, plan, parts, a_pad, b_pad, mx.bfloat16),
-                              2 * K * M * N * es), None),
-                ("hadamard", (lambda: kernel_ops.hadamard(layer.layout, plan, parts, gram), 3 * K * M * N * es), None),
-            ]
-        for name, (fn, nbytes), coalesced in steps:
-            with _variant(coalesced):  # read when fn() launches its kernel
-                ms, spread = _median_time(lambda: mx.eval([fn() for _ in range(reps)]), mx.synchronize, budget_s=0.3)
+            steps["modulate"] = (lambda: kernel_ops.modulate(layer.layout, plan, parts, a_pad, b_pad, mx.bfloat16),
+                                 2 * K * M * N * es)
+            steps["hadamard"] = (lambda: kernel_ops.hadamard(layer.layout, plan, parts, gram), 3 * K * M * N * es)
+        for name, (fn, nbytes) in steps.items():
+            ms, spread = _median_time(lambda: mx.eval([fn() for _ in range(reps)]), mx.synchronize, budget_s=0.3)
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, gb=nbytes / 1e9,
                        gbps=nbytes / (ms / reps) / 1e6, spread=spread)
             print("bandwidth", json.dumps(row), flush=True)
@@ -357,7 +337,7 @@ MOVER_CHECKS = [(4096, 2), (4096, 4), (14336, 2), (14336, 4), (4100, 3), (4095, 
 
 
 def check_movers(kernel_ops, cases=MOVER_CHECKS, tokens=TOKENS) -> list[dict]:
-    """The gathers and scatters, direct and coalesced, against plain MLX (MlxOps) on full-size inputs: equal bits
+    """The gathers and scatters against plain MLX (MlxOps) on full-size inputs: equal bits
     required (they only move elements; scatter_add sums in float32 and rounds once, the reference likewise)."""
     import mlx.core as mx
     import numpy as np
@@ -381,20 +361,18 @@ def check_movers(kernel_ops, cases=MOVER_CHECKS, tokens=TOKENS) -> list[dict]:
                     "scatter_add": (ref.scatter(yb, plan.row_slot, None, mx.float32)
                                     + base.astype(mx.float32)).astype(dtype)}
             mx.eval(x, yb, base, *want.values())
-            for coalesced in (False, True):
-                with _variant(coalesced):
-                    got = {"gather": kernel_ops.gather(x, plan.col_src, K, N),
-                           "scatter": kernel_ops.scatter(yb, plan.row_slot, None, dtype),
-                           "scatter_add": kernel_ops.scatter(yb, plan.row_slot, base, dtype)}
-                    mx.eval(*got.values())
-                for kernel, out in got.items():
-                    diff = mx.not_equal(out, want[kernel])
-                    row = dict(width=width, blocks=blocks, dtype=str(dtype).split(".")[-1], kernel=kernel,
-                               variant="coalesced" if coalesced else "direct", mismatches=int(mx.sum(diff).item()),
-                               nans=int(mx.sum(mx.isnan(out)).item()), shape=list(out.shape))
-                    row["ok"] = row["mismatches"] == 0 and row["nans"] == 0
-                    print("movers", json.dumps(row), flush=True)
-                    rows.append(row)
+            got = {"gather": kernel_ops.gather(x, plan.col_src, K, N),
+                   "scatter": kernel_ops.scatter(yb, plan.row_slot, None, dtype),
+                   "scatter_add": kernel_ops.scatter(yb, plan.row_slot, base, dtype)}
+            mx.eval(*got.values())
+            for kernel, out in got.items():
+                diff = mx.not_equal(out, want[kernel])
+                row = dict(width=width, blocks=blocks, dtype=str(dtype).split(".")[-1], kernel=kernel,
+                           mismatches=int(mx.sum(diff).item()), nans=int(mx.sum(mx.isnan(out)).item()),
+                           shape=list(out.shape))
+                row["ok"] = row["mismatches"] == 0 and row["nans"] == 0
+                print("movers", json.dumps(row), flush=True)
+                rows.append(row)
             del x, yb, base, want, got
     return rows
 
@@ -538,13 +516,11 @@ def markdown(data: dict) -> str:
             out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r['ms']:.3f} | {r['gb']:.3f} | {r['gbps']:.0f} "
                        f"| {100 * r['gbps'] / data.get('copy_gbps', float('nan')):.0f}% |")
         out.append("")
-    if "bandwidth" in data and any(r["step"].endswith(" (coalesced)") for r in data["bandwidth"]):
-        out += [_movers_table(data), ""]
     if "movers_check" in data:
         bad = [r for r in data["movers_check"] if not r["ok"]]
-        out += [f"Gathers and scatters against plain MLX, {TOKENS} tokens, bf16 and f32, direct and coalesced: "
+        out += [f"Gathers and scatters against plain MLX, {TOKENS} tokens, bf16 and f32: "
                 f"{len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
-        out += [f"- MISMATCH {r['kernel']} {r['variant']} width {r['width']} K={r['blocks']} {r['dtype']}: "
+        out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']}: "
                 f"{r['mismatches']} elements differ, {r['nans']} NaN" for r in bad]
         out.append("")
     if "verify" in data:
@@ -562,22 +538,6 @@ def markdown(data: dict) -> str:
     if "cpu" in data:
         out += ["", "| form (CPU, float32) | rep | ms |", "|---|---|---|"]
         out += [f"| {r['form']} | {r['rep']} | {r['ms']:.1f} |" for r in data["cpu"]]
-    return "\n".join(out)
-
-
-def _movers_table(data: dict) -> str:
-    """Direct and coalesced gathers/scatters side by side, as % of the copy measured in the same run."""
-    copy = data.get("copy_gbps", float("nan"))
-    by = {(r["d_out"], r["d_in"], r["step"]): r for r in data["bandwidth"]}
-    out = ["Gathers and scatters, direct vs coalesced (GB/s, % of copy):", "",
-           "| W0 | step | direct GB/s | % of copy | coalesced GB/s | % of copy | coalesced / direct |",
-           "|---|---|---|---|---|---|---|"]
-    for (d_out, d_in, step), r in by.items():
-        c = by.get((d_out, d_in, step + " (coalesced)"))
-        if c is None:
-            continue
-        out.append(f"| {d_out}x{d_in} | {step} | {r['gbps']:.0f} | {100 * r['gbps'] / copy:.0f}% | {c['gbps']:.0f} "
-                   f"| {100 * c['gbps'] / copy:.0f}% | {c['gbps'] / r['gbps']:.2f}x |")
     return "\n".join(out)
 
 
@@ -605,8 +565,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bench", action="store_true", help="only the correctness check")
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--gathers", action="store_true",
-                    help="only the gathers and scatters: direct and coalesced checked bit for bit against plain MLX "
-                         "on full-size inputs, then their bandwidth side by side")
+                    help="only the gathers and scatters: checked bit for bit against plain MLX on full-size inputs, "
+                         "then their bandwidth")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")

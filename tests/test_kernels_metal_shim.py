@@ -3,11 +3,9 @@ against tests/metal_shim/shim.h and run under its threadgroup emulator (outputs 
 block form's forward and custom VJP, must match float64 numpy: ragged groups, a zero-rank block, K = 1, dense and
 2/4/8-bit bases (3-bit: the kernels' gathers with plain-MLX anchors), float16/bfloat16/float32, gradients included;
 the gathers and scatters with 16-byte vectors and with their narrower fallbacks (widths not a multiple of 8), and
-alone, coalesced and direct (``source.COALESCED``), bit for bit against plain MLX over several threadgroups, ragged
-padded blocks and token counts that are not a multiple of a thread's tokens. The shim is built with UBSan's
-alignment check, so an access through a 16-byte vector at a misaligned address stops the run: these runs also prove
-the alignment. Its threadgroup arrays are shared by the group's threads and its barriers are real, so the coalesced
-kernels' tile transpose runs as on a GPU."""
+alone, bit for bit against plain MLX over several threadgroups, ragged padded blocks and token counts that are not
+a multiple of a thread's tokens. The shim is built with UBSan's alignment check, so an access through a 16-byte
+vector at a misaligned address stops the run: these runs also prove the alignment."""
 
 from __future__ import annotations
 
@@ -86,13 +84,11 @@ def _bits(a: mx.array) -> np.ndarray:
     return np.asarray(a.view({mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}[a.dtype]))
 
 
-@pytest.mark.parametrize("coalesced", [True, False], ids=["coalesced", "direct"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["f32", "f16", "bf16"])
-def test_movers_copy_exactly(monkeypatch, dtype, coalesced):
+def test_movers_copy_exactly(dtype):
     """Gather, scatter (16-byte vectors: d = 2104) and scatter_add (scalar: d = 2105) alone against MlxOps, bit for
-    bit: two threadgroups across the columns, the second partly idle (its warps past P still reach the barriers), a
-    block padded with -1 from 5 columns to 8 (zeros out), 13 tokens (not a multiple of TT, nor of TC)."""
-    monkeypatch.setattr(source, "COALESCED", coalesced)
+    bit: two threadgroups across the columns, the second partly idle, a block padded with -1 from 5 columns to 8
+    (zeros out), 13 tokens (not a multiple of TT)."""
     launches: list[Launch] = []
     ops, ref = KernelOps(_recording(launches)), MlxOps()
     rng = np.random.default_rng(7)
@@ -110,14 +106,13 @@ def test_movers_copy_exactly(monkeypatch, dtype, coalesced):
     got = ops.scatter(xb, plan.col_slot, base, dtype)
     assert np.array_equal(_bits(got), _bits(ref.scatter(xb, plan.col_slot, base, dtype)))
     vec = source.vector_width(d_out, dtype)
-    names = [source.mover(k) for k in ("gather", "scatter", "scatter_add")]
-    assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(names, (16 // dtype.size, vec, 1)))
-    assert all(("TC" in dict(la.template)) == coalesced for la in launches)
+    assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(source.MOVERS,
+                                                                                 (16 // dtype.size, vec, 1)))
 
 
-def test_coalesced_scatter_keeps_its_input_type():
-    """float32 block-major results into a bfloat16 output: the tile holds the float32 inputs (32-byte rows, fewer
-    tokens per round), each element rounded once, as MLX does."""
+def test_scatter_rounds_once_into_a_narrower_type():
+    """float32 block-major results plus a bfloat16 base into a bfloat16 output: each element summed in float and
+    rounded once, as MLX does (VEC 8, set by the 2-byte output)."""
     rng = np.random.default_rng(3)
     layout = BlockLayout((300, 212), (8, 8), (1, 1), 1.0)
     K, M, _, _ = padded_dims(layout)
@@ -127,13 +122,7 @@ def test_coalesced_scatter_keeps_its_input_type():
     launches: list[Launch] = []
     got = KernelOps(_recording(launches)).scatter(yb, plan.row_slot, base, mx.bfloat16)
     assert np.array_equal(_bits(got), _bits(MlxOps().scatter(yb, plan.row_slot, base, mx.bfloat16)))
-    assert dict(launches[0].template)["TC"] == source.tile_tokens(8, 4) == 2
-
-
-def test_tile_fits_the_limits():
-    for vec, size in ((8, 2), (4, 4), (8, 4), (1, 2), (2, 2)):
-        tc = source.tile_tokens(vec, size)
-        assert source.TT % tc == 0 and source.GROUP * vec * size * tc <= source.TILE_BYTES <= 32 * 1024
+    assert dict(launches[0].template)["VEC"] == 8
 
 
 def test_vector_width():
@@ -143,17 +132,15 @@ def test_vector_width():
     assert source.vector_width(40, mx.bfloat16, mx.float32) == 4  # the widest type sets the 16 bytes
 
 
-@pytest.mark.parametrize("kernel", ["gather", "gather_direct"])
-def test_misaligned_vector_store_faults_in_the_shim(kernel):
+def test_misaligned_vector_store_faults_in_the_shim():
     """The shim's net under the alignment contract: rows of 12 halves (24 bytes) cannot take 16-byte stores. UBSan
     (metal_emulator._FLAGS) stops the run at the first store through a misaligned 16-byte vector."""
     from metal_emulator import run_launch
 
     inp = mx.arange(5 * 30).reshape(5, 30).astype(mx.float16)
     dims = mx.array([5, 30, 12], dtype=mx.int32)
-    tile = [("TC", source.tile_tokens(8, 2))] if kernel == "gather" else []
-    launch = Launch(kernel, False, [inp, mx.arange(24, dtype=mx.int32), dims],
-                    [("T", mx.float16), ("TT", source.TT), ("VEC", 8)] + tile, (256, 1, 2), (256, 1, 1), [(2, 5, 12)],
+    launch = Launch("gather", False, [inp, mx.arange(24, dtype=mx.int32), dims],
+                    [("T", mx.float16), ("TT", source.TT), ("VEC", 8)], (256, 1, 2), (256, 1, 1), [(2, 5, 12)],
                     [mx.float16])
     with pytest.raises(RuntimeError, match=r"(?s)emulated kernel failed.*misaligned address.*smoa_vec"):
         run_launch(launch)

@@ -28,8 +28,7 @@ from mlx.utils import tree_map
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
 from .plan import BlockLayout, BlockPlan, padded_dims, plan_of, take_factors, untake_grads
-from . import source
-from .source import GROUP, TI, TT, V, tile_tokens, vector_width
+from .source import GROUP, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -99,11 +98,6 @@ def _hadamard_pass(dtype):
     return mx.compile(lambda g, w, s: (s * g.astype(mx.float32) * w.astype(mx.float32)).astype(dtype))
 
 
-def _tile(vec: int, dtype) -> list:
-    """The coalesced movers' template argument TC (none for the direct ones), read at launch time."""
-    return [("TC", tile_tokens(vec, dtype.size))] if source.COALESCED else []
-
-
 class KernelOps(MlxOps):
     """The same steps as the GPU kernels of :mod:`.source`, launched through ``run`` (Metal, CUDA, or the shim)."""
 
@@ -115,8 +109,7 @@ class KernelOps(MlxOps):
         n_tok = inp.shape[0]
         vec = vector_width(width, inp.dtype)
         dims = mx.array([n_tok, inp.shape[1], width], dtype=mx.int32)
-        template = [("T", inp.dtype), ("TT", TT), ("VEC", vec)] + _tile(vec, inp.dtype)
-        (out,) = self.run(Launch(source.mover("gather"), False, [inp, src, dims], template,
+        (out,) = self.run(Launch("gather", False, [inp, src, dims], [("T", inp.dtype), ("TT", TT), ("VEC", vec)],
                                  (_ceil(width // vec, GROUP) * GROUP, _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
                                  [(blocks, n_tok, width)], [inp.dtype]))
         return out
@@ -127,10 +120,8 @@ class KernelOps(MlxOps):
         vec = vector_width(d, out_dtype, *([] if base is None else [base.dtype]))
         dims = mx.array([n_tok, d, width], dtype=mx.int32)
         kernel, extra = ("scatter", []) if base is None else ("scatter_add", [base])
-        template = [("OT", out_dtype), ("TT", TT), ("VEC", vec)]
-        if source.COALESCED:
-            template = [("IT", inp.dtype)] + template + _tile(vec, inp.dtype)
-        (out,) = self.run(Launch(source.mover(kernel), False, [inp, slot, dims, *extra], template,
+        (out,) = self.run(Launch(kernel, False, [inp, slot, dims, *extra],
+                                 [("OT", out_dtype), ("TT", TT), ("VEC", vec)],
                                  (_ceil(d // vec, GROUP) * GROUP, _ceil(n_tok, TT), 1), (GROUP, 1, 1),
                                  [(n_tok, d)], [out_dtype]))
         return out

@@ -13,36 +13,28 @@ are memory-bound steps that MLX has no fast primitive for, and they are these ke
 ``hadamard``  out[k, i, j] = s G[k, i, j] W0[row_src[k, i], col_src[k, j]]: the factor-gradient Hadamard product.
 
 Each body is plain C++ that both the Metal Shading Language and CUDA accept, plus ``$NAME`` tokens that
-:func:`render` replaces with each backend's spelling (thread position, float conversions, the threadgroup array and
-its barrier) and the anchor read, written once as a snippet; the vector load/store helpers, which differ only in
-Metal's ``device`` qualifier, are in the per-backend headers. No SIMD-group functions or atomics; threadgroup
-memory and barriers only in the coalesced gathers/scatters, whose barriers every thread of the group reaches (the
-work is guarded, never the barrier). The CPU shim (tests/metal_shim) runs a threadgroup's threads concurrently
-with real barriers, so it models the Metal rendering of all of them. Products that can exceed 2^31 (token x
-width) are formed in 64-bit.
+:func:`render` replaces with each backend's spelling (thread position, float conversions) and the anchor read,
+written once as a snippet; the vector load/store helpers, which differ only in Metal's ``device`` qualifier, are in
+the per-backend headers. No threadgroup memory, barriers, SIMD-group functions or atomics: every thread reads and
+writes its own elements, so the CPU shim (tests/metal_shim) models the Metal rendering exactly. Products that can
+exceed 2^31 (token x width) are formed in 64-bit.
 
-Gather and scatter: each thread stores ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for
-``TT`` tokens, one 16-byte vector store per token; threads of a warp own consecutive runs, so a warp stores 512
-contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the block-major widths M and N
-are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into a width d that 8 (4 for f32)
-does not divide runs with the widest VEC that divides d, down to one element (:func:`vector_width`). Every thread
-issues all its element loads (VEC x TT, scattered, so one element each) before its first store. Two variants,
-chosen at launch time by :data:`COALESCED` (:func:`mover`):
+Gather and scatter: each thread owns ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for ``TT``
+tokens, reusing its VEC indices for every token. It issues all its per-element reads (scattered, so one element
+each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first store, so VEC x TT loads
+are in flight, then writes each token's run with one 16-byte vector store; threads of a warp own consecutive
+runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
+block-major widths M and N are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into
+a width d that 8 (4 for f32) does not divide runs with the widest VEC that divides d, down to one element
+(:func:`vector_width`). Modulate/hadamard: each thread keeps its A columns in registers for ``TI`` rows, ``V``
+columns 32 apart (coalesced across the warp).
 
-- coalesced (``gather``, ``scatter``, ``scatter_add``): lane l of a warp loads the warp's elements l + 32 e, so
-  one load instruction of the warp reads 32 consecutive sorted columns (a cache line or two), then the values
-  pass through a threadgroup tile (``TC`` tokens a round, :func:`tile_tokens`, at most :data:`TILE_BYTES`) and a
-  barrier to the lane that stores them. scatter_add loads each round's ``base`` vectors as the round begins.
-- direct (``*_direct``, the previous design): each lane loads its own VEC columns, so the lanes' addresses are
-  VEC sorted columns apart and one load instruction touches about 8 cache lines; no tile, no barrier; scatter_add
-  loads all its ``base`` vectors up front.
-
-Modulate/hadamard: each thread keeps its A columns in registers for ``TI`` rows, ``V`` columns 32 apart
-(coalesced across the warp).
-
-Measured on an H200 (docs/BENCHMARKS.md), the direct gathers and scatters reached 63-74% of a device copy's
-bandwidth with 14336-wide rows but 33-40% (scatter_add 50%) at 4096; the coalesced ones are not yet measured on the
-GPU (``scripts/bench_kernels.py --gathers`` measures both). Whichever loses is to be removed with the switch.
+Measured on an H200 (benchmarks/bench_kernels.json, "bandwidth"; docs/BENCHMARKS.md), these gathers and scatters
+reach 56-70% of a device copy's bandwidth on the steps whose rows are 14336 wide and 32-50% on 4096-wide rows. A
+variant whose lanes loaded 32 consecutive sorted columns per warp load and handed them on through a threadgroup
+tile and a barrier was measured against them in the same run and dropped: 1.06-1.15x faster at 4096x4096, but
+0.84-0.96x on most 14336-wide steps, and 1.997 ms against these kernels' 1.914 ms over the three shapes' twelve
+gathers and scatters.
 """
 
 from __future__ import annotations
@@ -50,9 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("metal", "cuda")
-KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard", "gather_direct", "scatter_direct",
-           "scatter_add_direct")
-MOVERS = ("gather", "scatter", "scatter_add")  # the gathers and scatters, by their (coalesced) names
+KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard")
+MOVERS = ("gather", "scatter", "scatter_add")  # the gathers and scatters
 
 ANCHORED = ("modulate", "hadamard")  # the kernels that read W0 (dense or quantized)
 
@@ -62,19 +53,6 @@ TI = 16  # block rows per modulate/hadamard thread
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
-TILE_BYTES = 16384  # the coalesced movers' threadgroup tile, at most (Metal allows 32 KiB, CUDA 48 KiB static)
-COALESCED = True  # read at launch time: the coalesced movers (tile transpose) or the direct ones ("*_direct")
-
-
-def mover(kernel: str) -> str:
-    """The kernel that runs ``kernel`` (one of :data:`MOVERS`) under the :data:`COALESCED` switch."""
-    return kernel if COALESCED else kernel + "_direct"
-
-
-def tile_tokens(vec: int, itemsize: int) -> int:
-    """TC, the tokens per round of a coalesced mover's tile: as many of its TT as fit in :data:`TILE_BYTES` (a
-    token's row of the tile is GROUP x VEC elements of ``itemsize`` bytes). Powers of two all, so TC divides TT."""
-    return max(1, min(TT, TILE_BYTES // (GROUP * vec * itemsize)))
 
 
 def vector_width(width: int, *dtypes) -> int:
@@ -95,9 +73,6 @@ _VOCAB = {
         "$TOF": "static_cast<float>",
         "$TOT": "static_cast<T>",
         "$TOO": "static_cast<OT>",
-        "$TOI": "static_cast<IT>",
-        "$SHARED": "threadgroup",
-        "$BARRIER": "threadgroup_barrier(mem_flags::mem_threadgroup)",
     },
     "cuda": {
         "$TX": "int(blockIdx.x * blockDim.x + threadIdx.x)",
@@ -106,9 +81,6 @@ _VOCAB = {
         "$TOF": "smoa_tof",
         "$TOT": "smoa_fromf<T>",
         "$TOO": "smoa_fromf<OT>",
-        "$TOI": "smoa_fromf<IT>",
-        "$SHARED": "__shared__",
-        "$BARRIER": "__syncthreads()",
     },
 }
 
@@ -141,105 +113,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 smoa_fromf<__nv_bfloat16>(f
 """ + _VEC_HELPERS.replace("FN", "__device__ __forceinline__").replace("DEV ", ""),
 }
 
-# The coalesced movers. Lane l of a warp loads the warp's elements lane + 32 e (e < VEC) of its 32 VEC columns for
-# all TT tokens, so each load instruction of the warp reads 32 consecutive sorted columns (one or two cache lines,
-# where the direct kernels' lanes, VEC columns apart, touch about eight); the tile then hands each lane its own VEC
-# consecutive elements for one 16-byte store. The tile's rows are a warp's runs back to back, unpadded: a lane's
-# scalar writes fill 32 consecutive elements (64 or 128 contiguous bytes) and its vector reads 16 consecutive bytes
-# per lane, both free of bank conflicts without padding (which would break the 16-byte alignment of the reads).
-# The tile holds TC of the TT tokens (:func:`tile_tokens`); all TT x VEC loads are issued before the first round.
-# Every thread reaches every barrier: the work is guarded, never the barrier.
-_TILE_ROUNDS = """
-  $SHARED smoa_vec<$TILE_T, VEC> tile[$GROUP * TC];
-  for (int u0 = 0; u0 < TT; u0 += TC) {
-    if (u0 > 0) {
-      $BARRIER;  // the previous round's tile has been read by every thread
-    }$ROUNDLOAD
-    for (int u = 0; u < TC; ++u) {
-      for (int e = 0; e < VEC; ++e) {
-        const int at = (tid - lane) * VEC + 32 * e + lane;  // the element's place in its warp's run
-        tile[u * $GROUP + at / VEC].v[at % VEC] = vals[u0 + u][e];
-      }
-    }
-    $BARRIER;
-    for (int u = 0; u < TC; ++u) {
-      const int t = t0 + u0 + u;
-      if (t < n_tok && $MINE) {
-        const smoa_vec<$TILE_T, VEC> got = tile[u * $GROUP + tid];$STORE
-      }
-    }
-  }
-"""
-
-_MOVER_HEAD = """
-  const int n_tok = dims[0];
-  const int width = dims[1];
-  const int P = dims[2];
-  const int t0 = $TY * TT;
-  const int tid = $TX % $GROUP;  // the thread's place in its group of (GROUP, 1, 1)
-  const int lane = tid % 32;"""
-
-GATHER_BODY = _MOVER_HEAD + """
-  const int j0 = $TX * VEC;  // the VEC consecutive block columns this thread stores (P is a multiple of VEC)
-  const int jw = j0 - lane * VEC;  // its warp's 32 VEC columns, loaded 32 consecutive ones at a time
-  const int k = $TZ;
-  int cols[VEC];
-  for (int e = 0; e < VEC; ++e) {
-    const int j = jw + 32 * e + lane;
-    cols[e] = j < P ? src[k * P + j] : -1;
-  }
-  T vals[TT][VEC];
-  for (int u = 0; u < TT; ++u) {
-    const int t = t0 + u;
-    const long row = long(t) * width;
-    for (int e = 0; e < VEC; ++e) {
-      vals[u][e] = (t < n_tok && cols[e] >= 0) ? inp[row + cols[e]] : $TOT(0.0f);
-    }
-  }""" + _TILE_ROUNDS.replace("$TILE_T", "T").replace("$ROUNDLOAD", "").replace("$MINE", "j0 < P").replace("$STORE", """
-        smoa_vstore(out + (long(k) * n_tok + t) * P + j0, got);""")
-
-# IT: the block-major input's type, which the tile keeps, so each element is rounded to OT once, as in the direct
-# kernel (after scatter_add's float sum).
-_SCATTER_TEMPLATE = _MOVER_HEAD + """
-  const int c0 = $TX * VEC;  // the VEC consecutive output columns this thread stores (width is a multiple of VEC)
-  const int cw = c0 - lane * VEC;  // its warp's 32 VEC columns, loaded 32 consecutive ones at a time
-  long from[VEC];
-  for (int e = 0; e < VEC; ++e) {
-    const int c = cw + 32 * e + lane;
-    from[e] = -1;
-    if (c < width) {
-      const int s = slot[c];
-      const int k = s / P;
-      from[e] = long(k) * n_tok * P + (s - k * P);
-    }
-  }
-  IT vals[TT][VEC];
-  for (int u = 0; u < TT; ++u) {
-    const int t = t0 + u;
-    for (int e = 0; e < VEC; ++e) {
-      vals[u][e] = (t < n_tok && from[e] >= 0) ? inp[from[e] + long(t) * P] : $TOI(0.0f);
-    }
-  }""" + _TILE_ROUNDS.replace("$TILE_T", "IT").replace("$MINE", "c0 < width").replace("$STORE", """
-        smoa_vec<OT, VEC> val;
-        for (int e = 0; e < VEC; ++e) {
-          val.v[e] = $TOO($TOF(got.v[e])$ADD);
-        }
-        smoa_vstore(out + long(t) * width + c0, val);""")
-# scatter_add's base: one 16-byte vector per token, loaded for a round's TC tokens as the round begins (in flight
-# with the first round's element loads, and across the barrier); all TT up front would hold 32 more registers
-# (bf16: 148 in all, one threadgroup per H100/H200 SM instead of two).
-_SCATTER_BASE = """
-    decltype(smoa_vload<VEC>(base)) add[TC];
-    for (int u = 0; u < TC; ++u) {
-      const int t = t0 + u0 + u;
-      if (t < n_tok && c0 < width) {
-        add[u] = smoa_vload<VEC>(base + long(t) * width + c0);
-      }
-    }"""
-
-# The direct movers (the previous design, kept to be measured against the coalesced ones): each thread loads its
-# own VEC consecutive columns for its TT tokens and stores them; no threadgroup memory, no barrier.
-GATHER_DIRECT_BODY = """
+GATHER_BODY = """
   const int n_tok = dims[0];
   const int width = dims[1];
   const int P = dims[2];
@@ -270,7 +144,7 @@ GATHER_DIRECT_BODY = """
   }
 """
 
-_SCATTER_DIRECT_TEMPLATE = """
+_SCATTER_TEMPLATE = """
   const int n_tok = dims[0];
   const int width = dims[1];
   const int P = dims[2];
@@ -301,7 +175,7 @@ _SCATTER_DIRECT_TEMPLATE = """
     }
   }
 """
-_SCATTER_DIRECT_BASE = """
+_SCATTER_BASE = """
         const auto add = smoa_vload<VEC>(base + long(t) * width + c0);"""
 
 # The anchor W0[row, col] as float: a dense base, or MLX's affine quantization (uint32 words, low bits first).
@@ -394,17 +268,10 @@ def weight_inputs(quantized: bool) -> tuple[str, ...]:
 
 def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
     if kernel == "gather":
-        return GATHER_BODY.replace("$GROUP", str(GROUP)), ("inp", "src", "dims")
-    if kernel == "gather_direct":
-        return GATHER_DIRECT_BODY, ("inp", "src", "dims")
+        return GATHER_BODY, ("inp", "src", "dims")
     if kernel in ("scatter", "scatter_add"):
         add = kernel == "scatter_add"
-        body = _SCATTER_TEMPLATE.replace("$ROUNDLOAD", _SCATTER_BASE if add else "").replace("$GROUP", str(GROUP))
-        body = body.replace("$ADD", " + $TOF(add[u].v[e])" if add else "")
-        return body, ("inp", "slot", "dims") + (("base",) if add else ())
-    if kernel in ("scatter_direct", "scatter_add_direct"):
-        add = kernel == "scatter_add_direct"
-        body = _SCATTER_DIRECT_TEMPLATE.replace("$LOADBASE", _SCATTER_DIRECT_BASE if add else "")
+        body = _SCATTER_TEMPLATE.replace("$LOADBASE", _SCATTER_BASE if add else "")
         body = body.replace("$ADD", " + $TOF(add.v[e])" if add else "")
         return body, ("inp", "slot", "dims") + (("base",) if add else ())
     if kernel in ANCHORED:

@@ -37,8 +37,8 @@ _ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense"}
 
 def _dataset(kind: str, n: int, seq: int, vocab: int, rng) -> list:
     """``random``: uniform tokens (speed runs: nothing to learn but the sequences themselves). ``bigram``: every
-    token has 4 possible successors in a fixed random table over 1024 tokens (fewer in --tiny), so a model can lower its loss from
-    ln(vocab) towards ln(4) within tens of steps: loss curves that can tell two implementations apart."""
+    token has 4 possible successors in a fixed random table over 1024 tokens (fewer in --tiny), so a model can lower
+    its loss from ln(vocab) towards ln(4) within tens of steps: loss curves that can tell two implementations apart."""
     if kind == "random":
         return [(rng.integers(0, vocab, seq + 1).tolist(), 0) for _ in range(n)]
     n_words = min(1024, vocab)
@@ -168,7 +168,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
                 tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
                 peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
                 lr=lr, data=data, **split_ms, losses=[(r["iteration"], r["train_loss"]) for r in reports],
-                **({"rounding": _rounding_share(model)} if method != "lora" else {}))
+                **({} if method == "lora" else {"rounding": _rounding_share(model)}))
 
 
 def markdown(data: dict) -> str:
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
             for method in args.methods.split(","):
                 cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
                        str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data] + (["--split"] if args.split else [])
+                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data]
+                cmd += ["--split"] if args.split else []
                 done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:

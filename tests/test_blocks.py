@@ -46,8 +46,8 @@ def test_plan_is_a_sorted_partition_and_the_factor_packing_round_trips():
             np.testing.assert_array_equal(slot[src[k, :n]], k * width + np.arange(n))
     a_pad, b_pad = _pack(layout, plan, layer.smoa_a, layer.smoa_b)
     assert a_pad.shape == (K, R, N) and b_pad.shape == (K, M, R)
-    for got, want in zip(untake_grads(plan.a_back, a_pad, layer.smoa_a) + untake_grads(plan.b_back, b_pad, layer.smoa_b),
-                         layer.smoa_a + layer.smoa_b):
+    unpacked = untake_grads(plan.a_back, a_pad, layer.smoa_a) + untake_grads(plan.b_back, b_pad, layer.smoa_b)
+    for got, want in zip(unpacked, layer.smoa_a + layer.smoa_b):
         assert got.shape == want.shape and mx.array_equal(got, want).item()
     # The padding is zero, and the plan a layer carries equals one built from its orders.
     assert float(mx.abs(a_pad[1]).sum()) == 0.0 and float(mx.abs(b_pad[0, layout.row_sizes[0]:]).sum()) == 0.0

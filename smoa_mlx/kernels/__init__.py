@@ -15,9 +15,9 @@ Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
 :func:`delta_fn` returns the update alone (layers with dropout on the update path: the block or the dense form);
 :func:`linear_fn` returns x W0^T plus the update. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the merged form for
-:func:`linear_fn` everywhere, with the block gradients on GPU layers where :func:`block_grads_pay` says; for :func:`delta_fn`
-the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form below and on the
-CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with the GPU
+:func:`linear_fn` everywhere, with the block gradients on GPU layers where :func:`block_grads_pay` says; for
+:func:`delta_fn` the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form
+below and on the CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with the GPU
 kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form's
 block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere; with full
 gradients it launches no kernel, so it never waits for their compilation. Kernels that fail to compile or run on a
@@ -45,6 +45,8 @@ __all__ = [
     "CPU_FORM",
     "GPU_BLOCK_MIN_WEIGHTS",
     "KERNEL_ENV",
+    "MERGED_BLOCK_GRADS_MIN_SAVING",
+    "block_grads_pay",
     "build_plan",
     "delta_fn",
     "dense_delta",
@@ -52,7 +54,6 @@ __all__ = [
     "form",
     "gather_anchor",
     "gather_rows",
-    "block_grads_pay",
     "linear_fn",
     "merged_block_grads",
     "merged_fn",

@@ -27,7 +27,7 @@ from mlx.utils import tree_map
 
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
-from .plan import BlockLayout, BlockPlan, padded_dims, plan_of, take_factors, untake_grads
+from .plan import BlockLayout, BlockPlan, padded_dims, flat_factors, plan_of, untake_grads
 from .source import GROUP, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
@@ -174,7 +174,7 @@ def base_backward(layout: BlockLayout, g2: mx.array, weight_parts) -> mx.array:
 def _pack(layout: BlockLayout, plan: BlockPlan, a_list, b_list) -> tuple[mx.array, mx.array]:
     """(A packed (K, R, N), B packed (K, M, R)) in sorted block order, zero in the padding; float32."""
     K, M, N, R = padded_dims(layout)
-    flat = take_factors(a_list, b_list, plan.fac_take)
+    flat = mx.take(flat_factors(a_list, b_list), plan.fac_take)
     return mx.reshape(flat[: K * R * N], (K, R, N)), mx.reshape(flat[K * R * N :], (K, M, R))
 
 

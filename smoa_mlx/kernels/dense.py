@@ -14,7 +14,7 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from .plan import BlockLayout, plan_of, take_factors, untake_grads
+from .plan import BlockLayout, plan_of, untake_grads, whole_weight_factors
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -66,10 +66,8 @@ def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=
 
 
 def full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
-    """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32: one take (:mod:`.plan`)."""
-    d_out, d_in, r = sum(layout.row_sizes), sum(layout.col_sizes), sum(layout.ranks)
-    flat = take_factors(a_list, b_list, plan_of(layout, index).full_take)
-    return mx.reshape(flat[: d_out * r], (d_out, r)), mx.reshape(flat[d_out * r :], (r, d_in))
+    """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32: one take each (:mod:`.plan`)."""
+    return whole_weight_factors(plan_of(layout, index), a_list, b_list)
 
 
 def full_weight(weight_parts, layout: BlockLayout) -> mx.array:

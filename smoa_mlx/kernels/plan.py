@@ -6,10 +6,13 @@ and one batched matmul covers all of them. Within a block the rows (columns) are
 rather than in spectral order: the sum over a block does not depend on the order, and ascending indices make the
 gathers and the anchor reads walk memory forwards. The factors follow: ``fac_take`` places A_k's columns and B_k's
 rows at those sorted positions, ``a_back`` / ``b_back`` take the padded gradients back to the factors' own
-(spectral) order. ``full_take`` / ``full_a_back`` / ``full_b_back`` do the same for the whole-weight forms
-(:mod:`.merged`, :mod:`.dense`): B_full (d_out, r) and A_full (r, d_in) in the original basis, block k's factors in
-its own rank slots, taken from the same flat factors in one take each way (measured on an H200: the pads,
-concatenations and per-block slices this replaces cost about 0.08 ms per call at 4096x4096, fixed per layer).
+(spectral) order. ``full_rows`` / ``full_cols`` / ``full_a_back`` / ``full_b_back`` do the same for the
+whole-weight forms (:mod:`.merged`, :mod:`.dense`): B_full (d_out, r) and A_full (r, d_in) in the original basis,
+block k's factors in its own rank slots, taken from the same flat factors in one take each way (measured on an H200:
+the pads, concatenations and per-block slices this replaces cost about 0.08 ms per call at 4096x4096). The take
+indices of B_full and A_full are computed per call from a few integers per row and column
+(:func:`whole_weight_factors`) rather than stored: stored, they would be r (d_out + d_in) integers per layer, K times
+the factors themselves.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ class BlockPlan(NamedTuple):
     fac_take: mx.array  # (K*R*N + K*M*R,) into [A_0.flat, .., A_K-1.flat, B_0.flat, .., B_K-1.flat, 0]
     a_back: mx.array  # (sum r_k |C_k|,) into the flattened (K, R, N) gradient of the packed A
     b_back: mx.array  # (sum |R_k| r_k,) into the flattened (K, M, R) gradient of the packed B
-    full_take: mx.array  # (d_out*r + r*d_in,) B_full then A_full (original basis), into the same flat factors
+    full_rows: mx.array  # (3, d_out): per original row, where its B_k row starts in the flat factors (minus its
+    # block's first rank slot), and that slot range [lo, hi)
+    full_cols: mx.array  # (4, d_in): per original column, start (minus slot * |C_k|), stride |C_k|, lo, hi
     full_a_back: mx.array  # (sum r_k |C_k|,) into the flattened A_full (r, d_in), A_k's entries in their order
     full_b_back: mx.array  # (sum |R_k| r_k,) into the flattened B_full (d_out, r)
 
@@ -110,35 +115,37 @@ def build_plan(layout: BlockLayout, row_order, col_order) -> BlockPlan:
         b_back[boff + rpos[k][:, None] * r + qb] = (k * M + i) * R + qb
         aoff += r * n
         boff += m * r
-    as32 = lambda a: mx.array(a.reshape(-1).astype(np.int32))  # noqa: E731
-    return BlockPlan(as32(row_src), as32(col_src), as32(row_slot), as32(col_slot),
-                     as32(np.concatenate([a_take.reshape(-1), b_take.reshape(-1)])), as32(a_back), as32(b_back),
-                     *map(as32, _whole_weight_takes(layout, row_order, col_order)))
+    flat32 = lambda a: mx.array(a.reshape(-1).astype(np.int32))  # noqa: E731
+    full_rows, full_cols, full_a_back, full_b_back = _whole_weight_takes(layout, row_order, col_order)
+    return BlockPlan(flat32(row_src), flat32(col_src), flat32(row_slot), flat32(col_slot),
+                     flat32(np.concatenate([a_take.reshape(-1), b_take.reshape(-1)])), flat32(a_back), flat32(b_back),
+                     mx.array(full_rows.astype(np.int32)), mx.array(full_cols.astype(np.int32)),
+                     flat32(full_a_back), flat32(full_b_back))
 
 
 def _whole_weight_takes(layout: BlockLayout, row_order: np.ndarray, col_order: np.ndarray):
-    """(full_take, full_a_back, full_b_back): B_full[row_order[r0 + i], slot_k + q] = B_k[i, q] and
+    """(full_rows, full_cols, full_a_back, full_b_back): B_full[row_order[r0 + i], slot_k + q] = B_k[i, q] and
     A_full[slot_k + q, col_order[c0 + j]] = A_k[q, j], zero elsewhere (disjoint rank slots)."""
     ranks = layout.ranks
     total_a = sum(r * n for r, n in zip(ranks, layout.col_sizes))
-    zero = total_a + sum(m * r for r, m in zip(ranks, layout.row_sizes))
     d_out, d_in, r_all = len(row_order), len(col_order), sum(ranks)
-    b_take = np.full((d_out, r_all), zero, dtype=np.int64)
-    a_take = np.full((r_all, d_in), zero, dtype=np.int64)
+    rows = np.zeros((3, d_out), dtype=np.int64)  # base, lo, hi
+    cols = np.zeros((4, d_in), dtype=np.int64)  # base, stride, lo, hi
     a_back, b_back = [], []
     aoff, boff, slot = 0, total_a, 0
     row_starts, col_starts = layout.offsets(layout.row_sizes), layout.offsets(layout.col_sizes)
     for k, (r, m, n) in enumerate(zip(ranks, layout.row_sizes, layout.col_sizes)):
-        rows = row_order[row_starts[k][0] : row_starts[k][1]]  # original row of B_k's row i
-        cols = col_order[col_starts[k][0] : col_starts[k][1]]  # original column of A_k's column j
+        orig_rows = row_order[row_starts[k][0] : row_starts[k][1]]  # original row of B_k's row i
+        orig_cols = col_order[col_starts[k][0] : col_starts[k][1]]  # original column of A_k's column j
+        rows[:, orig_rows] = np.stack([boff + np.arange(m) * r - slot, np.full(m, slot), np.full(m, slot + r)])
+        cols[:, orig_cols] = np.stack([aoff + np.arange(n) - slot * n, np.full(n, n), np.full(n, slot),
+                                       np.full(n, slot + r)])
         q = slot + np.arange(r)
-        a_take[q[:, None], cols[None, :]] = aoff + np.arange(r * n).reshape(r, n)  # A_k[q, j], row-major
-        b_take[rows[:, None], q[None, :]] = boff + np.arange(m * r).reshape(m, r)
-        a_back.append((q[:, None] * d_in + cols[None, :]).reshape(-1))  # A_k's entries in their own order
-        b_back.append((rows[:, None] * r_all + q[None, :]).reshape(-1))
+        a_back.append((q[:, None] * d_in + orig_cols[None, :]).reshape(-1))  # A_k's entries in their own order
+        b_back.append((orig_rows[:, None] * r_all + q[None, :]).reshape(-1))
         aoff, boff, slot = aoff + r * n, boff + m * r, slot + r
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
-    return np.concatenate([b_take.reshape(-1), a_take.reshape(-1)]), cat(a_back), cat(b_back)
+    return rows, cols, cat(a_back), cat(b_back)
 
 
 def plan_of(layout: BlockLayout, index) -> BlockPlan:
@@ -148,11 +155,26 @@ def plan_of(layout: BlockLayout, index) -> BlockPlan:
     return build_plan(layout, np.asarray(index[0]), np.asarray(index[1]))
 
 
-def take_factors(a_list, b_list, take: mx.array) -> mx.array:
-    """The factors, flattened in order [A_0, .., A_K-1, B_0, .., B_K-1, 0] in float32, taken by ``take`` (one of
-    the plan's ``fac_take`` / ``full_take``; the trailing 0 fills padding and the slots of other blocks)."""
+def flat_factors(a_list, b_list) -> mx.array:
+    """The factors flattened in one float32 array, [A_0, .., A_K-1, B_0, .., B_K-1, 0]: what the plan's takes index
+    (the trailing 0 fills padding and the slots of other blocks)."""
     parts = [mx.reshape(p, (-1,)).astype(mx.float32) for p in (*a_list, *b_list)]
-    return mx.take(mx.concatenate(parts + [mx.zeros((1,), dtype=mx.float32)]), take)
+    return mx.concatenate(parts + [mx.zeros((1,), dtype=mx.float32)])
+
+
+def whole_weight_factors(plan: BlockPlan, a_list, b_list) -> tuple[mx.array, mx.array]:
+    """(B_full [d_out, r], A_full [r, d_in]), float32, in the original basis: one take each from the flat factors,
+    its indices computed from ``full_rows`` / ``full_cols`` (one fused elementwise pass each under mx.compile)."""
+    flat = flat_factors(a_list, b_list)
+    zero = flat.shape[0] - 1
+    r = sum(a.shape[0] for a in a_list)
+    q = mx.arange(r, dtype=mx.int32)
+    base, lo, hi = (v[:, None] for v in plan.full_rows)
+    b_take = mx.where((q >= lo) & (q < hi), base + q, zero)
+    base, stride, lo, hi = (v[None, :] for v in plan.full_cols)
+    q = q[:, None]
+    a_take = mx.where((q >= lo) & (q < hi), base + q * stride, zero)
+    return mx.take(flat, b_take), mx.take(flat, a_take)
 
 
 def untake_grads(back: mx.array, grad: mx.array, like: list[mx.array]) -> list[mx.array]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .adapters.folder import file_not_folder
-from .atomic import is_disk_full
+from .atomic import is_disk_full, recover_folder
 from .errors import DiskFullError, FolderInUseError, SavePathExistsError
 
 LOCK_NAME = ".smoa_mlx.lock"
@@ -82,6 +82,7 @@ class FolderLock:
         )
 
     def acquire(self) -> None:
+        recover_folder(self.folder)  # before creating it: a new empty folder would hide the one to put back
         if self.folder.exists() and not self.folder.is_dir():
             raise SavePathExistsError(f"{self.flag} {file_not_folder(self.folder)}")
         self.created = not self.folder.exists()

@@ -2,10 +2,11 @@
 
 Without it, two runs into one ``--adapter-path`` both train and the one that saves last silently replaces the
 other's work (or, worse, their checkpoints interleave); two conversions or fuses into one output folder likewise.
-Training holds ``--adapter-path``, fuse ``--save-path`` (and ``--hf-path``), convert its output folder. The lock is a file in the folder, ``.smoa_mlx.lock``,
-holding the writer's pid (for the message), locked with ``flock``: the kernel drops that lock when its holder
-dies, SIGKILL and power loss included, so a stale lock file is simply taken over. Where ``flock`` is not available
-(some network file systems) the pid decides instead: a lock whose process no longer runs is taken over.
+Training holds ``--adapter-path``, fuse ``--save-path`` (and ``--hf-path``), convert its output folder. The lock
+is a file in the folder, ``.smoa_mlx.lock``, holding the writer's pid (for the message), locked with ``flock``:
+the kernel drops that lock when its holder dies, SIGKILL and power loss included, so a stale lock file is simply
+taken over. Where ``flock`` is not available (some network file systems) the pid decides instead: a lock whose
+process no longer runs is taken over.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def adapter_layer_paths(model: nn.Module) -> list[str]:
     return [path for path, m in model.named_modules() if callable(getattr(m, "fuse", None))]
 
 
-def check_save_path(path: os.PathLike, force: bool, flag: str, protected: Sequence[Optional[str]] = ()) -> Path:
+def check_save_path(path: os.PathLike, flag: str, protected: Sequence[Optional[str]] = ()) -> Path:
     """Refuse an output folder that holds the model / adapter being read, or that is a file."""
     path = Path(path)
     target = path.resolve()
@@ -183,9 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--hf-path needs --export-hf")
     adapter = read_adapter(args.adapter_path)  # a bad adapter fails before the slow model load
     protected = (args.model or recorded_base(adapter), args.adapter_path)
-    outputs = {"--save-path": check_save_path(args.save_path, args.force, "--save-path", protected)}
+    outputs = {"--save-path": check_save_path(args.save_path, "--save-path", protected)}
     if args.export_hf:
-        outputs["--hf-path"] = check_save_path(args.hf_path or f"{args.save_path}-hf", args.force, "--hf-path", protected)
+        hf_path = args.hf_path or f"{args.save_path}-hf"
+        outputs["--hf-path"] = check_save_path(hf_path, "--hf-path", protected)
         if outputs["--hf-path"].resolve() == outputs["--save-path"].resolve():
             parser.error("--hf-path must differ from --save-path")
     # One writer per output folder, held before anything is read, as training holds its --adapter-path.

@@ -7,17 +7,23 @@ first is renamed, so a full disk cannot leave new weights beside an old config.
 
 Temporary names start with ``.smoa-tmp-<pid>-``: recognisably this project's, and carrying the writer's process
 id, so a later write into the same folder removes those whose writer is dead (a killed save leaves one behind)
-without touching one another process is still writing. Running out of space (``ENOSPC``, a quota, or MLX's
+without touching one another process is still writing. A folder replaced whole is swapped with its new version in
+one step where the system can (:func:`replace_folder`); elsewhere the old one waits under ``.smoa-old-<pid>-``
+until the new one is in place, and a writer killed in between has it put back by the next write or model load
+(:func:`recover_folder`). Running out of space (``ENOSPC``, a quota, or MLX's
 ``[write] Unable to write``) raises :class:`~smoa_mlx.errors.DiskFullError` naming the file, with nothing left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Union
 
@@ -29,19 +35,23 @@ PathLike = Union[str, os.PathLike]
 Writer = Callable[[Path], None]
 
 TMP_PREFIX = ".smoa-tmp-"
+OLD_PREFIX = ".smoa-old-"  # the previous version of a folder being replaced, kept until the new one is in place
 
 
 # -- temporary names --------------------------------------------------------------------------------------
-def temp_path(target: Path) -> Path:
+def temp_path(target: Path, prefix: str = TMP_PREFIX) -> Path:
     """A fresh temporary sibling of ``target`` that keeps its name as the suffix (MLX wants ``.safetensors``)."""
-    return target.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{target.name}"
+    return target.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}-{target.name}"
 
 
-def _writer_pid(name: str) -> Optional[int]:
-    if not name.startswith(TMP_PREFIX):
-        return None
-    pid = name[len(TMP_PREFIX) :].split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
+def _parse(name: str) -> Optional[tuple[str, int, str]]:
+    """(prefix, writer pid, target name) of one of this project's temporary names; None for any other name."""
+    for prefix in (TMP_PREFIX, OLD_PREFIX):
+        if name.startswith(prefix):
+            parts = name[len(prefix) :].split("-", 2)
+            if len(parts) == 3 and parts[0].isdigit():
+                return prefix, int(parts[0]), parts[2]
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -54,16 +64,49 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(folder: PathLike) -> list[Path]:
-    """Remove this project's temporary files and folders in ``folder`` whose writing process is gone."""
-    removed = []
+def _stale(folder: Path) -> Iterator[tuple[Path, str, str]]:
+    """(entry, prefix, target name) of this project's temporary names in ``folder`` whose writer is gone."""
     try:
-        entries = list(Path(folder).iterdir())
+        entries = sorted(folder.iterdir())
     except OSError:
-        return removed
+        return
     for entry in entries:
-        pid = _writer_pid(entry.name)
-        if pid is None or pid == os.getpid() or _alive(pid):
+        parsed = _parse(entry.name)
+        if parsed is not None and parsed[1] != os.getpid() and not _alive(parsed[1]):
+            yield entry, parsed[0], parsed[2]
+
+
+def _put_back(old: Path, target: Path) -> None:
+    os.replace(old, target)
+    message = (f"{target} was missing: a replacement of it was killed between its two renames; put back the previous "
+               f"folder from {old.name}")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def recover_folder(path: PathLike) -> bool:
+    """Put the last complete folder back at ``path`` if a writer was killed between the two renames of
+    :func:`replace_folder` (``path`` missing, the old folder under ``.smoa-old-``); warns naming it. True if it did.
+
+    Readers of folders this package replaces whole (the model loaders) call it, so that no reader ever finds
+    the folder gone.
+    """
+    path = Path(path)
+    if os.path.lexists(path):
+        return False
+    for entry, prefix, name in _stale(path.parent):
+        if prefix == OLD_PREFIX and name == path.name:
+            _put_back(entry, path)
+            return True
+    return False
+
+
+def remove_stale(folder: PathLike) -> list[Path]:
+    """Remove this project's temporary files and folders in ``folder`` whose writing process is gone, after
+    putting back any old folder whose replacement was killed before the new one was in place."""
+    removed = []
+    for entry, prefix, name in _stale(Path(folder)):
+        if prefix == OLD_PREFIX and not os.path.lexists(entry.parent / name):
+            _put_back(entry, entry.parent / name)
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -172,7 +215,7 @@ def atomic_save_safetensors(
 def staged_folder(path: PathLike, merge: bool = False, what: str = "folder") -> Iterator[Path]:
     """Yield an empty temporary sibling of ``path`` to fill; when the block succeeds it becomes ``path``.
 
-    An existing ``path`` is replaced whole (the old one is deleted only once the new one is in place), or with
+    An existing ``path`` is replaced whole (:func:`replace_folder`: a crash leaves the old or the new one), or with
     ``merge`` updated file by file (each rename atomic; ``config.json`` last, so a reader that sees the new
     config also sees the new weights; ``model*.safetensors*`` shards the new folder lacks are removed).
     Refusing an existing ``path`` is the caller's business.
@@ -192,14 +235,61 @@ def staged_folder(path: PathLike, merge: bool = False, what: str = "folder") -> 
         if merge and path.is_dir():
             _merge_into(tmp, path)
         elif path.exists():
-            old = temp_path(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, path)
         else:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the complete folder ``new`` in the place of the folder ``path``, so that a crash at any instant leaves
+    one of the two, whole, at ``path``; afterwards ``new`` names nothing or the old folder (the caller removes it).
+
+    Linux and macOS swap two folders in one step (:func:`exchange`). Where they cannot (another system or file
+    system), POSIX has no such step: the old folder is renamed aside to ``.smoa-old-<pid>-...``, the new one into
+    place, then the old one deleted. A kill between those two renames leaves no folder at ``path``; the next
+    write into its parent, or the next load of it, puts the old one back (:func:`recover_folder`).
+    """
+    if exchange(new, path):
+        return
+    old = temp_path(path, OLD_PREFIX)
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange_call() -> Optional[Callable[[bytes, bytes], int]]:
+    """The C library's atomic swap of two paths as ``f(a, b) -> 0 or -1``, or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        at_fdcwd, rename_exchange = -100, 2
+        return lambda a, b: libc.renameat2(at_fdcwd, a, at_fdcwd, b, rename_exchange)
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        rename_swap = 2
+        return lambda a, b: libc.renamex_np(a, b, rename_swap)
+    return None
+
+
+_EXCHANGE = _exchange_call()
+# What a file system says when it cannot exchange: then the two-rename fallback is the only way.
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM}
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``, macOS
+    ``renamex_np(RENAME_SWAP)``); False, with nothing changed, where the system or file system cannot."""
+    if _EXCHANGE is None:
+        return False
+    if _EXCHANGE(os.fsencode(a), os.fsencode(b)) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def _merge_into(staging: Path, out: Path) -> None:

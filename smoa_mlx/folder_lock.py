@@ -1,10 +1,12 @@
-"""One writer per output folder: a second training run into an adapter folder in use is refused by name.
+"""One writer per output folder: a second run into a folder in use is refused by name.
 
 Without it, two runs into one ``--adapter-path`` both train and the one that saves last silently replaces the
-other's work (or, worse, their checkpoints interleave). The lock is a file in the folder, ``.smoa_mlx.lock``,
-holding the writer's pid (for the message), locked with ``flock``: the kernel drops that lock when its holder
-dies, SIGKILL and power loss included, so a stale lock file is simply taken over. Where ``flock`` is not available
-(some network file systems) the pid decides instead: a lock whose process no longer runs is taken over.
+other's work (or, worse, their checkpoints interleave); two conversions or fuses into one output folder likewise.
+Training holds ``--adapter-path``, fuse ``--save-path`` (and ``--hf-path``), convert its output folder. The lock
+is a file in the folder, ``.smoa_mlx.lock``, holding the writer's pid (for the message), locked with ``flock``:
+the kernel drops that lock when its holder dies, SIGKILL and power loss included, so a stale lock file is simply
+taken over. Where ``flock`` is not available (some network file systems) the pid decides instead: a lock whose
+process no longer runs is taken over.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .adapters.folder import file_not_folder
-from .atomic import is_disk_full
-from .errors import DiskFullError, FolderInUseError
+from .atomic import is_disk_full, recover_folder
+from .errors import DiskFullError, FolderInUseError, SavePathExistsError
 
 LOCK_NAME = ".smoa_mlx.lock"
 
@@ -34,6 +36,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def folder_contents(folder: Path) -> list[str]:
+    """The sorted names in ``folder`` (none if it is not one) other than its lock file: what a writer holding the
+    folder would replace, so that a folder the lock itself created counts as empty."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
 
 
 def _read_pid(fd: int) -> Optional[int]:
@@ -73,8 +83,9 @@ class FolderLock:
         )
 
     def acquire(self) -> None:
+        recover_folder(self.folder)  # before creating it: a new empty folder would hide the one to put back
         if self.folder.exists() and not self.folder.is_dir():
-            raise FileExistsError(f"{self.flag} {file_not_folder(self.folder)}")
+            raise SavePathExistsError(f"{self.flag} {file_not_folder(self.folder)}")
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
@@ -104,6 +115,13 @@ class FolderLock:
                 raise DiskFullError(f"disk full while writing the lock file {self.path}; nothing was written") from None
             raise
 
+    @property
+    def note(self) -> Optional[str]:
+        """The line to show when a dead writer's lock was taken over (None when there was none)."""
+        if self.took_over is None:
+            return None
+        return f"{self.folder}: took over the lock of pid {self.took_over}, which no longer runs"
+
     def _lock(self, fd: int) -> bool:
         """True when this process now holds the lock; False when a live process does."""
         if fcntl is not None:
@@ -122,11 +140,21 @@ class FolderLock:
         if self.fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)  # while still locked: no one can be holding the unlinked file
+            if self._still_ours():  # while still locked: no one can be holding the unlinked file
+                self.path.unlink()
         finally:
             os.close(self.fd)
             self.fd = None
         self._forget_folder()
+
+    def _still_ours(self) -> bool:
+        """Whether the lock file at the path is the one this lock holds: a folder replaced whole (fuse --force)
+        took that file away with the old folder, and a lock file there now is another writer's."""
+        try:
+            here, mine = os.stat(self.path), os.fstat(self.fd)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
     def _forget_folder(self) -> None:
         if self.created:

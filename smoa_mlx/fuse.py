@@ -9,13 +9,15 @@ Dequantized by default: re-quantizing a fused model can round a small update awa
 validation data, how much of the adapter's loss improvement the quantized model keeps; it warns on either.
 It quantizes as the base was quantized (the embedded model: its GGUF's Q4_1, i.e. 4 bits, group size 32): another
 group size re-rounds every base weight, adapted or not.
-The folder is written to a temporary sibling and renamed into place (``models.folder.save_model_folder``); an
-existing folder is replaced only with ``--force``, and never when it is the model or adapter being read.
+The folder is written to a temporary sibling and swapped into place (``models.folder.save_model_folder``); an
+existing folder is replaced only with ``--force``, and never when it is the model or adapter being read. The output
+folders are held with the training run's lock (:mod:`smoa_mlx.folder_lock`), so two commands never write one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -28,8 +30,9 @@ from mlx_lm.utils import dequantize_model, quantize_model
 
 from .cli import add_model_args, load_from_args, model_label, run, show_defaults
 from .convert.hf_export import export_hf, fuse_adapters
-from .adapters.folder import read_adapter, recorded_base
+from .adapters.folder import AdapterFolder, read_adapter, recorded_base
 from .errors import SavePathExistsError
+from .folder_lock import FolderLock, folder_contents
 from .loading import is_embedded
 from .models.folder import save_model_folder
 from .quant_check import LossCheck, adapters_removed, quantization_report, validation_loss
@@ -45,8 +48,8 @@ def adapter_layer_paths(model: nn.Module) -> list[str]:
     return [path for path, m in model.named_modules() if callable(getattr(m, "fuse", None))]
 
 
-def check_save_path(path: os.PathLike, force: bool, flag: str, protected: Sequence[Optional[str]] = ()) -> Path:
-    """Refuse an output folder that exists (unless ``force``) or that holds the model / adapter being read."""
+def check_save_path(path: os.PathLike, flag: str, protected: Sequence[Optional[str]] = ()) -> Path:
+    """Refuse an output folder that holds the model / adapter being read, or that is a file."""
     path = Path(path)
     target = path.resolve()
     for source in protected:
@@ -54,12 +57,16 @@ def check_save_path(path: os.PathLike, force: bool, flag: str, protected: Sequen
             src = Path(source).resolve()
             if target == src or target in src.parents:
                 raise ValueError(f"{flag} {path} would overwrite {source}, which this command reads")
-    if path.exists():
-        if not path.is_dir():
-            raise SavePathExistsError(f"{flag} {path} exists and is not a folder")
-        if not force:
-            raise SavePathExistsError(f"{flag} {path} already exists; pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise SavePathExistsError(f"{flag} {path} exists and is not a folder")
     return path
+
+
+def check_replaceable(path: Path, force: bool, flag: str) -> None:
+    """Refuse, unless ``force``, an output folder that holds anything: checked under the folder's lock, which
+    this run created if the folder was new."""
+    if folder_contents(path) and not force:
+        raise SavePathExistsError(f"{flag} {path} already exists; pass --force to replace it")
 
 
 def merge_dense(model: nn.Module, config: dict) -> dict:
@@ -176,13 +183,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--hf-path needs --export-hf")
     adapter = read_adapter(args.adapter_path)  # a bad adapter fails before the slow model load
     protected = (args.model or recorded_base(adapter), args.adapter_path)
-    save_path = check_save_path(args.save_path, args.force, "--save-path", protected)
-    hf_path = None
+    outputs = {"--save-path": check_save_path(args.save_path, "--save-path", protected)}
     if args.export_hf:
-        hf_path = check_save_path(args.hf_path or f"{save_path}-hf", args.force, "--hf-path", protected)
-        if hf_path.resolve() == save_path.resolve():
+        hf_path = args.hf_path or f"{args.save_path}-hf"
+        outputs["--hf-path"] = check_save_path(hf_path, "--hf-path", protected)
+        if outputs["--hf-path"].resolve() == outputs["--save-path"].resolve():
             parser.error("--hf-path must differ from --save-path")
+    # One writer per output folder, held before anything is read, as training holds its --adapter-path.
+    with contextlib.ExitStack() as held:
+        for flag, path in outputs.items():
+            lock = held.enter_context(FolderLock(path, flag))
+            if lock.note:
+                print(lock.note, file=sys.stderr)
+            check_replaceable(path, args.force, flag)
+        return _fuse(args, adapter, outputs["--save-path"], outputs.get("--hf-path"))
 
+
+def _fuse(args: argparse.Namespace, adapter: AdapterFolder, save_path: Path, hf_path: Optional[Path]) -> int:
+    """Load, merge, (quantize and check,) save: the command once its output folders are checked and held."""
     print(f"Loading {model_label(args)}", file=sys.stderr)
     model, tokenizer, config = load_from_args(args, return_config=True)
     layers = adapter_layer_paths(model)
@@ -215,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"Saved Hugging Face checkpoint to {hf_path}")
     if quantize:
         model, config = quantize_model(model, config, group_size=quantize[1], bits=quantize[0])
-    save_model_folder(save_path, model, tokenizer, config, force=args.force)
+    save_model_folder(save_path, model, tokenizer, config, force=True)  # check_replaceable refused it if needed
     dtypes = sorted({str(v.dtype).split(".")[-1] for _, v in tree_flatten(model.parameters())})
     kind = f"{quantize[0]}-bit, group size {quantize[1]}" if quantize else "dequantized"
     print(f"Saved fused model to {save_path} ({kind}; {', '.join(dtypes)})")

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .atomic import recover_folder
 from .errors import AdapterError, HubUnreachableError, SMoAError
 from .models.embedded import EMBEDDED_NAME, embedded_gguf_path, gguf_model
 
@@ -68,6 +69,7 @@ def _load_mlx_lm(model: str, tokenizer_config, model_config, lazy: bool):
     import mlx_lm
 
     local = Path(model).expanduser()
+    recover_folder(local)  # a fuse --force killed mid-replacement leaves the previous model aside: put it back
     if local.exists():
         if not local.is_dir():
             raise ValueError(f"--model {model}: expected an mlx-lm model folder, got a file")

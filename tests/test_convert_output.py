@@ -59,3 +59,24 @@ def test_api_refuses_too_and_an_empty_folder_is_fine(tiny, tmp_path):
 
     loaded, _ = mlx_lm.load(str(model))
     load_adapter(loaded, tmp_path / "empty")
+
+
+def test_an_output_folder_held_by_another_writer_is_refused(tiny, tmp_path, capsys):
+    """Two conversions into one folder: the second is refused by name, even with --force, and touches nothing."""
+    from smoa_mlx.folder_lock import FolderLock
+
+    model, a, b = tiny
+    target = _copy(b, tmp_path / "b")
+    before = _contents(target)
+    with FolderLock(target, "a test"):
+        assert convert_main(["to-hira", str(a), str(target), "--model-type", "llama", "--force"]) == 2
+        assert f"output folder {target} is in use by another run (pid " in capsys.readouterr().err
+        assert {k: v for k, v in _contents(target).items() if k != ".smoa_mlx.lock"} == before
+    assert _contents(target) == before
+    # A new folder: the refused run leaves none behind; once free, the lock it takes is not counted as content.
+    fresh = tmp_path / "fresh"
+    with FolderLock(fresh, "a test"):
+        assert convert_main(["to-hira", str(a), str(fresh), "--model-type", "llama"]) == 2
+    assert not fresh.exists()
+    assert convert_main(["to-hira", str(a), str(fresh), "--model-type", "llama"]) == 0
+    assert sorted(_contents(fresh)) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -231,3 +231,25 @@ def test_export_hf_writes_the_same_fused_weights(tiny, tmp_path):
     assert all(mx.array_equal(hf[k], mlx_weights[k]).item() for k in hf)
     config = json.loads((tmp_path / "fused-hf" / "config.json").read_text())
     assert "quantization" not in config and config["model_type"] == "llama"
+
+
+def test_output_folders_held_by_another_writer_are_refused(tiny, tmp_path, capsys):
+    """A fuse into a --save-path or --hf-path that another command holds (its lock) is refused by flag and folder
+    before anything is loaded, and leaves the folder as it was, even with --force."""
+    from smoa_mlx.folder_lock import FolderLock
+
+    model_dir, adapter = tiny["dense"]
+    out, hf = tmp_path / "fused", tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    base = ["--model", model_dir, "--adapter-path", adapter, "--force"]
+    for flag, held, argv in (("--save-path", out, ["--save-path", out]),
+                             ("--hf-path", hf, ["--save-path", tmp_path / "other", "--export-hf", "--hf-path", hf])):
+        with FolderLock(held, "a test"):
+            before = sorted(p.name for p in held.iterdir())
+            assert fuse_error(*base, *argv) == 2
+            err = capsys.readouterr().err
+            assert f"{flag} {held} is in use by another run (pid " in err and "Loading" not in err
+            assert sorted(p.name for p in held.iterdir()) == before
+    assert (out / "keep.txt").read_text() == "mine" and not hf.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]  # the refused run created nothing

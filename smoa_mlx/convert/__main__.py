@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..adapters.folder import read_adapter, recorded_base
+from ..atomic import recover_folder
 from ..errors import OptionError, SMoAError
+from ..folder_lock import FolderLock
 from ..loading import EMBEDDED, HUB_ID, fetch_from_hub
 from .common import distinct
 from .peft_hira import hira_to_smoa, smoa_to_hira
@@ -66,6 +68,7 @@ def load_base(name: str, hint: str = ""):
 
         return load_embedded_or_folder(None)[0]
     path = Path(name)
+    recover_folder(path)  # a model folder whose replacement was killed midway: put the previous one back
     if not path.exists():
         if not HUB_ID.match(name):
             raise FileNotFoundError(f"--base {name}: no such folder, and not a Hugging Face id ('owner/name')")
@@ -118,10 +121,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     fn, needs_base, _ = DIRECTIONS[args.direction]
     try:
-        distinct(args.adapter, args.out, args.force)  # before the base model loads (the converter checks again)
-        base, model_type = _base_and_type(args, needs_base)
-        extra = {"order": args.order} if hasattr(args, "order") else {}
-        out = fn(args.adapter, args.out, base=base, model_type=model_type, force=args.force, **extra)
+        # One writer per output folder, held before anything is read, as training holds its --adapter-path.
+        with FolderLock(args.out, "output folder") as lock:
+            if lock.note:
+                print(lock.note, file=sys.stderr)
+            distinct(args.adapter, args.out, args.force)  # before the base model loads (the converter checks again)
+            base, model_type = _base_and_type(args, needs_base)
+            extra = {"order": args.order} if hasattr(args, "order") else {}
+            out = fn(args.adapter, args.out, base=base, model_type=model_type, force=args.force, **extra)
     except (SMoAError, ValueError, FileNotFoundError) as e:  # every named error, and mlx-lm's for a bad --base
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ from ..errors import (
     SavePathExistsError,
     ShapeMismatchError,
 )
+from ..folder_lock import folder_contents
 from ..layer import base_dims as linear_dims, dequantized_weight
 from .names import PEFT_PREFIX, layer_index, to_hf, to_mlx
 
@@ -230,7 +231,7 @@ def distinct(adapter: PathLike, out: PathLike, force: bool = False) -> None:
         raise ConversionError(f"output folder {out} is the input folder: choose another one")
     if out.exists() and not out.is_dir():
         raise SavePathExistsError(f"output folder {out} exists and is not a folder")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = folder_contents(out)  # the lock of this conversion is not content
     if held and not force:
         listed = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
         raise SavePathExistsError(f"output folder {out} already holds {listed}; pass --force to replace the adapter "

@@ -201,8 +201,8 @@ def _run(opts: types.SimpleNamespace, stops: StopSignals) -> dict[str, Any]:
     # One training run per adapter folder: a second one is refused before it reads or writes anything there.
     lock = FolderLock(folder) if opts.train and world.rank() == 0 else contextlib.nullcontext()
     with lock:
-        if getattr(lock, "took_over", None):
-            _say(f"{folder}: took over the lock of pid {lock.took_over}, which no longer runs")
+        if getattr(lock, "note", None):
+            _say(lock.note)
         if opts.train:
             _say(schedule_note(opts))
             note = check_adapter_path(folder, identity, opts.resume, opts.force, _schedule(opts))

@@ -8,6 +8,9 @@ The fault is chosen by environment variables, so the command itself runs unmodif
   of writing it), ``after`` dies right after the rename (the next file of the same save not yet written).
 * ``FAULT_COUNT=FILE``: kill nothing; append one line per rename (source and target) to FILE, to learn how many
   renames a run makes and where.
+* The atomic swap of two folders (``smoa_mlx.atomic.exchange``: a folder replaced whole) counts as one rename.
+  ``FAULT_NO_EXCHANGE=1`` makes it unavailable, as on a file system without one: the folder is then replaced by
+  two renames, and ``FAULT_KILL_AT`` can stop the writer between them.
 
 SIGKILL cannot be caught: what is on disk afterwards is exactly what a power cut or the OOM killer would leave.
 """
@@ -26,7 +29,9 @@ def _arm() -> None:
     when = os.environ.get("FAULT_KILL_WHEN", "before")
     count_file = os.environ.get("FAULT_COUNT")
     seen = [0]
-    real = {"replace": os.replace, "rename": os.rename}
+    import smoa_mlx.atomic as atomic
+
+    real = {"replace": os.replace, "rename": os.rename, "exchange": atomic.exchange}
 
     def wrap(name):
         def renamed(src, dst, *args, **kwargs):
@@ -48,6 +53,7 @@ def _arm() -> None:
         return renamed
 
     os.replace, os.rename = wrap("replace"), wrap("rename")
+    atomic.exchange = (lambda a, b: False) if os.environ.get("FAULT_NO_EXCHANGE") else wrap("exchange")
 
 
 if __name__ == "__main__":

@@ -523,6 +523,90 @@ def stale_lock(world, rng, i=0):
     return out.fail(*equal_to_reference(world, folder, schedule))
 
 
+# -- a folder replaced whole ------------------------------------------------------------------------------------
+# How fuse --force is killed while it replaces its --save-path: (atomic swap available, kill at rename N, when,
+# what the folder must then hold). Without a swap the folder is replaced by two renames.
+REPLACE_CASES = {
+    "before the swap": (True, 1, "before", "old"),
+    "after the swap": (True, 1, "after", "new"),
+    "between the two renames": (False, 2, "before", "old"),
+    "after the two renames": (False, 2, "after", "new"),
+}
+
+
+def _fused_pair(world: World) -> tuple[Path, Path, Path]:
+    """(the adapter to fuse, the folder it fuses to, an earlier fused model of another adapter), made once."""
+    root = world.root / "fused_pair"
+    folders = [root / "fused_old", root / "fused_new"]
+    if not all((f / "config.json").is_file() for f in folders):
+        from tiny_llm import make_smoa_adapter
+
+        from smoa_mlx import fuse
+
+        shutil.rmtree(root, ignore_errors=True)
+        for seed, folder in enumerate(folders, start=1):
+            adapter = make_smoa_adapter(Path(world.model), root / f"adapter{seed}", seed=seed)
+            fuse.main(["--model", world.model, "--adapter-path", str(adapter), "--save-path", str(folder)])
+    return root / "adapter2", folders[1], folders[0]
+
+
+def sigkill_replacing_folder(world, rng, i=0, case: Optional[str] = None, then: Optional[str] = None):
+    """SIGKILL while fuse --force replaces an earlier fused model: the old or the new model loads whole, in
+    smoa-mlx and stock mlx-lm; one killed between two renames is put back, with a warning, by the next reader or
+    writer (``then``); no temporary folder stays once the next write into the parent has run."""
+    import warnings
+
+    import mlx_lm
+
+    from smoa_mlx.atomic import remove_stale
+    from smoa_mlx.loading import load_model
+
+    case = case or rng.choice(sorted(REPLACE_CASES))
+    then = then or rng.choice(["reader", "writer"])
+    exchange, kill_at, when, expected = REPLACE_CASES[case]
+    adapter, new_folder, old_folder = _fused_pair(world)
+    parent = world.folder("replace")
+    out = parent / "out"
+    shutil.copytree(old_folder, out)
+    outcome = Outcome(note=f"{case}, then a {then}")
+    fault = {"FAULT_KILL_AT": str(kill_at), "FAULT_KILL_WHEN": when}
+    if not exchange:
+        fault["FAULT_NO_EXCHANGE"] = "1"
+    argv = ["--model", world.model, "--adapter-path", adapter, "--save-path", out, "--force"]
+    p = cli("smoa_mlx.fuse", *argv, **fault)
+    if p.rc != -signal.SIGKILL:
+        return outcome.fail(f"the armed fuse was not killed: {p.describe()}")
+    missing = not out.exists()
+    if missing != (case == "between the two renames"):
+        outcome.fail(f"{out} {'is missing' if missing else 'is there'} after a kill {case}")
+    said = f"{out} was missing: a replacement of it was killed between its two renames"
+    if then == "reader":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                load_model(str(out))
+                mlx_lm.load(str(out))  # stock mlx-lm, once the folder is back
+            except Exception as e:  # noqa: BLE001 - any failure to load is the broken promise
+                return outcome.fail(f"the folder does not load after a kill {case}: {e}")
+        warned = any(said in str(w.message) for w in caught)
+        remove_stale(parent)  # what the next write into the parent does first
+    else:
+        expected = "new"
+        p = cli("smoa_mlx.fuse", *argv)
+        if p.rc != 0:
+            return outcome.fail(f"the next fuse failed: {p.describe()}")
+        warned = said in p.err
+    if warned != missing:
+        outcome.fail(f"{'no' if missing else 'a'} warning about putting the folder back ({case}, then a {then})")
+    want = snapshot(new_folder if expected == "new" else old_folder)
+    if {k: v for k, v in snapshot(out).items() if k != LOCK_NAME} != want:
+        outcome.fail(f"{out} does not hold the {expected} model whole after a kill {case}, then a {then}")
+    stray = sorted(p.name for p in parent.iterdir() if p.name != "out")
+    if stray:
+        outcome.fail(f"temporary folders left beside {out}: {', '.join(stray)}")
+    return outcome
+
+
 # -- paths that leave their folder ------------------------------------------------------------------------------
 def state_points_outside(world, rng, i=0):
     """training_state.safetensors naming a weight file outside the adapter folder: --resume refuses it."""
@@ -637,6 +721,7 @@ TRIALS: dict[str, tuple[Callable, int]] = {
     "disk full": (disk_full, 12),
     "two runs into one folder": (two_runs_one_folder, 8),
     "stale lock": (stale_lock, 2),
+    "sigkill while replacing a fused folder": (sigkill_replacing_folder, 8),
     "training state points outside": (state_points_outside, 6),
     "relative base path in adapter_config.json": (config_model_relative, 1),
     "resume validation schedule": (resume_validation_schedule, 5),

@@ -184,9 +184,8 @@ def test_layer_keeps_no_anchor_copy():
     n_factors = sum(a.size for a in layer.smoa_a + layer.smoa_b)
     # Orders, inverses, block-major sources and slots: 4 per row and column; the packed take and its way back: 2 per
     # factor entry (the groups here are equal: no padding); the whole-weight forms' take parameters (3 per row, 4 per
-    # column, and the r rank slots) and their way back (1 per factor entry). Nothing grows with rank x (d_out + d_in)
-    # beyond the factors.
-    assert sum(a.size for a in indices) == 4 * (192 + 256) + 2 * n_factors + (3 * 192 + 4 * 256 + 8) + n_factors
+    # column) and their way back (1 per factor entry). Nothing grows with rank x (d_out + d_in) beyond the factors.
+    assert sum(a.size for a in indices) == 4 * (192 + 256) + 2 * n_factors + (3 * 192 + 4 * 256) + n_factors
     assert sum(a.nbytes for a in arrays) < base.weight.nbytes / 4
 
 

@@ -17,8 +17,8 @@ Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 :func:`linear_fn` returns x W0^T plus the update. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the merged form for
 :func:`linear_fn` everywhere, with the block gradients on GPU layers where :func:`block_grads_pay` says; for
 :func:`delta_fn` the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form
-below and on the CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with the GPU
-kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form's
+below and on the CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with
+the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form's
 block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere; with full
 gradients it launches no kernel, so it never waits for their compilation. Kernels that fail to compile or run on a
 first small probe are reported once with a warning, and plain MLX is used from then on.

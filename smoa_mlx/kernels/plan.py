@@ -60,7 +60,6 @@ class BlockPlan(NamedTuple):
     full_rows: mx.array  # (3, d_out): per original row, where its B_k row starts in the flat factors (minus its
     # block's first rank slot), and that slot range [lo, hi)
     full_cols: mx.array  # (4, d_in): per original column, start (minus slot * |C_k|), stride |C_k|, lo, hi
-    full_slots: mx.array  # (r,) 0 .. r-1: the rank slots
     full_a_back: mx.array  # (sum r_k |C_k|,) into the flattened A_full (r, d_in), A_k's entries in their order
     full_b_back: mx.array  # (sum |R_k| r_k,) into the flattened B_full (d_out, r)
 
@@ -121,7 +120,7 @@ def build_plan(layout: BlockLayout, row_order, col_order) -> BlockPlan:
     return BlockPlan(flat32(row_src), flat32(col_src), flat32(row_slot), flat32(col_slot),
                      flat32(np.concatenate([a_take.reshape(-1), b_take.reshape(-1)])), flat32(a_back), flat32(b_back),
                      mx.array(full_rows.astype(np.int32)), mx.array(full_cols.astype(np.int32)),
-                     flat32(np.arange(sum(layout.ranks))), flat32(full_a_back), flat32(full_b_back))
+                     flat32(full_a_back), flat32(full_b_back))
 
 
 def _whole_weight_takes(layout: BlockLayout, row_order: np.ndarray, col_order: np.ndarray):
@@ -170,7 +169,8 @@ def whole_weight_factors(plan: BlockPlan, a_list, b_list) -> tuple[mx.array, mx.
     zero = flat.shape[0] - 1
     # Rows of full_rows / full_cols by index: iterating them (``for v in rows``) made MLX 0.32's compiled step fail
     # with "_Map_base::at" inside mx.checkpoint (--grad-checkpoint); indexing does not.
-    rows, cols, q = plan.full_rows, plan.full_cols, plan.full_slots
+    rows, cols = plan.full_rows, plan.full_cols
+    q = mx.arange(sum(a.shape[0] for a in a_list), dtype=mx.int32)  # the rank slots
     b_take = mx.where((q >= rows[1][:, None]) & (q < rows[2][:, None]), rows[0][:, None] + q, zero)
     q = q[:, None]
     a_take = mx.where((q >= cols[2]) & (q < cols[3]), cols[0] + q * cols[1], zero)

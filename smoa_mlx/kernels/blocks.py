@@ -27,7 +27,7 @@ from mlx.utils import tree_map
 
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
-from .plan import BlockLayout, BlockPlan, padded_dims, flat_factors, plan_of, untake_grads
+from .plan import BlockLayout, BlockPlan, padded_dims, flat_factors, plan_of, rebuilt_after, untake_grads
 from .source import GROUP, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
@@ -78,10 +78,10 @@ class MlxOps:
     # faster than kernels of the modulate kind over the whole weight (docs/BENCHMARKS.md), so KernelOps keeps them.
     def merge(self, layout, weight_parts, b_full, a_full, dtype) -> mx.array:
         """W0 + s (B_full A_full) * W0: the rank-r product as one matmul in the activations' type, then one fused
-        elementwise pass (float32 inside, rounded once)."""
+        elementwise pass (float32 inside, rounded once) that applies s too (no pass of its own over a factor)."""
         pdtype = dtype if dtype in (mx.float16, mx.bfloat16) else mx.float32
-        p = (layout.scale * b_full).astype(pdtype) @ a_full.astype(pdtype)
-        return _merge_pass(dtype)(full_weight(weight_parts, layout), p)
+        p = b_full.astype(pdtype) @ a_full.astype(pdtype)
+        return _merge_pass(dtype)(full_weight(weight_parts, layout), p, mx.array(layout.scale, mx.float32))
 
     def hadamard_full(self, layout, weight_parts, g) -> mx.array:
         """s G * W0 over the whole weight, one fused elementwise pass."""
@@ -90,7 +90,7 @@ class MlxOps:
 
 @lru_cache(maxsize=None)
 def _merge_pass(dtype):
-    return mx.compile(lambda w, p: (w.astype(mx.float32) * (1.0 + p.astype(mx.float32))).astype(dtype))
+    return mx.compile(lambda w, p, s: (w.astype(mx.float32) * (1.0 + s * p.astype(mx.float32))).astype(dtype))
 
 
 @lru_cache(maxsize=None)
@@ -194,6 +194,7 @@ def _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list):
 def _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, cot):
     K, M, N, _ = padded_dims(layout)
     plan = plan_of(layout, index)
+    (x,), a_list, b_list, weight_parts = rebuilt_after(cot, [x], a_list, b_list, list(weight_parts))
     x2 = mx.reshape(x, (-1, x.shape[-1]))
     g2 = mx.reshape(cot, (-1, cot.shape[-1])).astype(x.dtype)
     a_pad, b_pad = _pack(layout, plan, a_list, b_list)

@@ -14,7 +14,7 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from .plan import BlockLayout, plan_of, untake_grads, whole_weight_factors
+from .plan import BlockLayout, plan_of, rebuilt_after, untake_grads, whole_weight_factors
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -109,6 +109,7 @@ def dense_form_delta_fn(layout: BlockLayout):
     @delta.vjp
     def delta_vjp(primals, cotangent, output):
         x, index, weight_parts, a_list, b_list = primals
+        a_list, b_list = rebuilt_after(cotangent, a_list, b_list)
         update, b_full, a_full, w0 = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)
         dx = cotangent.astype(x.dtype) @ update
         g2 = mx.reshape(cotangent, (-1, cotangent.shape[-1])).astype(x.dtype)

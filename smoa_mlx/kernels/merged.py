@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 
 from .blocks import _pack, block_factor_grads
 from .dense import full_factors, split_factor_grads
-from .plan import BlockLayout, padded_dims, plan_of
+from .plan import BlockLayout, padded_dims, plan_of, rebuilt_after
 
 
 def _merged_weight(ops, layout: BlockLayout, index, weight_parts, a_list, b_list, dtype):
@@ -68,6 +68,7 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
         x, index, weight_parts, a_list, b_list = primals
+        a_list, b_list = rebuilt_after(cotangent, a_list, b_list)
         w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w

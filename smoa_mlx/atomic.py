@@ -212,13 +212,11 @@ def atomic_save_safetensors(
 
 # -- folders ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def staged_folder(path: PathLike, merge: bool = False, what: str = "folder") -> Iterator[Path]:
+def staged_folder(path: PathLike, what: str = "folder") -> Iterator[Path]:
     """Yield an empty temporary sibling of ``path`` to fill; when the block succeeds it becomes ``path``.
 
-    An existing ``path`` is replaced whole (:func:`replace_folder`: a crash leaves the old or the new one), or with
-    ``merge`` updated file by file (each rename atomic; ``config.json`` last, so a reader that sees the new
-    config also sees the new weights; ``model*.safetensors*`` shards the new folder lacks are removed).
-    Refusing an existing ``path`` is the caller's business.
+    An existing ``path`` is replaced whole (:func:`replace_folder`: a crash leaves the old or the new one, never a
+    mix of their files). Refusing an existing ``path`` is the caller's business.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,9 +230,7 @@ def staged_folder(path: PathLike, merge: bool = False, what: str = "folder") -> 
             for item in tmp.iterdir():
                 if item.is_file():
                     _fsync(item)
-        if merge and path.is_dir():
-            _merge_into(tmp, path)
-        elif path.exists():
+        if path.exists():
             replace_folder(tmp, path)
         else:
             os.replace(tmp, path)
@@ -291,11 +287,3 @@ def exchange(a: Path, b: Path) -> bool:
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
-
-def _merge_into(staging: Path, out: Path) -> None:
-    written = {p.name for p in staging.iterdir()}
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-        os.replace(item, out / item.name)
-    for stale in out.glob("model*.safetensors*"):  # shards of an earlier, differently sharded model
-        if stale.name not in written:
-            stale.unlink()

@@ -25,7 +25,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import mlx.core as mx
 
@@ -149,11 +149,16 @@ def _plain_permissions(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
-def write_files(folder: PathLike, writers: Mapping[str, Writer], what: str = "file") -> Path:
+def write_files(
+    folder: PathLike, writers: Mapping[str, Writer], what: str = "file", retire: Iterable[str] = ()
+) -> Path:
     """Write several files of ``folder`` (created if needed) all or nothing; ``writers[name](tmp)`` writes one.
 
     Every file is written and flushed under a temporary name first; then they are renamed into place in the
-    order given (put the file that marks a folder complete, such as a config, last). ``what`` names the
+    order given (put the file that marks a folder complete, such as a config, last). The files named in
+    ``retire`` are removed after the staging succeeded and before the first rename: the marker of an old version
+    that must not be seen beside the first new files (a config that does not describe the new weights), so that a
+    kill between the renames leaves an incomplete folder rather than a mismatched one. ``what`` names the
     previous content in the disk-full message ("the previous adapter is intact").
     """
     folder = Path(folder)
@@ -170,6 +175,9 @@ def write_files(folder: PathLike, writers: Mapping[str, Writer], what: str = "fi
                 write(tmp)
                 _fsync(tmp)
             _plain_permissions(tmp, 0o666)
+        for name in retire:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
         for tmp, target in staged:
             os.replace(tmp, target)
     finally:

@@ -25,7 +25,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import mlx.core as mx
 
@@ -149,11 +149,16 @@ def _plain_permissions(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
-def write_files(folder: PathLike, writers: Mapping[str, Writer], what: str = "file") -> Path:
+def write_files(
+    folder: PathLike, writers: Mapping[str, Writer], what: str = "file", retire: Iterable[str] = ()
+) -> Path:
     """Write several files of ``folder`` (created if needed) all or nothing; ``writers[name](tmp)`` writes one.
 
     Every file is written and flushed under a temporary name first; then they are renamed into place in the
-    order given (put the file that marks a folder complete, such as a config, last). ``what`` names the
+    order given (put the file that marks a folder complete, such as a config, last). The files named in
+    ``retire`` are removed after the staging succeeded and before the first rename: the marker of an old version
+    that must not be seen beside the first new files (a config that does not describe the new weights), so that a
+    kill between the renames leaves an incomplete folder rather than a mismatched one. ``what`` names the
     previous content in the disk-full message ("the previous adapter is intact").
     """
     folder = Path(folder)
@@ -170,6 +175,9 @@ def write_files(folder: PathLike, writers: Mapping[str, Writer], what: str = "fi
                 write(tmp)
                 _fsync(tmp)
             _plain_permissions(tmp, 0o666)
+        for name in retire:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
         for tmp, target in staged:
             os.replace(tmp, target)
     finally:
@@ -212,13 +220,11 @@ def atomic_save_safetensors(
 
 # -- folders ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def staged_folder(path: PathLike, merge: bool = False, what: str = "folder") -> Iterator[Path]:
+def staged_folder(path: PathLike, what: str = "folder") -> Iterator[Path]:
     """Yield an empty temporary sibling of ``path`` to fill; when the block succeeds it becomes ``path``.
 
-    An existing ``path`` is replaced whole (:func:`replace_folder`: a crash leaves the old or the new one), or with
-    ``merge`` updated file by file (each rename atomic; ``config.json`` last, so a reader that sees the new
-    config also sees the new weights; ``model*.safetensors*`` shards the new folder lacks are removed).
-    Refusing an existing ``path`` is the caller's business.
+    An existing ``path`` is replaced whole (:func:`replace_folder`: a crash leaves the old or the new one, never a
+    mix of their files). Refusing an existing ``path`` is the caller's business.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,9 +238,7 @@ def staged_folder(path: PathLike, merge: bool = False, what: str = "folder") -> 
             for item in tmp.iterdir():
                 if item.is_file():
                     _fsync(item)
-        if merge and path.is_dir():
-            _merge_into(tmp, path)
-        elif path.exists():
+        if path.exists():
             replace_folder(tmp, path)
         else:
             os.replace(tmp, path)
@@ -291,11 +295,3 @@ def exchange(a: Path, b: Path) -> bool:
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
-
-def _merge_into(staging: Path, out: Path) -> None:
-    written = {p.name for p in staging.iterdir()}
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-        os.replace(item, out / item.name)
-    for stale in out.glob("model*.safetensors*"):  # shards of an earlier, differently sharded model
-        if stale.name not in written:
-            stale.unlink()

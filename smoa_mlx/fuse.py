@@ -229,7 +229,7 @@ def _fuse(args: argparse.Namespace, adapter: AdapterFolder, save_path: Path, hf_
     print(f"Fused {len(layers)} adapter layers", file=sys.stderr)
     if hf_path is not None:
         source = args.model if args.model and Path(args.model).is_dir() else None
-        export_hf(model, tokenizer, config, hf_path, src_path=source)
+        export_hf(model, tokenizer, config, hf_path, src_path=source, force=True)  # checked by check_replaceable
         print(f"Saved Hugging Face checkpoint to {hf_path}")
     if quantize:
         model, config = quantize_model(model, config, group_size=quantize[1], bits=quantize[0])

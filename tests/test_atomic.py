@@ -18,13 +18,13 @@ from smoa_mlx.atomic import TMP_PREFIX, atomic_write_text, staged_folder
 from smoa_mlx.errors import DiskFullError, SMoAError
 
 
-def _model(hidden: int = 64):
+def _model(hidden: int = 64, rank: int = 4):
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(
         model_type="llama", hidden_size=hidden, num_hidden_layers=2, intermediate_size=2 * hidden,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64, tie_word_embeddings=True,
     ))
-    config = SMoAConfig(rank=4, target_modules=["q_proj", "v_proj"])
+    config = SMoAConfig(rank=rank, target_modules=["q_proj", "v_proj"])
     apply_smoa(model, config)
     return model, config
 
@@ -144,3 +144,45 @@ def test_temp_names_are_recognisable_while_writing(tmp_path, monkeypatch):
         save_adapter(model, tmp_path, config)
     assert seen[0].startswith(f"{TMP_PREFIX}{os.getpid()}-") and seen[0].endswith("-adapters.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_of_another_shape_never_appears_beside_the_old_config(tmp_path, monkeypatch):
+    """Saving over an adapter of another shape (train --force, another --rank): at every rename, where a kill could
+    stop the save, the folder holds the old pair, the new pair, or weights without a config (no adapter), never
+    new weights beside the old config. Saving the same adapter again with another training record keeps a config
+    in the folder at every moment (a kill there leaves a pair that loads, as within one run)."""
+    folder = tmp_path / "adapter"
+    old_model, old_config = _model()
+    save_adapter(old_model, folder, old_config, {"training": {"iters": 1}})
+    old = _snapshot(folder)
+    new_model, new_config = _model(rank=8)
+    _perturb(new_model)
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append(_snapshot(folder))
+        real_replace(src, dst)
+        seen.append(_snapshot(folder))
+
+    def pair(files):
+        return files.get("adapter_config.json"), files.get("adapters.safetensors")
+
+    def consistent(files):  # no config is no adapter; a config goes with its own weights
+        return "adapter_config.json" not in files or pair(files) in (pair(old), pair(new))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        save_adapter(new_model, folder, new_config, {"training": {"iters": 2}})
+    new = _snapshot(folder)
+    assert pair(new) != pair(old) and len(seen) == 4
+    assert all(consistent(files) for files in seen)
+    assert any("adapter_config.json" not in files for files in seen)  # the old config went first
+
+    seen.clear()
+    _perturb(new_model)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        save_adapter(new_model, folder, new_config, {"training": {"iters": 3}})
+    assert len(seen) == 4 and all("adapter_config.json" in files for files in seen)
+    assert _snapshot(folder)["adapters.safetensors"] != new["adapters.safetensors"]

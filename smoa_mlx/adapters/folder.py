@@ -18,8 +18,10 @@ SMoA tensors, per adapted module path: ``smoa_a.<k>`` [r_k, |C_k|], ``smoa_b.<k>
 Reading goes through :func:`read_adapter` (the config) and :func:`read_weights` (the tensors), each value checked
 by one function named for it (``check_kind``, ``check_lora_parameters``, ``check_smoa_parameters``,
 ``check_fingerprint_field``, ``check_recorded_base``, :func:`smoa_modules`, :func:`lora_modules`, and for every
-factor tensor :func:`check_factor`: dtype and finiteness), all before any model is touched. Writing goes through :func:`write_adapter`: weights and config staged together and
-renamed into place (:mod:`smoa_mlx.atomic`), so a crash or a full disk leaves the previous adapter intact.
+factor tensor :func:`check_factor`: dtype and finiteness), all before any model is touched. Writing goes
+through :func:`write_adapter`: weights and config staged together and renamed into place (:mod:`smoa_mlx.atomic`),
+so a crash or a full disk leaves the previous adapter intact, or, while one adapter replaces another of another
+shape, weights without a config (no adapter), never a mix of the two.
 """
 
 from __future__ import annotations
@@ -150,7 +152,10 @@ def write_adapter(
     """Write the weights (and, unless ``config`` is None, the config, last) all or nothing; returns the folder.
 
     ``weights_name`` other than ``adapters.safetensors`` writes a numbered checkpoint beside the adapter; the
-    config goes only with the main file, as in mlx-lm.
+    config goes only with the main file, as in mlx-lm. Two renames cannot be one atomic step, so a config already
+    in the folder that would not describe the new weights (another adapter: :func:`_describes_the_same`) is removed
+    once the new files are staged and before they are renamed: a kill in between leaves weights without a config,
+    which every reader (mlx-lm's too) sees as no adapter, never new weights beside an old config.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -159,9 +164,33 @@ def write_adapter(
         raise MissingKeysError(f"{folder}: no adapter tensors to write")
     mx.eval(list(arrays.values()))
     writers = {weights_name: safetensors_writer(arrays, metadata or {"format": "mlx"})}
+    retire = []
     if config is not None:
         writers[ADAPTER_CONFIG] = text_writer(config_text(config))
-    return write_files(folder, writers, what="adapter")
+        if not _describes_the_same(folder / ADAPTER_CONFIG, config):
+            retire.append(ADAPTER_CONFIG)
+    return write_files(folder, writers, what="adapter", retire=retire)
+
+
+# What a config records about the run rather than the weights: it may differ between two saves of one adapter
+# (a --resume with another --steps-per-report) without the old config misdescribing the new weights.
+_RUN_RECORD_KEYS = ("training",)
+
+
+def _describes_the_same(file: Path, config: Mapping[str, Any]) -> bool:
+    """Whether the config ``file`` (absent: trivially) says of its weights all that ``config`` says of the new
+    ones (kind, shapes, scale, spectral settings, base and fingerprint): then new weights beside it load as they
+    should, as within one training run. An unreadable file describes nothing."""
+    if not file.exists():
+        return True
+    try:
+        old = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(old, dict):
+        return False
+    new = json.loads(config_text(config))  # as it will be on disk: tuples as lists, keys as strings
+    return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in _RUN_RECORD_KEYS)
 
 
 def adapter_arrays(model: nn.Module) -> dict[str, mx.array]:

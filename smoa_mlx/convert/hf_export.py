@@ -5,7 +5,10 @@ weights). A deployment on PyTorch wants plain dense safetensors under transforme
 this merges every adapter layer, dequantizes, and checks the family is one whose mlx-lm names are transformers'
 names (see :mod:`smoa_mlx.convert.names`); anything else is refused rather than written with wrong keys.
 The folder is assembled in a temporary directory beside ``path`` and moved into place only when complete
-(:func:`smoa_mlx.atomic.staged_folder`; into an existing folder, file by file).
+(:func:`smoa_mlx.atomic.staged_folder`). An existing folder is replaced whole, in one atomic swap, never updated
+file by file: a checkpoint's files only make sense together (``config.json``, the shards, their index), and a
+merge killed half way, or one from a model sharded another way, would leave new shards beside an old config or
+a stale ``model-00002-of-00003.safetensors`` that transformers' and mlx-lm's loaders would read with the rest.
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ def export_hf(
     path: Union[str, os.PathLike],
     dtype: Optional[mx.Dtype] = None,
     src_path: Optional[Union[str, os.PathLike]] = None,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` (adapters fused, dequantized) as a transformers checkpoint folder at ``path``.
 
     ``model`` / ``tokenizer`` / ``src_config`` are what ``mlx_lm.load(..., return_config=True)`` returns (with
     an SMoA adapter loaded or already fused). ``dtype`` casts floating weights (default: keep the model's).
     ``src_path``, the base model folder, contributes ``generation_config.json`` when it has one.
+    An existing ``path`` is refused unless ``force``, and then replaced whole (nothing of the old folder stays).
     The model is modified in place (its adapters are fused). Returns the folder.
     """
     model_type = src_config.get("model_type")
@@ -78,7 +83,9 @@ def export_hf(
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export_hf: {out} exists and is not a folder")
-    with staged_folder(out, merge=True, what="checkpoint") as staging:
+    if out.exists() and not force:
+        raise FileExistsError(f"export_hf: {out} already exists; pass force=True to replace it")
+    with staged_folder(out, what="checkpoint") as staging:
         shards = make_shards(weights)
         names = (
             ["model.safetensors"]

@@ -524,8 +524,9 @@ def stale_lock(world, rng, i=0):
 
 
 # -- a folder replaced whole ------------------------------------------------------------------------------------
-# How fuse --force is killed while it replaces its --save-path: (atomic swap available, kill at rename N, when,
-# what the folder must then hold). Without a swap the folder is replaced by two renames.
+# How fuse --force is killed while it replaces its --save-path (or its --hf-path, which it writes first): (atomic
+# swap available, kill at rename N, when, what the folder must then hold). Without a swap the folder is replaced by
+# two renames.
 REPLACE_CASES = {
     "before the swap": (True, 1, "before", "old"),
     "after the swap": (True, 1, "after", "new"),
@@ -550,10 +551,51 @@ def _fused_pair(world: World) -> tuple[Path, Path, Path]:
     return root / "adapter2", folders[1], folders[0]
 
 
+def _hf_pair(world: World) -> tuple[Path, Path, Path]:
+    """(the adapter to fuse, its --export-hf checkpoint, an earlier checkpoint of another adapter with one shard
+    per tensor and an index, so that a mix of the two would show as stale shards), made once."""
+    import mlx_lm.utils
+
+    from smoa_mlx import fuse
+
+    adapter, _, _ = _fused_pair(world)
+    root = world.root / "hf_pair"
+    folders = [root / "hf_old", root / "hf_new"]
+    if not all((f / "config.json").is_file() for f in folders):
+        shutil.rmtree(root, ignore_errors=True)
+        real_shards = mlx_lm.utils.make_shards
+        for seed, folder in enumerate(folders, start=1):
+            mlx_lm.utils.make_shards = (lambda w: real_shards(w, 0)) if seed == 1 else real_shards
+            try:
+                fuse.main(["--model", world.model, "--adapter-path", str(adapter.parent / f"adapter{seed}"),
+                           "--save-path", str(root / f"mlx{seed}"), "--export-hf", "--hf-path", str(folder)])
+            finally:
+                mlx_lm.utils.make_shards = real_shards
+    return adapter, folders[1], folders[0]
+
+
 def sigkill_replacing_folder(world, rng, i=0, case: Optional[str] = None, then: Optional[str] = None):
-    """SIGKILL while fuse --force replaces an earlier fused model: the old or the new model loads whole, in
-    smoa-mlx and stock mlx-lm; one killed between two renames is put back, with a warning, by the next reader or
-    writer (``then``); no temporary folder stays once the next write into the parent has run."""
+    """SIGKILL while fuse --force replaces an earlier fused model (see :func:`_sigkill_replacing`)."""
+    adapter, new_folder, old_folder = _fused_pair(world)
+    return _sigkill_replacing(world, rng, case, then, new_folder, old_folder,
+                              lambda out: ["--adapter-path", adapter, "--save-path", out])
+
+
+def sigkill_replacing_hf_export(world, rng, i=0, case: Optional[str] = None, then: Optional[str] = None):
+    """SIGKILL while fuse --export-hf --force replaces an earlier --hf-path checkpoint sharded another way: never
+    new shards beside the old config, nor an old shard beside the new index (see :func:`_sigkill_replacing`)."""
+    adapter, new_folder, old_folder = _hf_pair(world)
+    save_path = world.folder("replace_mlx")  # written after the --hf-path, beyond the kill
+    return _sigkill_replacing(world, rng, case, then, new_folder, old_folder,
+                              lambda out: ["--adapter-path", adapter, "--save-path", save_path, "--export-hf",
+                                           "--hf-path", out])
+
+
+def _sigkill_replacing(world, rng, case, then, new_folder: Path, old_folder: Path, out_args) -> Outcome:
+    """A copy of ``old_folder`` replaced by fuse ``--force`` (``out_args(out)``: the adapter and output flags),
+    killed at ``case``: the old or the new model loads whole, in smoa-mlx and stock mlx-lm; one killed between two
+    renames is put back, with a warning, by the next reader or writer (``then``); no temporary folder stays once the
+    next write into the parent has run."""
     import warnings
 
     import mlx_lm
@@ -564,7 +606,6 @@ def sigkill_replacing_folder(world, rng, i=0, case: Optional[str] = None, then: 
     case = case or rng.choice(sorted(REPLACE_CASES))
     then = then or rng.choice(["reader", "writer"])
     exchange, kill_at, when, expected = REPLACE_CASES[case]
-    adapter, new_folder, old_folder = _fused_pair(world)
     parent = world.folder("replace")
     out = parent / "out"
     shutil.copytree(old_folder, out)
@@ -572,7 +613,7 @@ def sigkill_replacing_folder(world, rng, i=0, case: Optional[str] = None, then: 
     fault = {"FAULT_KILL_AT": str(kill_at), "FAULT_KILL_WHEN": when}
     if not exchange:
         fault["FAULT_NO_EXCHANGE"] = "1"
-    argv = ["--model", world.model, "--adapter-path", adapter, "--save-path", out, "--force"]
+    argv = ["--model", world.model, *out_args(out), "--force"]
     p = cli("smoa_mlx.fuse", *argv, **fault)
     if p.rc != -signal.SIGKILL:
         return outcome.fail(f"the armed fuse was not killed: {p.describe()}")
@@ -722,6 +763,7 @@ TRIALS: dict[str, tuple[Callable, int]] = {
     "two runs into one folder": (two_runs_one_folder, 8),
     "stale lock": (stale_lock, 2),
     "sigkill while replacing a fused folder": (sigkill_replacing_folder, 8),
+    "sigkill while replacing an --hf-path export": (sigkill_replacing_hf_export, 8),
     "training state points outside": (state_points_outside, 6),
     "relative base path in adapter_config.json": (config_model_relative, 1),
     "resume validation schedule": (resume_validation_schedule, 5),

@@ -2,9 +2,12 @@
 # One device round of issue #11's measurements on an H200 (MLX CUDA), in the order that answers the open questions
 # first, each phase under its own time limit so one slow phase cannot eat the others (a session has 30 device
 # minutes and a call at most 10). After `bash .mlxcuda-b/install.sh` (see ../shared/device/pack-mlx-cuda.sh):
-#     . /tmp/mlxcuda/env.sh && PHASES=split,kernels bash scripts/kernels_device.sh      # one call
-#     . /tmp/mlxcuda/env.sh && PHASES=train bash scripts/kernels_device.sh              # the next, while warm
+#     . /tmp/mlxcuda/env.sh && PHASES=graph,kernels bash scripts/kernels_device.sh      # one call (< 600 s)
+#     . /tmp/mlxcuda/env.sh && PHASES=split bash scripts/kernels_device.sh              # the next, while warm
+#     . /tmp/mlxcuda/env.sh && PHASES=train bash scripts/kernels_device.sh              # and the next
 # Phases (measured durations on the H200, December 2026):
+#   graph    bench_graph: nodes and kernels per adapted layer, the tiny-model step (the per-node cost on the GPU),
+#            peak memory (about 60 s on the CPU; first run on the GPU)
 #   split    bench_train --split, lora and smoa at K=2 and K=4, bf16: where the end-to-end step's time goes
 #            (about 100 s per configuration)
 #   kernels  bench_kernels, per layer + memory-bound steps, no verification (about 190 s)
@@ -17,7 +20,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/.kernels-out}
-PHASES=${PHASES:-split,kernels}
+PHASES=${PHASES:-graph,kernels}
 mkdir -p "$OUT"
 
 phase() {  # phase NAME LIMIT_S command...: run under a limit, log its exit status and duration
@@ -31,6 +34,8 @@ phase() {  # phase NAME LIMIT_S command...: run under a limit, log its exit stat
 
 for p in ${PHASES//,/ }; do
   case $p in
+    graph)
+      phase graph 200 "$PY" scripts/bench_graph.py --out "$OUT/bench_graph.json" ;;
     split)
       phase split 560 "$PY" scripts/bench_train.py --split --iters 4 --bits 0 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/split.json" ;;
@@ -53,7 +58,7 @@ x = mx.random.normal((2, 32, 512)).astype(mx.bfloat16)
 mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
 print('done: $bits-bit QuantizedLinear VJP on a 3-D input')"
       done ;;
-    *) echo "unknown phase $p (split, kernels, train, verify, qmm)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (graph, split, kernels, train, verify, qmm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/times.txt"

@@ -9,9 +9,10 @@ Why: per layer at the 1B model's shapes SMoA's fwd+bwd beats LoRA's on an H200, 
 is a kernel launch on a GPU; a step whose kernels are short stalls on the host. Counted here, on any machine:
 
 - ``nodes``: the primitives of the compiled forward + backward (mlx-lm's default_loss under nn.value_and_grad, as
-  the trainer compiles it) of a 16-layer llama with bench_train.py's five adapted projections per layer, minus
-  nothing: divided by the 80 adapted layers; ``kernels`` counts those that are not views (reshapes, slices,
-  transposes, broadcasts, dependencies: no kernel on a GPU). Deterministic for a given MLX.
+  the trainer compiles it) of a 16-layer llama with bench_train.py's five adapted projections per layer, divided
+  by the 80 adapted layers; ``kernels`` counts those that are not views (reshapes, slices, transposes, broadcasts,
+  dependencies: no kernel on a GPU); ``step_kernels`` the same for the trainer's whole step, AdamW's update of
+  every factor array included. Deterministic for a given MLX.
 - ``tiny_step_ms``: the median time of that compiled step at 64-wide layers and 8 tokens, where the work is
   nothing and the time is the per-node cost. CPU figures on a shared machine are noisy: the methods are timed
   interleaved in one process, and the ratio to LoRA is the figure to read.
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -75,17 +77,31 @@ def _model(method: str, blocks: int, shape: dict):
     return model, args
 
 
-def _step(model, args: dict, batch: int, seq: int):
+def _step(model, args: dict, batch: int, seq: int, update: bool = False):
+    """The compiled forward + backward; ``update``: the trainer's whole step, AdamW's update included (its
+    outputs are then the loss and the new parameters)."""
     import mlx.core as mx
     import mlx.nn as nn
+    import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import default_loss
 
     tokens = mx.random.randint(0, args["vocab_size"], (batch, seq + 1))
     lengths = mx.array([[0, seq]] * batch)
     value_and_grad = nn.value_and_grad(model, default_loss)
-    state = [model.state, mx.random.state]
-    compiled = mx.compile(lambda b, n: value_and_grad(model, b, n), inputs=state, outputs=state)
-    return lambda: compiled(tokens, lengths)
+    if not update:
+        state = [model.state, mx.random.state]
+        compiled = mx.compile(lambda b, n: value_and_grad(model, b, n), inputs=state, outputs=state)
+        return lambda: compiled(tokens, lengths)
+    optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.0)  # smoa_mlx.train's default optimizer
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def whole(b, n):
+        loss, grads = value_and_grad(model, b, n)
+        optimizer.update(model, grads)
+        return loss, model.trainable_parameters()
+
+    return lambda: whole(tokens, lengths)
 
 
 def _count(outputs) -> collections.Counter:
@@ -97,6 +113,10 @@ def _count(outputs) -> collections.Counter:
         dot = Path(tmp) / "graph.dot"
         mx.export_to_dot(str(dot), loss, *[v for _, v in tree_flatten(grads)])
         return collections.Counter(re.findall(r'label ="([A-Za-z_]+)', dot.read_text()))
+
+
+def _kernels(counts: collections.Counter) -> int:
+    return sum(n for op, n in counts.items() if op not in VIEWS)
 
 
 def _config(method: str) -> tuple[str, int, str]:
@@ -116,9 +136,10 @@ def measure(methods: list[str], reps: int) -> dict:
         model, args = _model(kind, blocks, TINY)
         steps[method] = _step(model, args, 1, 8)
         counts = _count(steps[method]())
-        nodes = sum(counts.values())
-        kernels = sum(n for op, n in counts.items() if op not in VIEWS)
-        rows[method] = dict(nodes_per_layer=nodes / n_adapted, kernels_per_layer=kernels / n_adapted,
+        whole = _count(_step(model, args, 1, 8, update=True)())
+        rows[method] = dict(nodes_per_layer=sum(counts.values()) / n_adapted,
+                            kernels_per_layer=_kernels(counts) / n_adapted,
+                            step_kernels_per_layer=_kernels(whole) / n_adapted,
                             counts={op: n for op, n in counts.most_common()})
         mx.eval(steps[method]())
     times = {m: [] for m in methods}
@@ -140,7 +161,8 @@ def measure(methods: list[str], reps: int) -> dict:
         ref = base.get(_config(method)[1])
         if ref is not None:
             rows[method]["vs_lora"] = {k: rows[method][k] / ref[k]
-                                       for k in ("nodes_per_layer", "kernels_per_layer", "tiny_step_ms", "peak_mb")}
+                                       for k in ("nodes_per_layer", "kernels_per_layer", "step_kernels_per_layer",
+                                                 "tiny_step_ms", "peak_mb")}
     return rows
 
 
@@ -167,13 +189,14 @@ def _peak_here(method: str) -> float:
 
 
 def markdown(data: dict) -> str:
-    lines = ["| method | nodes / adapted layer | kernels / adapted layer | tiny step (ms) | peak memory (MB) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| method | nodes / adapted layer | kernels / adapted layer | with AdamW's update | tiny step (ms) "
+             "| peak memory (MB) |", "|---|---:|---:|---:|---:|---:|"]
     for method, row in data["rows"].items():
         rel = row.get("vs_lora", {})
         cell = lambda key, fmt: f"{row[key]:{fmt}}" + (f" ({rel[key]:.2f}x)" if key in rel and not method.startswith("lora") else "")  # noqa: E731
         lines.append(f"| {method} | {cell('nodes_per_layer', '.1f')} | {cell('kernels_per_layer', '.1f')} | "
-                     f"{cell('tiny_step_ms', '.1f')} | {cell('peak_mb', '.0f')} |")
+                     f"{cell('step_kernels_per_layer', '.1f')} | {cell('tiny_step_ms', '.1f')} | "
+                     f"{cell('peak_mb', '.0f')} |")
     return "\n".join(lines)
 
 

@@ -52,6 +52,9 @@ MID = dict(hidden_size=1024, num_hidden_layers=2, intermediate_size=2048, num_at
 RANK = 16
 
 
+DTYPE = "float32"  # the base weights' type (--dtype); bf16 training casts the factors per step, which adds nodes
+
+
 def _model(method: str, blocks: int, shape: dict):
     import mlx.core as mx
     import numpy as np
@@ -64,6 +67,7 @@ def _model(method: str, blocks: int, shape: dict):
     args = dict(bench_train.MODEL, **shape)
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**args))
+    model.set_dtype(getattr(mx, DTYPE))  # as bench_train.py does, before the adapters (float32 factors)
     if method == "lora":
         model.freeze()
         linear_to_lora_layers(model, args["num_hidden_layers"],
@@ -125,7 +129,7 @@ def _config(method: str) -> tuple[str, int, str]:
     return parts[0], int(parts[-1][1:]), (parts[1] if parts[0] == "smoa" else "auto")
 
 
-def measure(methods: list[str], reps: int) -> dict:
+def measure(methods: list[str], reps: int, peak: bool = True) -> dict:
     import mlx.core as mx
 
     n_adapted = TINY["num_hidden_layers"] * len(bench_train.TARGETS)
@@ -155,7 +159,7 @@ def measure(methods: list[str], reps: int) -> dict:
         rows[method]["tiny_step_spread_ms"] = [min(times[method]), max(times[method])]
     steps.clear()
     for method in methods:
-        rows[method]["peak_mb"] = _peak(method)
+        rows[method]["peak_mb"] = _peak(method) if peak else float("nan")
     base = {_config(m)[1]: rows[m] for m in methods if m.startswith("lora")}
     for method in methods:
         ref = base.get(_config(method)[1])
@@ -169,7 +173,7 @@ def measure(methods: list[str], reps: int) -> dict:
 def _peak(method: str) -> float:
     """Peak MB of one compiled step, in a child process (a clean allocator)."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import bench_graph as g; "
-            f"print(g._peak_here({method!r}))")
+            f"g.DTYPE = {DTYPE!r}; print(g._peak_here({method!r}))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -205,6 +209,9 @@ def main() -> None:
     parser.add_argument("--methods", default="lora-k2,smoa-merged-k2,smoa-dense-k2,smoa-mlx-k2,lora-k4,smoa-merged-k4",
                         help="comma-separated: lora-kK, smoa-<SMOA_MLX_KERNEL>-kK")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="the base weights' type (bf16 on MLX's CPU back-end: counts only, its outputs are unreliable)")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--markdown", metavar="JSON", help="print the table of a results file and exit")
     args = parser.parse_args()
@@ -213,11 +220,13 @@ def main() -> None:
         return
     import mlx.core as mx
 
+    global DTYPE
+    DTYPE = args.dtype
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     data = dict(mlx=mx.__version__, device=str(mx.default_device()), commit=commit,
                 command=" ".join(["python scripts/bench_graph.py", *sys.argv[1:]]),
-                rows=measure(args.methods.split(","), args.reps))
+                dtype=DTYPE, rows=measure(args.methods.split(","), args.reps, not args.no_peak))
     print(markdown(data))
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=1) + "\n")

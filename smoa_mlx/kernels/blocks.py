@@ -79,13 +79,18 @@ class MlxOps:
     def merge(self, layout, weight_parts, b_full, a_full, dtype) -> mx.array:
         """W0 + s (B_full A_full) * W0: the rank-r product as one matmul in the activations' type, then one fused
         elementwise pass (float32 inside, rounded once) that applies s too (no pass of its own over a factor)."""
-        pdtype = dtype if dtype in (mx.float16, mx.bfloat16) else mx.float32
+        pdtype = product_type(dtype)
         p = b_full.astype(pdtype) @ a_full.astype(pdtype)
         return _merge_pass(dtype)(full_weight(weight_parts, layout), p, mx.array(layout.scale, mx.float32))
 
     def hadamard_full(self, layout, weight_parts, g) -> mx.array:
         """s G * W0 over the whole weight, one fused elementwise pass."""
         return _hadamard_pass(g.dtype)(g, full_weight(weight_parts, layout), mx.array(layout.scale, mx.float32))
+
+
+def product_type(dtype) -> mx.Dtype:
+    """The type of the merged form's rank-r product B_full A_full: the activations' half type, else float32."""
+    return dtype if dtype in (mx.float16, mx.bfloat16) else mx.float32
 
 
 @lru_cache(maxsize=None)

@@ -65,9 +65,9 @@ def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=
 # The d_out x d_in product is transient: built in the forward and rebuilt in the backward, never kept.
 
 
-def full_factors(layout: BlockLayout, index, a_list, b_list) -> tuple[mx.array, mx.array]:
-    """(B_full [d_out, r], A_full [r, d_in]) in the original basis, float32: one take each (:mod:`.plan`)."""
-    return whole_weight_factors(plan_of(layout, index), a_list, b_list)
+def full_factors(layout: BlockLayout, index, a_list, b_list, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+    """(B_full [d_out, r], A_full [r, d_in]) in the original basis, in ``dtype``: one take each (:mod:`.plan`)."""
+    return whole_weight_factors(plan_of(layout, index), a_list, b_list, dtype)
 
 
 def full_weight(weight_parts, layout: BlockLayout) -> mx.array:

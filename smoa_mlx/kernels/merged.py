@@ -26,19 +26,21 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from .blocks import _pack, block_factor_grads
+from .blocks import _pack, block_factor_grads, product_type
 from .dense import full_factors, split_factor_grads
 from .plan import BlockLayout, padded_dims, plan_of, rebuilt_after
 
 
 def _merged_weight(ops, layout: BlockLayout, index, weight_parts, a_list, b_list, dtype):
-    b_full, a_full = full_factors(layout, index, a_list, b_list)
+    # B_full and A_full in the type of the rank-r product (the activations' half type, else float32), which is also
+    # the type the factor gradients' products take them in: cast once, inside the take.
+    b_full, a_full = full_factors(layout, index, a_list, b_list, product_type(dtype))
     return ops.merge(layout, weight_parts, b_full, a_full, dtype), b_full, a_full
 
 
 def _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_full, a_full):
     h = ops.hadamard_full(layout, weight_parts, g2.T @ x2)  # s G * W0, d_out x d_in, transient
-    db_full = (h @ a_full.T.astype(h.dtype)).astype(mx.float32)
+    db_full = (h @ a_full.T.astype(h.dtype)).astype(mx.float32)  # no cast: the same type as h
     da_full = (b_full.T.astype(h.dtype) @ h).astype(mx.float32)
     return split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
 

@@ -173,12 +173,13 @@ def flat_factors(a_list, b_list) -> mx.array:
 _ZERO = mx.array([0.0], dtype=mx.float32)  # data, made once: an mx.zeros per call is a graph node per layer
 
 
-def whole_weight_factors(plan: BlockPlan, a_list, b_list) -> tuple[mx.array, mx.array]:
-    """(B_full [d_out, r], A_full [r, d_in]), float32, in the original basis: one take each from the flat factors,
-    its indices computed from the plan's per-row and per-column parameters (one fused elementwise pass each under
-    mx.compile). Every operand is a plan array of its own, ready shaped: slicing rows out of a stacked array, or an
-    ``mx.arange``, adds graph nodes (and GPU launches) to every layer's step."""
-    flat = flat_factors(a_list, b_list)
+def whole_weight_factors(plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+    """(B_full [d_out, r], A_full [r, d_in]) in ``dtype``, in the original basis: one take each from the flat
+    factors, its indices computed from the plan's per-row and per-column parameters (one fused elementwise pass each
+    under mx.compile). Every operand is a plan array of its own, ready shaped: slicing rows out of a stacked array,
+    or an ``mx.arange``, adds graph nodes (and GPU launches) to every layer's step. The flat factors are cast once,
+    before the takes, rather than B_full and A_full after them: one pass instead of two, over fewer elements."""
+    flat = flat_factors(a_list, b_list).astype(dtype)
     zero = flat.shape[0] - 1
     q = plan.slots  # (1, r)
     b_take = mx.where((q >= plan.b_lo) & (q < plan.b_hi), plan.b_start + q, zero)

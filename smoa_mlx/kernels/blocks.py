@@ -176,10 +176,11 @@ def base_backward(layout: BlockLayout, g2: mx.array, weight_parts) -> mx.array:
     return g2 @ weight_parts[0]
 
 
-def _pack(layout: BlockLayout, plan: BlockPlan, a_list, b_list) -> tuple[mx.array, mx.array]:
-    """(A packed (K, R, N), B packed (K, M, R)) in sorted block order, zero in the padding; float32."""
+def _pack(layout: BlockLayout, plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+    """(A packed (K, R, N), B packed (K, M, R)) in sorted block order, zero in the padding, in ``dtype`` (cast before
+    the take: one pass over the factors)."""
     K, M, N, R = padded_dims(layout)
-    flat = mx.take(flat_factors(a_list, b_list), plan.fac_take)
+    flat = mx.take(flat_factors(a_list, b_list).astype(dtype), plan.fac_take)
     return mx.reshape(flat[: K * R * N], (K, R, N)), mx.reshape(flat[K * R * N :], (K, M, R))
 
 

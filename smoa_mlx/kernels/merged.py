@@ -48,7 +48,7 @@ def _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_ful
 def _block_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2):
     K, M, N, _ = padded_dims(layout)
     plan = plan_of(layout, index)
-    a_pad, b_pad = _pack(layout, plan, a_list, b_list)
+    a_pad, b_pad = _pack(layout, plan, a_list, b_list, x2.dtype)  # only the gradient products use them: their type
     xb = ops.gather(x2, plan.col_src, K, N)
     gb = ops.gather(g2, plan.row_src, K, M)
     return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list)

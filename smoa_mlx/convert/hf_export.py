@@ -57,7 +57,8 @@ def export_hf(
     ``model`` / ``tokenizer`` / ``src_config`` are what ``mlx_lm.load(..., return_config=True)`` returns (with
     an SMoA adapter loaded or already fused). ``dtype`` casts floating weights (default: keep the model's).
     ``src_path``, the base model folder, contributes ``generation_config.json`` when it has one.
-    An existing ``path`` is refused unless ``force``, and then replaced whole (nothing of the old folder stays).
+    An existing non-empty ``path`` is refused unless ``force``, and then replaced whole (nothing of the old folder
+    stays).
     The model is modified in place (its adapters are fused). Returns the folder.
     """
     model_type = src_config.get("model_type")
@@ -83,8 +84,8 @@ def export_hf(
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export_hf: {out} exists and is not a folder")
-    if out.exists() and not force:
-        raise FileExistsError(f"export_hf: {out} already exists; pass force=True to replace it")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"export_hf: {out} already exists and is not empty; pass force=True to replace it")
     with staged_folder(out, what="checkpoint") as staging:
         shards = make_shards(weights)
         names = (

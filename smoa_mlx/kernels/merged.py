@@ -40,8 +40,8 @@ def _merged_weight(ops, layout: BlockLayout, index, weight_parts, a_list, b_list
 
 def _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_full, a_full):
     h = ops.hadamard_full(layout, weight_parts, g2.T @ x2)  # s G * W0, d_out x d_in, transient
-    db_full = (h @ a_full.T.astype(h.dtype)).astype(mx.float32)  # no cast: the same type as h
-    da_full = (b_full.T.astype(h.dtype) @ h).astype(mx.float32)
+    db_full = (h @ a_full.T).astype(mx.float32)  # a_full, b_full: already h's type (product_type)
+    da_full = (b_full.T @ h).astype(mx.float32)
     return split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
 
 

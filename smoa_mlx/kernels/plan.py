@@ -132,8 +132,9 @@ def build_plan(layout: BlockLayout, row_order, col_order) -> BlockPlan:
 
 
 def _whole_weight_takes(layout: BlockLayout, row_order: np.ndarray, col_order: np.ndarray):
-    """(rows (3, d_out): start, lo, hi; cols (4, d_in): start, stride, lo, hi; full_a_back, full_b_back): B_full[row_order[r0 + i], slot_k + q] = B_k[i, q] and
-    A_full[slot_k + q, col_order[c0 + j]] = A_k[q, j], zero elsewhere (disjoint rank slots)."""
+    """(rows (3, d_out): start, lo, hi; cols (4, d_in): start, stride, lo, hi; full_a_back, full_b_back), for
+    B_full[row_order[r0 + i], slot_k + q] = B_k[i, q] and A_full[slot_k + q, col_order[c0 + j]] = A_k[q, j], zero
+    elsewhere (disjoint rank slots)."""
     ranks = layout.ranks
     total_a = sum(r * n for r, n in zip(ranks, layout.col_sizes))
     d_out, d_in, r_all = len(row_order), len(col_order), sum(ranks)
@@ -190,14 +191,14 @@ def whole_weight_factors(plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> t
 
 def rebuilt_after(cotangent: mx.array, *groups: list[mx.array]) -> list[list[mx.array]]:
     """``groups`` of arrays, made to depend on the backward's cotangent, so that a VJP rebuilds what it needs from
-    them (the take indices, the whole-weight factors, W0 + Delta W, the block-major activations) instead of sharing it
-    with the forward.
+    them (the whole-weight factors, W0 + Delta W, the packed blocks, the block-major activations) instead of
+    sharing it with the forward.
 
     Built from the very same inputs, mx.compile's common-subexpression pass merges the VJP's copies with the
-    forward's and keeps them alive from the forward to the backward of their layer. Measured on the CPU
-    (2-layer model with 1024-wide layers, 2048 tokens, K=2, the merged form): peak memory 559 MB with everything
-    rebuilt, 590 MB with the whole-weight factors shared and 600 MB for mlx-lm's LoRA; with the indices computed
-    by an ``mx.arange`` per call the pass could not merge them, and every layer's step paid for that in nodes.
+    forward's and keeps them alive from the forward to the backward of their layer. Measured on the CPU (2-layer
+    model with 1024-wide layers, 2048 tokens, K=2, the merged form; docs/BENCHMARKS.md): peak memory 559 MB
+    rebuilding from the factors, 590 MB sharing B_full and A_full, 640 MB sharing everything, 600 MB for mlx-lm's
+    LoRA. What does not depend on the factors (the take indices) is still shared.
     """
     flat = mx.depends([a for group in groups for a in group], [cotangent])
     out, start = [], 0

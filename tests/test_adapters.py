@@ -4,12 +4,11 @@ import json
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2
 
-from smoa_mlx import SMoAConfig, SMoALinear, apply_smoa, load_adapter, save_adapter, smoa_layers, target_paths
+from smoa_mlx import SMoAConfig, apply_smoa, load_adapter, save_adapter, smoa_layers, target_paths
 from smoa_mlx.adapters import folder as adapters_mod
 
 

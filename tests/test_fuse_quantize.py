@@ -2,7 +2,6 @@
 
 import re
 
-import mlx.core as mx
 import mlx_lm
 import pytest
 from tiny_llm import make_model_folder, make_smoa_adapter

@@ -3,7 +3,6 @@
 import argparse
 import json
 
-import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx_lm.tuner.callbacks import SUPPORT_CALLBACK, TrainingCallback

@@ -16,7 +16,7 @@ import pytest
 from train_helpers import build_data_folder, build_model_folder, write_jsonl
 
 from smoa_mlx.train import runner as train_mod
-from smoa_mlx.train.checkpoint import STATE_FILE, load_state
+from smoa_mlx.train.checkpoint import load_state
 from smoa_mlx.train import run
 from smoa_mlx.train.args import parse_args
 from smoa_mlx.train.data import PACKAGED_DATA, DataError, load_splits, read_jsonl

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 from train_helpers import build_data_folder, build_model_folder
 

@@ -16,7 +16,6 @@ import signal
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from faults import trials

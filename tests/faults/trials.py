@@ -33,7 +33,6 @@ from .harness import (
     finish,
     leftovers,
     loads_or_empty,
-    same_tensors,
     send,
     snapshot,
     spawn,

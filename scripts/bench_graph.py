@@ -63,6 +63,7 @@ def _model(method: str, blocks: int, shape: dict):
 
     from smoa_mlx import SMoAConfig, apply_smoa, target_paths
     from smoa_mlx.adapters import get_module
+    from smoa_mlx.layer import base_dims
 
     args = dict(bench_train.MODEL, **shape)
     mx.random.seed(0)
@@ -75,7 +76,7 @@ def _model(method: str, blocks: int, shape: dict):
     else:
         rng = np.random.default_rng(0)
         paths = target_paths(model, bench_train.TARGETS)
-        orders = {p: tuple(rng.permutation(n) for n in get_module(model, p).weight.shape) for p in paths}
+        orders = {p: tuple(rng.permutation(n) for n in base_dims(get_module(model, p))) for p in paths}
         apply_smoa(model, SMoAConfig(rank=RANK, blocks=blocks, target_modules=bench_train.TARGETS), orders=orders)
     mx.eval(model.parameters())
     return model, args

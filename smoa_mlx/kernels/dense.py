@@ -109,7 +109,8 @@ def dense_form_delta_fn(layout: BlockLayout):
     @delta.vjp
     def delta_vjp(primals, cotangent, output):
         x, index, weight_parts, a_list, b_list = primals
-        a_list, b_list = rebuilt_after(cotangent, a_list, b_list)
+        frozen = tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts)  # lazy, never evaluated
+        a_list, b_list, weight_parts = rebuilt_after(cotangent, a_list, b_list, list(weight_parts))
         update, b_full, a_full, w0 = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)
         dx = cotangent.astype(x.dtype) @ update
         g2 = mx.reshape(cotangent, (-1, cotangent.shape[-1])).astype(x.dtype)
@@ -118,6 +119,6 @@ def dense_form_delta_fn(layout: BlockLayout):
         db_full = layout.scale * (h @ a_full.T).astype(mx.float32)
         da_full = (b_full.T @ h).astype(mx.float32)
         da, db = split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
-        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
+        return dx, *frozen, da, db
 
     return delta

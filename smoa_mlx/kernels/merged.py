@@ -70,7 +70,8 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
         x, index, weight_parts, a_list, b_list = primals
-        a_list, b_list = rebuilt_after(cotangent, a_list, b_list)
+        frozen = tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts)  # lazy, never evaluated
+        a_list, b_list, weight_parts = rebuilt_after(cotangent, a_list, b_list, list(weight_parts))
         w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
@@ -80,6 +81,6 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
             da, db = _block_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2)
         else:
             da, db = _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_full, a_full)
-        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
+        return dx, *frozen, da, db
 
     return fn

@@ -29,6 +29,13 @@ TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_p
 MODEL = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
              num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
              rope_theta=500000.0, tie_word_embeddings=True)  # Llama-3.2-1B's shape
+SHAPES = {  # --shape: the model dims over MODEL's (llama-1b is MODEL itself)
+    "llama-1b": {},
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152),  # the embedded model's shape, for CPU runs
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),  # a smoke test of the script
+}
 METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense")
 # SMOA_MLX_KERNEL per method: smoa is the default (auto: the merged form), the others force one form on every layer
 # (smoa-kernel: the block form with the GPU kernels; smoa-dense: the dense HiRA form, the base apart).
@@ -111,7 +118,7 @@ def _split_times(model, optimizer, batch: int, seq: int, reps: int = 10) -> dict
 
 
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
-          report_every: int = 0, data: str = "random", split: bool = False) -> dict:
+          report_every: int = 0, data: str = "random", split: bool = False, dtype: str = "bfloat16") -> dict:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -126,7 +133,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
 
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**MODEL))
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(getattr(mx, dtype))  # bf16 on a GPU; float32 on MLX's CPU back-end, whose bf16 is unreliable
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
@@ -163,7 +170,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
         mx.reset_peak_memory()
         train(model, optim.Adam(learning_rate=lr), dataset, None, args, training_callback=Cb())
     steady = reports[1:] or reports
-    return dict(method=method, bits=bits, rank=rank, blocks=blocks, trainable=int(trainable),
+    return dict(method=method, bits=bits, dtype=dtype, rank=rank, blocks=blocks, trainable=int(trainable),
                 tokens_per_step=batch * seq, iters=iters,
                 tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
                 peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
@@ -182,7 +189,7 @@ def markdown(data: dict) -> str:
                 r = runs.get(m)
                 if r is None:
                     continue
-                base = "bf16" if not bits else f"{bits}-bit"
+                base = {"bfloat16": "bf16"}.get(r.get("dtype", "bfloat16"), r.get("dtype")) if not bits else f"{bits}-bit"
                 if "error" in r:
                     out.append(f"| {base} | {blocks} | {m} | - | failed: {r['error'][-80:]} | | | |")
                     continue
@@ -205,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--bits", default="0,4", help="base precisions: 0 = bf16, 4 = 4-bit")
+    ap.add_argument("--bits", default="0,4", help="base precisions: 0 = unquantized (--dtype), 4 = 4-bit")
     ap.add_argument("--methods", default="lora,smoa,smoa-kernel")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--report-every", type=int, default=0, help="steps per loss report (default iters / 4)")
@@ -213,17 +220,18 @@ def main(argv=None) -> int:
                     help="training tokens: random (speed) or a learnable bigram table (loss curves)")
     ap.add_argument("--split", action="store_true",
                     help="also time the compiled forward + backward alone and the whole step (before training)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b", help="the model's dims (default llama-1b)")
+    ap.add_argument("--tiny", action="store_true", help="--shape tiny (a smoke test of the script)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="the base weights' type (float32 on a CPU)")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
-    if args.tiny:  # CPU smoke run of the script itself
-        MODEL.update(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=256)
+    MODEL.update(SHAPES["tiny" if args.tiny else args.shape])
     if args.child:
         res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq,
-                    args.lr, args.report_every, args.data, args.split)
+                    args.lr, args.report_every, args.data, args.split, args.dtype)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     runs = []
@@ -232,7 +240,8 @@ def main(argv=None) -> int:
             for method in args.methods.split(","):
                 cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
                        str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data]
+                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data,
+                       "--shape", args.shape, "--dtype", args.dtype]
                 cmd += ["--split"] if args.split else []
                 done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -241,13 +250,16 @@ def main(argv=None) -> int:
                 else:
                     runs.append(dict(method=method, bits=bits, blocks=blocks, error=(done.stderr or done.stdout)[-1500:]))
                 print(json.dumps(runs[-1])[:2000], flush=True)
-    device = "?"
     try:
         import torch
 
         device = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - the device name is decoration
-        pass
+    except Exception:  # noqa: BLE001 - the device name is decoration: MLX's own device where there is no CUDA
+        import platform
+
+        import mlx.core as mx
+
+        device = f"{mx.default_device()} ({platform.machine()}, {os.cpu_count()} cores)"
     data = {"command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]), "device": device, "runs": runs}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,8 @@ def _split_times(model, optimizer, batch: int, seq: int, reps: int = 10) -> dict
 
 
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
-          report_every: int = 0, data: str = "random", split: bool = False, dtype: str = "bfloat16") -> dict:
+          report_every: int = 0, data: str = "random", split: bool = False, dtype: str = "bfloat16",
+          dropout: float = 0.0) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -139,11 +140,11 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
     mx.eval(model.parameters())
     if method == "lora":
         model.freeze()  # as mlx_lm.lora does before adding the adapters
-        linear_to_lora_layers(model, len(model.layers), {"rank": rank // blocks, "scale": 1.0, "dropout": 0.0,
+        linear_to_lora_layers(model, len(model.layers), {"rank": rank // blocks, "scale": 1.0, "dropout": dropout,
                                                           "keys": TARGETS})
     else:
         os.environ["SMOA_MLX_KERNEL"] = _ENV[method]
-        cfg = SMoAConfig(rank=rank, blocks=blocks, target_modules=TARGETS)
+        cfg = SMoAConfig(rank=rank, blocks=blocks, dropout=dropout, target_modules=TARGETS)
         rng = np.random.default_rng(0)
         orders = {}
         for path in target_paths(model, TARGETS):
@@ -170,7 +171,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
         mx.reset_peak_memory()
         train(model, optim.Adam(learning_rate=lr), dataset, None, args, training_callback=Cb())
     steady = reports[1:] or reports
-    return dict(method=method, bits=bits, dtype=dtype, rank=rank, blocks=blocks, trainable=int(trainable),
+    return dict(method=method, bits=bits, dtype=dtype, dropout=dropout, rank=rank, blocks=blocks, trainable=int(trainable),
                 tokens_per_step=batch * seq, iters=iters,
                 tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
                 peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="--shape tiny (a smoke test of the script)")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                     help="the base weights' type (float32 on a CPU)")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="dropout on the adapter path, every method (with it SMoA's update runs apart from the base)")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
     MODEL.update(SHAPES["tiny" if args.tiny else args.shape])
     if args.child:
         res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq,
-                    args.lr, args.report_every, args.data, args.split, args.dtype)
+                    args.lr, args.report_every, args.data, args.split, args.dtype, args.dropout)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     runs = []
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
                        str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq),
                        "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data,
-                       "--shape", args.shape, "--dtype", args.dtype]
+                       "--shape", args.shape, "--dtype", args.dtype, "--dropout", str(args.dropout)]
                 cmd += ["--split"] if args.split else []
                 done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -124,7 +124,7 @@ def test_baselines_share_the_loop(tiny, tmp_path, kind):
 def test_defaults_per_method():
     smoa, lora = parse_args([]), parse_args(["--fine-tune-type", "lora"])
     assert smoa.model is None and smoa.data is None and smoa.train
-    assert smoa.blocks == 2 and smoa.rank == 8 and smoa.alpha is None and smoa.dropout == 0.05
+    assert smoa.blocks == 2 and smoa.rank == 8 and smoa.alpha is None and smoa.dropout == 0.0
     assert smoa.learning_rate >= 5 * lora.learning_rate  # Hadamard adapters need a far larger step
     assert parse_args(["--fine-tune-type", "hira"]).blocks == 1
     assert parse_args(["--target-modules", "q_proj,v_proj"]).target_modules == ["q_proj", "v_proj"]

@@ -16,8 +16,11 @@ is a kernel launch on a GPU; a step whose kernels are short stalls on the host. 
 - ``tiny_step_ms``: the median time of that compiled step at 64-wide layers and 8 tokens, where the work is
   nothing and the time is the per-node cost. CPU figures on a shared machine are noisy: the methods are timed
   interleaved in one process, and the ratio to LoRA is the figure to read.
-- ``peak_mb``: MLX's peak memory over one compiled step of a 2-layer model with 1024-wide layers (2048 tokens, float32),
-  after a warm-up step: catches a form that keeps a per-layer copy from the forward to the backward.
+- ``peak_mb``: MLX's peak memory over one compiled step of a 2-layer model with 1024-wide layers (2048 tokens,
+  float32), after a warm-up step: catches a form that keeps a per-layer copy from the forward to the backward.
+
+``--dtype bfloat16 --no-peak`` counts the graph of bf16 training, as on a GPU (its casts add kernels; MLX's CPU
+back-end computes bf16 unreliably, so on a CPU take the counts only).
 
 SMoA's orders are random permutations (the spectral step is not part of a training step); LoRA's rank is
 rank / K (equal trainable parameters), as in bench_train.py.

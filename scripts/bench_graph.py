@@ -201,7 +201,11 @@ def markdown(data: dict) -> str:
              "| peak memory (MB) |", "|---|---:|---:|---:|---:|---:|"]
     for method, row in data["rows"].items():
         rel = row.get("vs_lora", {})
-        cell = lambda key, fmt: f"{row[key]:{fmt}}" + (f" ({rel[key]:.2f}x)" if key in rel and not method.startswith("lora") else "")  # noqa: E731
+
+        def cell(key: str, fmt: str) -> str:
+            ratio = f" ({rel[key]:.2f}x)" if key in rel and not method.startswith("lora") else ""
+            return f"{row[key]:{fmt}}{ratio}"
+
         lines.append(f"| {method} | {cell('nodes_per_layer', '.1f')} | {cell('kernels_per_layer', '.1f')} | "
                      f"{cell('step_kernels_per_layer', '.1f')} | {cell('tiny_step_ms', '.1f')} | "
                      f"{cell('peak_mb', '.0f')} |")
@@ -214,7 +218,7 @@ def main() -> None:
                         help="comma-separated: lora-kK, smoa-<SMOA_MLX_KERNEL>-kK")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="the base weights' type (bf16 on MLX's CPU back-end: counts only, its outputs are unreliable)")
+                        help="the base weights' type (bf16 on MLX's CPU back-end: counts only)")
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--markdown", metavar="JSON", help="print the table of a results file and exit")

@@ -171,7 +171,8 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
         mx.reset_peak_memory()
         train(model, optim.Adam(learning_rate=lr), dataset, None, args, training_callback=Cb())
     steady = reports[1:] or reports
-    return dict(method=method, bits=bits, dtype=dtype, dropout=dropout, rank=rank, blocks=blocks, trainable=int(trainable),
+    return dict(method=method, bits=bits, dtype=dtype, dropout=dropout, rank=rank, blocks=blocks,
+                trainable=int(trainable),
                 tokens_per_step=batch * seq, iters=iters,
                 tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
                 peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
@@ -190,7 +191,8 @@ def markdown(data: dict) -> str:
                 r = runs.get(m)
                 if r is None:
                     continue
-                base = {"bfloat16": "bf16"}.get(r.get("dtype", "bfloat16"), r.get("dtype")) if not bits else f"{bits}-bit"
+                dtype = r.get("dtype", "bfloat16")
+                base = f"{bits}-bit" if bits else {"bfloat16": "bf16"}.get(dtype, dtype)
                 if "error" in r:
                     out.append(f"| {base} | {blocks} | {m} | - | failed: {r['error'][-80:]} | | | |")
                     continue

@@ -93,3 +93,19 @@ def test_answer_leaves_the_adapter_in_place(tiny):
     assert len(smoa_layers(model)) == 4 and not model.training
     model.train()
     np.testing.assert_allclose(np.array(model(tokens)), np.array(live), rtol=1e-5, atol=1e-5)
+
+
+def test_default_training_runs_the_merged_form(tiny, tmp_path, monkeypatch):
+    """The CLI's defaults train every SMoA layer through the merged form (W0 + Delta W in one matmul): dropout on the
+    update path would run it apart from the base, 15% slower on the CPU (docs/BENCHMARKS.md); the reference runs'
+    dropout 0.05 was once the default and took every default run off the fast path unnoticed."""
+    from smoa_mlx import layer, spectral
+
+    monkeypatch.setenv(spectral.CACHE_ENV, str(tmp_path / "cache"))
+
+    def apart(*_):
+        raise AssertionError("a default training step ran the update apart from the base (dropout > 0)")
+
+    monkeypatch.setattr(layer, "delta_fn", apart)
+    result = run(_options(tiny, tmp_path / "a", preview=False))
+    assert result["train_losses"] and parse_args([]).dropout == 0.0

@@ -23,11 +23,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import mlx.core as mx
-from mlx.utils import tree_map
 
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
-from .plan import BlockLayout, BlockPlan, padded_dims, flat_factors, plan_of, rebuilt_after, untake_grads
+from .plan import BlockLayout, BlockPlan, flat_factors, padded_dims, plan_of, untake_grads, vjp_primals
 from .source import GROUP, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
@@ -200,7 +199,6 @@ def _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list):
 def _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, cot):
     K, M, N, _ = padded_dims(layout)
     plan = plan_of(layout, index)
-    (x,), a_list, b_list, weight_parts = rebuilt_after(cot, [x], a_list, b_list, list(weight_parts))
     x2 = mx.reshape(x, (-1, x.shape[-1]))
     g2 = mx.reshape(cot, (-1, cot.shape[-1])).astype(x.dtype)
     a_pad, b_pad = _pack(layout, plan, a_list, b_list)
@@ -233,9 +231,8 @@ def block_fn(layout: BlockLayout, ops, with_base: bool = False):
 
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
-        x, index, weight_parts, a_list, b_list = primals
+        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent, rebuild_x=True)
         dx, da, db = _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, cotangent)
-        # Frozen inputs: these zeros are lazy and never evaluated, since nothing asks for their gradient.
-        return dx, tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts), da, db
+        return dx, *frozen, da, db
 
     return fn

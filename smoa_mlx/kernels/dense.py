@@ -12,9 +12,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import mlx.core as mx
-from mlx.utils import tree_map
 
-from .plan import BlockLayout, plan_of, rebuilt_after, untake_grads, whole_weight_factors
+from .plan import BlockLayout, plan_of, untake_grads, vjp_primals, whole_weight_factors
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -108,9 +107,7 @@ def dense_form_delta_fn(layout: BlockLayout):
 
     @delta.vjp
     def delta_vjp(primals, cotangent, output):
-        x, index, weight_parts, a_list, b_list = primals
-        frozen = tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts)  # lazy, never evaluated
-        a_list, b_list, weight_parts = rebuilt_after(cotangent, a_list, b_list, list(weight_parts))
+        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent)
         update, b_full, a_full, w0 = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)
         dx = cotangent.astype(x.dtype) @ update
         g2 = mx.reshape(cotangent, (-1, cotangent.shape[-1])).astype(x.dtype)

@@ -24,11 +24,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import mlx.core as mx
-from mlx.utils import tree_map
 
 from .blocks import _pack, block_factor_grads, product_type
 from .dense import full_factors, split_factor_grads
-from .plan import BlockLayout, padded_dims, plan_of, rebuilt_after
+from .plan import BlockLayout, padded_dims, plan_of, vjp_primals
 
 
 def _merged_weight(ops, layout: BlockLayout, index, weight_parts, a_list, b_list, dtype):
@@ -69,9 +68,7 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
 
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
-        x, index, weight_parts, a_list, b_list = primals
-        frozen = tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts)  # lazy, never evaluated
-        a_list, b_list, weight_parts = rebuilt_after(cotangent, a_list, b_list, list(weight_parts))
+        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent)
         w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
 
 @dataclass(frozen=True)
@@ -189,23 +190,28 @@ def whole_weight_factors(plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> t
     return mx.take(flat, b_take), mx.take(flat, a_take)
 
 
-def rebuilt_after(cotangent: mx.array, *groups: list[mx.array]) -> list[list[mx.array]]:
-    """``groups`` of arrays, made to depend on the backward's cotangent, so that a VJP rebuilds what it needs from
-    them (the whole-weight factors, W0 + Delta W, the packed blocks, the block-major activations) instead of
-    sharing it with the forward.
+def vjp_primals(primals, cotangent: mx.array, rebuild_x: bool = False) -> tuple[tuple, tuple]:
+    """For the VJP of a form's ``fn(x, index, weight_parts, a_list, b_list)``: (the primals with the base's arrays,
+    the factors and, with ``rebuild_x``, x made to depend on the cotangent; the zero cotangents of the frozen index
+    and base).
 
-    Built from the very same inputs, mx.compile's common-subexpression pass merges the VJP's copies with the
-    forward's and keeps them alive from the forward to the backward of their layer. Measured on the CPU (2-layer
+    The dependency makes the VJP rebuild what it needs from them (the whole-weight factors, W0 + Delta W, a
+    quantized base's dequantized W0, the packed blocks, the block-major activations) instead of sharing it with the
+    forward. Built from the very same inputs, mx.compile's common-subexpression pass merges the VJP's copies with
+    the forward's and keeps them alive from the forward to the backward of their layer. Measured on the CPU (2-layer
     model with 1024-wide layers, 2048 tokens, K=2, the merged form; docs/BENCHMARKS.md): peak memory 559 MB
     rebuilding from the factors, 590 MB sharing B_full and A_full, 640 MB sharing everything, 600 MB for mlx-lm's
-    LoRA. What does not depend on the factors (the take indices) is still shared.
+    LoRA. What depends on none of them (the take indices) is still shared. Only the block form gathers from x
+    (``rebuild_x``); for the others the dependency on x measured a higher peak (479 against 460 MB, the merged
+    form at K=4).
+    The zeros are lazy and never evaluated: nothing asks for the frozen inputs' gradient.
     """
-    flat = mx.depends([a for group in groups for a in group], [cotangent])
-    out, start = [], 0
-    for group in groups:
-        out.append(list(flat[start : start + len(group)]))
-        start += len(group)
-    return out
+    x, index, weight_parts, a_list, b_list = primals
+    frozen = tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts)
+    k, n = len(a_list), len(b_list)
+    rest = mx.depends([*a_list, *b_list, *weight_parts, *([x] if rebuild_x else [])], [cotangent])
+    x = rest.pop() if rebuild_x else x
+    return (x, index, tuple(rest[k + n :]), rest[:k], rest[k : k + n]), frozen
 
 
 def untake_grads(back: mx.array, grad: mx.array, like: list[mx.array]) -> list[mx.array]:

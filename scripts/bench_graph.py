@@ -60,27 +60,13 @@ DTYPE = "float32"  # the base weights' type (--dtype); bf16 training casts the f
 
 def _model(method: str, blocks: int, shape: dict):
     import mlx.core as mx
-    import numpy as np
     from mlx_lm.models import llama
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from smoa_mlx import SMoAConfig, apply_smoa, target_paths
-    from smoa_mlx.adapters import get_module
-    from smoa_mlx.layer import base_dims
 
     args = dict(bench_train.MODEL, **shape)
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**args))
     model.set_dtype(getattr(mx, DTYPE))  # as bench_train.py does, before the adapters (float32 factors)
-    if method == "lora":
-        model.freeze()
-        linear_to_lora_layers(model, args["num_hidden_layers"],
-                              {"rank": RANK // blocks, "scale": 1.0, "dropout": 0.0, "keys": bench_train.TARGETS})
-    else:
-        rng = np.random.default_rng(0)
-        paths = target_paths(model, bench_train.TARGETS)
-        orders = {p: tuple(rng.permutation(n) for n in base_dims(get_module(model, p))) for p in paths}
-        apply_smoa(model, SMoAConfig(rank=RANK, blocks=blocks, target_modules=bench_train.TARGETS), orders=orders)
+    bench_train.add_adapters(model, method, RANK, blocks)
     mx.eval(model.parameters())
     return model, args
 

@@ -117,6 +117,28 @@ def _split_times(model, optimizer, batch: int, seq: int, reps: int = 10) -> dict
     return out
 
 
+def add_adapters(model, kind: str, rank: int, blocks: int, dropout: float = 0.0) -> None:
+    """``kind`` "lora": mlx-lm's LoRA at rank / K, as mlx_lm.lora adds it (base frozen first); "smoa": SMoA at
+    ``rank`` with K = ``blocks`` (the same trainable parameters), random row/column orders standing in for the
+    spectral step (which is not part of a training step). Both on TARGETS in every layer."""
+    import numpy as np
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from smoa_mlx import SMoAConfig, apply_smoa, target_paths
+    from smoa_mlx.adapters import get_module
+    from smoa_mlx.layer import base_dims
+
+    if kind == "lora":
+        model.freeze()
+        linear_to_lora_layers(model, len(model.layers), {"rank": rank // blocks, "scale": 1.0, "dropout": dropout,
+                                                          "keys": TARGETS})
+        return
+    rng = np.random.default_rng(0)
+    paths = target_paths(model, TARGETS)
+    orders = {p: tuple(rng.permutation(n) for n in base_dims(get_module(model, p))) for p in paths}
+    apply_smoa(model, SMoAConfig(rank=rank, blocks=blocks, dropout=dropout, target_modules=TARGETS), orders=orders)
+
+
 def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
           report_every: int = 0, data: str = "random", split: bool = False, dtype: str = "bfloat16",
           dropout: float = 0.0) -> dict:
@@ -127,10 +149,6 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from smoa_mlx import SMoAConfig, apply_smoa, target_paths
-    from smoa_mlx.adapters import get_module
 
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**MODEL))
@@ -138,21 +156,9 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
-    if method == "lora":
-        model.freeze()  # as mlx_lm.lora does before adding the adapters
-        linear_to_lora_layers(model, len(model.layers), {"rank": rank // blocks, "scale": 1.0, "dropout": dropout,
-                                                          "keys": TARGETS})
-    else:
+    if method != "lora":
         os.environ["SMOA_MLX_KERNEL"] = _ENV[method]
-        cfg = SMoAConfig(rank=rank, blocks=blocks, dropout=dropout, target_modules=TARGETS)
-        rng = np.random.default_rng(0)
-        orders = {}
-        for path in target_paths(model, TARGETS):
-            mod = get_module(model, path)
-            d_out = mod.weight.shape[0]
-            d_in = mod.weight.shape[1] * (32 // bits if bits else 1)
-            orders[path] = (rng.permutation(d_out), rng.permutation(d_in))
-        apply_smoa(model, cfg, orders=orders)
+    add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
     data_rng = np.random.default_rng(1)

@@ -4,8 +4,8 @@ Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 
 - the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight (an
   MLX matmul for the rank-r product and one fused elementwise pass), so the forward and dx are one matmul each;
-  its factor gradients come from one full matmul or, with ``block_grads``, from the K diagonal blocks only. It needs the update to see the base's own input, so it
-  serves :func:`linear_fn` (no dropout), the training default;
+  its factor gradients come from one full matmul or, with ``block_grads``, from the K diagonal blocks only. It
+  needs the update to see the base's own input, so it serves :func:`linear_fn` (no dropout), the training default;
 - the block-major form (:mod:`.blocks`): the base apart, the update in batched MLX matmuls at 2 + 3/K
   layer-matmuls, its gathers, scatters and anchor reads done by the kernels of :mod:`.source` on a GPU (Metal or
   CUDA); with those steps in plain MLX takes it is the pure-MLX reference the kernels are checked against
@@ -17,9 +17,9 @@ Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
 :func:`linear_fn` returns x W0^T plus the update. ``SMOA_MLX_KERNEL`` picks: ``auto`` (default: the merged form for
 :func:`linear_fn` everywhere, with the block gradients on GPU layers where :func:`block_grads_pay` says; for
 :func:`delta_fn` the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form
-below and on the CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form with
-the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The merged form's
-block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere; with full
+below and on the CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form
+with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The
+merged form's block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere; with full
 gradients it launches no kernel, so it never waits for their compilation. Kernels that fail to compile or run on a
 first small probe are reported once with a warning, and plain MLX is used from then on.
 """

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,16 +140,12 @@ def add_adapters(model, kind: str, rank: int, blocks: int, dropout: float = 0.0)
     apply_smoa(model, SMoAConfig(rank=rank, blocks=blocks, dropout=dropout, target_modules=TARGETS), orders=orders)
 
 
-def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
-          report_every: int = 0, data: str = "random", split: bool = False, dtype: str = "bfloat16",
-          dropout: float = 0.0) -> dict:
+def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: float):
+    """The benchmark model (random weights, seed 0) with ``method``'s adapters, and its trainable parameter count."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
-    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
 
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**MODEL))
@@ -159,56 +156,164 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
     if method != "lora":
         os.environ["SMOA_MLX_KERNEL"] = _ENV[method]
     add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return model, sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
-    data_rng = np.random.default_rng(1)
-    dataset = _dataset(data, 4 * batch, seq, MODEL["vocab_size"], data_rng)
+
+def _train_window(model, optimizer, dataset, iters: int, report_every: int, batch: int, seq: int) -> list:
+    """mlx-lm's trainer for ``iters`` steps; its loss reports (tokens/s, peak memory, loss)."""
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
+
     reports = []
 
     class Cb(TrainingCallback):
         def on_train_loss_report(self, info):
             reports.append(info)
 
-    split_ms = _split_times(model, optim.Adam(learning_rate=0.0), batch, seq) if split else {}
     with tempfile.TemporaryDirectory() as d:
-        args = TrainingArgs(batch_size=batch, iters=iters, steps_per_report=report_every or max(1, iters // 4),
-                            steps_per_eval=10**9,
+        args = TrainingArgs(batch_size=batch, iters=iters, steps_per_report=report_every, steps_per_eval=10**9,
                             steps_per_save=10**9, max_seq_length=seq + 1, adapter_file=f"{d}/adapters.safetensors")
-        mx.reset_peak_memory()
-        train(model, optim.Adam(learning_rate=lr), dataset, None, args, training_callback=Cb())
-    steady = reports[1:] or reports
+        train(model, optimizer, dataset, None, args, training_callback=Cb())
+    return reports
+
+
+def _summary(reports: list) -> dict:
+    steady = reports[1:] or reports  # the first report's steps include compiling the step
+    return dict(tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
+                final_loss=reports[-1]["train_loss"], losses=[(r["iteration"], r["train_loss"]) for r in reports])
+
+
+def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int, seq: int, lr: float = 1e-4,
+          report_every: int = 0, data: str = "random", split: bool = False, dtype: str = "bfloat16",
+          dropout: float = 0.0) -> dict:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+
+    model, trainable = _build(method, bits, rank, blocks, dtype, dropout)
+    dataset = _dataset(data, 4 * batch, seq, MODEL["vocab_size"], np.random.default_rng(1))
+    split_ms = _split_times(model, optim.Adam(learning_rate=0.0), batch, seq) if split else {}
+    mx.reset_peak_memory()
+    reports = _train_window(model, optim.Adam(learning_rate=lr), dataset, iters, report_every or max(1, iters // 4),
+                            batch, seq)
     return dict(method=method, bits=bits, dtype=dtype, dropout=dropout, rank=rank, blocks=blocks,
-                trainable=int(trainable),
-                tokens_per_step=batch * seq, iters=iters,
-                tokens_per_second=sum(r["tokens_per_second"] for r in steady) / len(steady),
-                peak_memory_gb=max(r["peak_memory"] for r in reports), final_loss=reports[-1]["train_loss"],
-                lr=lr, data=data, **split_ms, losses=[(r["iteration"], r["train_loss"]) for r in reports],
+                trainable=int(trainable), tokens_per_step=batch * seq, iters=iters, **_summary(reports),
+                peak_memory_gb=max(r["peak_memory"] for r in reports), lr=lr, data=data, **split_ms,
                 **({} if method == "lora" else {"rounding": _rounding_share(model)}))
 
 
+def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, window: int, batch: int, seq: int,
+                 lr: float = 1e-4, data: str = "random", split: bool = False, dtype: str = "bfloat16",
+                 dropout: float = 0.0) -> list:
+    """Every method in one process, each on its own copy of the model, trained in alternating windows of ``window``
+    steps (``rounds`` of them per method, the order reversed every other round), after one warm-up window each.
+
+    Why: on the shared H200 the same configuration has measured 15% apart from one process to the next, and a
+    process spends most of its minute building the model and compiling kernels. Windows that alternate in one
+    process compare the methods under the same conditions, many times, for one compilation each. Peak memory: each
+    window's peak minus the arrays the other methods' models and optimizers hold (their parameters and optimizer
+    state, counted exactly), an estimate of the method's peak alone; the process-per-configuration mode measures
+    it directly."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    dataset = _dataset(data, 4 * batch, seq, MODEL["vocab_size"], np.random.default_rng(1))
+    report = 2 if window >= 4 else 1
+    runs = {}
+    for m in methods:
+        model, trainable = _build(m, bits, rank, blocks, dtype, dropout)
+        opt = optim.Adam(learning_rate=lr)
+        split_ms = _split_times(model, optim.Adam(learning_rate=0.0), batch, seq) if split else {}
+        _train_window(model, opt, dataset, 2 * report, report, batch, seq)  # warm-up: compile, kernels, Adam state
+        runs[m] = (model, opt, trainable, split_ms)
+
+    def held(m):  # bytes of method m's parameters and optimizer state
+        model, opt = runs[m][:2]
+        return sum(v.nbytes for _, v in tree_flatten([model.parameters(), opt.state]) if isinstance(v, mx.array))
+
+    held_bytes = {m: held(m) for m in methods}
+    out = []
+    for r in range(rounds):
+        for m in (methods if r % 2 == 0 else methods[::-1]):
+            model, opt, trainable, split_ms = runs[m]
+            if m != "lora":
+                os.environ["SMOA_MLX_KERNEL"] = _ENV[m]
+            mx.reset_peak_memory()
+            reports = _train_window(model, opt, dataset, window, report, batch, seq)
+            others = sum(b for k, b in held_bytes.items() if k != m) / 1e9
+            peak = max(x["peak_memory"] for x in reports)
+            out.append(dict(method=m, bits=bits, dtype=dtype, dropout=dropout, rank=rank, blocks=blocks,
+                            trainable=int(trainable), tokens_per_step=batch * seq, iters=window, round=r,
+                            **_summary(reports), peak_memory_gb=peak - others, peak_memory_shared_gb=peak, lr=lr,
+                            data=data, **split_ms))
+    return out
+
+
+def _spread(values: list, fmt: str, unit: str = "") -> str:
+    """The median of ``values``, with their range when there are several (rounds of one configuration)."""
+    mid = f"{statistics.median(values):{fmt}}{unit}"
+    return mid if len(values) < 2 else f"{mid} ({min(values):{fmt}}-{max(values):{fmt}}, n={len(values)})"
+
+
 def markdown(data: dict) -> str:
-    out = [f"Command: `{data['command']}`  ", f"Device: {data.get('device', '?')}; model: {MODEL}", "",
-           "| base | K | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |", "|---|---|---|---|---|---|---|---|"]
-    for bits in sorted({r["bits"] for r in data["runs"]}):
-        for blocks in sorted({r.get("blocks", 2) for r in data["runs"]}):
-            runs = {r["method"]: r for r in data["runs"] if r["bits"] == bits and r.get("blocks", 2) == blocks}
-            lora = runs.get("lora")
+    """The table for docs/BENCHMARKS.md. With several rounds of a configuration (``round`` in the runs): the median
+    and range of its tokens/s, and of its ratio to LoRA taken round by round (each SMoA round against the LoRA run
+    of the same round)."""
+    out = [f"Command: `{data['command']}`  ", f"Device: {data.get('device', '?')}; model: {data.get('model', MODEL)}",
+           "", "| base | K | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |",
+           "|---|---|---|---|---|---|---|---|"]
+    runs = data["runs"]
+    for bits in sorted({r["bits"] for r in runs}):
+        for blocks in sorted({r.get("blocks", 2) for r in runs}):
+            here = [r for r in runs if r["bits"] == bits and r.get("blocks", 2) == blocks]
+            lora = {r.get("round", 0): r for r in here if r["method"] == "lora" and "error" not in r}
             for m in METHODS:
-                r = runs.get(m)
-                if r is None:
+                mine = [r for r in here if r["method"] == m]
+                if not mine:
                     continue
+                r = mine[0]
                 dtype = r.get("dtype", "bfloat16")
                 base = f"{bits}-bit" if bits else {"bfloat16": "bf16"}.get(dtype, dtype)
-                if "error" in r:
-                    out.append(f"| {base} | {blocks} | {m} | - | failed: {r['error'][-80:]} | | | |")
+                failed = [x for x in mine if "error" in x]
+                if failed:
+                    out.append(f"| {base} | {blocks} | {m} | - | failed: {failed[0]['error'][-80:]} | | | |")
                     continue
-                ok = lora and "error" not in lora
-                tps = r["tokens_per_second"] / lora["tokens_per_second"] if ok else float("nan")
-                mem = r["peak_memory_gb"] / lora["peak_memory_gb"] if ok else float("nan")
+                paired = [x for x in mine if x.get("round", 0) in lora]
+                tps = [x["tokens_per_second"] / lora[x.get("round", 0)]["tokens_per_second"] for x in paired]
+                mem = [x["peak_memory_gb"] / lora[x.get("round", 0)]["peak_memory_gb"] for x in paired]
                 rank = r["rank"] // r["blocks"] if m == "lora" else r["rank"]
-                out.append(f"| {base} | {blocks} | {m} (r={rank}) | {r['trainable']:,} | {r['tokens_per_second']:.0f} "
-                           f"| {tps:.2f}x | {r['peak_memory_gb']:.2f} | {mem:.2f}x |")
+                out.append(f"| {base} | {blocks} | {m} (r={rank}) | {r['trainable']:,} "
+                           f"| {_spread([x['tokens_per_second'] for x in mine], '.0f')} "
+                           f"| {_spread(tps, '.2f', 'x') if tps else '-'} "
+                           f"| {_spread([x['peak_memory_gb'] for x in mine], '.2f')} "
+                           f"| {_spread(mem, '.2f', 'x') if mem else '-'} |")
     return "\n".join(out)
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - the device name is decoration: MLX's own device where there is no CUDA
+        import platform
+
+        import mlx.core as mx
+
+        return f"{mx.default_device()} ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _commit() -> str:
+    """The checkout's commit (``+`` if it has changes), or "?" outside git (the device machine's copy has none)."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True)
+        return rev.stdout.strip() + ("+" if dirty.stdout.strip() else "") if rev.returncode == 0 else "?"
+    except OSError:
+        return "?"
 
 
 def main(argv=None) -> int:
@@ -233,6 +338,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="--shape tiny (a smoke test of the script)")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                     help="the base weights' type (float32 on a CPU)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="run every method in one process per base and K, in this many alternating windows "
+                         "(child_rounds); 0: one process per configuration, --iters steps each")
+    ap.add_argument("--window", type=int, default=8, help="steps per window with --rounds")
     ap.add_argument("--dropout", type=float, default=0.0,
                     help="dropout on the adapter path, every method (with it SMoA's update runs apart from the base)")
     args = ap.parse_args(argv)
@@ -241,40 +350,41 @@ def main(argv=None) -> int:
         return 0
     MODEL.update(SHAPES["tiny" if args.tiny else args.shape])
     if args.child:
-        res = child(args.child[0], int(args.child[1]), args.rank, int(args.blocks), args.iters, args.batch, args.seq,
-                    args.lr, args.report_every, args.data, args.split, args.dtype, args.dropout)
+        method, bits = args.child[0], int(args.child[1])
+        if args.rounds:
+            res = child_rounds(method.split(","), bits, args.rank, int(args.blocks), args.rounds, args.window,
+                               args.batch, args.seq, args.lr, args.data, args.split, args.dtype, args.dropout)
+        else:
+            res = [child(method, bits, args.rank, int(args.blocks), args.iters, args.batch, args.seq, args.lr,
+                         args.report_every, args.data, args.split, args.dtype, args.dropout)]
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    runs = []
+    data = {"command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]), "device": _device(),
+            "commit": _commit(), "model": dict(MODEL), "runs": []}
+    # One process per configuration, or with --rounds one per base and K holding every method.
+    groups = [[m] for m in args.methods.split(",")] if not args.rounds else [args.methods.split(",")]
     for bits in map(int, args.bits.split(",")):
         for blocks in map(int, args.blocks.split(",")):
-            for method in args.methods.split(","):
-                cmd = [sys.executable, __file__, "--child", method, str(bits), "--rank", str(args.rank), "--blocks",
-                       str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--lr", str(args.lr), "--report-every", str(args.report_every), "--data", args.data,
-                       "--shape", args.shape, "--dtype", args.dtype, "--dropout", str(args.dropout)]
+            for methods in groups:
+                cmd = [sys.executable, __file__, "--child", ",".join(methods), str(bits), "--rank", str(args.rank),
+                       "--blocks", str(blocks), "--iters", str(args.iters), "--batch", str(args.batch), "--seq",
+                       str(args.seq), "--lr", str(args.lr), "--report-every", str(args.report_every), "--data",
+                       args.data, "--shape", args.shape, "--dtype", args.dtype, "--dropout", str(args.dropout),
+                       "--rounds", str(args.rounds), "--window", str(args.window)]
                 cmd += ["--split"] if args.split else []
                 done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+                before = len(data["runs"])
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:
-                    runs.append(json.loads(lines[-1][7:]))
+                    data["runs"] += json.loads(lines[-1][7:])
                 else:
-                    runs.append(dict(method=method, bits=bits, blocks=blocks, error=(done.stderr or done.stdout)[-1500:]))
-                print(json.dumps(runs[-1])[:2000], flush=True)
-    try:
-        import torch
-
-        device = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - the device name is decoration: MLX's own device where there is no CUDA
-        import platform
-
-        import mlx.core as mx
-
-        device = f"{mx.default_device()} ({platform.machine()}, {os.cpu_count()} cores)"
-    data = {"command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]), "device": device, "runs": runs}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(data, indent=1))
+                    error = (done.stderr or done.stdout)[-1500:]
+                    data["runs"] += [dict(method=m, bits=bits, blocks=blocks, error=error) for m in methods]
+                for run in data["runs"][before:]:
+                    print(json.dumps(run)[:2000], flush=True)
+                if args.out:  # after every process: a run cut short by a time limit keeps what it measured
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.out).write_text(json.dumps(data, indent=1))
     print(markdown(data))
     return 0
 

@@ -260,10 +260,11 @@ def markdown(data: dict) -> str:
     """The table for docs/BENCHMARKS.md. With several rounds of a configuration (``round`` in the runs): the median
     and range of its tokens/s, and of its ratio to LoRA taken round by round (each SMoA round against the LoRA run
     of the same round)."""
-    out = [f"Command: `{data['command']}`  ", f"Device: {data.get('device', '?')}; model: {data.get('model', MODEL)}",
-           "", "| base | K | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |",
-           "|---|---|---|---|---|---|---|---|"]
     runs = data["runs"]
+    split = any("step_ms" in r for r in runs)  # --split: the compiled forward + backward and whole step, in ms
+    out = [f"Command: `{data['command']}`  ", f"Device: {data.get('device', '?')}; model: {data.get('model', MODEL)}",
+           "", "| base | K | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |"
+           + (" fwd+bwd ms | step ms |" if split else ""), "|---|---|---|---|---|---|---|---|" + ("---|---|" if split else "")]
     for bits in sorted({r["bits"] for r in runs}):
         for blocks in sorted({r.get("blocks", 2) for r in runs}):
             here = [r for r in runs if r["bits"] == bits and r.get("blocks", 2) == blocks]
@@ -277,17 +278,20 @@ def markdown(data: dict) -> str:
                 base = f"{bits}-bit" if bits else {"bfloat16": "bf16"}.get(dtype, dtype)
                 failed = [x for x in mine if "error" in x]
                 if failed:
-                    out.append(f"| {base} | {blocks} | {m} | - | failed: {failed[0]['error'][-80:]} | | | |")
+                    out.append(f"| {base} | {blocks} | {m} | - | failed: {failed[0]['error'][-80:]} | | | |"
+                               + (" | |" if split else ""))
                     continue
-                paired = [x for x in mine if x.get("round", 0) in lora]
+                paired = [x for x in mine if x.get("round", 0) in lora and m != "lora"]
                 tps = [x["tokens_per_second"] / lora[x.get("round", 0)]["tokens_per_second"] for x in paired]
                 mem = [x["peak_memory_gb"] / lora[x.get("round", 0)]["peak_memory_gb"] for x in paired]
                 rank = r["rank"] // r["blocks"] if m == "lora" else r["rank"]
                 out.append(f"| {base} | {blocks} | {m} (r={rank}) | {r['trainable']:,} "
                            f"| {_spread([x['tokens_per_second'] for x in mine], '.0f')} "
-                           f"| {_spread(tps, '.2f', 'x') if tps else '-'} "
+                           f"| {'1.00x' if m == 'lora' else _spread(tps, '.2f', 'x') if tps else '-'} "
                            f"| {_spread([x['peak_memory_gb'] for x in mine], '.2f')} "
-                           f"| {_spread(mem, '.2f', 'x') if mem else '-'} |")
+                           f"| {'1.00x' if m == 'lora' else _spread(mem, '.2f', 'x') if mem else '-'} |"
+                           + (f" {r['fwd_bwd_ms']:.1f} | {r['step_ms']:.1f} |" if split and "step_ms" in r else
+                              (" - | - |" if split else "")))
     return "\n".join(out)
 
 
@@ -376,7 +380,11 @@ def main(argv=None) -> int:
                 before = len(data["runs"])
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:
-                    data["runs"] += json.loads(lines[-1][7:])
+                    got = json.loads(lines[-1][7:])
+                    for run in got if not args.rounds else []:  # a method listed again: the next round of it
+                        run["round"] = sum(x["method"] == run["method"] and x["bits"] == bits
+                                           and x.get("blocks") == blocks for x in data["runs"])
+                    data["runs"] += got
                 else:
                     error = (done.stderr or done.stdout)[-1500:]
                     data["runs"] += [dict(method=m, bits=bits, blocks=blocks, error=error) for m in methods]

@@ -2,25 +2,32 @@
 # One device round of issue #11's measurements on an H200 (MLX CUDA), in the order that answers the open questions
 # first, each phase under its own time limit so one slow phase cannot eat the others (a session has 30 device
 # minutes and a call at most 10). After `bash .mlxcuda-b/install.sh` (see ../shared/device/pack-mlx-cuda.sh):
-#     . /tmp/mlxcuda/env.sh && PHASES=graph,kernels bash scripts/kernels_device.sh      # one call (< 600 s)
-#     . /tmp/mlxcuda/env.sh && PHASES=split bash scripts/kernels_device.sh              # the next, while warm
-#     . /tmp/mlxcuda/env.sh && PHASES=train bash scripts/kernels_device.sh              # and the next
-# Phases (measured durations on the H200, December 2026):
+#     . /tmp/mlxcuda/env.sh && PHASES=train bash scripts/kernels_device.sh          # one call (< 600 s)
+#     . /tmp/mlxcuda/env.sh && PHASES=train4,qmm bash scripts/kernels_device.sh     # the next, while warm
+#     . /tmp/mlxcuda/env.sh && PHASES=kernels bash scripts/kernels_device.sh        # and the next
+# Phases (durations measured on the H200, December 2026, where known):
+#   train    bench_train --rounds, bf16: LoRA and SMoA in alternating windows, one process per K (2 and 4), with
+#            --split (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and
+#            where a step's time goes (not yet timed; the one-process-per-configuration mode took 65-110 s per
+#            configuration, most of it building the model and compiling kernels)
+#   train4   the same on a 4-bit base
+#   kernels  bench_kernels, per layer + memory-bound steps, no verification (145 s)
 #   graph    bench_graph: nodes and kernels per adapted layer, the tiny-model step (the per-node cost on the GPU),
-#            peak memory (about 60 s on the CPU; first run on the GPU)
-#   split    bench_train --split, lora and smoa at K=2 and K=4, bf16: where the end-to-end step's time goes
-#            (about 100 s per configuration)
-#   kernels  bench_kernels, per layer + memory-bound steps, no verification (about 190 s)
-#   train    bench_train, lora and smoa, bf16 and 4-bit, K=2 and K=4 (about 40-50 s per configuration)
-#   verify   bench_kernels verification, one process per case (about 90-120 s per case)
-#   qmm      the quantized-layer stall: a bare nn.QuantizedLinear, 4-bit then 2-bit, 3-D input, VJP, 300 s each
-# Everything lands in $OUT (the device tool's output folder) as JSON and logs, with times.txt.
+#            no peak memory (about 60 s on the CPU; on the GPU it went past 200 s with peak memory included)
+#   split    bench_train --split, one process per configuration (about 100 s per configuration)
+#   verify   bench_kernels verification, one process per case (90-120 s per case; the 2/3-bit cases need about
+#            300 s: MLX compiles each new quantized kernel on first use, 19-28 s each)
+#   qmm      a bare nn.QuantizedLinear, 4-, 2- and 3-bit, 3-D input, forward then VJP, in one process, timed: the
+#            first-use compilation (169 s for all three)
+# Everything lands in $OUT (the device tool's output folder) as JSON and logs, with times.txt; output is unbuffered,
+# so a phase cut by its limit still leaves its log.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/.kernels-out}
-PHASES=${PHASES:-graph,kernels}
+PHASES=${PHASES:-train}
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
 phase() {  # phase NAME LIMIT_S command...: run under a limit, log its exit status and duration
@@ -34,31 +41,36 @@ phase() {  # phase NAME LIMIT_S command...: run under a limit, log its exit stat
 
 for p in ${PHASES//,/ }; do
   case $p in
+    train)
+      phase train 560 "$PY" scripts/bench_train.py --rounds 4 --window 8 --split --bits 0 --blocks 2,4 \
+        --methods lora,smoa --out "$OUT/bench_train.json" ;;
+    train4)
+      phase train4 400 "$PY" scripts/bench_train.py --rounds 3 --window 8 --bits 4 --blocks 2,4 --methods lora,smoa \
+        --out "$OUT/bench_train_4bit.json" ;;
+    kernels)
+      phase kernels 300 "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
     graph)
-      phase graph 200 "$PY" scripts/bench_graph.py --out "$OUT/bench_graph.json" ;;
+      phase graph 300 "$PY" scripts/bench_graph.py --dtype bfloat16 --no-peak --out "$OUT/bench_graph.json" ;;
     split)
       phase split 560 "$PY" scripts/bench_train.py --split --iters 4 --bits 0 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/split.json" ;;
-    kernels)
-      phase kernels 300 "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
-    train)
-      phase train 560 "$PY" scripts/bench_train.py --iters 8 --bits 0,4 --methods lora,smoa --out "$OUT/bench_train.json" ;;
     verify)
-      for c in 0 1 2 3 4 5; do
-        phase "verify_$c" 150 "$PY" -X faulthandler scripts/bench_kernels.py --skip-bench --no-probe --cases "$c" \
-          --stall-s 130 --out "$OUT/verify_$c.json"
+      for c in ${CASES:-0 1 2 3 4 5}; do  # CASES="4 5": the cases of one call (each up to 300 s)
+        phase "verify_$c" 300 "$PY" -X faulthandler scripts/bench_kernels.py --skip-bench --no-probe --cases "$c" \
+          --stall-s 280 --out "$OUT/verify_$c.json"
       done ;;
     qmm)
-      for bits in 4 2; do
-        phase "qmm_$bits" 300 "$PY" -c "
-import mlx.core as mx, mlx.nn as nn
-base = nn.Linear(512, 256, bias=False); base.set_dtype(mx.bfloat16)
-q = nn.QuantizedLinear.from_linear(base, group_size=64, bits=$bits)
-x = mx.random.normal((2, 32, 512)).astype(mx.bfloat16)
-mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
-print('done: $bits-bit QuantizedLinear VJP on a 3-D input')"
-      done ;;
-    *) echo "unknown phase $p (graph, split, kernels, train, verify, qmm)" >&2; exit 2 ;;
+      phase qmm 200 "$PY" -c "
+import time, mlx.core as mx, mlx.nn as nn
+t0 = time.time()
+for bits in (4, 2, 3):
+    base = nn.Linear(512, 256, bias=False); base.set_dtype(mx.bfloat16)
+    q = nn.QuantizedLinear.from_linear(base, group_size=64, bits=bits)
+    x = mx.random.normal((2, 32, 512)).astype(mx.bfloat16)
+    mx.eval(q(x)); print(bits, 'forward returned after', round(time.time() - t0, 1), 's', flush=True)
+    mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
+    print(bits, 'VJP returned after', round(time.time() - t0, 1), 's', flush=True)" ;;
+    *) echo "unknown phase $p (train, train4, kernels, graph, split, verify, qmm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/times.txt"

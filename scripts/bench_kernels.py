@@ -289,6 +289,25 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
+def _tokens_per_thread() -> int:
+    from smoa_mlx.kernels import blocks
+
+    return blocks.TT
+
+
+def _with_tokens_per_thread(tt, fn):
+    """``fn()`` with the gathers and scatters launched at ``tt`` tokens per thread (a template constant of the
+    kernels: each value is its own compiled kernel); None: as shipped."""
+    from smoa_mlx.kernels import blocks
+
+    shipped = blocks.TT
+    blocks.TT = tt or shipped
+    try:
+        return fn()
+    finally:
+        blocks.TT = shipped
+
+
 def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only=False) -> list[dict]:
     """Each memory-bound step alone, ``reps`` launches per evaluation: ms and GB/s of bytes that must move;
     ``movers_only``: the gathers and scatters alone."""
@@ -511,16 +530,16 @@ def markdown(data: dict) -> str:
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
                 f"{data.get('copy_gbps', float('nan')):.0f} GB/s):", "",
-                "| W0 | step | ms | GB moved | GB/s | % of copy |", "|---|---|---|---|---|---|"]
+                "| W0 | step | tokens / thread | ms | GB moved | GB/s | % of copy |", "|---|---|---|---|---|---|---|"]
         for r in data["bandwidth"]:
-            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r['ms']:.3f} | {r['gb']:.3f} | {r['gbps']:.0f} "
-                       f"| {100 * r['gbps'] / data.get('copy_gbps', float('nan')):.0f}% |")
+            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r.get('tt', '-')} | {r['ms']:.3f} | {r['gb']:.3f} "
+                       f"| {r['gbps']:.0f} | {100 * r['gbps'] / data.get('copy_gbps', float('nan')):.0f}% |")
         out.append("")
     if "movers_check" in data:
         bad = [r for r in data["movers_check"] if not r["ok"]]
         out += [f"Gathers and scatters against plain MLX, {TOKENS} tokens, bf16 and f32: "
                 f"{len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
-        out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']}: "
+        out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']} TT={r.get('tt', '-')}: "
                 f"{r['mismatches']} elements differ, {r['nans']} NaN" for r in bad]
         out.append("")
     if "verify" in data:
@@ -567,6 +586,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gathers", action="store_true",
                     help="only the gathers and scatters: checked bit for bit against plain MLX on full-size inputs, "
                          "then their bandwidth")
+    ap.add_argument("--tt", help="with --gathers: comma-separated tokens per gather/scatter thread to compare "
+                                 "(default: the kernels' own, source.TT); each checked bit for bit, then timed")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
@@ -612,9 +633,15 @@ def main(argv=None) -> int:
                     torch=torch.__version__ if torch is not None else "-", backend=kernel_ops.name)
         if args.gathers:
             data["copy_gbps"] = copy_bandwidth()
-            data["movers_check"] = check_movers(kernel_ops)
+            data["movers_check"], data["bandwidth"] = [], []
+            for tt in map(int, args.tt.split(",")) if args.tt else [None]:
+                rows = _with_tokens_per_thread(tt, lambda: (check_movers(kernel_ops), kernel_bandwidth(
+                    kernel_ops, SHAPES[:3], movers_only=True)))
+                for r in rows[0] + rows[1]:
+                    r["tt"] = tt or _tokens_per_thread()
+                data["movers_check"] += rows[0]
+                data["bandwidth"] += rows[1]
             ok = all(r["ok"] for r in data["movers_check"])
-            data["bandwidth"] = kernel_bandwidth(kernel_ops, SHAPES[:3], movers_only=True)
         elif not args.skip_bench:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
             if not args.no_extras:

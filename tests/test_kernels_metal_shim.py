@@ -84,11 +84,16 @@ def _bits(a: mx.array) -> np.ndarray:
     return np.asarray(a.view({mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}[a.dtype]))
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["f32", "f16", "bf16"])
-def test_movers_copy_exactly(dtype):
+@pytest.mark.parametrize("dtype,tt", [(mx.float32, None), (mx.float16, None), (mx.bfloat16, None),
+                                      (mx.bfloat16, 4), (mx.bfloat16, 16)],
+                         ids=["f32", "f16", "bf16", "bf16-tt4", "bf16-tt16"])
+def test_movers_copy_exactly(dtype, tt, monkeypatch):
     """Gather, scatter (16-byte vectors: d = 2104) and scatter_add (scalar: d = 2105) alone against MlxOps, bit for
     bit: two threadgroups across the columns, the second partly idle, a block padded with -1 from 5 columns to 8
-    (zeros out), 13 tokens (not a multiple of TT)."""
+    (zeros out), 13 tokens (not a multiple of TT). ``tt``: the kernels launched at other tokens per thread than
+    shipped, as ``bench_kernels.py --gathers --tt`` times them on a GPU."""
+    if tt is not None:
+        monkeypatch.setattr("smoa_mlx.kernels.blocks.TT", tt)
     launches: list[Launch] = []
     ops, ref = KernelOps(_recording(launches)), MlxOps()
     rng = np.random.default_rng(7)
@@ -108,6 +113,7 @@ def test_movers_copy_exactly(dtype):
     vec = source.vector_width(d_out, dtype)
     assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(source.MOVERS,
                                                                                  (16 // dtype.size, vec, 1)))
+    assert {dict(la.template)["TT"] for la in launches} == {tt or source.TT}
 
 
 def test_scatter_rounds_once_into_a_narrower_type():

@@ -289,23 +289,19 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-def _tokens_per_thread() -> int:
-    from smoa_mlx.kernels import blocks
+def _with_mover_variant(tt, strided, fn):
+    """``fn()`` with the gathers and scatters launched at ``tt`` tokens per thread (None: as shipped) and with each
+    thread's elements consecutive (``strided`` 0) or 32 apart (1; None: as shipped), both template constants of the
+    kernels, so each pair is its own compiled kernel."""
+    from smoa_mlx.kernels import blocks, source
 
-    return blocks.TT
-
-
-def _with_tokens_per_thread(tt, fn):
-    """``fn()`` with the gathers and scatters launched at ``tt`` tokens per thread (a template constant of the
-    kernels: each value is its own compiled kernel); None: as shipped."""
-    from smoa_mlx.kernels import blocks
-
-    shipped = blocks.TT
-    blocks.TT = tt or shipped
+    shipped = blocks.TT, source.STRIDED
+    blocks.TT = shipped[0] if tt is None else tt
+    source.STRIDED = shipped[1] if strided is None else strided
     try:
-        return fn()
+        return fn(), dict(tt=blocks.TT, strided=source.STRIDED)
     finally:
-        blocks.TT = shipped
+        blocks.TT, source.STRIDED = shipped
 
 
 def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only=False) -> list[dict]:
@@ -530,16 +526,20 @@ def markdown(data: dict) -> str:
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
                 f"{data.get('copy_gbps', float('nan')):.0f} GB/s):", "",
-                "| W0 | step | tokens / thread | ms | GB moved | GB/s | % of copy |", "|---|---|---|---|---|---|---|"]
+                "| W0 | step | tokens / thread | elements | ms | GB moved | GB/s | % of copy |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in data["bandwidth"]:
-            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r.get('tt', '-')} | {r['ms']:.3f} | {r['gb']:.3f} "
-                       f"| {r['gbps']:.0f} | {100 * r['gbps'] / data.get('copy_gbps', float('nan')):.0f}% |")
+            mapping = {0: "consecutive", 1: "32 apart"}.get(r.get("strided"), "-")
+            share = 100 * r["gbps"] / data.get("copy_gbps", float("nan"))
+            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r.get('tt', '-')} | {mapping} | {r['ms']:.3f} "
+                       f"| {r['gb']:.3f} | {r['gbps']:.0f} | {share:.0f}% |")
         out.append("")
     if "movers_check" in data:
         bad = [r for r in data["movers_check"] if not r["ok"]]
         out += [f"Gathers and scatters against plain MLX, {TOKENS} tokens, bf16 and f32: "
                 f"{len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
-        out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']} TT={r.get('tt', '-')}: "
+        out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']} "
+                f"TT={r.get('tt', '-')} strided={r.get('strided', '-')}: "
                 f"{r['mismatches']} elements differ, {r['nans']} NaN" for r in bad]
         out.append("")
     if "verify" in data:
@@ -588,6 +588,8 @@ def main(argv=None) -> int:
                          "then their bandwidth")
     ap.add_argument("--tt", help="with --gathers: comma-separated tokens per gather/scatter thread to compare "
                                  "(default: the kernels' own, source.TT); each checked bit for bit, then timed")
+    ap.add_argument("--strided", help="with --gathers: 0 (each thread's elements consecutive), 1 (32 apart) or "
+                                      "0,1 to compare (default: as shipped, source.STRIDED)")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
@@ -635,12 +637,13 @@ def main(argv=None) -> int:
             data["copy_gbps"] = copy_bandwidth()
             data["movers_check"], data["bandwidth"] = [], []
             for tt in map(int, args.tt.split(",")) if args.tt else [None]:
-                rows = _with_tokens_per_thread(tt, lambda: (check_movers(kernel_ops), kernel_bandwidth(
-                    kernel_ops, SHAPES[:3], movers_only=True)))
-                for r in rows[0] + rows[1]:
-                    r["tt"] = tt or _tokens_per_thread()
-                data["movers_check"] += rows[0]
-                data["bandwidth"] += rows[1]
+                for strided in map(int, args.strided.split(",")) if args.strided else [None]:
+                    (checks, rows), variant = _with_mover_variant(tt, strided, lambda: (
+                        check_movers(kernel_ops), kernel_bandwidth(kernel_ops, SHAPES[:3], movers_only=True)))
+                    for r in checks + rows:
+                        r.update(variant)
+                    data["movers_check"] += checks
+                    data["bandwidth"] += rows
             ok = all(r["ok"] for r in data["movers_check"])
         elif not args.skip_bench:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES

@@ -264,7 +264,8 @@ def markdown(data: dict) -> str:
     split = any("step_ms" in r for r in runs)  # --split: the compiled forward + backward and whole step, in ms
     out = [f"Command: `{data['command']}`  ", f"Device: {data.get('device', '?')}; model: {data.get('model', MODEL)}",
            "", "| base | K | method | trainable | tokens/s | vs LoRA | peak GB | vs LoRA |"
-           + (" fwd+bwd ms | step ms |" if split else ""), "|---|---|---|---|---|---|---|---|" + ("---|---|" if split else "")]
+           + (" fwd+bwd ms | step ms |" if split else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|---|" if split else "")]
     for bits in sorted({r["bits"] for r in runs}):
         for blocks in sorted({r.get("blocks", 2) for r in runs}):
             here = [r for r in runs if r["bits"] == bits and r.get("blocks", 2) == blocks]

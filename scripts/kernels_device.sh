@@ -4,7 +4,7 @@
 # minutes and a call at most 10). After `bash .mlxcuda-b/install.sh` (see ../shared/device/pack-mlx-cuda.sh):
 #     . /tmp/mlxcuda/env.sh && PHASES=train bash scripts/kernels_device.sh          # one call (< 600 s)
 #     . /tmp/mlxcuda/env.sh && PHASES=train4,qmm bash scripts/kernels_device.sh     # the next, while warm
-#     . /tmp/mlxcuda/env.sh && PHASES=gathers,graph bash scripts/kernels_device.sh  # and the next
+#     . /tmp/mlxcuda/env.sh && PHASES=gathers bash scripts/kernels_device.sh        # and the next
 # Phases (durations measured on the H200, December 2026, where known):
 #   train    bench_train --rounds, bf16: LoRA and SMoA in alternating windows, one process per K (2 and 4), with
 #            --split (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and
@@ -12,8 +12,9 @@
 #            configuration, most of it building the model and compiling kernels)
 #   train4   the same on a 4-bit base
 #   kernels  bench_kernels, per layer + memory-bound steps, no verification (145 s)
-#   gathers  bench_kernels --gathers at 4, 8 (shipped) and 16 tokens per thread: each checked bit for bit, then its
-#            bandwidth (about 1 minute per value, not yet timed at three)
+#   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each with a thread's elements
+#            consecutive (shipped) and 32 apart (source.STRIDED): each variant checked bit for bit, then its bandwidth
+#            (about 1 minute per variant, not yet timed at four)
 #   graph    bench_graph: nodes and kernels per adapted layer, the tiny-model step (the per-node cost on the GPU),
 #            no peak memory (about 60 s on the CPU; on the GPU it went past 200 s with peak memory included)
 #   split    bench_train --split, one process per configuration (about 100 s per configuration)
@@ -52,7 +53,7 @@ for p in ${PHASES//,/ }; do
     kernels)
       phase kernels 300 "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
     gathers)
-      phase gathers 300 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 4,8,16 --out "$OUT/bench_gathers.json" ;;
+      phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --strided 0,1 --out "$OUT/bench_gathers.json" ;;
     graph)
       phase graph 300 "$PY" scripts/bench_graph.py --dtype bfloat16 --no-peak --out "$OUT/bench_graph.json" ;;
     split)

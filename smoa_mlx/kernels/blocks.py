@@ -27,6 +27,7 @@ import mlx.core as mx
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
 from .plan import BlockLayout, BlockPlan, flat_factors, padded_dims, plan_of, untake_grads, vjp_primals
+from . import source
 from .source import GROUP, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
@@ -35,6 +36,13 @@ FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _mover_threads(width: int, vec: int) -> int:
+    """Threads across a gather/scatter row of ``width`` elements, ``vec`` per thread, whole threadgroups: one per
+    run of ``vec`` (the consecutive mapping), or 32 per run of 32 ``vec`` (``source.STRIDED``)."""
+    per_row = _ceil(width, 32 * vec) * 32 if source.STRIDED else width // vec
+    return _ceil(per_row, GROUP) * GROUP
 
 
 class MlxOps:
@@ -113,8 +121,9 @@ class KernelOps(MlxOps):
         n_tok = inp.shape[0]
         vec = vector_width(width, inp.dtype)
         dims = mx.array([n_tok, inp.shape[1], width], dtype=mx.int32)
-        (out,) = self.run(Launch("gather", False, [inp, src, dims], [("T", inp.dtype), ("TT", TT), ("VEC", vec)],
-                                 (_ceil(width // vec, GROUP) * GROUP, _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
+        (out,) = self.run(Launch("gather", False, [inp, src, dims],
+                                 [("T", inp.dtype), ("TT", TT), ("VEC", vec), ("STRIDED", source.STRIDED)],
+                                 (_mover_threads(width, vec), _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
                                  [(blocks, n_tok, width)], [inp.dtype]))
         return out
 
@@ -125,8 +134,8 @@ class KernelOps(MlxOps):
         dims = mx.array([n_tok, d, width], dtype=mx.int32)
         kernel, extra = ("scatter", []) if base is None else ("scatter_add", [base])
         (out,) = self.run(Launch(kernel, False, [inp, slot, dims, *extra],
-                                 [("OT", out_dtype), ("TT", TT), ("VEC", vec)],
-                                 (_ceil(d // vec, GROUP) * GROUP, _ceil(n_tok, TT), 1), (GROUP, 1, 1),
+                                 [("OT", out_dtype), ("TT", TT), ("VEC", vec), ("STRIDED", source.STRIDED)],
+                                 (_mover_threads(d, vec), _ceil(n_tok, TT), 1), (GROUP, 1, 1),
                                  [(n_tok, d)], [out_dtype]))
         return out
 

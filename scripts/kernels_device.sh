@@ -15,8 +15,9 @@
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each with a thread's elements
 #            consecutive (shipped) and 32 apart (source.STRIDED): each variant checked bit for bit, then its bandwidth
 #            (about 1 minute per variant, not yet timed at four)
-#   graph    bench_graph: nodes and kernels per adapted layer, the tiny-model step (the per-node cost on the GPU),
-#            no peak memory (about 60 s on the CPU; on the GPU it went past 200 s with peak memory included)
+#   graph    bench_graph, LoRA and the merged form at K = 2 and 4: nodes and kernels per adapted layer, the
+#            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
+#            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)
 #   split    bench_train --split, one process per configuration (about 100 s per configuration)
 #   verify   bench_kernels verification, one process per case (90-120 s per case; the 2/3-bit cases need about
 #            300 s: MLX compiles each new quantized kernel on first use, 19-28 s each)
@@ -55,7 +56,7 @@ for p in ${PHASES//,/ }; do
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --strided 0,1 --out "$OUT/bench_gathers.json" ;;
     graph)
-      phase graph 300 "$PY" scripts/bench_graph.py --dtype bfloat16 --no-peak --out "$OUT/bench_graph.json" ;;
+      phase graph 300 "$PY" scripts/bench_graph.py --dtype bfloat16 --no-peak --methods lora-k2,smoa-merged-k2,lora-k4,smoa-merged-k4 --out "$OUT/bench_graph.json" ;;
     split)
       phase split 560 "$PY" scripts/bench_train.py --split --iters 4 --bits 0 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/split.json" ;;

@@ -289,24 +289,25 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-def _with_mover_variant(tt, strided, fn):
-    """``fn()`` with the gathers and scatters launched at ``tt`` tokens per thread (None: as shipped) and with each
-    thread's elements consecutive (``strided`` 0) or 32 apart (1; None: as shipped), both template constants of the
-    kernels, so each pair is its own compiled kernel."""
+def _with_variant(fn, tt=None, strided=None, hadamard_ti=None):
+    """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather/scatter
+    thread, ``strided`` 0 (a thread's elements consecutive) or 1 (32 apart), ``hadamard_ti`` rows per Hadamard
+    thread; None leaves one as shipped. Each is a template constant, so each variant is its own compiled kernel."""
     from smoa_mlx.kernels import blocks, source
 
-    shipped = blocks.TT, source.STRIDED
+    shipped = blocks.TT, source.STRIDED, source.HADAMARD_TI
     blocks.TT = shipped[0] if tt is None else tt
     source.STRIDED = shipped[1] if strided is None else strided
+    source.HADAMARD_TI = shipped[2] if hadamard_ti is None else hadamard_ti
     try:
-        return fn(), dict(tt=blocks.TT, strided=source.STRIDED)
+        return fn(), dict(tt=blocks.TT, strided=source.STRIDED, hadamard_ti=source.HADAMARD_TI)
     finally:
-        blocks.TT, source.STRIDED = shipped
+        blocks.TT, source.STRIDED, source.HADAMARD_TI = shipped
 
 
-def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only=False) -> list[dict]:
+def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) -> list[dict]:
     """Each memory-bound step alone, ``reps`` launches per evaluation: ms and GB/s of bytes that must move;
-    ``movers_only``: the gathers and scatters alone."""
+    ``only``: the names of the steps to time (default all)."""
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import _pack
@@ -334,11 +335,13 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, movers_only
             "scatter+add": (lambda: kernel_ops.scatter(yb, plan.row_slot, base_y, mx.bfloat16),
                             (K * TOKENS * M + 2 * TOKENS * d_out) * es),
         }
-        if not movers_only:
+        if only is None or {"modulate", "hadamard"} & set(only):
             steps["modulate"] = (lambda: kernel_ops.modulate(layer.layout, plan, parts, a_pad, b_pad, mx.bfloat16),
                                  2 * K * M * N * es)
             steps["hadamard"] = (lambda: kernel_ops.hadamard(layer.layout, plan, parts, gram), 3 * K * M * N * es)
         for name, (fn, nbytes) in steps.items():
+            if only is not None and name not in only:
+                continue
             ms, spread = _median_time(lambda: mx.eval([fn() for _ in range(reps)]), mx.synchronize, budget_s=0.3)
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, gb=nbytes / 1e9,
                        gbps=nbytes / (ms / reps) / 1e6, spread=spread)
@@ -500,6 +503,15 @@ def _auto(row: dict) -> tuple[float, str]:
     return t["smoa_merged"], "merged"
 
 
+def _launch_label(row: dict) -> str:
+    """The launch variant of a bandwidth row (``--gathers`` sweeps); "-" for runs that swept nothing."""
+    if "tt" not in row:
+        return "-"
+    if row["step"] in ("modulate", "hadamard"):
+        return f"{row['hadamard_ti']} rows / thread" if row["step"] == "hadamard" else "-"
+    return f"{row['tt']} tokens / thread, {'32 apart' if row['strided'] else 'consecutive'}"
+
+
 def markdown(data: dict) -> str:
     out = [f"Command: `{data['command']}`  ", f"Device: {data['device']}; MLX {data['mlx']}, torch {data['torch']}.", ""]
     if "bench" in data:
@@ -526,12 +538,10 @@ def markdown(data: dict) -> str:
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
                 f"{data.get('copy_gbps', float('nan')):.0f} GB/s):", "",
-                "| W0 | step | tokens / thread | elements | ms | GB moved | GB/s | % of copy |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| W0 | step | launch | ms | GB moved | GB/s | % of copy |", "|---|---|---|---|---|---|---|"]
         for r in data["bandwidth"]:
-            mapping = {0: "consecutive", 1: "32 apart"}.get(r.get("strided"), "-")
             share = 100 * r["gbps"] / data.get("copy_gbps", float("nan"))
-            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r.get('tt', '-')} | {mapping} | {r['ms']:.3f} "
+            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {_launch_label(r)} | {r['ms']:.3f} "
                        f"| {r['gb']:.3f} | {r['gbps']:.0f} | {share:.0f}% |")
         out.append("")
     if "movers_check" in data:
@@ -590,6 +600,8 @@ def main(argv=None) -> int:
                                  "(default: the kernels' own, source.TT); each checked bit for bit, then timed")
     ap.add_argument("--strided", help="with --gathers: 0 (each thread's elements consecutive), 1 (32 apart) or "
                                       "0,1 to compare (default: as shipped, source.STRIDED)")
+    ap.add_argument("--hadamard-ti", help="with --gathers: also time the Hadamard kernel at these rows per thread "
+                                          "(e.g. 4,16; shipped: source.HADAMARD_TI; the CPU shim proves them equal)")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
@@ -636,14 +648,19 @@ def main(argv=None) -> int:
         if args.gathers:
             data["copy_gbps"] = copy_bandwidth()
             data["movers_check"], data["bandwidth"] = [], []
+            movers = ("gather x", "gather dy", "scatter", "scatter+add")
             for tt in map(int, args.tt.split(",")) if args.tt else [None]:
                 for strided in map(int, args.strided.split(",")) if args.strided else [None]:
-                    (checks, rows), variant = _with_mover_variant(tt, strided, lambda: (
-                        check_movers(kernel_ops), kernel_bandwidth(kernel_ops, SHAPES[:3], movers_only=True)))
+                    (checks, rows), variant = _with_variant(lambda: (
+                        check_movers(kernel_ops), kernel_bandwidth(kernel_ops, SHAPES[:3], only=movers)), tt, strided)
                     for r in checks + rows:
                         r.update(variant)
                     data["movers_check"] += checks
                     data["bandwidth"] += rows
+            for ti in map(int, args.hadamard_ti.split(",")) if args.hadamard_ti else []:
+                rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("hadamard",)),
+                                              hadamard_ti=ti)
+                data["bandwidth"] += [dict(r, **variant) for r in rows]
             ok = all(r["ok"] for r in data["movers_check"])
         elif not args.skip_bench:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES

@@ -147,13 +147,14 @@ class KernelOps(MlxOps):
         wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
         dims = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
         scale = mx.array([layout.scale], dtype=mx.float32)
-        template = [("T", dtype), ("TI", TI), ("V", V)] + ([("R", R)] if kernel == "modulate" else [])
+        ti = TI if kernel == "modulate" else source.HADAMARD_TI
+        template = [("T", dtype), ("TI", ti), ("V", V)] + ([("R", R)] if kernel == "modulate" else [])
         if layout.quantized:
             template += [("BITS", layout.bits), ("GS", layout.group_size)]
         cols = _ceil(_ceil(N, 32 * V) * 32, GROUP) * GROUP
         (out,) = self.run(Launch(kernel, layout.quantized,
                                  [*data, plan.row_src, plan.col_src, dims, scale, *weight_parts], template,
-                                 (cols, _ceil(M, TI), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
+                                 (cols, _ceil(M, ti), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
         return out
 
     def modulate(self, layout, plan, weight_parts, a_pad, b_pad, dtype):

@@ -125,8 +125,6 @@ def test_hadamard_rows_per_thread_change_only_the_mapping(bits, monkeypatch):
     """The Hadamard kernel at 4 rows per thread (source.HADAMARD_TI, as ``bench_kernels.py --gathers
     --hadamard-ti`` times it) writes the same bits as at the shipped 16, and matches plain MLX: ragged blocks whose
     rows are not a multiple of either, a 4-bit base's anchors dequantized in the kernel."""
-    from metal_emulator import run_launch
-
     layer = make_layer(96, 75, 6, 3, mx.bfloat16, bits, 32, seed=11)
     K, M, N, _ = padded_dims(layer.layout)
     plan = build_plan(layer.layout, np.asarray(layer.index[0]), np.asarray(layer.index[1]))

@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import resolve_ranks
-from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, linear_fn
+from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, fused_weight, linear_fn
 from .spectral import spectral_order, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
@@ -270,9 +270,8 @@ class SMoALinear(nn.Module):
             self.clear_inference_weight()
 
     def merged_weight(self) -> mx.array:
-        """W0 + Delta W as one dense matrix in the base's compute dtype (summed in float32)."""
-        w0 = dequantized_weight(self.linear)
-        return (w0.astype(mx.float32) + self.delta_weight(mx.float32)).astype(w0.dtype)
+        """W0 + Delta W as one dense matrix in the base's compute dtype (float32 inside, rounded once)."""
+        return fused_weight(self._layout, self._index, self.weight_parts(), self.smoa_a, self.smoa_b)
 
     def delta_weight(self, dtype=mx.float32) -> mx.array:
         """The dense d_out x d_in update, for checks and merging only."""

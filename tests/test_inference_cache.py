@@ -33,7 +33,7 @@ def _close(a, b, tol=1e-4):
 def _count_update_builds(monkeypatch):
     """How often the layer computes its update (live or merged), by counting the kernels' entry points."""
     calls = {"n": 0}
-    dense_delta = layer_module.dense_delta
+    fused_weight = layer_module.fused_weight
 
     def counting(entry):
         def counting_fn(layout):
@@ -47,13 +47,13 @@ def _count_update_builds(monkeypatch):
 
         return counting_fn
 
-    def counting_dense_delta(*args):
+    def counting_fused_weight(*args):
         calls["n"] += 1
-        return dense_delta(*args)
+        return fused_weight(*args)
 
     for name in ("delta_fn", "linear_fn"):  # the update alone (dropout), or fused with the base
         monkeypatch.setattr(layer_module, name, counting(getattr(layer_module, name)))
-    monkeypatch.setattr(layer_module, "dense_delta", counting_dense_delta)
+    monkeypatch.setattr(layer_module, "fused_weight", counting_fused_weight)  # the merged weight (eval mode)
     return calls
 
 

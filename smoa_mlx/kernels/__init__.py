@@ -36,7 +36,7 @@ import mlx.core as mx
 from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
 from .gpu import GpuRunner, gpu_backend
 from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
-from .merged import merged_fn
+from .merged import fused_weight, merged_fn
 from .plan import BlockLayout, BlockPlan, build_plan
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "dense_delta",
     "dense_form_delta_fn",
     "form",
+    "fused_weight",
     "gather_anchor",
     "gather_rows",
     "linear_fn",

@@ -31,6 +31,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from smoa_mlx import SMoAConfig, SMoALinear, apply_smoa, save_adapter
 from smoa_mlx.convert.hf_export import fuse_adapters
+from smoa_mlx.layer import dequantized_weight
 from smoa_mlx.loading import load_model, load_model_with_adapter
 
 PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
@@ -61,6 +62,26 @@ def decode(model, prompt: mx.array, tokens: int) -> tuple[float, list[int]]:
     return tokens / (time.perf_counter() - start), out
 
 
+def merge_times(model, rounds: int) -> dict:
+    """Seconds to build every SMoA layer's W0 + Delta W, the inference cache's one-time cost (and ``fuse``'s):
+    ``merged_weight`` (W0 (1 + s B_full A_full)) against the dense reference W0 + ``delta_weight`` (dense_delta),
+    alternating, medians over ``rounds``."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, SMoALinear)]
+
+    def reference(layer):
+        w0 = dequantized_weight(layer.linear)
+        return (w0.astype(mx.float32) + layer.delta_weight(mx.float32)).astype(w0.dtype)
+
+    times = {"merged_weight": [], "dense_delta": []}
+    for _ in range(rounds):
+        for name, build in (("merged_weight", lambda layer: layer.merged_weight()), ("dense_delta", reference)):
+            start = time.perf_counter()
+            for layer in layers:
+                mx.eval(build(layer))
+            times[name].append(time.perf_counter() - start)
+    return {"layers": len(layers), **{name: round(statistics.median(v), 3) for name, v in times.items()}}
+
+
 def run(adapter: Path, tokens: int, block_tokens: int, rounds: int) -> dict:
     live, tokenizer = load_model_with_adapter(None, adapter)
     fused, _ = load_model_with_adapter(None, adapter)
@@ -82,6 +103,7 @@ def run(adapter: Path, tokens: int, block_tokens: int, rounds: int) -> dict:
     }
     for fn in variants.values():  # warm-up: first-call allocations, the cache's one-time merge
         fn()
+    merge = merge_times(live, rounds)
     speeds = {name: [] for name in variants}
     outputs = {}
     for _ in range(rounds):
@@ -99,6 +121,7 @@ def run(adapter: Path, tokens: int, block_tokens: int, rounds: int) -> dict:
         "live_over_fused_best": round(best["live"] / best["fused"], 3),
         "block_form_over_fused": round(medians["live_block_form"] / medians["fused"], 3),
         "same_tokens_live_and_fused": outputs["live"] == outputs["fused"],
+        "merge_seconds": merge,
         "tokens": tokens,
         "block_form_tokens": block_tokens,
         "rounds": rounds,

@@ -86,9 +86,10 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
 def fused_weight(layout: BlockLayout, index, weight_parts, a_list, b_list) -> mx.array:
     """W0 + Delta W = W0 (1 + s B_full A_full) as one dense matrix in W0's compute dtype (a quantized base's
     scales'), for fusing and the inference cache: the merged form's formula with its rank-r product in float32,
-    rounded once. One take per factor, one rank-r matmul and one elementwise pass; :func:`.dense.dense_delta`
-    (K block products placed, then two takes of the whole weight to undo the permutations) took 6.5x as long on
-    the CPU (150 layers of SmolLM2-135M: 1.33 s against 0.21 s) and stays the reference for checks."""
+    rounded once. One take per factor, one rank-r matmul and one elementwise pass; W0 + :func:`.dense.dense_delta`
+    (K block products placed, then two takes of the whole weight to undo the permutations) took 9.6x as long on
+    the CPU (150 layers of SmolLM2-135M: 1.28 s against 0.13 s, scripts/bench_inference.py) and stays the
+    reference for checks."""
     w0 = full_weight(weight_parts, layout)
     b_full, a_full = full_factors(layout, index, a_list, b_list, mx.float32)
     return _merge_pass(w0.dtype)(w0, b_full @ a_full, mx.array(layout.scale, mx.float32))

@@ -82,3 +82,15 @@ def test_failed_kernels_warn_once_and_fall_back(monkeypatch):
     index = tuple(mx.arange(8, dtype=mx.int32) for _ in range(4))
     out = fn(x, index, (mx.ones((8, 8)),), [mx.ones((2, 4))] * 2, [mx.ones((4, 2))] * 2)
     assert out.shape == (3, 8)
+
+
+def test_failed_kernels_leave_the_merged_form_on_full_gradients(monkeypatch):
+    """A large layer would take its factor gradients block by block through the kernels' gathers; where the
+    kernels cannot run (as on a Mac whose Metal compiler rejected them), one full matmul, not plain-MLX takes."""
+    if kernels.gpu_backend() is not None:
+        pytest.skip("needs a machine where the forced kernel backend is unavailable")
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    assert kernels.merged_block_grads(LARGE)
+    with pytest.warns(RuntimeWarning, match="falling back to plain MLX"):
+        fn = linear_fn(LARGE)
+    assert fn is merged_fn(LARGE, kernels._MLX_OPS, False)

@@ -182,9 +182,12 @@ def delta_fn(layout: BlockLayout):
 def linear_fn(layout: BlockLayout):
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
     if form(layout, fused=True) == "merged":
-        block_grads = merged_block_grads(layout)
         # Full gradients are MLX's own ops: only the block gradients need (and wait for the probe of) the kernels.
-        return merged_fn(layout, (_ops() if block_grads else None) or _MLX_OPS, block_grads)
+        # Where the kernels fail, full gradients, not block gradients through plain-MLX takes: the takes lose to the
+        # matmul they would save (on the CPU 59 against 35-38 ms per layer step; on an H200 a take of an 8192 x 4096
+        # activation's columns was 3x a simple kernel, 6x the shipped gathers; docs/BENCHMARKS.md).
+        ops = _ops() if merged_block_grads(layout) else None
+        return merged_fn(layout, ops or _MLX_OPS, ops is not None)
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 

@@ -215,9 +215,9 @@ _SCATTER_BASE = """
             add[e] = j0 + e * js < width ? $TOF(base[long(t) * width + j0 + e * js]) : 0.0f;
           }
         } else {
-          const auto vec = smoa_vload<VEC>(base + long(t) * width + j0);
+          const auto run = smoa_vload<VEC>(base + long(t) * width + j0);
           for (int e = 0; e < VEC; ++e) {
-            add[e] = $TOF(vec.v[e]);
+            add[e] = $TOF(run.v[e]);
           }
         }"""
 

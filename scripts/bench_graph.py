@@ -114,9 +114,19 @@ def _kernels(counts: collections.Counter) -> int:
 
 
 def _config(method: str) -> tuple[str, int, str]:
-    """("lora" | "smoa", K, SMOA_MLX_KERNEL) from a name like ``smoa-merged-k2``."""
+    """("lora" | "smoa", K, SMOA_MLX_KERNEL) from a name like ``smoa-merged-k2``; ``smoa-keep-kK`` is the merged
+    form with SMOA_MLX_MERGED_KEEP=1 (its backward reuses the forward's W0 + Delta W)."""
     parts = method.split("-")
-    return parts[0], int(parts[-1][1:]), (parts[1] if parts[0] == "smoa" else "auto")
+    form = parts[1] if parts[0] == "smoa" else "auto"
+    return parts[0], int(parts[-1][1:]), "merged" if form == "keep" else form
+
+
+def _set_env(method: str) -> tuple[str, int, str]:
+    """Set the variables the step reads when it is traced, for ``method``; its _config."""
+    config = _config(method)
+    os.environ["SMOA_MLX_KERNEL"] = config[2]
+    os.environ["SMOA_MLX_MERGED_KEEP"] = "1" if method.startswith("smoa-keep") else "0"
+    return config
 
 
 def measure(methods: list[str], reps: int, peak: bool = True) -> dict:
@@ -125,8 +135,7 @@ def measure(methods: list[str], reps: int, peak: bool = True) -> dict:
     n_adapted = TINY["num_hidden_layers"] * len(bench_train.TARGETS)
     rows, steps = {}, {}
     for method in methods:
-        kind, blocks, kernel = _config(method)
-        os.environ["SMOA_MLX_KERNEL"] = kernel  # read when the step is traced
+        kind, blocks, _ = _set_env(method)  # read when the step is traced (its first call, just below)
         model, args = _model(kind, blocks, TINY)
         steps[method] = _step(model, args, 1, 8)
         counts = _count(steps[method]())
@@ -171,8 +180,7 @@ def _peak(method: str) -> float:
 def _peak_here(method: str) -> float:
     import mlx.core as mx
 
-    kind, blocks, kernel = _config(method)
-    os.environ["SMOA_MLX_KERNEL"] = kernel
+    kind, blocks, _ = _set_env(method)
     model, args = _model(kind, blocks, MID)
     step = _step(model, args, 8, 256)
     mx.eval(step())

@@ -37,10 +37,13 @@ SHAPES = {  # --shape: the model dims over MODEL's (llama-1b is MODEL itself)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),  # a smoke test of the script
 }
-METHODS = ("lora", "smoa", "smoa-kernel", "smoa-dense")
-# SMOA_MLX_KERNEL per method: smoa is the default (auto: the merged form), the others force one form on every layer
-# (smoa-kernel: the block form with the GPU kernels; smoa-dense: the dense HiRA form, the base apart).
-_ENV = {"smoa": "auto", "smoa-kernel": "kernel", "smoa-dense": "dense"}
+METHODS = ("lora", "smoa", "smoa-keep", "smoa-kernel", "smoa-dense")
+# The environment per method, read when a step is traced: smoa is the default (auto: the merged form), smoa-keep the
+# merged form whose backward reuses the forward's W0 + Delta W (SMOA_MLX_MERGED_KEEP=1: speed for a weight copy per
+# layer), the others force one form on every layer (smoa-kernel: the block form with the GPU kernels; smoa-dense:
+# the dense HiRA form, the base apart).
+_ENV = {m: {"SMOA_MLX_KERNEL": kernel, "SMOA_MLX_MERGED_KEEP": "1" if m == "smoa-keep" else "0"}
+        for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-kernel", "kernel"), ("smoa-dense", "dense"))}
 
 
 def _dataset(kind: str, n: int, seq: int, vocab: int, rng) -> list:
@@ -154,7 +157,7 @@ def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: 
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
     if method != "lora":
-        os.environ["SMOA_MLX_KERNEL"] = _ENV[method]
+        os.environ.update(_ENV[method])
     add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
     return model, sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
@@ -238,7 +241,7 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
         for m in (methods if r % 2 == 0 else methods[::-1]):
             model, opt, trainable, split_ms = runs[m]
             if m != "lora":
-                os.environ["SMOA_MLX_KERNEL"] = _ENV[m]
+                os.environ.update(_ENV[m])
             mx.reset_peak_memory()
             reports = _train_window(model, opt, dataset, window, report, batch, seq)
             others = sum(b for k, b in held_bytes.items() if k != m) / 1e9

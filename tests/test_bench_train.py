@@ -20,7 +20,8 @@ import bench_train  # noqa: E402
 @pytest.fixture
 def tiny_shape(monkeypatch):
     monkeypatch.setattr(bench_train, "MODEL", dict(bench_train.MODEL, **bench_train.SHAPES["tiny"]))
-    monkeypatch.setenv("SMOA_MLX_KERNEL", "auto")
+    monkeypatch.setenv("SMOA_MLX_KERNEL", "auto")  # child_rounds sets these per method: restored after the test
+    monkeypatch.setenv("SMOA_MLX_MERGED_KEEP", "0")
 
 
 def test_rounds_alternate_the_methods_and_estimate_each_peak_alone(tiny_shape):

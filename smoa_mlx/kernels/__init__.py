@@ -45,6 +45,7 @@ __all__ = [
     "CPU_FORM",
     "GPU_BLOCK_MIN_WEIGHTS",
     "KERNEL_ENV",
+    "MERGED_KEEP_ENV",
     "MERGED_BLOCK_GRADS_MIN_SAVING",
     "block_grads_pay",
     "build_plan",
@@ -61,6 +62,9 @@ __all__ = [
 ]
 
 KERNEL_ENV = "SMOA_MLX_KERNEL"
+# "1": the merged form's backward reuses the forward's W0 + Delta W (merged_fn's ``keep``): fewer kernels per step,
+# one more weight copy per adapted layer at peak. Off by default: a laptop's memory is the scarcer resource.
+MERGED_KEEP_ENV = "SMOA_MLX_MERGED_KEEP"
 FORMS = ("auto", "merged", "kernel", "mlx", "dense")
 
 # The form ``auto`` uses for the update alone (dropout) where MLX has no GPU: the dense HiRA form, whose full
@@ -187,7 +191,7 @@ def linear_fn(layout: BlockLayout):
         # matmul they would save (on the CPU 59 against 35-38 ms per layer step; on an H200 a take of an 8192 x 4096
         # activation's columns was 3x a simple kernel, 6x the shipped gathers; docs/BENCHMARKS.md).
         ops = _ops() if merged_block_grads(layout) else None
-        return merged_fn(layout, ops or _MLX_OPS, ops is not None)
+        return merged_fn(layout, ops or _MLX_OPS, ops is not None, os.environ.get(MERGED_KEEP_ENV, "0") == "1")
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 

@@ -53,14 +53,21 @@ def _block_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2):
     return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list)
 
 
-@lru_cache(maxsize=None)
-def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
+def merged_fn(layout: BlockLayout, ops, block_grads: bool = False, keep: bool = False):
     """``fn(x, index, weight_parts, a_list, b_list)`` = x (W0 + Delta W)^T (no bias), with its custom VJP.
 
     ``ops`` does the memory-bound steps (:class:`~.blocks.KernelOps` on a GPU, :class:`~.blocks.MlxOps`
-    anywhere); ``block_grads`` picks how the factor gradients are formed (module docstring).
+    anywhere); ``block_grads`` picks how the factor gradients are formed (module docstring). ``keep``: the backward
+    uses the forward's W0 + Delta W (and B_full, A_full) instead of rebuilding them, under mx.compile (the trainer's
+    step), where it is one array shared by both: a pass and a rank-r product fewer per layer and step, one weight
+    copy per adapted layer alive from its forward to its backward (opt-in, ``SMOA_MLX_MERGED_KEEP=1``).
+    One function per distinct choice, however the arguments are spelled.
     """
+    return _merged_fn(layout, ops, bool(block_grads), bool(keep))
 
+
+@lru_cache(maxsize=None)
+def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
     @mx.custom_function
     def fn(x, index, weight_parts, a_list, b_list):
         w = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)[0]
@@ -68,7 +75,7 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False):
 
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
-        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent)
+        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent, rebuild=not keep)
         w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w

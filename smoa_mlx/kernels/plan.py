@@ -190,7 +190,7 @@ def whole_weight_factors(plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> t
     return mx.take(flat, b_take), mx.take(flat, a_take)
 
 
-def vjp_primals(primals, cotangent: mx.array, rebuild_x: bool = False) -> tuple[tuple, tuple]:
+def vjp_primals(primals, cotangent: mx.array, rebuild_x: bool = False, rebuild: bool = True) -> tuple[tuple, tuple]:
     """For the VJP of a form's ``fn(x, index, weight_parts, a_list, b_list)``: (the primals with the base's arrays,
     the factors and, with ``rebuild_x``, x made to depend on the cotangent; the zero cotangents of the frozen index
     and base).
@@ -204,10 +204,14 @@ def vjp_primals(primals, cotangent: mx.array, rebuild_x: bool = False) -> tuple[
     LoRA. What depends on none of them (the take indices) is still shared. Only the block form gathers from x
     (``rebuild_x``); for the others the dependency on x measured a higher peak (479 against 460 MB, the merged
     form at K=4).
-    The zeros are lazy and never evaluated: nothing asks for the frozen inputs' gradient.
+    The zeros are lazy and never evaluated: nothing asks for the frozen inputs' gradient. ``rebuild=False`` leaves
+    the primals as they are, so that under mx.compile the VJP shares what it builds from them with the forward
+    (the merged form's ``keep``: speed for memory).
     """
     x, index, weight_parts, a_list, b_list = primals
     frozen = tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts)
+    if not rebuild:
+        return (x, index, weight_parts, a_list, b_list), frozen
     k, n = len(a_list), len(b_list)
     rest = mx.depends([*a_list, *b_list, *weight_parts, *([x] if rebuild_x else [])], [cotangent])
     x = rest.pop() if rebuild_x else x

@@ -6,7 +6,8 @@
 #     . /tmp/mlxcuda/env.sh && PHASES=train4,qmm bash scripts/kernels_device.sh     # the next, while warm
 #     . /tmp/mlxcuda/env.sh && PHASES=gathers bash scripts/kernels_device.sh        # and the next
 # Phases (durations measured on the H200, December 2026, where known):
-#   train    bench_train --rounds, bf16: LoRA and SMoA in alternating windows, one process per K (2 and 4), with
+#   train    bench_train --rounds, bf16: LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1 (the backward reusing the
+#            forward's W0 + Delta W) in alternating windows, one process per K (2 and 4), with
 #            --split (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and
 #            where a step's time goes (not yet timed; the one-process-per-configuration mode took 65-110 s per
 #            configuration, most of it building the model and compiling kernels)
@@ -48,7 +49,7 @@ for p in ${PHASES//,/ }; do
   case $p in
     train)
       phase train 560 "$PY" scripts/bench_train.py --rounds 4 --window 8 --split --bits 0 --blocks 2,4 \
-        --methods lora,smoa --out "$OUT/bench_train.json" ;;
+        --methods lora,smoa,smoa-keep --out "$OUT/bench_train.json" ;;
     train4)
       phase train4 400 "$PY" scripts/bench_train.py --rounds 3 --window 8 --bits 4 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/bench_train_4bit.json" ;;

@@ -368,7 +368,9 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     data = {"command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]), "device": _device(),
-            "commit": _commit(), "model": dict(MODEL), "runs": []}
+            "commit": _commit(), "model": dict(MODEL), "runs": [],
+            # MLX's own knobs (MLX_MAX_OPS_PER_BUFFER, MLX_USE_CUDA_GRAPHS, ...) and ours, as the children see them
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("MLX_", "SMOA_MLX_"))}}
     # One process per configuration, or with --rounds one per base and K holding every method.
     groups = [[m] for m in args.methods.split(",")] if not args.rounds else [args.methods.split(",")]
     for bits in map(int, args.bits.split(",")):

@@ -245,15 +245,15 @@ def _compiled_step_peak(n_layers: int, bits: int = 0, d: int = 256) -> float:
     return _extra_peak(lambda: step(x))
 
 
-@pytest.mark.parametrize("kernel,bits,bound", [("merged", 0, 4), ("dense", 0, 4), ("mlx", 0, 4), ("merged", 4, 12)])
+@pytest.mark.parametrize("kernel,bits,bound", [("merged", 0, 6), ("dense", 0, 6), ("mlx", 0, 6), ("merged", 4, 12)])
 def test_compiled_step_keeps_no_per_layer_weight_copy(kernel, bits, bound, monkeypatch):
     """Every form rebuilds its d_out x d_in (or block-sized) products in the backward, the dequantized W0 of a
     quantized base included. Built from the same inputs as the forward's, mx.compile's common-subexpression pass
     would merge them and keep one copy per layer alive from the forward to the backward: peak memory would grow by
-    about a weight per layer. Measured, 8 -> 24 layers of 256x256: 17-19 float32 weights' worth that way and 1-3
-    with the rebuild (dense base); 18.5 and 8.2 on a 4-bit base, whose residual comes from MLX's CPU dequantize
-    (a chain of shifts and a concatenation; the GPUs have a kernel for it), not from the layer. A training step is
-    compiled, as the trainer's is."""
+    about a weight per layer. Measured, 8 -> 24 layers of 256x256: 17-19 float32 weights' worth that way and
+    0.8-3.6 with the rebuild (dense base; the bound of 6 leaves room for the allocator); 18.5 and 8.2-8.5 on a
+    4-bit base, whose residual comes from MLX's CPU dequantize (a chain of shifts and a concatenation; the GPUs
+    have a kernel for it), not from the layer. A training step is compiled, as the trainer's is."""
     monkeypatch.setenv("SMOA_MLX_KERNEL", kernel)
     weight_bytes = 256 * 256 * 4
     assert _compiled_step_peak(24, bits) - _compiled_step_peak(8, bits) < bound * weight_bytes

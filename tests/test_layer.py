@@ -227,9 +227,9 @@ def test_training_step_never_builds_the_dense_update(blocks, monkeypatch):
         assert smoa_peak < 1.5 * dense_bytes  # K blocks of 1/4 the dense size, a few of them alive at once
 
 
-def _compiled_step_peak(n_layers: int, bits: int = 0, d: int = 256) -> float:
-    """Extra peak memory of one compiled forward + backward of ``n_layers`` SMoA layers of d x d, as the trainer
-    compiles its step."""
+def _compiled_step(n_layers: int, bits: int = 0, d: int = 256, loss=lambda y: y.sum()):
+    """(a compiled forward + backward of ``n_layers`` SMoA layers of d x d, as the trainer compiles its step; its
+    input)."""
     mx.random.seed(0)
     bases = [nn.Linear(d, d, bias=False) for _ in range(n_layers)]
     if bits:
@@ -240,8 +240,14 @@ def _compiled_step_peak(n_layers: int, bits: int = 0, d: int = 256) -> float:
     model = nn.Sequential(*layers)
     x = mx.random.normal((8, d))
     mx.eval(model.parameters(), x)
-    step = mx.compile(nn.value_and_grad(model, lambda x: model(x).sum()), inputs=[model.state],
+    step = mx.compile(nn.value_and_grad(model, lambda x: loss(model(x))), inputs=[model.state],
                       outputs=[model.state])
+    return step, x
+
+
+def _compiled_step_peak(n_layers: int, bits: int = 0) -> float:
+    """Extra peak memory of one :func:`_compiled_step` of ``n_layers`` layers of 256 x 256."""
+    step, x = _compiled_step(n_layers, bits)
     return _extra_peak(lambda: step(x))
 
 
@@ -266,14 +272,7 @@ def test_merged_keep_trades_a_weight_per_layer_for_the_rebuild(monkeypatch):
     weight_bytes = 256 * 256 * 4
 
     def grads(n_layers):
-        mx.random.seed(0)
-        layers = [SMoALinear.from_base(nn.Linear(64, 64, bias=False), rank=8, blocks=2) for _ in range(n_layers)]
-        for layer in layers:
-            _randomize_b(layer)
-        model = nn.Sequential(*layers)
-        x = mx.random.normal((8, 64))
-        step = mx.compile(nn.value_and_grad(model, lambda x: (model(x) ** 2).sum()), inputs=[model.state],
-                          outputs=[model.state])
+        step, x = _compiled_step(n_layers, d=64, loss=lambda y: (y**2).sum())
         loss, g = step(x)
         return loss, tree_flatten(g)
 

@@ -334,11 +334,10 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
                         (K * TOKENS * M + TOKENS * d_out) * es),
             "scatter+add": (lambda: kernel_ops.scatter(yb, plan.row_slot, base_y, mx.bfloat16),
                             (K * TOKENS * M + 2 * TOKENS * d_out) * es),
+            "modulate": (lambda: kernel_ops.modulate(layer.layout, plan, parts, a_pad, b_pad, mx.bfloat16),
+                         2 * K * M * N * es),
+            "hadamard": (lambda: kernel_ops.hadamard(layer.layout, plan, parts, gram), 3 * K * M * N * es),
         }
-        if only is None or {"modulate", "hadamard"} & set(only):
-            steps["modulate"] = (lambda: kernel_ops.modulate(layer.layout, plan, parts, a_pad, b_pad, mx.bfloat16),
-                                 2 * K * M * N * es)
-            steps["hadamard"] = (lambda: kernel_ops.hadamard(layer.layout, plan, parts, gram), 3 * K * M * N * es)
         for name, (fn, nbytes) in steps.items():
             if only is not None and name not in only:
                 continue
@@ -505,10 +504,10 @@ def _auto(row: dict) -> tuple[float, str]:
 
 def _launch_label(row: dict) -> str:
     """The launch variant of a bandwidth row (``--gathers`` sweeps); "-" for runs that swept nothing."""
-    if "tt" not in row:
+    if "tt" not in row or row["step"] == "modulate":
         return "-"
-    if row["step"] in ("modulate", "hadamard"):
-        return f"{row['hadamard_ti']} rows / thread" if row["step"] == "hadamard" else "-"
+    if row["step"] == "hadamard":
+        return f"{row['hadamard_ti']} rows / thread"
     return f"{row['tt']} tokens / thread, {'32 apart' if row['strided'] else 'consecutive'}"
 
 

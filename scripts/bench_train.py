@@ -44,6 +44,7 @@ METHODS = ("lora", "smoa", "smoa-keep", "smoa-kernel", "smoa-dense")
 # the dense HiRA form, the base apart).
 _ENV = {m: {"SMOA_MLX_KERNEL": kernel, "SMOA_MLX_MERGED_KEEP": "1" if m == "smoa-keep" else "0"}
         for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-kernel", "kernel"), ("smoa-dense", "dense"))}
+_ENV["lora"] = {}  # mlx-lm's LoRA reads none of them
 
 
 def _dataset(kind: str, n: int, seq: int, vocab: int, rng) -> list:
@@ -156,8 +157,7 @@ def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: 
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
-    if method != "lora":
-        os.environ.update(_ENV[method])
+    os.environ.update(_ENV[method])
     add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
     return model, sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
@@ -240,8 +240,7 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
     for r in range(rounds):
         for m in (methods if r % 2 == 0 else methods[::-1]):
             model, opt, trainable, split_ms = runs[m]
-            if m != "lora":
-                os.environ.update(_ENV[m])
+            os.environ.update(_ENV[m])
             mx.reset_peak_memory()
             reports = _train_window(model, opt, dataset, window, report, batch, seq)
             others = sum(b for k, b in held_bytes.items() if k != m) / 1e9

@@ -294,4 +294,3 @@ def exchange(a: Path, b: Path) -> bool:
     if code in _NO_EXCHANGE:
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
-

@@ -293,4 +293,3 @@ def write_smoa(folder: PathLike, config: SMoAConfig, modules: dict[str, SMoAModu
 
 def to_numpy(x: mx.array) -> np.ndarray:
     return np.asarray(x.astype(mx.float32)) if x.dtype == mx.bfloat16 else np.asarray(x)
-

@@ -105,4 +105,3 @@ def export_hf(
         if src_path is not None and (Path(src_path) / "generation_config.json").is_file():
             shutil.copy(Path(src_path) / "generation_config.json", staging)
     return out
-

@@ -79,19 +79,14 @@ def _vjp_step(fn, primals, cot):
 
 
 def _smoa_step(layer, full, x, cot):
-    """fwd+bwd of base + update; ``full(x, index, parts, a, b)`` returns the whole layer's output."""
-    k = len(layer.smoa_a)
-
-    def f(x, *p):
-        return full(x, layer.index, layer.weight_parts(), list(p[:k]), list(p[k:]))
-
-    return _vjp_step(f, [x, *layer.smoa_a, *layer.smoa_b], cot)
+    """fwd+bwd of base + update; ``full(x, index, parts, factors)`` returns the whole layer's output."""
+    return _vjp_step(lambda x, f: full(x, layer.index, layer.weight_parts(), f), [x, layer.smoa_factors], cot)
 
 
 def _with_base(layer, delta):
-    def full(x, index, parts, a, b):
+    def full(x, index, parts, factors):
         y = layer.linear(x)
-        return y + delta(x, index, parts, a, b).astype(y.dtype)
+        return y + delta(x, index, parts, factors).astype(y.dtype)
 
     return full
 
@@ -220,6 +215,7 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420) -> list[dict]:
     import mlx.core as mx
     import numpy as np
 
+    from smoa_mlx.kernels import factor_views
     from smoa_mlx.kernels.blocks import MlxOps, block_fn
     from smoa_mlx.kernels.merged import merged_fn
 
@@ -244,11 +240,10 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420) -> list[dict]:
                              ("merged_blocks", merged_fn(layer.layout, kernel_ops, True))):
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
                     fn = _with_base(layer, block_fn(layer.layout, kernel_ops, False))
-                k = blocks
                 print(f"verify: {d_out}x{d_in} K={blocks} bits={bits} {dtype}: {name}", flush=True)
-                y, grads = mx.vjp(lambda x, *p: fn(x, layer.index, layer.weight_parts(), list(p[:k]), list(p[k:])),
-                                  [x, *layer.smoa_a, *layer.smoa_b], [cot])
-                got = [y[0], *grads]
+                y, (dx, dfactors) = mx.vjp(lambda x, f: fn(x, layer.index, layer.weight_parts(), f),
+                                           [x, layer.smoa_factors], [cot])
+                got = [y[0], dx, *sum(factor_views(layer.layout, dfactors), [])]
                 mx.eval(got)
                 per = []
                 for g, w in zip(got, want):
@@ -323,7 +318,7 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
         base_y = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
         yb = mx.random.normal((K, TOKENS, M)).astype(mx.bfloat16)
         gram = mx.random.normal((K, M, N)).astype(mx.bfloat16)
-        a_pad, b_pad = _pack(layer.layout, plan, layer.smoa_a, layer.smoa_b)
+        a_pad, b_pad = _pack(layer.layout, plan, layer.smoa_factors)
         parts = layer.weight_parts()
         mx.eval(x, g, base_y, yb, gram, a_pad, b_pad)
         es = 2
@@ -406,11 +401,11 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10) -> lis
     x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
     g = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
     w = parts[0]
-    bf, af = full_factors(layout, layer.index, layer.smoa_a, layer.smoa_b)
+    bf, af = full_factors(layout, layer.index, layer.smoa_factors)
     gram = mx.random.normal((d_out, d_in)).astype(mx.bfloat16)
     mx.eval(x, g, bf, af, gram)
     steps = {
-        "full factors": lambda: full_factors(layout, layer.index, layer.smoa_a, layer.smoa_b),
+        "full factors": lambda: full_factors(layout, layer.index, layer.smoa_factors),
         "merge (rank-r matmul + fused pass)": lambda: kernel_ops.merge(layout, parts, bf, af, mx.bfloat16),
         "s G * W0 (fused pass)": lambda: kernel_ops.hadamard_full(layout, parts, gram),
         "x W^T": lambda: x @ w.T,

@@ -6,11 +6,10 @@
 #     . /tmp/mlxcuda/env.sh && PHASES=train4,qmm bash scripts/kernels_device.sh     # the next, while warm
 #     . /tmp/mlxcuda/env.sh && PHASES=gathers bash scripts/kernels_device.sh        # and the next
 # Phases (durations measured on the H200, December 2026, where known):
-#   train    bench_train --rounds, bf16: LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1 (the backward reusing the
-#            forward's W0 + Delta W) in alternating windows, one process per K (2 and 4), with
-#            --split (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and
-#            where a step's time goes (not yet timed; the one-process-per-configuration mode took 65-110 s per
-#            configuration, most of it building the model and compiling kernels)
+#   train    bench_train --rounds, bf16: METHODS (default LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1, the backward
+#            reusing the forward's W0 + Delta W) in alternating windows, one process per K (4, then 2), with --split
+#            (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and where a
+#            step's time goes (422 s for the three methods; TRAIN_LIMIT sets the limit)
 #   train4   the same on a 4-bit base
 #   kernels  bench_kernels, per layer + memory-bound steps, no verification (145 s)
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each with a thread's elements
@@ -48,13 +47,13 @@ phase() {  # phase NAME LIMIT_S command...: run under a limit, log its exit stat
 for p in ${PHASES//,/ }; do
   case $p in
     train)
-      phase train 560 "$PY" scripts/bench_train.py --rounds 4 --window 8 --split --bits 0 --blocks 2,4 \
-        --methods lora,smoa,smoa-keep --out "$OUT/bench_train.json" ;;
+      phase train "${TRAIN_LIMIT:-560}" "$PY" scripts/bench_train.py --rounds 4 --window 8 --split --bits 0 \
+        --blocks 4,2 --methods "${METHODS:-lora,smoa,smoa-keep}" --out "$OUT/bench_train.json" ;;
     train4)
       phase train4 400 "$PY" scripts/bench_train.py --rounds 3 --window 8 --bits 4 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/bench_train_4bit.json" ;;
     kernels)
-      phase kernels 300 "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
+      phase kernels "${KERNELS_LIMIT:-300}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --strided 0,1 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
     graph)

@@ -1,5 +1,5 @@
 """Shared by the block-form tests: an SMoA layer with random orders and non-zero factors, and a float64 check of
-its forward and gradients through any implementation of the ``fn(x, index, weight_parts, a_list, b_list)`` contract."""
+its forward and gradients through any implementation of the ``fn(x, index, weight_parts, factors)`` contract."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import mlx.nn as nn
 import numpy as np
 
 from reference_numpy import ref_dequantize, ref_layer
+from smoa_mlx.kernels import factor_views
 from smoa_mlx.layer import SMoALinear
 
 
@@ -49,9 +50,10 @@ def check_against_float64(layer, fn, lead, with_base: bool, tol: float, seed: in
     x = mx.random.normal((*lead, d_in)).astype(dtype)
     cot = mx.random.normal((*lead, d_out)).astype(dtype)
     k = layer.blocks
-    y, grads = mx.vjp(lambda x, *p: fn(x, layer.index, layer.weight_parts(), list(p[:k]), list(p[k:])),
-                      [x, *layer.smoa_a, *layer.smoa_b], [cot])
-    got = [y[0], *grads]
+    y, (dx, dfactors) = mx.vjp(lambda x, f: fn(x, layer.index, layer.weight_parts(), f), [x, layer.smoa_factors],
+                               [cot])
+    da, db = factor_views(layer.layout, dfactors)
+    got = [y[0], dx, *da, *db]
     want = ref_layer(base_weight(layer), _f64(x), _f64(cot), [_f64(a) for a in layer.smoa_a],
                      [_f64(b) for b in layer.smoa_b], k, layer.scale,
                      (np.asarray(layer.row_order), np.asarray(layer.col_order)), with_base)

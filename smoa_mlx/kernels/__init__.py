@@ -1,6 +1,7 @@
 """Dispatch for the SMoA block-modulated product.
 
-Three forms of one contract, ``fn(x, index, weight_parts, a_list, b_list)``:
+Three forms of one contract, ``fn(x, index, weight_parts, factors)`` (``factors``: the layer's A_k and B_k in one
+flat vector, :func:`~.plan.pack_factors`):
 
 - the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight (an
   MLX matmul for the rank-r product and one fused elementwise pass), so the forward and dx are one matmul each;
@@ -37,7 +38,7 @@ from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
 from .gpu import GpuRunner, gpu_backend
 from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
 from .merged import fused_weight, merged_fn
-from .plan import BlockLayout, BlockPlan, build_plan
+from .plan import BlockLayout, BlockPlan, build_plan, factor_sizes, factor_views, pack_factors
 
 __all__ = [
     "BlockLayout",
@@ -52,6 +53,8 @@ __all__ = [
     "delta_fn",
     "dense_delta",
     "dense_form_delta_fn",
+    "factor_sizes",
+    "factor_views",
     "form",
     "fused_weight",
     "gather_anchor",
@@ -59,6 +62,7 @@ __all__ = [
     "linear_fn",
     "merged_block_grads",
     "merged_fn",
+    "pack_factors",
 ]
 
 KERNEL_ENV = "SMOA_MLX_KERNEL"
@@ -137,13 +141,12 @@ def _probe(ops: KernelOps) -> bool:
             parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if layout.quantized else (w,)
             index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
             index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
-            a_list = [mx.ones((r, n)) for r, n in zip(layout.ranks, layout.col_sizes)]
-            b_list = [mx.ones((m, r)) for r, m in zip(layout.ranks, layout.row_sizes)]
+            factors = mx.ones((sum(factor_sizes(layout)),))
             for dtype in FLOAT_TYPES:
                 p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
                 fn = block_fn(layout, ops, True)  # launches every kernel, those of the merged form's block grads too
-                outs.extend(mx.vjp(lambda x, *f: fn(x, index, p, list(f[:2]), list(f[2:])),
-                                   [mx.ones((3, d_in), dtype=dtype), *a_list, *b_list], [mx.ones((3, d_out), dtype)]))
+                outs.extend(mx.vjp(lambda x, f: fn(x, index, p, f),
+                                   [mx.ones((3, d_in), dtype=dtype), factors], [mx.ones((3, d_out), dtype)]))
         mx.eval(outs)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
@@ -200,9 +203,9 @@ def linear_fn(layout: BlockLayout):
 def _dense_linear(layout: BlockLayout):
     delta = dense_form_delta_fn(layout)
 
-    def fn(x, index, weight_parts, a_list, b_list):
+    def fn(x, index, weight_parts, factors):
         y = base_forward(layout, mx.reshape(x, (-1, x.shape[-1])), weight_parts)
         y = mx.reshape(y, (*x.shape[:-1], y.shape[-1]))
-        return y + delta(x, index, weight_parts, a_list, b_list).astype(y.dtype)
+        return y + delta(x, index, weight_parts, factors).astype(y.dtype)
 
     return fn

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
-from .plan import BlockLayout, BlockPlan, flat_factors, padded_dims, plan_of, untake_grads, vjp_primals
+from .plan import BlockLayout, BlockPlan, padded_dims, plan_of, untake_grads, vjp_primals, with_zero
 from . import source
 from .source import GROUP, TI, TT, V, vector_width
 
@@ -185,19 +185,19 @@ def base_backward(layout: BlockLayout, g2: mx.array, weight_parts) -> mx.array:
     return g2 @ weight_parts[0]
 
 
-def _pack(layout: BlockLayout, plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+def _pack(layout: BlockLayout, plan: BlockPlan, factors: mx.array, dtype=mx.float32) -> tuple[mx.array, mx.array]:
     """(A packed (K, R, N), B packed (K, M, R)) in sorted block order, zero in the padding, in ``dtype`` (cast before
     the take: one pass over the factors)."""
     K, M, N, R = padded_dims(layout)
-    flat = mx.take(flat_factors(a_list, b_list).astype(dtype), plan.fac_take)
+    flat = mx.take(with_zero(factors, dtype), plan.fac_take)
     return mx.reshape(flat[: K * R * N], (K, R, N)), mx.reshape(flat[K * R * N :], (K, M, R))
 
 
-def _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list):
+def _forward(ops, layout, with_base, x, index, weight_parts, factors):
     K, M, N, _ = padded_dims(layout)
     plan = plan_of(layout, index)
     x2 = mx.reshape(x, (-1, x.shape[-1]))
-    a_pad, b_pad = _pack(layout, plan, a_list, b_list)
+    a_pad, b_pad = _pack(layout, plan, factors)
     xb = ops.gather(x2, plan.col_src, K, N)
     wb = ops.modulate(layout, plan, weight_parts, a_pad, b_pad, x.dtype)
     yb = xb @ mx.transpose(wb, (0, 2, 1))
@@ -206,43 +206,42 @@ def _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list):
     return mx.reshape(y, (*x.shape[:-1], y.shape[-1]))
 
 
-def _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, cot):
+def _backward(ops, layout, with_base, x, index, weight_parts, factors, cot):
     K, M, N, _ = padded_dims(layout)
     plan = plan_of(layout, index)
     x2 = mx.reshape(x, (-1, x.shape[-1]))
     g2 = mx.reshape(cot, (-1, cot.shape[-1])).astype(x.dtype)
-    a_pad, b_pad = _pack(layout, plan, a_list, b_list)
+    a_pad, b_pad = _pack(layout, plan, factors)
     xb = ops.gather(x2, plan.col_src, K, N)
     gb = ops.gather(g2, plan.row_src, K, M)
     wb = ops.modulate(layout, plan, weight_parts, a_pad, b_pad, x.dtype)
     base = base_backward(layout, g2, weight_parts).astype(x.dtype) if with_base else None
     dx = ops.scatter(gb @ wb, plan.col_slot, base, x.dtype)
-    da, db = block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list)
-    return mx.reshape(dx, x.shape), da, db
+    return mx.reshape(dx, x.shape), block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors)
 
 
-def block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list):
-    """(dA_k list, dB_k list) from the block-major activations: G_k = dy_k^T x_k in one batched matmul (1/K of a
+def block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors):
+    """The flat factors' gradient from the block-major activations: G_k = dy_k^T x_k in one batched matmul (1/K of a
     layer-matmul), s G_k * M_k in the Hadamard kernel, then the two rank-r products."""
     h = ops.hadamard(layout, plan, weight_parts, mx.transpose(gb, (0, 2, 1)) @ xb)  # (K, M, N): s G * M
     db_pad = (h @ mx.transpose(a_pad, (0, 2, 1)).astype(h.dtype)).astype(mx.float32)
     da_pad = (mx.transpose(b_pad, (0, 2, 1)).astype(h.dtype) @ h).astype(mx.float32)
-    return untake_grads(plan.a_back, da_pad, a_list), untake_grads(plan.b_back, db_pad, b_list)
+    return untake_grads(plan.a_back, da_pad, plan.b_back, db_pad, factors)
 
 
 @lru_cache(maxsize=None)
 def block_fn(layout: BlockLayout, ops, with_base: bool = False):
-    """``fn(x, index, weight_parts, a_list, b_list)``: the update (``with_base``: x W0^T plus the update, the
+    """``fn(x, index, weight_parts, factors)``: the update (``with_base``: x W0^T plus the update, the
     frozen layer's products fused with the update's gather and scatter), with its custom VJP."""
 
     @mx.custom_function
-    def fn(x, index, weight_parts, a_list, b_list):
-        return _forward(ops, layout, with_base, x, index, weight_parts, a_list, b_list)
+    def fn(x, index, weight_parts, factors):
+        return _forward(ops, layout, with_base, x, index, weight_parts, factors)
 
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
-        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent, rebuild_x=True)
-        dx, da, db = _backward(ops, layout, with_base, x, index, weight_parts, a_list, b_list, cotangent)
-        return dx, *frozen, da, db
+        (x, index, weight_parts, factors), frozen = vjp_primals(primals, cotangent, rebuild_x=True)
+        dx, dfactors = _backward(ops, layout, with_base, x, index, weight_parts, factors, cotangent)
+        return dx, *frozen, dfactors
 
     return fn

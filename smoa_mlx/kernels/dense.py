@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .plan import BlockLayout, plan_of, untake_grads, vjp_primals, whole_weight_factors
+from .plan import BlockLayout, factor_views, plan_of, untake_grads, vjp_primals, whole_weight_factors
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -41,8 +41,9 @@ def _modulated(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) 
     return ((b * scale) @ a * anchor).astype(dtype)
 
 
-def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=mx.float32):
+def dense_delta(layout: BlockLayout, index, weight_parts, factors, dtype=mx.float32):
     """The full d_out x d_in update. Only for merging and checks: training never calls it."""
+    a_list, b_list = factor_views(layout, factors)
     row_order, col_order, row_inv, col_inv = index[:4]
     d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
     permuted = mx.zeros((d_out, d_in), dtype=dtype)
@@ -64,9 +65,9 @@ def dense_delta(layout: BlockLayout, index, weight_parts, a_list, b_list, dtype=
 # The d_out x d_in product is transient: built in the forward and rebuilt in the backward, never kept.
 
 
-def full_factors(layout: BlockLayout, index, a_list, b_list, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+def full_factors(layout: BlockLayout, index, factors, dtype=mx.float32) -> tuple[mx.array, mx.array]:
     """(B_full [d_out, r], A_full [r, d_in]) in the original basis, in ``dtype``: one take each (:mod:`.plan`)."""
-    return whole_weight_factors(plan_of(layout, index), a_list, b_list, dtype)
+    return whole_weight_factors(plan_of(layout, index), factors, dtype)
 
 
 def full_weight(weight_parts, layout: BlockLayout) -> mx.array:
@@ -77,45 +78,44 @@ def full_weight(weight_parts, layout: BlockLayout) -> mx.array:
     return mx.dequantize(w, scales, biases, group_size=layout.group_size, bits=layout.bits)
 
 
-def _dense_update(layout, index, weight_parts, a_list, b_list, dtype):
+def _dense_update(layout, index, weight_parts, factors, dtype):
     """(Delta W in ``dtype``, B_full and A_full in ``dtype``, W0 in ``dtype``).
 
     Everything d_out x d_in stays in the activations' type (bf16 in training): the product B_full A_full is
     rounded once before the Hadamard product, which in bf16 costs no more accuracy than the final cast the block
     form makes, and halves the bytes (and the transient memory) of the float32 version.
     """
-    b_full, a_full = full_factors(layout, index, a_list, b_list)
+    b_full, a_full = full_factors(layout, index, factors)
     b_full, a_full = (layout.scale * b_full).astype(dtype), a_full.astype(dtype)
     w0 = full_weight(weight_parts, layout).astype(dtype)
     return (b_full @ a_full) * w0, b_full, a_full, w0
 
 
-def split_factor_grads(layout: BlockLayout, index, db_full, da_full, a_list, b_list):
-    """(dA_k list, dB_k list) from the whole-weight factor gradients, one take each (:mod:`.plan`)."""
+def split_factor_grads(layout: BlockLayout, index, db_full, da_full, factors):
+    """The flat factors' gradient from the whole-weight factor gradients, one take each (:mod:`.plan`)."""
     plan = plan_of(layout, index)
-    return untake_grads(plan.full_a_back, da_full, a_list), untake_grads(plan.full_b_back, db_full, b_list)
+    return untake_grads(plan.full_a_back, da_full, plan.full_b_back, db_full, factors)
 
 
 @lru_cache(maxsize=None)
 def dense_form_delta_fn(layout: BlockLayout):
-    """The update ``fn(x, index, weight_parts, a_list, b_list)`` in the dense HiRA form (no activation gathers)."""
+    """The update ``fn(x, index, weight_parts, factors)`` in the dense HiRA form (no activation gathers)."""
 
     @mx.custom_function
-    def delta(x, index, weight_parts, a_list, b_list):
-        update = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)[0]
+    def delta(x, index, weight_parts, factors):
+        update = _dense_update(layout, index, weight_parts, factors, x.dtype)[0]
         return x @ update.T
 
     @delta.vjp
     def delta_vjp(primals, cotangent, output):
-        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent)
-        update, b_full, a_full, w0 = _dense_update(layout, index, weight_parts, a_list, b_list, x.dtype)
+        (x, index, weight_parts, factors), frozen = vjp_primals(primals, cotangent)
+        update, b_full, a_full, w0 = _dense_update(layout, index, weight_parts, factors, x.dtype)
         dx = cotangent.astype(x.dtype) @ update
         g2 = mx.reshape(cotangent, (-1, cotangent.shape[-1])).astype(x.dtype)
         x2 = mx.reshape(x, (-1, x.shape[-1]))
         h = (g2.T @ x2) * w0  # dL/d(B_full A_full) / s; b_full already carries s
         db_full = layout.scale * (h @ a_full.T).astype(mx.float32)
         da_full = (b_full.T @ h).astype(mx.float32)
-        da, db = split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
-        return dx, *frozen, da, db
+        return dx, *frozen, split_factor_grads(layout, index, db_full, da_full, factors)
 
     return delta

@@ -30,31 +30,31 @@ from .dense import full_factors, full_weight, split_factor_grads
 from .plan import BlockLayout, padded_dims, plan_of, vjp_primals
 
 
-def _merged_weight(ops, layout: BlockLayout, index, weight_parts, a_list, b_list, dtype):
+def _merged_weight(ops, layout: BlockLayout, index, weight_parts, factors, dtype):
     # B_full and A_full in the type of the rank-r product (the activations' half type, else float32), which is also
     # the type the factor gradients' products take them in: cast once, inside the take.
-    b_full, a_full = full_factors(layout, index, a_list, b_list, product_type(dtype))
+    b_full, a_full = full_factors(layout, index, factors, product_type(dtype))
     return ops.merge(layout, weight_parts, b_full, a_full, dtype), b_full, a_full
 
 
-def _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_full, a_full):
+def _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full):
     h = ops.hadamard_full(layout, weight_parts, g2.T @ x2)  # s G * W0, d_out x d_in, transient
     db_full = (h @ a_full.T).astype(mx.float32)  # a_full, b_full: already h's type (product_type)
     da_full = (b_full.T @ h).astype(mx.float32)
-    return split_factor_grads(layout, index, db_full, da_full, a_list, b_list)
+    return split_factor_grads(layout, index, db_full, da_full, factors)
 
 
-def _block_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2):
+def _block_grads(ops, layout, index, weight_parts, factors, x2, g2):
     K, M, N, _ = padded_dims(layout)
     plan = plan_of(layout, index)
-    a_pad, b_pad = _pack(layout, plan, a_list, b_list, x2.dtype)  # only the gradient products use them: their type
+    a_pad, b_pad = _pack(layout, plan, factors, x2.dtype)  # only the gradient products use them: their type
     xb = ops.gather(x2, plan.col_src, K, N)
     gb = ops.gather(g2, plan.row_src, K, M)
-    return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, a_list, b_list)
+    return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors)
 
 
 def merged_fn(layout: BlockLayout, ops, block_grads: bool = False, keep: bool = False):
-    """``fn(x, index, weight_parts, a_list, b_list)`` = x (W0 + Delta W)^T (no bias), with its custom VJP.
+    """``fn(x, index, weight_parts, factors)`` = x (W0 + Delta W)^T (no bias), with its custom VJP.
 
     ``ops`` does the memory-bound steps (:class:`~.blocks.KernelOps` on a GPU, :class:`~.blocks.MlxOps`
     anywhere); ``block_grads`` picks how the factor gradients are formed (module docstring). ``keep``: the backward
@@ -69,28 +69,28 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False, keep: bool = 
 @lru_cache(maxsize=None)
 def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
     @mx.custom_function
-    def fn(x, index, weight_parts, a_list, b_list):
-        w = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)[0]
+    def fn(x, index, weight_parts, factors):
+        w = _merged_weight(ops, layout, index, weight_parts, factors, x.dtype)[0]
         return x @ w.T
 
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
-        (x, index, weight_parts, a_list, b_list), frozen = vjp_primals(primals, cotangent, rebuild=not keep)
-        w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, a_list, b_list, x.dtype)
+        (x, index, weight_parts, factors), frozen = vjp_primals(primals, cotangent, rebuild=not keep)
+        w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, factors, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))
         g2 = mx.reshape(cot, (-1, cot.shape[-1]))
         if block_grads:
-            da, db = _block_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2)
+            dfactors = _block_grads(ops, layout, index, weight_parts, factors, x2, g2)
         else:
-            da, db = _dense_grads(ops, layout, index, weight_parts, a_list, b_list, x2, g2, b_full, a_full)
-        return dx, *frozen, da, db
+            dfactors = _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full)
+        return dx, *frozen, dfactors
 
     return fn
 
 
-def fused_weight(layout: BlockLayout, index, weight_parts, a_list, b_list) -> mx.array:
+def fused_weight(layout: BlockLayout, index, weight_parts, factors) -> mx.array:
     """W0 + Delta W = W0 (1 + s B_full A_full) as one dense matrix in W0's compute dtype (a quantized base's
     scales'), for fusing and the inference cache: the merged form's formula with its rank-r product in float32,
     rounded once. One take per factor, one rank-r matmul and one elementwise pass; W0 + :func:`.dense.dense_delta`
@@ -98,5 +98,5 @@ def fused_weight(layout: BlockLayout, index, weight_parts, a_list, b_list) -> mx
     the CPU (150 layers of SmolLM2-135M: 1.28 s against 0.13 s, scripts/bench_inference.py) and stays the
     reference for checks."""
     w0 = full_weight(weight_parts, layout)
-    b_full, a_full = full_factors(layout, index, a_list, b_list, mx.float32)
+    b_full, a_full = full_factors(layout, index, factors, mx.float32)
     return _merge_pass(w0.dtype)(w0, b_full @ a_full, mx.array(layout.scale, mx.float32))

@@ -165,23 +165,46 @@ def plan_of(layout: BlockLayout, index) -> BlockPlan:
     return build_plan(layout, np.asarray(index[0]), np.asarray(index[1]))
 
 
-def flat_factors(a_list, b_list) -> mx.array:
-    """The factors flattened in one float32 array, [A_0, .., A_K-1, B_0, .., B_K-1, 0]: what the plan's takes index
-    (the trailing 0 fills padding and the slots of other blocks)."""
-    parts = [mx.reshape(p, (-1,)).astype(mx.float32) for p in (*a_list, *b_list)]
-    return mx.concatenate(parts + [_ZERO])
+def factor_sizes(layout: BlockLayout) -> list[int]:
+    """The sizes of A_0 .. A_K-1, B_0 .. B_K-1 in a layer's flat factor vector (:func:`factor_views`)."""
+    return [r * n for r, n in zip(layout.ranks, layout.col_sizes)] + [
+        m * r for r, m in zip(layout.ranks, layout.row_sizes)]
+
+
+def pack_factors(a_list, b_list, dtype=mx.float32) -> mx.array:
+    """The factors as one flat vector, [A_0, .., A_K-1, B_0, .., B_K-1] row-major: how a layer stores them and what
+    every form takes. One trainable array per layer, whatever K: an optimizer update costs a few launches per array
+    (on an H200, 2K arrays per layer took SMoA's K=4 step 27 ms over its forward + backward, LoRA's 3 ms;
+    docs/BENCHMARKS.md)."""
+    return mx.concatenate([mx.reshape(p, (-1,)).astype(dtype) for p in (*a_list, *b_list)])
+
+
+def factor_views(layout: BlockLayout, factors: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+    """(A_k list [r_k, |C_k|], B_k list [|R_k|, r_k]): reshaped slices of the flat factors (no copies)."""
+    bounds = np.cumsum(factor_sizes(layout))[:-1].tolist()
+    parts = mx.split(factors, bounds) if bounds else [factors]
+    k = len(layout.ranks)
+    shapes = [(r, n) for r, n in zip(layout.ranks, layout.col_sizes)] + [
+        (m, r) for r, m in zip(layout.ranks, layout.row_sizes)]
+    views = [mx.reshape(p, s) for p, s in zip(parts, shapes)]
+    return views[:k], views[k:]
+
+
+def with_zero(factors: mx.array, dtype=mx.float32) -> mx.array:
+    """The flat factors in ``dtype`` with a trailing 0: what the plan's takes index (the 0 fills padding and the
+    slots of other blocks). Cast before the concatenation: one pass over the factors."""
+    return mx.concatenate([factors.astype(dtype), _ZERO.astype(dtype)])
 
 
 _ZERO = mx.array([0.0], dtype=mx.float32)  # data, made once: an mx.zeros per call is a graph node per layer
 
 
-def whole_weight_factors(plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+def whole_weight_factors(plan: BlockPlan, factors: mx.array, dtype=mx.float32) -> tuple[mx.array, mx.array]:
     """(B_full [d_out, r], A_full [r, d_in]) in ``dtype``, in the original basis: one take each from the flat
     factors, its indices computed from the plan's per-row and per-column parameters (one fused elementwise pass each
     under mx.compile). Every operand is a plan array of its own, ready shaped: slicing rows out of a stacked array,
-    or an ``mx.arange``, adds graph nodes (and GPU launches) to every layer's step. The flat factors are cast once,
-    before the takes, rather than B_full and A_full after them: one pass instead of two, over fewer elements."""
-    flat = flat_factors(a_list, b_list).astype(dtype)
+    or an ``mx.arange``, adds graph nodes (and GPU launches) to every layer's step."""
+    flat = with_zero(factors, dtype)
     zero = flat.shape[0] - 1
     q = plan.slots  # (1, r)
     b_take = mx.where((q >= plan.b_lo) & (q < plan.b_hi), plan.b_start + q, zero)
@@ -191,7 +214,7 @@ def whole_weight_factors(plan: BlockPlan, a_list, b_list, dtype=mx.float32) -> t
 
 
 def vjp_primals(primals, cotangent: mx.array, rebuild_x: bool = False, rebuild: bool = True) -> tuple[tuple, tuple]:
-    """For the VJP of a form's ``fn(x, index, weight_parts, a_list, b_list)``: (the primals with the base's arrays,
+    """For the VJP of a form's ``fn(x, index, weight_parts, factors)``: (the primals with the base's arrays,
     the factors and, with ``rebuild_x``, x made to depend on the cotangent; the zero cotangents of the frozen index
     and base).
 
@@ -208,20 +231,17 @@ def vjp_primals(primals, cotangent: mx.array, rebuild_x: bool = False, rebuild: 
     the primals as they are, so that under mx.compile the VJP shares what it builds from them with the forward
     (the merged form's ``keep``: speed for memory).
     """
-    x, index, weight_parts, a_list, b_list = primals
+    x, index, weight_parts, factors = primals
     frozen = tree_map(mx.zeros_like, index), tree_map(mx.zeros_like, weight_parts)
     if not rebuild:
-        return (x, index, weight_parts, a_list, b_list), frozen
-    k, n = len(a_list), len(b_list)
-    rest = mx.depends([*a_list, *b_list, *weight_parts, *([x] if rebuild_x else [])], [cotangent])
+        return (x, index, weight_parts, factors), frozen
+    rest = mx.depends([factors, *weight_parts, *([x] if rebuild_x else [])], [cotangent])
     x = rest.pop() if rebuild_x else x
-    return (x, index, tuple(rest[k + n :]), rest[:k], rest[k : k + n]), frozen
+    return (x, index, tuple(rest[1:]), rest[0]), frozen
 
 
-def untake_grads(back: mx.array, grad: mx.array, like: list[mx.array]) -> list[mx.array]:
-    """Per-factor gradients (shapes and types of ``like``) from a packed or whole-weight gradient, by one take and
-    one split."""
-    flat = mx.take(mx.reshape(grad, (-1,)), back)
-    bounds = np.cumsum([ref.size for ref in like])[:-1].tolist()
-    parts = mx.split(flat, bounds) if bounds else [flat]
-    return [mx.reshape(p, ref.shape).astype(ref.dtype) for p, ref in zip(parts, like)]
+def untake_grads(a_back: mx.array, da: mx.array, b_back: mx.array, db: mx.array, like: mx.array) -> mx.array:
+    """The flat factors' gradient (shape and type of ``like``) from a packed or whole-weight gradient of A and of B:
+    one take each, in the flat order (:func:`pack_factors`)."""
+    parts = [mx.take(mx.reshape(da, (-1,)), a_back), mx.take(mx.reshape(db, (-1,)), b_back)]
+    return mx.concatenate(parts).astype(like.dtype)

@@ -127,10 +127,32 @@ def load_state(folder: Path) -> tuple[TrainingState, dict[str, mx.array]]:
     return state, arrays
 
 
+def packed_factor_state(arrays: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Optimizer state saved before a layer held its factors in one array (``<path>.smoa_a.<k>.<leaf>`` and
+    ``<path>.smoa_b.<k>.<leaf>`` per block) as the state of ``<path>.smoa_factors.<leaf>``: the blocks' arrays
+    flattened in the layer's order (A_0 .. A_K-1, B_0 .. B_K-1), so such a checkpoint resumes exactly."""
+    groups: dict[tuple[str, str], dict[tuple[int, int], mx.array]] = {}
+    out = {}
+    for key, value in arrays.items():
+        parts = key.split(".")
+        kind = next((i for i in range(len(parts) - 2) if parts[i] in ("smoa_a", "smoa_b") and parts[i + 1].isdigit()),
+                    None)
+        if kind is None:
+            out[key] = value
+            continue
+        path, leaf = ".".join(parts[:kind]), ".".join(parts[kind + 2:])
+        groups.setdefault((path, leaf), {})[(parts[kind] == "smoa_b", int(parts[kind + 1]))] = value
+    for (path, leaf), blocks in groups.items():
+        flat = [mx.reshape(blocks[k], (-1,)) for k in sorted(blocks)]
+        out[f"{path}.smoa_factors.{leaf}"] = mx.concatenate(flat)
+    return out
+
+
 def restore_optimizer(optimizer: optim.Optimizer, params: dict, arrays: dict[str, mx.array]) -> None:
     """Initialise the optimizer for ``params`` and overwrite its state with the saved arrays (shapes checked)."""
     optimizer.init(params)
     current = dict(tree_flatten(optimizer.state))
+    arrays = packed_factor_state(arrays)
     missing = sorted(set(current) - set(arrays))
     extra = sorted(set(arrays) - set(current))
     if missing or extra:

@@ -157,7 +157,7 @@ def test_load_model_with_adapter_smoa_and_lora(tmp_path, embedded_model):
     plain = model(ids)
     config = SMoAConfig(rank=4, blocks=2, target_modules=["q_proj", "v_proj"])
     apply_smoa(model, config)
-    _randomize(model, "smoa_b")
+    _randomize(model, "smoa_factors")
     want = model(ids)
     assert not mx.allclose(want, plain, atol=1e-4)
     save_adapter(model, tmp_path / "smoa", config, extra_config={"model": str(folder)})

@@ -122,21 +122,22 @@ def test_movers_copy_exactly(dtype, tt, strided, monkeypatch):
 
 @pytest.mark.parametrize("bits", [0, 4], ids=["dense", "q4"])
 def test_hadamard_rows_per_thread_change_only_the_mapping(bits, monkeypatch):
-    """The Hadamard kernel at 4 rows per thread (source.HADAMARD_TI, as ``bench_kernels.py --gathers
-    --hadamard-ti`` times it) writes the same bits as at the shipped 16, and matches plain MLX: ragged blocks whose
-    rows are not a multiple of either, a 4-bit base's anchors dequantized in the kernel."""
+    """The Hadamard kernel at 4 rows per thread (source.HADAMARD_TI, shipped) writes the same bits as at 16 (the
+    modulate kernel's TI, shipped before), and matches plain MLX: ragged blocks whose rows are not a multiple of
+    either, a 4-bit base's anchors dequantized in the kernel."""
     layer = make_layer(96, 75, 6, 3, mx.bfloat16, bits, 32, seed=11)
     K, M, N, _ = padded_dims(layer.layout)
     plan = build_plan(layer.layout, np.asarray(layer.index[0]), np.asarray(layer.index[1]))
     g = mx.array(np.random.default_rng(3).standard_normal((K, M, N)).astype(np.float32)).astype(mx.bfloat16)
     launches: list[Launch] = []
     ops = KernelOps(_recording(launches))
-    shipped = ops.hadamard(layer.layout, plan, layer.weight_parts(), g)
+    monkeypatch.setattr(source, "HADAMARD_TI", 16)
+    more = ops.hadamard(layer.layout, plan, layer.weight_parts(), g)
     monkeypatch.setattr(source, "HADAMARD_TI", 4)
     fewer = ops.hadamard(layer.layout, plan, layer.weight_parts(), g)
-    assert [dict(la.template)["TI"] for la in launches] == [source.TI, 4]
-    assert launches[1].grid[1] == -(-M // 4) and launches[0].grid[1] == -(-M // source.TI)
-    assert np.array_equal(_bits(shipped), _bits(fewer))
+    assert [dict(la.template)["TI"] for la in launches] == [16, 4]
+    assert launches[1].grid[1] == -(-M // 4) and launches[0].grid[1] == -(-M // 16)
+    assert np.array_equal(_bits(more), _bits(fewer))
     # Plain MLX fills the padding from clamped anchors (nothing reads it); compare the blocks' own entries, within
     # bf16 roundings (plain MLX rounds a quantized base's dequantized anchors to bf16 first; the file's bf16 TOL).
     want = MlxOps().hadamard(layer.layout, plan, layer.weight_parts(), g)

@@ -303,3 +303,39 @@ def test_bad_input_names_the_layer_and_values():
         SMoALinear.from_base(base, rank=2, row_order=np.zeros(12), col_order=np.arange(16))
     with pytest.raises(ValueError, match="rank must be >= 1"):
         SMoALinear.from_base(base, rank=0)
+
+
+def test_factors_are_one_array_with_per_block_views():
+    """One trainable array per layer whatever K (the optimizer updates one array), its views per block; assigning a
+    list repacks it, a list of the wrong shapes is refused with the layer named, and optimizer state saved per block
+    (before the factors were packed) becomes the packed array's state, element for element."""
+    import mlx.optimizers as optim
+
+    from smoa_mlx.train.checkpoint import packed_factor_state
+
+    layer = SMoALinear.from_base(_base(40, 24), rank=6, blocks=3, branch_ranks=[3, 0, 3], name="q_proj")
+    assert [k for k, _ in tree_flatten(layer.trainable_parameters())] == ["smoa_factors"]
+    new_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
+    a_before = [np.asarray(a) for a in layer.smoa_a]
+    layer.smoa_b = new_b
+    for got, want in zip(layer.smoa_b, new_b):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for got, want in zip(layer.smoa_a, a_before):  # the other half kept
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="q_proj: smoa_a must have the shapes"):
+        layer.smoa_a = [mx.zeros((2, 2))] * 3
+
+    per_block = {}
+    for kind, parts in (("smoa_a", layer.smoa_a), ("smoa_b", layer.smoa_b)):
+        for k, p in enumerate(parts):
+            per_block[f"layers.0.q_proj.{kind}.{k}.m"] = p * 2
+            per_block[f"layers.0.q_proj.{kind}.{k}.v"] = p * 3
+    per_block["step"] = mx.array(7)
+    packed = packed_factor_state(per_block)
+    assert sorted(packed) == ["layers.0.q_proj.smoa_factors.m", "layers.0.q_proj.smoa_factors.v", "step"]
+    for leaf, times in (("m", 2), ("v", 3)):
+        got = np.asarray(packed[f"layers.0.q_proj.smoa_factors.{leaf}"])
+        np.testing.assert_array_equal(got, np.asarray(layer.smoa_factors * times))
+    opt = optim.Adam(learning_rate=1e-3)
+    opt.init(layer.trainable_parameters())
+    assert opt.state["smoa_factors"]["m"].shape == packed["layers.0.q_proj.smoa_factors.m"].shape

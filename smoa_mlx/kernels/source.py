@@ -54,9 +54,10 @@ ANCHORED = ("modulate", "hadamard")  # the kernels that read W0 (dense or quanti
 GROUP = 256  # threads per threadgroup (x); the y and z extents of every threadgroup are 1
 TT = 8  # tokens per gather/scatter thread
 TI = 16  # block rows per modulate/hadamard thread
-HADAMARD_TI = TI  # block rows per hadamard thread: it has no factor to keep for its rows (modulate keeps A's
-# columns in registers for TI rows), so fewer rows would put more threads and loads in flight (at 16 a 4096x4096 K=2
-# block gradient has 65k threads, a quarter of an H200's slots); read at launch, for bench_kernels --hadamard-ti
+HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for its rows (modulate keeps A's
+# columns in registers for TI rows), so fewer rows put more threads and loads in flight. On an H200, over the three
+# shapes of bench_kernels --gathers: 0.479 ms at 4 rows, 0.517 at 16 (benchmarks/bench_gathers.json); read at
+# launch, for bench_kernels --hadamard-ti
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)

@@ -284,20 +284,19 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-def _with_variant(fn, tt=None, strided=None, hadamard_ti=None):
+def _with_variant(fn, tt=None, hadamard_ti=None):
     """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather/scatter
-    thread, ``strided`` 0 (a thread's elements consecutive) or 1 (32 apart), ``hadamard_ti`` rows per Hadamard
-    thread; None leaves one as shipped. Each is a template constant, so each variant is its own compiled kernel."""
+    thread, ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each is a template constant, so
+    each variant is its own compiled kernel."""
     from smoa_mlx.kernels import blocks, source
 
-    shipped = blocks.TT, source.STRIDED, source.HADAMARD_TI
+    shipped = blocks.TT, source.HADAMARD_TI
     blocks.TT = shipped[0] if tt is None else tt
-    source.STRIDED = shipped[1] if strided is None else strided
-    source.HADAMARD_TI = shipped[2] if hadamard_ti is None else hadamard_ti
+    source.HADAMARD_TI = shipped[1] if hadamard_ti is None else hadamard_ti
     try:
-        return fn(), dict(tt=blocks.TT, strided=source.STRIDED, hadamard_ti=source.HADAMARD_TI)
+        return fn(), dict(tt=blocks.TT, hadamard_ti=source.HADAMARD_TI)
     finally:
-        blocks.TT, source.STRIDED, source.HADAMARD_TI = shipped
+        blocks.TT, source.HADAMARD_TI = shipped
 
 
 def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) -> list[dict]:
@@ -503,7 +502,8 @@ def _launch_label(row: dict) -> str:
         return "-"
     if row["step"] == "hadamard":
         return f"{row['hadamard_ti']} rows / thread"
-    return f"{row['tt']} tokens / thread, {'32 apart' if row['strided'] else 'consecutive'}"
+    # "strided": a mapping measured in December 2026 (benchmarks/bench_gathers.json) and dropped
+    return f"{row['tt']} tokens / thread" + {0: ", consecutive", 1: ", 32 apart"}.get(row.get("strided"), "")
 
 
 def markdown(data: dict) -> str:
@@ -543,7 +543,7 @@ def markdown(data: dict) -> str:
         out += [f"Gathers and scatters against plain MLX, {TOKENS} tokens, bf16 and f32: "
                 f"{len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
         out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']} "
-                f"TT={r.get('tt', '-')} strided={r.get('strided', '-')}: "
+                f"TT={r.get('tt', '-')}: "
                 f"{r['mismatches']} elements differ, {r['nans']} NaN" for r in bad]
         out.append("")
     if "verify" in data:
@@ -592,10 +592,8 @@ def main(argv=None) -> int:
                          "then their bandwidth")
     ap.add_argument("--tt", help="with --gathers: comma-separated tokens per gather/scatter thread to compare "
                                  "(default: the kernels' own, source.TT); each checked bit for bit, then timed")
-    ap.add_argument("--strided", help="with --gathers: 0 (each thread's elements consecutive), 1 (32 apart) or "
-                                      "0,1 to compare (default: as shipped, source.STRIDED)")
     ap.add_argument("--hadamard-ti", help="with --gathers: also time the Hadamard kernel at these rows per thread "
-                                          "(e.g. 4,16; shipped: source.HADAMARD_TI; the CPU shim proves them equal)")
+                                          "(e.g. 4,16; shipped: source.HADAMARD_TI, 4; the CPU shim proves them equal)")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
@@ -644,13 +642,12 @@ def main(argv=None) -> int:
             data["movers_check"], data["bandwidth"] = [], []
             movers = ("gather x", "gather dy", "scatter", "scatter+add")
             for tt in map(int, args.tt.split(",")) if args.tt else [None]:
-                for strided in map(int, args.strided.split(",")) if args.strided else [None]:
-                    (checks, rows), variant = _with_variant(lambda: (
-                        check_movers(kernel_ops), kernel_bandwidth(kernel_ops, SHAPES[:3], only=movers)), tt, strided)
-                    for r in checks + rows:
-                        r.update(variant)
-                    data["movers_check"] += checks
-                    data["bandwidth"] += rows
+                (checks, rows), variant = _with_variant(lambda: (
+                    check_movers(kernel_ops), kernel_bandwidth(kernel_ops, SHAPES[:3], only=movers)), tt)
+                for r in checks + rows:
+                    r.update(variant)
+                data["movers_check"] += checks
+                data["bandwidth"] += rows
             for ti in map(int, args.hadamard_ti.split(",")) if args.hadamard_ti else []:
                 rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("hadamard",)),
                                               hadamard_ti=ti)

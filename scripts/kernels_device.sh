@@ -12,10 +12,9 @@
 #            step's time goes (422 s for the three methods; TRAIN_LIMIT sets the limit)
 #   train4   the same on a 4-bit base
 #   kernels  bench_kernels, per layer + memory-bound steps, no verification (145 s)
-#   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each with a thread's elements
-#            consecutive (shipped) and 32 apart (source.STRIDED): each variant checked bit for bit, then its bandwidth;
-#            and the Hadamard kernel at 4 and 16 (shipped) rows per thread (about 1 minute per mover variant, not yet
-#            timed at four)
+#   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
+#            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
+#            variant, since dropped)
 #   graph    bench_graph, LoRA and the merged form at K = 2 and 4: nodes and kernels per adapted layer, the
 #            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
 #            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)
@@ -55,7 +54,7 @@ for p in ${PHASES//,/ }; do
     kernels)
       phase kernels "${KERNELS_LIMIT:-300}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
     gathers)
-      phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --strided 0,1 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
+      phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
     graph)
       phase graph 300 "$PY" scripts/bench_graph.py --dtype bfloat16 --no-peak --methods lora-k2,smoa-merged-k2,lora-k4,smoa-merged-k4 --out "$OUT/bench_graph.json" ;;
     split)

@@ -25,18 +25,17 @@ _INT = ("src", "slot", "dims", "row_src", "col_src")
 _SIZE = {"__nv_bfloat16": 2, "__half": 2, "float": 4}
 
 
-def _kernel(kernel: str, quantized: bool, ctype: str, vec: int, strided: int = 0) -> tuple[str, str]:
+def _kernel(kernel: str, quantized: bool, ctype: str, vec: int) -> tuple[str, str]:
     src = render(kernel, "cuda", quantized)
     types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "scale": "float", "wq": "uint32_t"}
     params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names]
     params += [f"{ctype}* {n}" for n in src.output_names]
     consts = [f"using T = {ctype};", f"using OT = {ctype};", f"constexpr int TT = {TT};", f"constexpr int TI = {TI};",
-              "constexpr int V = 4;", "constexpr int R = 16;", f"constexpr int VEC = {vec};",
-              f"constexpr int STRIDED = {strided};"]
+              "constexpr int V = 4;", "constexpr int R = 16;", f"constexpr int VEC = {vec};"]
     if quantized:
         consts += ["constexpr int BITS = 4;", "constexpr int GS = 64;"]
     body = "\n  ".join(consts)
-    name = f"{src.name}_{ctype.strip('_')}_{'strided' if strided else 'vec'}{vec}"
+    name = f"{src.name}_{ctype.strip('_')}_vec{vec}"
     return name, f"__global__ void {name}({', '.join(params)}) {{\n  {body}\n{src.source}\n}}\n"
 
 
@@ -48,8 +47,6 @@ def test_cuda_rendering_compiles_for_sm90(tmp_path):
             for ctype, size in _SIZE.items():
                 vecs = (1,) if kernel in ("modulate", "hadamard") else (16 // size, 1)
                 kernels += [_kernel(kernel, quantized, ctype, vec) for vec in vecs]
-                if kernel not in ("modulate", "hadamard"):  # source.STRIDED: single elements, 32 apart
-                    kernels.append(_kernel(kernel, quantized, ctype, 16 // size, strided=1))
     cu = tmp_path / "smoa.cu"
     cu.write_text("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
                   + "namespace mlx::core::cu {\n" + "\n".join(text for _, text in kernels) + "}\n")

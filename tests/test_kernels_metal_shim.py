@@ -84,20 +84,15 @@ def _bits(a: mx.array) -> np.ndarray:
     return np.asarray(a.view({mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}[a.dtype]))
 
 
-@pytest.mark.parametrize("dtype,tt,strided", [(mx.float32, None, 0), (mx.float16, None, 0), (mx.bfloat16, None, 0),
-                                              (mx.bfloat16, 4, 0), (mx.bfloat16, 16, 0), (mx.float32, None, 1),
-                                              (mx.bfloat16, None, 1)],
-                         ids=["f32", "f16", "bf16", "bf16-tt4", "bf16-tt16", "f32-strided", "bf16-strided"])
-def test_movers_copy_exactly(dtype, tt, strided, monkeypatch):
+@pytest.mark.parametrize("dtype,tt", [(mx.float32, None), (mx.float16, None), (mx.bfloat16, None), (mx.bfloat16, 4),
+                                      (mx.bfloat16, 16)], ids=["f32", "f16", "bf16", "bf16-tt4", "bf16-tt16"])
+def test_movers_copy_exactly(dtype, tt, monkeypatch):
     """Gather, scatter (16-byte vectors: d = 2104) and scatter_add (scalar: d = 2105) alone against MlxOps, bit for
     bit: two threadgroups across the columns, the second partly idle, a block padded with -1 from 5 columns to 8
     (zeros out), 13 tokens (not a multiple of TT). ``tt``: the kernels launched at other tokens per thread than
-    shipped, and ``strided``: with each thread's elements 32 apart (source.STRIDED; the widths are not multiples of a
-    warp's 32 VEC elements, so the last warp's lanes run past the row), as ``bench_kernels.py --gathers`` times
-    them on a GPU."""
+    shipped, as ``bench_kernels.py --gathers --tt`` times them on a GPU."""
     if tt is not None:
         monkeypatch.setattr("smoa_mlx.kernels.blocks.TT", tt)
-    monkeypatch.setattr(source, "STRIDED", strided)
     launches: list[Launch] = []
     ops, ref = KernelOps(_recording(launches)), MlxOps()
     rng = np.random.default_rng(7)
@@ -117,7 +112,7 @@ def test_movers_copy_exactly(dtype, tt, strided, monkeypatch):
     vec = source.vector_width(d_out, dtype)
     assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(source.MOVERS,
                                                                                  (16 // dtype.size, vec, 1)))
-    assert {(dict(la.template)["TT"], dict(la.template)["STRIDED"]) for la in launches} == {(tt or source.TT, strided)}
+    assert {dict(la.template)["TT"] for la in launches} == {tt or source.TT}
 
 
 @pytest.mark.parametrize("bits", [0, 4], ids=["dense", "q4"])
@@ -177,7 +172,7 @@ def test_misaligned_vector_store_faults_in_the_shim():
     inp = mx.arange(5 * 30).reshape(5, 30).astype(mx.float16)
     dims = mx.array([5, 30, 12], dtype=mx.int32)
     launch = Launch("gather", False, [inp, mx.arange(24, dtype=mx.int32), dims],
-                    [("T", mx.float16), ("TT", source.TT), ("VEC", 8), ("STRIDED", 0)], (256, 1, 2), (256, 1, 1),
+                    [("T", mx.float16), ("TT", source.TT), ("VEC", 8)], (256, 1, 2), (256, 1, 1),
                     [(2, 5, 12)],
                     [mx.float16])
     with pytest.raises(RuntimeError, match=r"(?s)emulated kernel failed.*misaligned address.*smoa_vec"):

@@ -39,10 +39,8 @@ def _ceil(a: int, b: int) -> int:
 
 
 def _mover_threads(width: int, vec: int) -> int:
-    """Threads across a gather/scatter row of ``width`` elements, ``vec`` per thread, whole threadgroups: one per
-    run of ``vec`` (the consecutive mapping), or 32 per run of 32 ``vec`` (``source.STRIDED``)."""
-    per_row = _ceil(width, 32 * vec) * 32 if source.STRIDED else width // vec
-    return _ceil(per_row, GROUP) * GROUP
+    """Threads across a gather/scatter row of ``width`` elements, one per run of ``vec``, in whole threadgroups."""
+    return _ceil(width // vec, GROUP) * GROUP
 
 
 class MlxOps:
@@ -122,7 +120,7 @@ class KernelOps(MlxOps):
         vec = vector_width(width, inp.dtype)
         dims = mx.array([n_tok, inp.shape[1], width], dtype=mx.int32)
         (out,) = self.run(Launch("gather", False, [inp, src, dims],
-                                 [("T", inp.dtype), ("TT", TT), ("VEC", vec), ("STRIDED", source.STRIDED)],
+                                 [("T", inp.dtype), ("TT", TT), ("VEC", vec)],
                                  (_mover_threads(width, vec), _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
                                  [(blocks, n_tok, width)], [inp.dtype]))
         return out
@@ -134,7 +132,7 @@ class KernelOps(MlxOps):
         dims = mx.array([n_tok, d, width], dtype=mx.int32)
         kernel, extra = ("scatter", []) if base is None else ("scatter_add", [base])
         (out,) = self.run(Launch(kernel, False, [inp, slot, dims, *extra],
-                                 [("OT", out_dtype), ("TT", TT), ("VEC", vec), ("STRIDED", source.STRIDED)],
+                                 [("OT", out_dtype), ("TT", TT), ("VEC", vec)],
                                  (_mover_threads(d, vec), _ceil(n_tok, TT), 1), (GROUP, 1, 1),
                                  [(n_tok, d)], [out_dtype]))
         return out

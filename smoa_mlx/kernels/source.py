@@ -26,12 +26,10 @@ are in flight, then writes each token's run with one 16-byte vector store; threa
 runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
 block-major widths M and N are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into
 a width d that 8 (4 for f32) does not divide runs with the widest VEC that divides d, down to one element
-(:func:`vector_width`). A second mapping, :data:`STRIDED`, gives each thread VEC elements 32 apart instead (lane + 32 e
-in its warp's run), so each warp-wide load reads 32 neighbouring block columns (one or two cache lines at small K)
-and each store writes 32 consecutive elements; the consecutive mapping's warp loads touch 32 sectors each, since
-lane l's run starts about 8 K columns past lane l - 1's. Which is faster is for ``bench_kernels.py --gathers
---strided 0,1`` on a GPU to say; the consecutive mapping ships. Modulate/hadamard: each thread keeps its A columns in
-registers for ``TI`` rows, ``V`` columns 32 apart (coalesced across the warp).
+(:func:`vector_width`). A mapping that gave each thread VEC elements 32 apart (so a warp's loads read neighbouring
+block columns) was measured against this one on an H200 and dropped: 2.263 against 2.142 ms over the three shapes'
+twelve steps (benchmarks/bench_gathers.json), as were 16 tokens per thread (2.722 ms). Modulate/hadamard: each
+thread keeps its A columns in registers for ``TI`` rows, ``V`` columns 32 apart (coalesced across the warp).
 
 Measured on an H200 (benchmarks/bench_kernels.json, "bandwidth"; docs/BENCHMARKS.md), these gathers and scatters
 reach 56-70% of a device copy's bandwidth on the steps whose rows are 14336 wide and 32-50% on 4096-wide rows. A
@@ -61,9 +59,6 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
-STRIDED = 0  # 1: each gather/scatter thread owns VEC elements 32 apart (lane + 32 e) instead of VEC consecutive
-# ones: every load and store of a warp is one contiguous run of single elements, where the consecutive mapping makes
-# each warp load touch 32 sectors; read at launch time, so a benchmark can compare the two (bench_kernels --gathers)
 
 
 def vector_width(width: int, *dtypes) -> int:
@@ -124,23 +119,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 smoa_fromf<__nv_bfloat16>(f
 """ + _VEC_HELPERS.replace("FN", "__device__ __forceinline__").replace("DEV ", ""),
 }
 
-# A gather/scatter thread's e-th element is column j0 + e * js of its row: VEC consecutive columns (js = 1, one
-# 16-byte vector per token; the row width is a multiple of VEC), or with STRIDED its lane's columns in its warp's
-# run of 32 VEC (js = 32), bounds-checked one by one.
-_MOVER_COLUMNS = """
-  const int j0 = STRIDED ? ($TX / 32) * (32 * VEC) + $TX % 32 : $TX * VEC;
-  const int js = STRIDED ? 32 : 1;"""
-
 GATHER_BODY = """
   const int n_tok = dims[0];
   const int width = dims[1];
-  const int P = dims[2];$COLUMNS
+  const int P = dims[2];
+  const int j0 = $TX * VEC;  // this thread's VEC consecutive block columns (P is a multiple of VEC)
   const int t0 = $TY * TT;
   const int k = $TZ;
   if (j0 < P) {
     int cols[VEC];
     for (int e = 0; e < VEC; ++e) {
-      const int j = j0 + e * js;
+      const int j = j0 + e;
       cols[e] = j < P ? src[k * P + j] : -1;
     }
     // Every load of the thread (VEC columns x TT tokens) is issued before its first store, which the compiler
@@ -156,16 +145,7 @@ GATHER_BODY = """
     for (int u = 0; u < TT; ++u) {
       const int t = t0 + u;
       if (t < n_tok) {
-        const long row_out = (long(k) * n_tok + t) * P;
-        if (STRIDED) {
-          for (int e = 0; e < VEC; ++e) {
-            if (j0 + e * js < P) {
-              out[row_out + j0 + e * js] = vals[u].v[e];
-            }
-          }
-        } else {
-          smoa_vstore(out + row_out + j0, vals[u]);
-        }
+        smoa_vstore(out + (long(k) * n_tok + t) * P + j0, vals[u]);
       }
     }
   }
@@ -174,12 +154,13 @@ GATHER_BODY = """
 _SCATTER_TEMPLATE = """
   const int n_tok = dims[0];
   const int width = dims[1];
-  const int P = dims[2];$COLUMNS
+  const int P = dims[2];
+  const int j0 = $TX * VEC;  // this thread's VEC consecutive output columns (width is a multiple of VEC)
   const int t0 = $TY * TT;
   if (j0 < width) {
     long from[VEC];
     for (int e = 0; e < VEC; ++e) {
-      const int s = j0 + e * js < width ? slot[j0 + e * js] : 0;
+      const int s = j0 + e < width ? slot[j0 + e] : 0;
       const int k = s / P;
       from[e] = long(k) * n_tok * P + (s - k * P);
     }
@@ -196,30 +177,16 @@ _SCATTER_TEMPLATE = """
     for (int u = 0; u < TT; ++u) {
       const int t = t0 + u;
       if (t < n_tok) {
-        if (STRIDED) {
-          for (int e = 0; e < VEC; ++e) {
-            if (j0 + e * js < width) {
-              out[long(t) * width + j0 + e * js] = vals[u].v[e];
-            }
-          }
-        } else {
-          smoa_vstore(out + long(t) * width + j0, vals[u]);
-        }
+        smoa_vstore(out + long(t) * width + j0, vals[u]);
       }
     }
   }
 """
 _SCATTER_BASE = """
         float add[VEC];
-        if (STRIDED) {
-          for (int e = 0; e < VEC; ++e) {
-            add[e] = j0 + e * js < width ? $TOF(base[long(t) * width + j0 + e * js]) : 0.0f;
-          }
-        } else {
-          const auto run = smoa_vload<VEC>(base + long(t) * width + j0);
-          for (int e = 0; e < VEC; ++e) {
-            add[e] = $TOF(run.v[e]);
-          }
+        const auto run = smoa_vload<VEC>(base + long(t) * width + j0);
+        for (int e = 0; e < VEC; ++e) {
+          add[e] = $TOF(run.v[e]);
         }"""
 
 # The anchor W0[row, col] as float: a dense base, or MLX's affine quantization (uint32 words, low bits first).
@@ -312,10 +279,10 @@ def weight_inputs(quantized: bool) -> tuple[str, ...]:
 
 def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
     if kernel == "gather":
-        return GATHER_BODY.replace("$COLUMNS", _MOVER_COLUMNS), ("inp", "src", "dims")
+        return GATHER_BODY, ("inp", "src", "dims")
     if kernel in ("scatter", "scatter_add"):
         add = kernel == "scatter_add"
-        body = _SCATTER_TEMPLATE.replace("$COLUMNS", _MOVER_COLUMNS).replace("$LOADBASE", _SCATTER_BASE if add else "")
+        body = _SCATTER_TEMPLATE.replace("$LOADBASE", _SCATTER_BASE if add else "")
         body = body.replace("$ADD", " + add[e]" if add else "")
         return body, ("inp", "slot", "dims") + (("base",) if add else ())
     if kernel in ANCHORED:

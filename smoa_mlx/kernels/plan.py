@@ -165,10 +165,15 @@ def plan_of(layout: BlockLayout, index) -> BlockPlan:
     return build_plan(layout, np.asarray(index[0]), np.asarray(index[1]))
 
 
+def factor_shapes(layout: BlockLayout) -> list[tuple[int, int]]:
+    """The shapes of A_0 .. A_K-1 ([r_k, |C_k|]), then B_0 .. B_K-1 ([|R_k|, r_k]), in a layer's flat factors."""
+    return [(r, n) for r, n in zip(layout.ranks, layout.col_sizes)] + [
+        (m, r) for r, m in zip(layout.ranks, layout.row_sizes)]
+
+
 def factor_sizes(layout: BlockLayout) -> list[int]:
     """The sizes of A_0 .. A_K-1, B_0 .. B_K-1 in a layer's flat factor vector (:func:`factor_views`)."""
-    return [r * n for r, n in zip(layout.ranks, layout.col_sizes)] + [
-        m * r for r, m in zip(layout.ranks, layout.row_sizes)]
+    return [rows * cols for rows, cols in factor_shapes(layout)]
 
 
 def pack_factors(a_list, b_list, dtype=mx.float32) -> mx.array:
@@ -180,14 +185,11 @@ def pack_factors(a_list, b_list, dtype=mx.float32) -> mx.array:
 
 
 def factor_views(layout: BlockLayout, factors: mx.array) -> tuple[list[mx.array], list[mx.array]]:
-    """(A_k list [r_k, |C_k|], B_k list [|R_k|, r_k]): reshaped slices of the flat factors (no copies)."""
+    """(A_k list [r_k, |C_k|], B_k list [|R_k|, r_k]): reshaped slices of the flat factors."""
     bounds = np.cumsum(factor_sizes(layout))[:-1].tolist()
     parts = mx.split(factors, bounds) if bounds else [factors]
-    k = len(layout.ranks)
-    shapes = [(r, n) for r, n in zip(layout.ranks, layout.col_sizes)] + [
-        (m, r) for r, m in zip(layout.ranks, layout.row_sizes)]
-    views = [mx.reshape(p, s) for p, s in zip(parts, shapes)]
-    return views[:k], views[k:]
+    views = [mx.reshape(p, shape) for p, shape in zip(parts, factor_shapes(layout))]
+    return views[: len(layout.ranks)], views[len(layout.ranks) :]
 
 
 def with_zero(factors: mx.array, dtype=mx.float32) -> mx.array:

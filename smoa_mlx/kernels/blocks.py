@@ -26,7 +26,8 @@ import mlx.core as mx
 
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
-from .plan import BlockLayout, BlockPlan, padded_dims, plan_of, untake_grads, vjp_primals, with_zero
+from .plan import (BlockLayout, BlockPlan, after_factor_grads, after_input, padded_dims, plan_of, untake_grads,
+                   vjp_primals, with_zero)
 from . import source
 from .source import GROUP, TI, TT, V, vector_width
 
@@ -234,12 +235,12 @@ def block_fn(layout: BlockLayout, ops, with_base: bool = False):
 
     @mx.custom_function
     def fn(x, index, weight_parts, factors):
-        return _forward(ops, layout, with_base, x, index, weight_parts, factors)
+        return _forward(ops, layout, with_base, x, index, weight_parts, after_input(factors, x))
 
     @fn.vjp
     def fn_vjp(primals, cotangent, output):
         (x, index, weight_parts, factors), frozen = vjp_primals(primals, cotangent, rebuild_x=True)
         dx, dfactors = _backward(ops, layout, with_base, x, index, weight_parts, factors, cotangent)
-        return dx, *frozen, dfactors
+        return after_factor_grads(dx, dfactors), *frozen, dfactors
 
     return fn

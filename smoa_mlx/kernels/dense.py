@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .plan import BlockLayout, factor_views, plan_of, untake_grads, vjp_primals, whole_weight_factors
+from .plan import (BlockLayout, after_factor_grads, after_input, factor_views, plan_of, untake_grads, vjp_primals,
+                   whole_weight_factors)
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -103,7 +104,7 @@ def dense_form_delta_fn(layout: BlockLayout):
 
     @mx.custom_function
     def delta(x, index, weight_parts, factors):
-        update = _dense_update(layout, index, weight_parts, factors, x.dtype)[0]
+        update = _dense_update(layout, index, weight_parts, after_input(factors, x), x.dtype)[0]
         return x @ update.T
 
     @delta.vjp
@@ -116,6 +117,7 @@ def dense_form_delta_fn(layout: BlockLayout):
         h = (g2.T @ x2) * w0  # dL/d(B_full A_full) / s; b_full already carries s
         db_full = layout.scale * (h @ a_full.T).astype(mx.float32)
         da_full = (b_full.T @ h).astype(mx.float32)
-        return dx, *frozen, split_factor_grads(layout, index, db_full, da_full, factors)
+        dfactors = split_factor_grads(layout, index, db_full, da_full, factors)
+        return after_factor_grads(dx, dfactors), *frozen, dfactors
 
     return delta

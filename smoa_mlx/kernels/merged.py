@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from .blocks import _merge_pass, _pack, block_factor_grads, product_type
 from .dense import full_factors, full_weight, split_factor_grads
-from .plan import BlockLayout, padded_dims, plan_of, vjp_primals
+from .plan import BlockLayout, after_factor_grads, after_input, padded_dims, plan_of, vjp_primals
 
 
 def _merged_weight(ops, layout: BlockLayout, index, weight_parts, factors, dtype):
@@ -70,7 +70,9 @@ def merged_fn(layout: BlockLayout, ops, block_grads: bool = False, keep: bool = 
 def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
     @mx.custom_function
     def fn(x, index, weight_parts, factors):
-        w = _merged_weight(ops, layout, index, weight_parts, factors, x.dtype)[0]
+        # With keep, the forward's W0 + Delta W is the backward's (mx.compile merges the two expressions, which a
+        # dependency on x would keep apart): it lives from the forward to the backward anyway.
+        w = _merged_weight(ops, layout, index, weight_parts, factors if keep else after_input(factors, x), x.dtype)[0]
         return x @ w.T
 
     @fn.vjp
@@ -85,7 +87,7 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
             dfactors = _block_grads(ops, layout, index, weight_parts, factors, x2, g2)
         else:
             dfactors = _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full)
-        return dx, *frozen, dfactors
+        return after_factor_grads(dx, dfactors), *frozen, dfactors
 
     return fn
 

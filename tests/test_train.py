@@ -81,6 +81,52 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     assert full["tokens_per_second"] > 0 and full["peak_memory_gb"] > 0
 
 
+def test_resume_a_checkpoint_with_per_block_optimizer_state(tiny, tmp_path, monkeypatch):
+    """Checkpoints written before a layer held its factors in one array carry the optimizer's state per block
+    (``<path>.smoa_a.<k>.m``, ...): --resume packs it (train.checkpoint.packed_factor_state) and the run continues
+    exactly as one never stopped. The old file is made here from a new one, each packed array split per block."""
+    from smoa_mlx.train.checkpoint import STATE_FILE
+
+    full = run(base(tiny, tmp_path / "full", dropout=0.0))
+    report = Recorder.on_train_loss_report
+
+    def interrupt_at_5(self, info):
+        report(self, info)
+        if info["iteration"] + self.offset == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Recorder, "on_train_loss_report", interrupt_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(base(tiny, tmp_path / "cut", dropout=0.0))
+    monkeypatch.undo()
+    folder = tmp_path / "cut"
+    shapes = {k: v.shape for k, v in mx.load(str(folder / "0000005_adapters.safetensors")).items()}
+    arrays, meta = mx.load(str(folder / STATE_FILE), return_metadata=True)
+    old = {}
+    for key, value in arrays.items():
+        path, found, leaf = key.partition(".smoa_factors.")
+        if not found:
+            old[key] = value
+            continue
+        blocks = sorted((k for k in shapes if k.startswith(path + ".smoa_")), key=lambda k: (k.split(".")[-2],
+                                                                                             int(k.split(".")[-1])))
+        start = 0
+        for k in blocks:  # smoa_a.0, smoa_a.1, .., smoa_b.0, ..: the packed order
+            n = math.prod(shapes[k])
+            old[f"{k}.{leaf}"] = mx.reshape(value[start : start + n], shapes[k])
+            start += n
+        assert start == value.size
+    assert any(".smoa_a.1.m" in k for k in old) and not any("smoa_factors" in k for k in old)
+    mx.save_safetensors(str(folder / STATE_FILE), old, metadata=meta)
+
+    resumed = run(base(tiny, folder, dropout=0.0, resume=True))
+    assert resumed["start_step"] == 5
+    a, b = weights(tmp_path / "full"), weights(folder)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_resume_refuses_other_settings(tiny, tmp_path):
     run(base(tiny, tmp_path, iters=2, save_every=2))
     with pytest.raises(ValueError, match="rank: saved 8, asked 4"):

@@ -87,7 +87,7 @@ def test_resume_a_checkpoint_with_per_block_optimizer_state(tiny, tmp_path, monk
     exactly as one never stopped. The old file is made here from a new one, each packed array split per block."""
     from smoa_mlx.train.checkpoint import STATE_FILE
 
-    full = run(base(tiny, tmp_path / "full", dropout=0.0))
+    run(base(tiny, tmp_path / "full", dropout=0.0))
     report = Recorder.on_train_loss_report
 
     def interrupt_at_5(self, info):

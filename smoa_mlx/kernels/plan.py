@@ -103,8 +103,7 @@ def build_plan(layout: BlockLayout, row_order, col_order) -> BlockPlan:
     row_src, row_slot, rpos = _sorted_blocks(row_order, layout.row_sizes, M)
     col_src, col_slot, cpos = _sorted_blocks(col_order, layout.col_sizes, N)
     ranks = layout.ranks
-    total_a = sum(r * n for r, n in zip(ranks, layout.col_sizes))
-    total_b = sum(m * r for r, m in zip(ranks, layout.row_sizes))
+    total_a, total_b = _flat_halves(layout)
     zero = total_a + total_b
     a_take = np.full((K, R, N), zero, dtype=np.int64)
     b_take = np.full((K, M, R), zero, dtype=np.int64)
@@ -137,7 +136,7 @@ def _whole_weight_takes(layout: BlockLayout, row_order: np.ndarray, col_order: n
     B_full[row_order[r0 + i], slot_k + q] = B_k[i, q] and A_full[slot_k + q, col_order[c0 + j]] = A_k[q, j], zero
     elsewhere (disjoint rank slots)."""
     ranks = layout.ranks
-    total_a = sum(r * n for r, n in zip(ranks, layout.col_sizes))
+    total_a = _flat_halves(layout)[0]
     d_out, d_in, r_all = len(row_order), len(col_order), sum(ranks)
     rows = np.zeros((3, d_out), dtype=np.int64)  # base, lo, hi
     cols = np.zeros((4, d_in), dtype=np.int64)  # base, stride, lo, hi
@@ -174,6 +173,12 @@ def factor_shapes(layout: BlockLayout) -> list[tuple[int, int]]:
 def factor_sizes(layout: BlockLayout) -> list[int]:
     """The sizes of A_0 .. A_K-1, B_0 .. B_K-1 in a layer's flat factor vector (:func:`factor_views`)."""
     return [rows * cols for rows, cols in factor_shapes(layout)]
+
+
+def _flat_halves(layout: BlockLayout) -> tuple[int, int]:
+    """(elements of all A_k, elements of all B_k) in the flat factors: where the B half starts, and its length."""
+    sizes = factor_sizes(layout)
+    return sum(sizes[: len(layout.ranks)]), sum(sizes[len(layout.ranks) :])
 
 
 def pack_factors(a_list, b_list, dtype=mx.float32) -> mx.array:
@@ -247,7 +252,7 @@ def after_input(factors: mx.array, x: mx.array) -> mx.array:
     the modulated blocks: up to a weight each) is built when the layer runs, not ahead of it. Nothing else orders
     it: MLX's breadth-first evaluation otherwise builds several layers' products before their matmuls and keeps them
     all (measured on the CPU, 32 layers of 256x256, the merged form's forward: 33 weights' worth at peak with
-    MLX_BFS_MAX_WIDTH=1, 7.8 with this; tests/test_layer.py)."""
+    MLX_BFS_MAX_WIDTH=1, 7.8 with this; docs/BENCHMARKS.md, "Host-side cost")."""
     return mx.depends([factors], [x])[0]
 
 

@@ -47,6 +47,19 @@ _ENV = {m: {"SMOA_MLX_KERNEL": kernel, "SMOA_MLX_MERGED_KEEP": "1" if m == "smoa
 _ENV["lora"] = {}  # mlx-lm's LoRA reads none of them
 
 
+_T0 = None
+
+
+def _progress(msg: str) -> None:
+    """A timestamped line on stderr, which the parent passes through as it comes: a run cut by a time limit shows
+    where its time went (building, compiling, which window)."""
+    import time
+
+    global _T0
+    _T0 = _T0 or time.perf_counter()
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def _dataset(kind: str, n: int, seq: int, vocab: int, rng) -> list:
     """``random``: uniform tokens (speed runs: nothing to learn but the sequences themselves). ``bigram``: every
     token has 4 possible successors in a fixed random table over 1024 tokens (fewer in --tiny), so a model can lower
@@ -225,9 +238,12 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
     report = 2 if window >= 4 else 1
     runs = {}
     for m in methods:
+        _progress(f"K={blocks} {m}: building")
         model, trainable = _build(m, bits, rank, blocks, dtype, dropout)
         opt = optim.Adam(learning_rate=lr)
+        _progress(f"K={blocks} {m}: built" + (", timing the split" if split else ""))
         split_ms = _split_times(model, optim.Adam(learning_rate=0.0), batch, seq) if split else {}
+        _progress(f"K={blocks} {m}: warm-up window" + "".join(f", {k} {v:.1f}" for k, v in split_ms.items()))
         _train_window(model, opt, dataset, 2 * report, report, batch, seq)  # warm-up: compile, kernels, Adam state
         runs[m] = (model, opt, trainable, split_ms)
 
@@ -242,6 +258,7 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
             model, opt, trainable, split_ms = runs[m]
             os.environ.update(_ENV[m])
             mx.reset_peak_memory()
+            _progress(f"K={blocks} {m}: round {r}")
             reports = _train_window(model, opt, dataset, window, report, batch, seq)
             others = sum(b for k, b in held_bytes.items() if k != m) / 1e9
             peak = max(x["peak_memory"] for x in reports)
@@ -381,7 +398,9 @@ def main(argv=None) -> int:
                        args.data, "--shape", args.shape, "--dtype", args.dtype, "--dropout", str(args.dropout),
                        "--rounds", str(args.rounds), "--window", str(args.window)]
                 cmd += ["--split"] if args.split else []
-                done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+                # stdout (the RESULT line) is captured; stderr (progress, errors) passes through as it comes
+                done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), stdout=subprocess.PIPE, stderr=None,
+                                      text=True)
                 before = len(data["runs"])
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:
@@ -391,7 +410,7 @@ def main(argv=None) -> int:
                                            and x.get("blocks") == blocks for x in data["runs"])
                     data["runs"] += got
                 else:
-                    error = (done.stderr or done.stdout)[-1500:]
+                    error = f"exit status {done.returncode} (the traceback is on stderr above); " + done.stdout[-1200:]
                     data["runs"] += [dict(method=m, bits=bits, blocks=blocks, error=error) for m in methods]
                 for run in data["runs"][before:]:
                     print(json.dumps(run)[:2000], flush=True)

@@ -210,7 +210,8 @@ def _numpy_reference(layer, x, cot):
     return [y, dx, *da, *db]
 
 
-def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420) -> list[dict]:
+def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
+           dtypes=("bfloat16", "float16", "float32")) -> list[dict]:
     """Relative errors of the block form with the GPU kernels, and of the pure-MLX reference in the same type."""
     import mlx.core as mx
     import numpy as np
@@ -223,7 +224,7 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420) -> list[dict]:
 
     rows = []
     for d_out, d_in, blocks, rank, bits, branch, n_tok in cases:
-        for dtype in ("bfloat16", "float16", "float32"):
+        for dtype in dtypes:
             # Seen twice on the H200: the process hung at a fresh case (never the same one); this prints where
             # and ends the run instead of waiting out the machine's time limit.
             faulthandler.dump_traceback_later(stall_s, exit=True)
@@ -300,44 +301,53 @@ def _with_variant(fn, tt=None, hadamard_ti=None):
 
 
 def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) -> list[dict]:
-    """Each memory-bound step alone, ``reps`` launches per evaluation: ms and GB/s of bytes that must move;
-    ``only``: the names of the steps to time (default all)."""
+    """Each memory-bound step alone, ``reps`` launches per evaluation on ``reps`` distinct inputs: ms and GB/s of
+    the bytes that must move, timed twice. Eagerly (``ms``): each launch is built from Python, as in an uncompiled
+    step, so a short kernel's time can be the host's. Compiled (``ms_compiled``): the launches replayed by
+    ``mx.compile``, as mlx-lm's trainer runs a step, which leaves the GPU's time. Distinct inputs keep compile from
+    merging identical launches into one. ``only``: the names of the steps to time (default all)."""
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import _pack
     from smoa_mlx.kernels.plan import padded_dims, plan_of
+
+    def randoms(shape):
+        return [mx.random.normal(shape).astype(mx.bfloat16) for _ in range(reps)]
 
     rows = []
     for d_out, d_in in shapes:
         layer = _mlx_layer(d_out, d_in, rank, blocks)
         K, M, N, _ = padded_dims(layer.layout)
         plan = plan_of(layer.layout, layer.index)
-        x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
-        g = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
         base_y = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
-        yb = mx.random.normal((K, TOKENS, M)).astype(mx.bfloat16)
-        gram = mx.random.normal((K, M, N)).astype(mx.bfloat16)
         a_pad, b_pad = _pack(layer.layout, plan, layer.smoa_factors)
         parts = layer.weight_parts()
-        mx.eval(x, g, base_y, yb, gram, a_pad, b_pad)
         es = 2
-        steps = {
-            "gather x": (lambda: kernel_ops.gather(x, plan.col_src, K, N), (TOKENS * d_in + K * TOKENS * N) * es),
-            "gather dy": (lambda: kernel_ops.gather(g, plan.row_src, K, M), (TOKENS * d_out + K * TOKENS * M) * es),
-            "scatter": (lambda: kernel_ops.scatter(yb, plan.row_slot, None, mx.bfloat16),
-                        (K * TOKENS * M + TOKENS * d_out) * es),
-            "scatter+add": (lambda: kernel_ops.scatter(yb, plan.row_slot, base_y, mx.bfloat16),
-                            (K * TOKENS * M + 2 * TOKENS * d_out) * es),
-            "modulate": (lambda: kernel_ops.modulate(layer.layout, plan, parts, a_pad, b_pad, mx.bfloat16),
-                         2 * K * M * N * es),
-            "hadamard": (lambda: kernel_ops.hadamard(layer.layout, plan, parts, gram), 3 * K * M * N * es),
+        steps = {  # name: (the launch of one varying input, the inputs, bytes one launch must move)
+            "gather x": (lambda v: kernel_ops.gather(v, plan.col_src, K, N), lambda: randoms((TOKENS, d_in)),
+                         (TOKENS * d_in + K * TOKENS * N) * es),
+            "gather dy": (lambda v: kernel_ops.gather(v, plan.row_src, K, M), lambda: randoms((TOKENS, d_out)),
+                          (TOKENS * d_out + K * TOKENS * M) * es),
+            "scatter": (lambda v: kernel_ops.scatter(v, plan.row_slot, None, mx.bfloat16),
+                        lambda: randoms((K, TOKENS, M)), (K * TOKENS * M + TOKENS * d_out) * es),
+            "scatter+add": (lambda v: kernel_ops.scatter(v, plan.row_slot, base_y, mx.bfloat16),
+                            lambda: randoms((K, TOKENS, M)), (K * TOKENS * M + 2 * TOKENS * d_out) * es),
+            "modulate": (lambda v: kernel_ops.modulate(layer.layout, plan, parts, v, b_pad, mx.bfloat16),
+                         lambda: [a_pad * (1 + i) for i in range(reps)], 2 * K * M * N * es),
+            "hadamard": (lambda v: kernel_ops.hadamard(layer.layout, plan, parts, v), lambda: randoms((K, M, N)),
+                         3 * K * M * N * es),
         }
-        for name, (fn, nbytes) in steps.items():
+        for name, (fn, make, nbytes) in steps.items():
             if only is not None and name not in only:
                 continue
-            ms, spread = _median_time(lambda: mx.eval([fn() for _ in range(reps)]), mx.synchronize, budget_s=0.3)
+            inputs = make()
+            mx.eval(inputs, base_y, a_pad, b_pad)
+            ms, spread = _median_time(lambda: mx.eval([fn(v) for v in inputs]), mx.synchronize, budget_s=0.3)
+            compiled = mx.compile(lambda *vs: [fn(v) for v in vs])
+            ms_c, spread_c = _median_time(lambda: mx.eval(compiled(*inputs)), mx.synchronize, budget_s=0.3)
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, gb=nbytes / 1e9,
-                       gbps=nbytes / (ms / reps) / 1e6, spread=spread)
+                       gbps=nbytes / (ms / reps) / 1e6, spread=spread, ms_compiled=ms_c / reps,
+                       gbps_compiled=nbytes / (ms_c / reps) / 1e6, spread_compiled=spread_c)
             print("bandwidth", json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -532,11 +542,14 @@ def markdown(data: dict) -> str:
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
                 f"{data.get('copy_gbps', float('nan')):.0f} GB/s):", "",
-                "| W0 | step | launch | ms | GB moved | GB/s | % of copy |", "|---|---|---|---|---|---|---|"]
-        for r in data["bandwidth"]:
-            share = 100 * r["gbps"] / data.get("copy_gbps", float("nan"))
-            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {_launch_label(r)} | {r['ms']:.3f} "
-                       f"| {r['gb']:.3f} | {r['gbps']:.0f} | {share:.0f}% |")
+                "| W0 | step | launch | GB moved | eager ms | GB/s | % of copy | compiled ms | GB/s | % of copy |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        copy = data.get("copy_gbps", float("nan"))
+        for r in data["bandwidth"]:  # runs before the compiled timing have no compiled columns
+            compiled = (f"{r['ms_compiled']:.3f} | {r['gbps_compiled']:.0f} | {100 * r['gbps_compiled'] / copy:.0f}%"
+                        if "ms_compiled" in r else "- | - | -")
+            out.append(f"| {r['d_out']}x{r['d_in']} | {r['step']} | {_launch_label(r)} | {r['gb']:.3f} "
+                       f"| {r['ms']:.3f} | {r['gbps']:.0f} | {100 * r['gbps'] / copy:.0f}% | {compiled} |")
         out.append("")
     if "movers_check" in data:
         bad = [r for r in data["movers_check"] if not r["ok"]]
@@ -597,6 +610,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
+    ap.add_argument("--dtypes", default="bfloat16,float16,float32",
+                    help="the verification's types (a case's first use of each compiles new kernels on CUDA)")
+    ap.add_argument("--bandwidth", action="store_true",
+                    help="only the copy ceiling and the memory-bound steps' bandwidth, eager and compiled")
     ap.add_argument("--stall-s", type=float, default=420, help="end a verification case stuck this long")
     ap.add_argument("--no-probe", action="store_true",
                     help="use the GPU kernels without the dispatcher's probe (saves its compilations)")
@@ -637,7 +654,10 @@ def main(argv=None) -> int:
         with_torch = torch is not None and torch.cuda.is_available() and not args.no_torch
         data.update(device=torch.cuda.get_device_name(0) if with_torch else mx.device_info().get("device_name", "?"),
                     torch=torch.__version__ if torch is not None else "-", backend=kernel_ops.name)
-        if args.gathers:
+        if args.bandwidth:
+            data["copy_gbps"] = copy_bandwidth()
+            data["bandwidth"] = kernel_bandwidth(kernel_ops, SHAPES[:3])
+        elif args.gathers:
             data["copy_gbps"] = copy_bandwidth()
             data["movers_check"], data["bandwidth"] = [], []
             movers = ("gather x", "gather dy", "scatter", "scatter+add")
@@ -663,9 +683,9 @@ def main(argv=None) -> int:
             data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch)
             if args.out:  # the timings are safe on disk before the verification starts
                 Path(args.out).write_text(json.dumps(data, indent=1))
-        if not args.skip_verify and not args.gathers:
+        if not args.skip_verify and not (args.gathers or args.bandwidth):
             cases = [VERIFY[int(i)] for i in args.cases.split(",")] if args.cases else VERIFY
-            data["verify"] = verify(kernel_ops, cases, args.stall_s)
+            data["verify"] = verify(kernel_ops, cases, args.stall_s, args.dtypes.split(","))
             ok = all(_verified(v) for v in data["verify"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

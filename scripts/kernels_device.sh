@@ -15,6 +15,8 @@
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
 #            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
+#   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
+#            compiled launches are the GPU's time; eager ones include building each launch from Python)
 #   graph    bench_graph, LoRA and the merged form at K = 2 and 4: nodes and kernels per adapted layer, the
 #            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
 #            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)
@@ -55,15 +57,18 @@ for p in ${PHASES//,/ }; do
       phase kernels "${KERNELS_LIMIT:-300}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
+    bandwidth)
+      phase bandwidth "${BANDWIDTH_LIMIT:-150}" "$PY" scripts/bench_kernels.py --bandwidth --no-probe --no-torch \
+        --out "$OUT/bench_bandwidth.json" ;;
     graph)
       phase graph 300 "$PY" scripts/bench_graph.py --dtype bfloat16 --no-peak --methods lora-k2,smoa-merged-k2,lora-k4,smoa-merged-k4 --out "$OUT/bench_graph.json" ;;
     split)
       phase split 560 "$PY" scripts/bench_train.py --split --iters 4 --bits 0 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/split.json" ;;
     verify)
-      for c in ${CASES:-0 1 2 3 4 5}; do  # CASES="4 5": the cases of one call (each up to 300 s)
+      for c in ${CASES:-0 1 2 3 4 5}; do  # CASES="4 5": the cases of one call (each up to 300 s); DTYPES: their types
         phase "verify_$c" 300 "$PY" -X faulthandler scripts/bench_kernels.py --skip-bench --no-probe --cases "$c" \
-          --stall-s 280 --out "$OUT/verify_$c.json"
+          --stall-s 280 --dtypes "${DTYPES:-bfloat16,float16,float32}" --out "$OUT/verify_$c.json"
       done ;;
     qmm)
       phase qmm 200 "$PY" -c "
@@ -76,7 +81,7 @@ for bits in (4, 2, 3):
     mx.eval(q(x)); print(bits, 'forward returned after', round(time.time() - t0, 1), 's', flush=True)
     mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
     print(bits, 'VJP returned after', round(time.time() - t0, 1), 's', flush=True)" ;;
-    *) echo "unknown phase $p (train, train4, kernels, gathers, graph, split, verify, qmm)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (train, train4, kernels, gathers, bandwidth, graph, split, verify, qmm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/times.txt"

@@ -171,6 +171,15 @@ def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: 
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
     os.environ.update(_ENV[method])
+    if method != "lora":  # the GPU kernels' first-use probe, timed apart from applying the adapters
+        import time
+
+        from smoa_mlx.kernels import _ops
+
+        _progress(f"{method}: base model built; probing the kernels")
+        t0 = time.perf_counter()
+        _ops()
+        _progress(f"{method}: kernel probe took {time.perf_counter() - t0:.1f} s")
     add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
     return model, sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 

@@ -251,35 +251,41 @@ def write_converted(
 
 
 # -- writing ----------------------------------------------------------------------------------------------
-def peft_config(peft_type: str, rank: int, hf_paths: list[str], **fields: Any) -> dict:
-    """The fields stock PEFT needs; target_modules lists exact module paths so nothing else gets wrapped."""
-    data = {
+def write_peft(
+    folder: PathLike,
+    peft_type: str,
+    rank: int,
+    arrays: dict[tuple[str, str], mx.array],
+    paths: Iterable[str],
+    model_type: str,
+    fingerprint: Optional[dict],
+    base: Optional[nn.Module] = None,
+    **fields: Any,
+) -> Path:
+    """A stock PEFT adapter folder from {(mlx path, suffix): tensor}. The config's target_modules lists the exact
+    module paths of ``paths`` so nothing else gets wrapped; ``fields`` are the method's own config fields. The base
+    fingerprint is the source's when it has one, else ``base``'s (None without a base)."""
+    hf_paths = sorted(to_hf(p, model_type) for p in paths)
+    config = {
         "peft_type": peft_type,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
         "revision": None,
         "inference_mode": True,
         "r": int(rank),
-        "target_modules": sorted(hf_paths),
+        "target_modules": hf_paths,
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
+        **fields,
     }
-    data.update(fields)
-    return data
-
-
-def peft_weights(arrays: dict[tuple[str, str], mx.array], model_type: str) -> dict[str, mx.array]:
-    """{(mlx path, suffix): tensor} -> PEFT keys."""
-    return {f"{PEFT_PREFIX}{to_hf(path, model_type)}.{suffix}": v for (path, suffix), v in arrays.items()}
-
-
-def write_peft(folder: PathLike, arrays: dict[str, mx.array], config: dict, fingerprint: Optional[dict]) -> Path:
+    weights = {f"{PEFT_PREFIX}{to_hf(path, model_type)}.{suffix}": v for (path, suffix), v in arrays.items()}
+    fingerprint = fingerprint or base_fingerprint(base, paths)
     metadata = {"format": "pt"}
     if fingerprint:
         metadata[METADATA_FINGERPRINT] = json.dumps(fingerprint, sort_keys=True)
-    return write_converted(folder, arrays, config, PEFT_WEIGHTS, metadata)
+    return write_converted(folder, weights, config, PEFT_WEIGHTS, metadata)
 
 
 def write_smoa(folder: PathLike, config: SMoAConfig, modules: dict[str, SMoAModule], fingerprint: Optional[dict]) -> Path:

@@ -21,13 +21,10 @@ from ..config import SMoAConfig
 from .common import (
     PathLike,
     base_dims,
-    base_fingerprint,
     check_shape,
     distinct,
     num_layers_for,
     open_peft,
-    peft_config,
-    peft_weights,
     require,
     read_smoa,
     resolve_model_type,
@@ -77,10 +74,8 @@ def smoa_to_hira(
         dtype = module.a[0].dtype if module.a else mx.float32
         arrays[(path, "hira_A")] = mx.array(a_full).astype(dtype)
         arrays[(path, "hira_B")] = mx.array(b_full).astype(dtype)
-    hf_paths = [to_hf(p, model_type) for p in modules]
-    cfg = peft_config("HIRA", config.rank, hf_paths, hira_dropout=config.dropout, init_weights=True, rank_pattern={})
-    fingerprint = src.fingerprint or base_fingerprint(base, modules)
-    return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
+    return write_peft(out, "HIRA", config.rank, arrays, modules, model_type, src.fingerprint, base,
+                      hira_dropout=config.dropout, init_weights=True, rank_pattern={})
 
 
 def hira_to_smoa(

@@ -19,13 +19,10 @@ from ..errors import ConversionError
 from .common import (
     PathLike,
     base_dims,
-    base_fingerprint,
     check_shape,
     distinct,
     num_layers_for,
     open_peft,
-    peft_config,
-    peft_weights,
     require,
     resolve_model_type,
     verify_base,
@@ -75,11 +72,15 @@ def mlx_lora_to_peft(
         if dora:
             arrays[(path, "lora_magnitude_vector")] = parts["m"]
     verify_base(base, src.fingerprint, str(src.folder))
-    hf_paths = [to_hf(p, model_type) for p in modules]
-    cfg = peft_config(
+    return write_peft(
+        out,
         "LORA",
         rank,
-        hf_paths,
+        arrays,
+        modules,
+        model_type,
+        src.fingerprint,
+        base,
         lora_alpha=float(params["scale"]) * rank,
         lora_dropout=float(params.get("dropout", 0.0)),
         use_dora=dora,
@@ -88,8 +89,6 @@ def mlx_lora_to_peft(
         rank_pattern={},
         alpha_pattern={},
     )
-    fingerprint = src.fingerprint or base_fingerprint(base, modules)
-    return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
 
 
 def peft_lora_to_mlx(

@@ -34,13 +34,10 @@ from ..spectral import order_margin, spectral_order, spectral_scores, spectral_s
 from .common import (
     PathLike,
     base_dims,
-    base_fingerprint,
     check_shape,
     distinct,
     num_layers_for,
     open_peft,
-    peft_config,
-    peft_weights,
     read_smoa,
     resolve_model_type,
     write_peft,
@@ -184,10 +181,15 @@ def smoa_to_reference(
             f"{adapter}: the reference's float32 grouping of this base differs from the adapter's "
             f"(was it trained on another or a quantized copy of the base?):\n  " + "\n  ".join(problems[:8])
         )
-    cfg = peft_config(
+    return write_peft(
+        out,
         "SMOA",
         config.rank,
-        [to_hf(p, model_type) for p in modules],
+        arrays,
+        modules,
+        model_type,
+        src.fingerprint,
+        base,
         num_blocks=config.blocks,
         branch_ranks=config.branch_ranks,
         lora_alpha=config.effective_alpha,
@@ -195,8 +197,6 @@ def smoa_to_reference(
         bias="none",
         init_lora_weights=True,
     )
-    fingerprint = src.fingerprint or base_fingerprint(base, modules)
-    return write_peft(out, peft_weights(arrays, model_type), cfg, fingerprint)
 
 
 def _permutation(mine: np.ndarray, want: np.ndarray) -> Optional[np.ndarray]:

@@ -178,7 +178,7 @@ def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: 
 
         _progress(f"{method}: base model built; probing the kernels")
         t0 = time.perf_counter()
-        _ops()
+        _ops(quantized=bool(bits))
         _progress(f"{method}: kernel probe took {time.perf_counter() - t0:.1f} s")
     add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
     return model, sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

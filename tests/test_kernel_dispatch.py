@@ -39,7 +39,7 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert kernels.form(LARGE) == "kernel"
     assert 4096 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 14336  # between the measured loser and winners
     probes = []
-    monkeypatch.setattr(kernels, "_ops", lambda: probes.append(1) or "ops")
+    monkeypatch.setattr(kernels, "_ops", lambda quantized=False: probes.append(quantized) or "ops")
     assert delta_fn(LARGE) is block_fn(LARGE, "ops", False)
     probes.clear()
     # A small layer: one full matmul beats the gathers; those are MLX's own ops, so the kernels are not probed.
@@ -47,6 +47,9 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert probes == []
     # A large one: the diagonal blocks' gradients through the kernels' gathers.
     assert linear_fn(LARGE) is merged_fn(LARGE, "ops", True)
+    assert probes == [False]  # a dense base: the quantized renderings are not probed
+    quantized = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0, 64, 4)
+    assert linear_fn(quantized) is merged_fn(quantized, "ops", True) and probes == [False, True]
     # The rule between the measured winners and losers (docs/BENCHMARKS.md), and never with one block.
     assert kernels.block_grads_pay(4096, 4096, 2) and kernels.block_grads_pay(4096, 14336, 2)
     assert not kernels.block_grads_pay(1024, 4096, 4) and not kernels.block_grads_pay(14336, 14336, 1)

@@ -196,3 +196,26 @@ def test_one_body_renders_both_backends():
             assert back[0] == back[1]
     with pytest.raises(ValueError, match="unknown SMoA kernel"):
         source.render("fused", "metal")
+
+
+def test_probe_compiles_every_kernel_and_no_quantized_matmul(monkeypatch):
+    """The first-use probe (kernels._probe) runs each kernel rendering a model can need, under the Metal shim here,
+    and nothing else that compiles slowly: MLX's quantized matmuls took 19-28 s to compile each on CUDA, and the
+    probe's group size would not be the model's. The quantized renderings are probed only for quantized bases."""
+    import smoa_mlx.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_probed", {})
+    launches, qmm = [], []
+    real_qmm = mx.quantized_matmul
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *a, **k: qmm.append(1) or real_qmm(*a, **k))
+    ops = KernelOps(_recording(launches))
+    assert kernels._probe(ops)
+    dense = {(launch.kernel, launch.quantized) for launch in launches}
+    assert not any(q for _, q in dense)  # a model without quantized layers compiles no quantized rendering
+    launches.clear()
+    assert kernels._probe(ops, quantized=True)
+    quantized = {(launch.kernel, launch.quantized) for launch in launches}
+    every = {(k, False) for k in source.KERNELS} | {(k, True) for k in source.ANCHORED}
+    assert dense | quantized == every
+    assert qmm == []
+    assert set(kernels._probed) == {(ops.name, False), (ops.name, True)}

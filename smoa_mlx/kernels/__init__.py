@@ -83,7 +83,7 @@ GPU_BLOCK_MIN_WEIGHTS = 32 * 2**20
 
 _MLX_OPS = MlxOps()
 _kernel_ops: dict[str, KernelOps] = {}
-_probed: dict[str, bool] = {}
+_probed: dict[tuple[str, bool], bool] = {}  # (backend, quantized): whether the kernels compiled and ran
 
 
 # The merged form takes its factor gradients from the K diagonal blocks (two gathers of the activations, 1/K of a
@@ -127,49 +127,64 @@ def merged_block_grads(layout: BlockLayout) -> bool:
     return gpu_backend() is not None and block_grads_pay(d_out, d_in, len(layout.ranks))
 
 
-def _probe(ops: KernelOps) -> bool:
-    """Compile and run every kernel once on tiny inputs, for every float type; False on any failure."""
-    backend = ops.name
-    if backend in _probed:
-        return _probed[backend]
-    layouts = [BlockLayout((5, 4), (5, 4), (2, 1), 1.5), BlockLayout((3, 2), (64, 64), (1, 1), 1.0, 32, 4)]
+# The probe's layouts: ragged groups, for the kernels every layer uses; a 4-bit base, for the anchored kernels'
+# quantized renderings, probed only once a quantized layer needs them.
+_PROBE_LAYOUTS = {
+    False: BlockLayout((5, 4), (5, 4), (2, 1), 1.5),
+    True: BlockLayout((3, 2), (64, 64), (1, 1), 1.0, 32, 4),
+}
+
+
+def _probe(ops: KernelOps, quantized: bool = False) -> bool:
+    """Compile and run the kernels once on tiny inputs, for every float type; False on any failure.
+
+    Why so narrow: on CUDA every new instantiation is compiled on first use, and each of MLX's quantized matmuls
+    took 19-28 s there (docs/BENCHMARKS.md). The quantized layout runs the update alone, so it compiles our
+    kernels' quantized renderings and none of MLX's quantized matmuls (whose group size would not be the model's
+    anyway), and it runs only for models with quantized layers. The dense layout runs the whole layer (the
+    scatter that adds the base's output) and the quantized one the update alone (the plain scatter): between them,
+    every kernel."""
+    key = (ops.name, quantized)
+    if key in _probed:
+        return _probed[key]
+    layout = _PROBE_LAYOUTS[quantized]
     try:
         outs = []
-        for layout in layouts:
-            d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
-            w = mx.random.normal((d_out, d_in))
-            parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if layout.quantized else (w,)
-            index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
-            index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
-            factors = mx.ones((sum(factor_sizes(layout)),))
-            for dtype in FLOAT_TYPES:
-                p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
-                fn = block_fn(layout, ops, True)  # launches every kernel, those of the merged form's block grads too
-                outs.extend(mx.vjp(lambda x, f: fn(x, index, p, f),
-                                   [mx.ones((3, d_in), dtype=dtype), factors], [mx.ones((3, d_out), dtype)]))
+        d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
+        w = mx.random.normal((d_out, d_in))
+        parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if quantized else (w,)
+        index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
+        index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
+        factors = mx.ones((sum(factor_sizes(layout)),))
+        fn = block_fn(layout, ops, not quantized)  # the merged form's block grads launch a subset of these
+        for dtype in FLOAT_TYPES:
+            p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
+            outs.extend(mx.vjp(lambda x, f: fn(x, index, p, f),
+                               [mx.ones((3, d_in), dtype=dtype), factors], [mx.ones((3, d_out), dtype)]))
         mx.eval(outs)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
             return True  # called inside mx.compile: cannot probe now, try the kernels and probe next time
         warnings.warn(
-            f"smoa_mlx: the {backend} SMoA kernels failed ({type(err).__name__}: {str(err)[:300]}); "
-            f"falling back to plain MLX, the dense form (set {KERNEL_ENV}=dense to silence this)",
+            f"smoa_mlx: the {ops.name} SMoA kernels{' for quantized bases' if quantized else ''} failed "
+            f"({type(err).__name__}: {str(err)[:300]}); falling back to plain MLX, the dense form "
+            f"(set {KERNEL_ENV}=dense to silence this)",
             RuntimeWarning,
             stacklevel=3,
         )
-        _probed[backend] = False
+        _probed[key] = False
         return False
-    _probed[backend] = True
+    _probed[key] = True
     return True
 
 
-def _ops():
-    """The GPU kernels if they work on this machine, else None."""
+def _ops(quantized: bool = False):
+    """The GPU kernels if they work on this machine (``quantized``: for a quantized base too), else None."""
     backend = gpu_backend()
     if backend is None:
         return None
     ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend)))
-    return ops if _probe(ops) else None
+    return ops if _probe(ops) and (not quantized or _probe(ops, True)) else None
 
 
 def _block_ops(layout: BlockLayout):
@@ -177,7 +192,7 @@ def _block_ops(layout: BlockLayout):
     chosen = form(layout)
     if chosen == "mlx":
         return _MLX_OPS
-    return _ops() if chosen == "kernel" else None
+    return _ops(layout.quantized) if chosen == "kernel" else None
 
 
 def delta_fn(layout: BlockLayout):
@@ -193,7 +208,7 @@ def linear_fn(layout: BlockLayout):
         # Where the kernels fail, full gradients, not block gradients through plain-MLX takes: the takes lose to the
         # matmul they would save (on the CPU 59 against 35-38 ms per layer step; on an H200 a take of an 8192 x 4096
         # activation's columns was 3x a simple kernel, 6x the shipped gathers; docs/BENCHMARKS.md).
-        ops = _ops() if merged_block_grads(layout) else None
+        ops = _ops(layout.quantized) if merged_block_grads(layout) else None
         return merged_fn(layout, ops or _MLX_OPS, ops is not None, os.environ.get(MERGED_KEEP_ENV, "0") == "1")
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)

@@ -2,27 +2,29 @@
 # One device round of issue #11's measurements on an H200 (MLX CUDA), in the order that answers the open questions
 # first, each phase under its own time limit so one slow phase cannot eat the others (a session has 30 device
 # minutes and a call at most 10). After `bash .mlxcuda-b/install.sh` (see ../shared/device/pack-mlx-cuda.sh):
-#     . /tmp/mlxcuda/env.sh && PHASES=train bash scripts/kernels_device.sh          # one call (< 600 s)
-#     . /tmp/mlxcuda/env.sh && PHASES=train4,qmm bash scripts/kernels_device.sh     # the next, while warm
-#     . /tmp/mlxcuda/env.sh && PHASES=gathers bash scripts/kernels_device.sh        # and the next
+#     . /tmp/mlxcuda/env.sh && METHODS=lora,smoa PHASES=train bash scripts/kernels_device.sh   # one call (< 600 s)
+#     . /tmp/mlxcuda/env.sh && CASES=5 PHASES=train4,verify bash scripts/kernels_device.sh   # the next, while warm
+#     . /tmp/mlxcuda/env.sh && PHASES=kernels,bandwidth bash scripts/kernels_device.sh       # and the next
 # Phases (durations measured on the H200, December 2026, where known):
 #   train    bench_train --rounds, bf16: METHODS (default LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1, the backward
 #            reusing the forward's W0 + Delta W) in alternating windows, one process per K (4, then 2), with --split
 #            (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and where a
-#            step's time goes (422 s for the three methods; TRAIN_LIMIT sets the limit)
-#   train4   the same on a 4-bit base
-#   kernels  bench_kernels, per layer + memory-bound steps, no verification (145 s)
+#            step's time goes (422 s for the three methods at f41889a, 465 s for lora,smoa at 5c61fce, most of it
+#            start-up: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
+#   train4   the same on a 4-bit base, 3 rounds, no split (232-241 s)
+#   kernels  bench_kernels, per layer + memory-bound steps (eager), no verification (145-193 s)
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
 #            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
-#            compiled launches are the GPU's time; eager ones include building each launch from Python)
+#            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)
 #   graph    bench_graph, LoRA and the merged form at K = 2 and 4: nodes and kernels per adapted layer, the
 #            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
 #            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)
 #   split    bench_train --split, one process per configuration (about 100 s per configuration)
-#   verify   bench_kernels verification, one process per case (90-120 s per case; the 2/3-bit cases need about
-#            300 s: MLX compiles each new quantized kernel on first use, 19-28 s each)
+#   verify   bench_kernels verification, one process per case (90-120 s per case; the 3-bit case (4) took 89-120 s
+#            per float type, so give it DTYPES of one or two types a call; the 2-bit case (3) has not finished yet:
+#            MLX compiles each new quantized kernel on first use, 19-28 s each)
 #   qmm      a bare nn.QuantizedLinear, 4-, 2- and 3-bit, 3-D input, forward then VJP, in one process, timed: the
 #            first-use compilation (169 s for all three)
 # Everything lands in $OUT (the device tool's output folder) as JSON and logs, with times.txt; output is unbuffered,

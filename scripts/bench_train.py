@@ -158,12 +158,16 @@ def add_adapters(model, kind: str, rank: int, blocks: int, dropout: float = 0.0)
 
 
 def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: float):
-    """The benchmark model (random weights, seed 0) with ``method``'s adapters, and its trainable parameter count."""
+    """The benchmark model (random weights, seed 0) with ``method``'s adapters, its trainable parameter count, and
+    the seconds its start-up took: the base model, the GPU kernels' first-use probe (SMoA only), the adapters."""
+    import time
+
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
+    t0 = time.perf_counter()
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**MODEL))
     model.set_dtype(getattr(mx, dtype))  # bf16 on a GPU; float32 on MLX's CPU back-end, whose bf16 is unreliable
@@ -171,17 +175,19 @@ def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: 
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
     os.environ.update(_ENV[method])
-    if method != "lora":  # the GPU kernels' first-use probe, timed apart from applying the adapters
-        import time
-
+    startup = {"base_s": time.perf_counter() - t0}
+    if method != "lora":  # the probe runs when the first SMoA layer is built: timed apart from the adapters
         from smoa_mlx.kernels import _ops
 
-        _progress(f"{method}: base model built; probing the kernels")
         t0 = time.perf_counter()
         _ops(quantized=bool(bits))
-        _progress(f"{method}: kernel probe took {time.perf_counter() - t0:.1f} s")
+        startup["probe_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
-    return model, sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    mx.eval(model.parameters())
+    startup["adapters_s"] = time.perf_counter() - t0
+    _progress(f"{method}: built, " + ", ".join(f"{k} {v:.1f}" for k, v in startup.items()))
+    return model, sum(v.size for _, v in tree_flatten(model.trainable_parameters())), startup
 
 
 def _train_window(model, optimizer, dataset, iters: int, report_every: int, batch: int, seq: int) -> list:
@@ -214,7 +220,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
     import mlx.optimizers as optim
     import numpy as np
 
-    model, trainable = _build(method, bits, rank, blocks, dtype, dropout)
+    model, trainable, startup = _build(method, bits, rank, blocks, dtype, dropout)
     dataset = _dataset(data, 4 * batch, seq, MODEL["vocab_size"], np.random.default_rng(1))
     split_ms = _split_times(model, optim.Adam(learning_rate=0.0), batch, seq) if split else {}
     mx.reset_peak_memory()
@@ -223,7 +229,7 @@ def child(method: str, bits: int, rank: int, blocks: int, iters: int, batch: int
     return dict(method=method, bits=bits, dtype=dtype, dropout=dropout, rank=rank, blocks=blocks,
                 trainable=int(trainable), tokens_per_step=batch * seq, iters=iters, **_summary(reports),
                 peak_memory_gb=max(r["peak_memory"] for r in reports), lr=lr, data=data, **split_ms,
-                **({} if method == "lora" else {"rounding": _rounding_share(model)}))
+                startup_s=startup, **({} if method == "lora" else {"rounding": _rounding_share(model)}))
 
 
 def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, window: int, batch: int, seq: int,
@@ -238,6 +244,8 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
     window's peak minus the arrays the other methods' models and optimizers hold (their parameters and optimizer
     state, counted exactly), an estimate of the method's peak alone; the process-per-configuration mode measures
     it directly."""
+    import time
+
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -248,13 +256,16 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
     runs = {}
     for m in methods:
         _progress(f"K={blocks} {m}: building")
-        model, trainable = _build(m, bits, rank, blocks, dtype, dropout)
+        model, trainable, startup = _build(m, bits, rank, blocks, dtype, dropout)
         opt = optim.Adam(learning_rate=lr)
-        _progress(f"K={blocks} {m}: built" + (", timing the split" if split else ""))
+        t0 = time.perf_counter()
         split_ms = _split_times(model, optim.Adam(learning_rate=0.0), batch, seq) if split else {}
+        startup["split_s"] = time.perf_counter() - t0
         _progress(f"K={blocks} {m}: warm-up window" + "".join(f", {k} {v:.1f}" for k, v in split_ms.items()))
+        t0 = time.perf_counter()
         _train_window(model, opt, dataset, 2 * report, report, batch, seq)  # warm-up: compile, kernels, Adam state
-        runs[m] = (model, opt, trainable, split_ms)
+        startup["warmup_s"] = time.perf_counter() - t0
+        runs[m] = (model, opt, trainable, dict(split_ms, startup_s=startup))  # extra fields of its runs
 
     def held(m):  # bytes of method m's parameters and optimizer state
         model, opt = runs[m][:2]
@@ -264,7 +275,7 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
     out = []
     for r in range(rounds):
         for m in (methods if r % 2 == 0 else methods[::-1]):
-            model, opt, trainable, split_ms = runs[m]
+            model, opt, trainable, extra = runs[m]
             os.environ.update(_ENV[m])
             mx.reset_peak_memory()
             _progress(f"K={blocks} {m}: round {r}")
@@ -274,7 +285,7 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
             out.append(dict(method=m, bits=bits, dtype=dtype, dropout=dropout, rank=rank, blocks=blocks,
                             trainable=int(trainable), tokens_per_step=batch * seq, iters=window, round=r,
                             **_summary(reports), peak_memory_gb=peak - others, peak_memory_shared_gb=peak, lr=lr,
-                            data=data, **split_ms))
+                            data=data, **extra))
     return out
 
 
@@ -321,6 +332,16 @@ def markdown(data: dict) -> str:
                            f"| {'1.00x' if m == 'lora' else _spread(mem, '.2f', 'x') if mem else '-'} |"
                            + (f" {r['fwd_bwd_ms']:.1f} | {r['step_ms']:.1f} |" if split and "step_ms" in r else
                               (" - | - |" if split else "")))
+    started = [r for r in runs if "startup_s" in r and r.get("round", 0) == 0]
+    if started:  # once per model: the seconds before its first measured window
+        keys = [k for k in ("base_s", "probe_s", "adapters_s", "split_s", "warmup_s")
+                if any(k in r["startup_s"] for r in started)]
+        out += ["", "Start-up, seconds, in run order (on the H200 a later process started faster: see docs/BENCHMARKS.md):", "",
+                "| base | K | method | " + " | ".join(k[:-2] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+        for r in started:
+            base = f"{r['bits']}-bit" if r["bits"] else {"bfloat16": "bf16"}.get(r.get("dtype"), r.get("dtype"))
+            out.append(f"| {base} | {r.get('blocks', 2)} | {r['method']} | "
+                       + " | ".join(f"{r['startup_s'][k]:.1f}" if k in r["startup_s"] else "-" for k in keys) + " |")
     return "\n".join(out)
 
 

@@ -35,6 +35,13 @@ def test_rounds_alternate_the_methods_and_estimate_each_peak_alone(tiny_shape):
         # shared peak but still holds this model's weights.
         assert 0 < r["peak_memory_gb"] < r["peak_memory_shared_gb"]
     assert {r["trainable"] for r in runs} == {runs[0]["trainable"]}  # equal trainable parameters at r / K
+    # Each model's start-up, timed in parts; only SMoA probes the GPU kernels (on this CPU the probe returns at once).
+    steps = {r["method"]: set(r["startup_s"]) for r in runs}
+    assert steps == {"lora": {"base_s", "adapters_s", "split_s", "warmup_s"},
+                     "smoa": {"base_s", "probe_s", "adapters_s", "split_s", "warmup_s"}}
+    table = bench_train.markdown(dict(command="test", runs=runs))
+    assert "| base | K | method | base | probe | adapters | split | warmup |" in table
+    assert table.count("| float32 | 2 |") == 4  # the two methods' rows, and their start-up rows once each
 
 
 def test_markdown_pairs_each_round_with_its_own_lora():

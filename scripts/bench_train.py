@@ -336,8 +336,9 @@ def markdown(data: dict) -> str:
     if started:  # once per model: the seconds before its first measured window
         keys = [k for k in ("base_s", "probe_s", "adapters_s", "split_s", "warmup_s")
                 if any(k in r["startup_s"] for r in started)]
-        out += ["", "Start-up, seconds, in run order (on the H200 a later process started faster: see docs/BENCHMARKS.md):", "",
-                "| base | K | method | " + " | ".join(k[:-2] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+        out += ["", "Start-up, seconds, in run order (a later process can start faster: docs/BENCHMARKS.md):", "",
+                "| base | K | method | " + " | ".join(k[:-2] for k in keys) + " |",
+                "|---|---|---|" + "---|" * len(keys)]
         for r in started:
             base = f"{r['bits']}-bit" if r["bits"] else {"bfloat16": "bf16"}.get(r.get("dtype"), r.get("dtype"))
             out.append(f"| {base} | {r.get('blocks', 2)} | {r['method']} | "

@@ -37,7 +37,7 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
     assert kernels.form(SMALL) == "dense"
     assert kernels.form(LARGE) == "kernel"
-    assert 4096 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 14336  # between the measured loser and winners
+    assert 1024 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 4096  # between the measured losers and winners
     probes = []
     monkeypatch.setattr(kernels, "_ops", lambda quantized=False: probes.append(quantized) or "ops")
     assert delta_fn(LARGE) is block_fn(LARGE, "ops", False)

@@ -77,9 +77,10 @@ FORMS = ("auto", "merged", "kernel", "mlx", "dense")
 CPU_FORM = "dense"
 
 # On a GPU, ``auto`` runs the update alone (dropout) in the block form for layers with at least this many weights
-# and in the dense form below it. Measured per layer on an H200 (docs/BENCHMARKS.md): the block form beat the dense
-# form at 4096x14336 and 14336x4096, and lost at 4096x4096 with K=2 and at 1024x4096.
-GPU_BLOCK_MIN_WEIGHTS = 32 * 2**20
+# and in the dense form below it. Measured per layer on an H200 (docs/BENCHMARKS.md, "Dropout layers"): at 16M
+# weights (4096x4096, 8192x2048, 2048x8192) and above the block form took 0.69-0.95x the dense form's time in every
+# run since 57436d2; at 4M (2048x2048, 1024x4096) 0.87-1.22x, and 1.15-1.24x at 1M.
+GPU_BLOCK_MIN_WEIGHTS = 16 * 2**20
 
 _MLX_OPS = MlxOps()
 _kernel_ops: dict[str, KernelOps] = {}

@@ -516,6 +516,40 @@ def _launch_label(row: dict) -> str:
     return f"{row['tt']} tokens / thread" + {0: ", consecutive", 1: ", 32 apart"}.get(row.get("strided"), "")
 
 
+def across(runs: dict) -> str:
+    """The two ratios ``auto``'s size rules rest on, for every shape and K of several per-layer runs ({name: results}):
+    the block form's time over the dense form's (dropout layers: GPU_BLOCK_MIN_WEIGHTS), and the merged form's with
+    block gradients over its time with full ones, by the work the blocks save per gathered element
+    (MERGED_BLOCK_GRADS_MIN_SAVING). One run's spread is as large as the margins, so the rules read several."""
+    ratios = {}  # (weights, shape, K) -> {run: (block / dense, block grads / full grads, saving)}
+    for name, data in runs.items():
+        for r in data.get("bench", []):
+            t, k = r["ms"], r["blocks"]
+            key = (r["d_out"] * r["d_in"], f"{r['d_out']}x{r['d_in']}", k)
+            saving = r["d_out"] * r["d_in"] * (1 - 1 / k) / (r["d_out"] + r["d_in"])
+            dense = t["smoa"] / t["smoa_dense"] if "smoa" in t and "smoa_dense" in t else None
+            grads = t["smoa_merged_blocks"] / t["smoa_merged"] if "smoa_merged_blocks" in t and "smoa_merged" in t \
+                else None
+            ratios.setdefault(key, {})[name] = (dense, grads, saving)
+    names = list(runs)
+
+    def cells(key, i):
+        return " | ".join(f"{ratios[key][n][i]:.2f}" if n in ratios[key] and ratios[key][n][i] is not None else ""
+                          for n in names)
+
+    head = " | ".join(names)
+    out = ["Block form / dense form (the update of a dropout layer):", "",
+           f"| W0 | weights | K | {head} |", "|---|---|---|" + "---|" * len(names)]
+    out += [f"| {key[1]} | {key[0] / 2**20:.0f}M | {key[2]} | {cells(key, 0)} |" for key in sorted(ratios, reverse=True)
+            if any(v[0] is not None for v in ratios[key].values())]
+    out += ["", "Merged form, block gradients / full gradients, by the work saved per gathered element:", "",
+            f"| W0 | K | saved / gathered | {head} |", "|---|---|---|" + "---|" * len(names)]
+    by_saving = sorted(ratios, key=lambda key: next(iter(ratios[key].values()))[2])
+    out += [f"| {key[1]} | {key[2]} | {next(iter(ratios[key].values()))[2]:.0f} | {cells(key, 1)} |"
+            for key in by_saving if any(v[1] is not None for v in ratios[key].values())]
+    return "\n".join(out)
+
+
 def markdown(data: dict) -> str:
     out = [f"Command: `{data['command']}`  ", f"Device: {data['device']}; MLX {data['mlx']}, torch {data['torch']}.", ""]
     if "bench" in data:
@@ -597,6 +631,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--markdown", help="print the markdown tables of a results JSON and exit")
+    ap.add_argument("--across", nargs="+", metavar="JSON",
+                    help="print, across these results files, the ratios auto's size rules rest on, and exit")
     ap.add_argument("--cpu", action="store_true", help="time the pure-MLX forms on the CPU only")
     ap.add_argument("--skip-bench", action="store_true", help="only the correctness check")
     ap.add_argument("--skip-verify", action="store_true")
@@ -621,6 +657,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-extras", action="store_true", help="skip the copy, step breakdown and bandwidth tables")
     ap.add_argument("--skip-breakdown", action="store_true", help="skip the merged form's step breakdown")
     args = ap.parse_args(argv)
+    if args.across:
+        print(across({Path(f).stem: json.loads(Path(f).read_text()) for f in args.across}))
+        return 0
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0

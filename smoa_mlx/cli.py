@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import SMoAError
 from .loading import describe_model, load_model, load_model_with_adapter
@@ -90,7 +92,9 @@ def show_defaults(parser: argparse.ArgumentParser, defaults: Optional[dict] = No
     return parser
 
 
-def load_from_args(args: argparse.Namespace, return_config: bool = False):
+def load_from_args(
+    args: argparse.Namespace, return_config: bool = False
+) -> Union[tuple[nn.Module, TokenizerWrapper], tuple[nn.Module, TokenizerWrapper, dict[str, Any]]]:
     """(model, tokenizer[, config]) for ``--model`` / ``--adapter-path``, through the project's one loader.
 
     With an adapter, one line on stderr says which base model was used and whether its fingerprint was checked.

@@ -71,7 +71,7 @@ class FolderLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> bool:
         self.release()
         return False
 

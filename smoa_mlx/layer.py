@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import warnings
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import resolve_ranks
 from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, factor_views, fused_weight, linear_fn, pack_factors
+from .kernels.plan import LayerIndex, Order
 from .spectral import spectral_order, split_sizes
 
 BaseLinear = Union[nn.Linear, nn.QuantizedLinear]
@@ -27,7 +28,7 @@ def base_dims(base: BaseLinear) -> tuple[int, int]:
     return base.weight.shape[0], base.weight.shape[1]
 
 
-def check_base(base, name: str = "layer") -> None:
+def check_base(base: nn.Module, name: str = "layer") -> None:
     """Reject layers SMoA cannot wrap, naming the layer."""
     if isinstance(base, nn.QuantizedLinear):
         mode = getattr(base, "mode", "affine")
@@ -82,8 +83,8 @@ class SMoALinear(nn.Module):
         alpha: Optional[float] = None,
         dropout: float = 0.0,
         branch_ranks: Optional[Sequence[int]] = None,
-        row_order=None,
-        col_order=None,
+        row_order: Optional[Order] = None,
+        col_order: Optional[Order] = None,
         name: str = "layer",
     ) -> "SMoALinear":
         """Wrap ``base``; the spectral order is computed from its weight unless given (e.g. from a saved adapter)."""
@@ -102,8 +103,8 @@ class SMoALinear(nn.Module):
         alpha: Optional[float],
         dropout: float,
         branch_ranks: Optional[Sequence[int]],
-        row_order,
-        col_order,
+        row_order: Order,
+        col_order: Order,
         name: str = "layer",
     ):
         super().__init__()
@@ -170,7 +171,7 @@ class SMoALinear(nn.Module):
         """B_k [|R_k|, r_k], views of ``smoa_factors``."""
         return factor_views(self._layout, self.smoa_factors)[1]
 
-    def __setattr__(self, key: str, value) -> None:
+    def __setattr__(self, key: str, value: Any) -> None:
         if key not in ("smoa_a", "smoa_b"):
             super().__setattr__(key, value)
             return
@@ -191,7 +192,7 @@ class SMoALinear(nn.Module):
         return self._layout
 
     @property
-    def index(self) -> tuple:
+    def index(self) -> LayerIndex:
         """(row_order, col_order, inverse row order, inverse col order, block plan), int32 arrays."""
         return self._index
 
@@ -302,7 +303,7 @@ class SMoALinear(nn.Module):
         """W0 + Delta W as one dense matrix in the base's compute dtype (float32 inside, rounded once)."""
         return fused_weight(self._layout, self._index, self.weight_parts(), self.smoa_factors)
 
-    def delta_weight(self, dtype=mx.float32) -> mx.array:
+    def delta_weight(self, dtype: mx.Dtype = mx.float32) -> mx.array:
         """The dense d_out x d_in update, for checks and merging only."""
         return dense_delta(self._layout, self._index, self.weight_parts(), self.smoa_factors, dtype)
 

@@ -17,9 +17,13 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
+
+if TYPE_CHECKING:  # hints only: MLX is imported when an MLX weight comes in (_mx)
+    import mlx.core as mx
+    import numpy.typing as npt
 
 __all__ = [
     "spectral_scores",
@@ -63,7 +67,7 @@ def _scores_from_energy(energy: np.ndarray, dtype=np.float64) -> np.ndarray:
     return (energy @ ids) / denom
 
 
-def spectral_scores(weight) -> tuple[np.ndarray, np.ndarray]:
+def spectral_scores(weight: Union[np.ndarray, mx.array]) -> tuple[np.ndarray, np.ndarray]:
     """Row and column scores of ``weight`` (d_out x d_in) through the Gram eigendecomposition, float64."""
     w = _as_float64(weight)
     d_out, d_in = w.shape
@@ -87,7 +91,9 @@ def spectral_scores(weight) -> tuple[np.ndarray, np.ndarray]:
     return small_scores, large_scores
 
 
-def spectral_scores_svd(weight, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+def spectral_scores_svd(
+    weight: Union[np.ndarray, mx.array], dtype: npt.DTypeLike = np.float64
+) -> tuple[np.ndarray, np.ndarray]:
     """The reference's own computation (economy SVD), for checks. Slow on big matrices."""
     w = _as_float64(weight).astype(dtype)
     if min(w.shape) == 0:
@@ -97,7 +103,7 @@ def spectral_scores_svd(weight, dtype=np.float64) -> tuple[np.ndarray, np.ndarra
     return _scores_from_energy(u * u * s2, dtype), _scores_from_energy(vh.T * vh.T * s2, dtype)
 
 
-def spectral_order(weight, method: str = "gram") -> tuple[np.ndarray, np.ndarray]:
+def spectral_order(weight: Union[np.ndarray, mx.array], method: str = "gram") -> tuple[np.ndarray, np.ndarray]:
     """Row and column orders (ascending spectral score), as int64 numpy arrays.
 
     ``method="gram"`` (default) uses one float64 eigendecomposition; ``method="svd"`` runs the reference's full

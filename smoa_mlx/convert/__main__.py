@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import mlx.nn as nn
+
 from ..adapters.folder import read_adapter, recorded_base
 from ..atomic import recover_folder
 from ..errors import OptionError, SMoAError
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_base(name: str, hint: str = ""):
+def load_base(name: str, hint: str = "") -> nn.Module:
     """The base model through mlx-lm (lazily: only the adapted layers' weights are ever read); ``embedded`` is the
     embedded SmolLM2-135M-Instruct, which needs no download."""
     from mlx_lm.utils import load_model

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,7 @@ class ReferenceSMoALinear(nn.Module):
         return self.base(x) + F.linear(self.dropout(x), self.delta_weight(x.dtype))
 
 
-def wrap_reference_smoa(model: nn.Module, paths: Sequence[str], **kwargs) -> dict[str, ReferenceSMoALinear]:
+def wrap_reference_smoa(model: nn.Module, paths: Sequence[str], **kwargs: Any) -> dict[str, ReferenceSMoALinear]:
     """Replace the nn.Linear modules at ``paths`` (transformers names) with :class:`ReferenceSMoALinear`."""
     wrapped = {}
     for path in paths:

@@ -14,6 +14,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tuner.datasets import CompletionsDataset
 
 from .bigbench import Example
@@ -45,7 +46,7 @@ class ChoiceScores:
         return hits / len(self.answers)
 
 
-def encode(tokenizer, prompt: str, option: str) -> tuple[list[int], int]:
+def encode(tokenizer: TokenizerWrapper, prompt: str, option: str) -> tuple[list[int], int]:
     """(tokens, offset of the first option token), as training tokenizes a completions record."""
     dataset = CompletionsDataset([], tokenizer, "prompt", "completion", mask_prompt=True)
     tokens, offset = dataset.process({"prompt": prompt, "completion": option})
@@ -97,7 +98,7 @@ class Encoded:
     owner: list[tuple[int, int]]  # (example index, option index) of each sequence
 
 
-def encode_examples(tokenizer, examples: Sequence[Example]) -> Encoded:
+def encode_examples(tokenizer: TokenizerWrapper, examples: Sequence[Example]) -> Encoded:
     seqs, owner = [], []
     for i, ex in enumerate(examples):
         for j, option in enumerate(ex.options):
@@ -106,7 +107,7 @@ def encode_examples(tokenizer, examples: Sequence[Example]) -> Encoded:
     return Encoded(examples, seqs, owner)
 
 
-def score_choices(model: nn.Module, tokenizer, examples: Sequence[Example] | Encoded,
+def score_choices(model: nn.Module, tokenizer: TokenizerWrapper, examples: Sequence[Example] | Encoded,
                   max_tokens: int = 4096) -> ChoiceScores:
     """Log-likelihood of every option of every example; ``max_tokens`` bounds one forward batch (padded).
     ``examples`` may come already tokenized (:func:`encode_examples`)."""

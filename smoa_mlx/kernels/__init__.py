@@ -38,7 +38,7 @@ from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
 from .gpu import GpuRunner, gpu_backend
 from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
 from .merged import fused_weight, merged_fn
-from .plan import BlockLayout, BlockPlan, build_plan, factor_sizes, factor_views, pack_factors
+from .plan import BlockLayout, BlockPlan, LayerFn, build_plan, factor_sizes, factor_views, pack_factors
 
 __all__ = [
     "BlockLayout",
@@ -196,13 +196,13 @@ def _block_ops(layout: BlockLayout):
     return _ops(layout.quantized) if chosen == "kernel" else None
 
 
-def delta_fn(layout: BlockLayout):
+def delta_fn(layout: BlockLayout) -> LayerFn:
     """The update alone (for layers with dropout on the update path)."""
     ops = _block_ops(layout)
     return dense_form_delta_fn(layout) if ops is None else block_fn(layout, ops, False)
 
 
-def linear_fn(layout: BlockLayout):
+def linear_fn(layout: BlockLayout) -> LayerFn:
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
     if form(layout, fused=True) == "merged":
         # Full gradients are MLX's own ops: only the block gradients need (and wait for the probe of) the kernels.

@@ -21,13 +21,14 @@ same algorithm on any device.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import mlx.core as mx
 
 from .gpu import Launch, Runner
 from .dense import full_weight, gather_rows
-from .plan import (BlockLayout, BlockPlan, after_factor_grads, after_input, padded_dims, plan_of, untake_grads,
-                   vjp_primals, with_zero)
+from .plan import (BlockLayout, BlockPlan, LayerFn, WeightParts, after_factor_grads, after_input, padded_dims,
+                   plan_of, untake_grads, vjp_primals, with_zero)
 from . import source
 from .source import GROUP, TI, TT, V, vector_width
 
@@ -55,13 +56,13 @@ class MlxOps:
         out = mx.where(src >= 0, out, mx.zeros((), inp.dtype))
         return mx.transpose(mx.reshape(out, (n_tok, blocks, width)), (1, 0, 2))
 
-    def scatter(self, inp: mx.array, slot: mx.array, base, out_dtype) -> mx.array:
+    def scatter(self, inp: mx.array, slot: mx.array, base: Optional[mx.array], out_dtype: mx.Dtype) -> mx.array:
         blocks, n_tok, width = inp.shape
         flat = mx.reshape(mx.transpose(inp, (1, 0, 2)), (n_tok, blocks * width))
         out = mx.take(flat, slot, axis=1)
         return (out if base is None else base + out).astype(out_dtype)
 
-    def _anchors(self, layout: BlockLayout, plan: BlockPlan, weight_parts) -> mx.array:
+    def _anchors(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts) -> mx.array:
         K, M, N, _ = padded_dims(layout)
         rows = mx.reshape(mx.maximum(plan.row_src, 0), (K, M))
         cols = mx.reshape(mx.maximum(plan.col_src, 0), (K, 1, N))
@@ -70,31 +71,33 @@ class MlxOps:
         w = mx.reshape(gather_rows(weight_parts, mx.reshape(rows, (-1,)), layout), (K, M, -1))
         return mx.take_along_axis(w, mx.broadcast_to(cols, (K, M, N)), axis=2)
 
-    def modulate(self, layout, plan, weight_parts, a_pad, b_pad, dtype) -> mx.array:
+    def modulate(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, a_pad: mx.array,
+                 b_pad: mx.array, dtype: mx.Dtype) -> mx.array:
         # Padded rows of B and columns of A are zero, so padding comes out zero whatever the clamped anchor.
         ab = (layout.scale * b_pad.astype(mx.float32)) @ a_pad.astype(mx.float32)
         return (ab * self._anchors(layout, plan, weight_parts)).astype(dtype)
 
-    def hadamard(self, layout, plan, weight_parts, g) -> mx.array:
+    def hadamard(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, g: mx.array) -> mx.array:
         # Padded entries are not zero here; they meet only zero factor entries or are dropped by a_back/b_back.
         return (layout.scale * g.astype(mx.float32) * self._anchors(layout, plan, weight_parts)).astype(g.dtype)
 
     # The merged form's steps over the whole weight (original basis; B_full, A_full float32, disjoint rank slots).
     # MLX's own matmul and a compiled elementwise pass, on every device: on an H200 3.5x (merge) and 5x (s G * W0)
     # faster than kernels of the modulate kind over the whole weight (docs/BENCHMARKS.md), so KernelOps keeps them.
-    def merge(self, layout, weight_parts, b_full, a_full, dtype) -> mx.array:
+    def merge(self, layout: BlockLayout, weight_parts: WeightParts, b_full: mx.array, a_full: mx.array,
+              dtype: mx.Dtype) -> mx.array:
         """W0 + s (B_full A_full) * W0: the rank-r product as one matmul in the activations' type, then one fused
         elementwise pass (float32 inside, rounded once) that applies s too (no pass of its own over a factor)."""
         pdtype = product_type(dtype)
         p = b_full.astype(pdtype) @ a_full.astype(pdtype)
         return _merge_pass(dtype)(full_weight(weight_parts, layout), p, mx.array(layout.scale, mx.float32))
 
-    def hadamard_full(self, layout, weight_parts, g) -> mx.array:
+    def hadamard_full(self, layout: BlockLayout, weight_parts: WeightParts, g: mx.array) -> mx.array:
         """s G * W0 over the whole weight, one fused elementwise pass."""
         return _hadamard_pass(g.dtype)(g, full_weight(weight_parts, layout), mx.array(layout.scale, mx.float32))
 
 
-def product_type(dtype) -> mx.Dtype:
+def product_type(dtype: mx.Dtype) -> mx.Dtype:
     """The type of the merged form's rank-r product B_full A_full: the activations' half type, else float32."""
     return dtype if dtype in (mx.float16, mx.bfloat16) else mx.float32
 
@@ -116,7 +119,7 @@ class KernelOps(MlxOps):
         self.run = run
         self.name = getattr(run, "backend", "kernel")
 
-    def gather(self, inp, src, blocks, width):
+    def gather(self, inp: mx.array, src: mx.array, blocks: int, width: int) -> mx.array:
         n_tok = inp.shape[0]
         vec = vector_width(width, inp.dtype)
         dims = mx.array([n_tok, inp.shape[1], width], dtype=mx.int32)
@@ -126,7 +129,7 @@ class KernelOps(MlxOps):
                                  [(blocks, n_tok, width)], [inp.dtype]))
         return out
 
-    def scatter(self, inp, slot, base, out_dtype):
+    def scatter(self, inp: mx.array, slot: mx.array, base: Optional[mx.array], out_dtype: mx.Dtype) -> mx.array:
         _, n_tok, width = inp.shape
         d = slot.shape[0]
         vec = vector_width(d, out_dtype, *([] if base is None else [base.dtype]))
@@ -156,17 +159,18 @@ class KernelOps(MlxOps):
                                  (cols, _ceil(M, ti), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
         return out
 
-    def modulate(self, layout, plan, weight_parts, a_pad, b_pad, dtype):
+    def modulate(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, a_pad: mx.array,
+                 b_pad: mx.array, dtype: mx.Dtype) -> mx.array:
         out = self._anchored("modulate", layout, plan, weight_parts, [a_pad, b_pad], dtype)
         return super().modulate(layout, plan, weight_parts, a_pad, b_pad, dtype) if out is None else out
 
-    def hadamard(self, layout, plan, weight_parts, g):
+    def hadamard(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, g: mx.array) -> mx.array:
         out = self._anchored("hadamard", layout, plan, weight_parts, [g], g.dtype)
         return super().hadamard(layout, plan, weight_parts, g) if out is None else out
 
 
 # -- the base layer's own products, for the fused form (base + update in one function) -----------------------
-def base_forward(layout: BlockLayout, x2: mx.array, weight_parts) -> mx.array:
+def base_forward(layout: BlockLayout, x2: mx.array, weight_parts: WeightParts) -> mx.array:
     """x W0^T, as nn.Linear / nn.QuantizedLinear compute it (bias excluded)."""
     if layout.quantized:
         w, scales, biases = weight_parts
@@ -175,7 +179,7 @@ def base_forward(layout: BlockLayout, x2: mx.array, weight_parts) -> mx.array:
     return x2 @ weight_parts[0].T
 
 
-def base_backward(layout: BlockLayout, g2: mx.array, weight_parts) -> mx.array:
+def base_backward(layout: BlockLayout, g2: mx.array, weight_parts: WeightParts) -> mx.array:
     """dy W0: the frozen layer's input gradient."""
     if layout.quantized:
         w, scales, biases = weight_parts
@@ -219,7 +223,8 @@ def _backward(ops, layout, with_base, x, index, weight_parts, factors, cot):
     return mx.reshape(dx, x.shape), block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors)
 
 
-def block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors):
+def block_factor_grads(ops: MlxOps, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, a_pad: mx.array,
+                       b_pad: mx.array, xb: mx.array, gb: mx.array, factors: mx.array) -> mx.array:
     """The flat factors' gradient from the block-major activations: G_k = dy_k^T x_k in one batched matmul (1/K of a
     layer-matmul), s G_k * M_k in the Hadamard kernel, then the two rank-r products."""
     h = ops.hadamard(layout, plan, weight_parts, mx.transpose(gb, (0, 2, 1)) @ xb)  # (K, M, N): s G * M
@@ -229,7 +234,7 @@ def block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, fa
 
 
 @lru_cache(maxsize=None)
-def block_fn(layout: BlockLayout, ops, with_base: bool = False):
+def block_fn(layout: BlockLayout, ops: MlxOps, with_base: bool = False) -> LayerFn:
     """``fn(x, index, weight_parts, factors)``: the update (``with_base``: x W0^T plus the update, the
     frozen layer's products fused with the update's gather and scatter), with its custom VJP."""
 

@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .plan import (BlockLayout, after_factor_grads, after_input, factor_views, plan_of, untake_grads, vjp_primals,
-                   whole_weight_factors)
+from .plan import (BlockLayout, LayerFn, LayerIndex, WeightParts, after_factor_grads, after_input, factor_views,
+                   plan_of, untake_grads, vjp_primals, whole_weight_factors)
 
 
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
@@ -25,7 +25,7 @@ def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: Bloc
     return mx.dequantize(w, scales, biases, group_size=layout.group_size, bits=layout.bits)
 
 
-def gather_anchor(weight_parts: tuple[mx.array, ...], rows: mx.array, cols: mx.array, layout: BlockLayout):
+def gather_anchor(weight_parts: tuple[mx.array, ...], rows: mx.array, cols: mx.array, layout: BlockLayout) -> mx.array:
     """W0[rows, cols], read from the base weight (never stored).
 
     A dense base is gathered in one step, so no |rows| x d_in intermediate is allocated (measured: taking rows
@@ -42,7 +42,8 @@ def _modulated(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) 
     return ((b * scale) @ a * anchor).astype(dtype)
 
 
-def dense_delta(layout: BlockLayout, index, weight_parts, factors, dtype=mx.float32):
+def dense_delta(layout: BlockLayout, index: LayerIndex, weight_parts: WeightParts, factors: mx.array,
+                dtype: mx.Dtype = mx.float32) -> mx.array:
     """The full d_out x d_in update. Only for merging and checks: training never calls it."""
     a_list, b_list = factor_views(layout, factors)
     row_order, col_order, row_inv, col_inv = index[:4]
@@ -66,12 +67,13 @@ def dense_delta(layout: BlockLayout, index, weight_parts, factors, dtype=mx.floa
 # The d_out x d_in product is transient: built in the forward and rebuilt in the backward, never kept.
 
 
-def full_factors(layout: BlockLayout, index, factors, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+def full_factors(layout: BlockLayout, index: LayerIndex, factors: mx.array,
+                 dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
     """(B_full [d_out, r], A_full [r, d_in]) in the original basis, in ``dtype``: one take each (:mod:`.plan`)."""
     return whole_weight_factors(plan_of(layout, index), factors, dtype)
 
 
-def full_weight(weight_parts, layout: BlockLayout) -> mx.array:
+def full_weight(weight_parts: WeightParts, layout: BlockLayout) -> mx.array:
     """W0 as a dense array (dequantized for a quantized base)."""
     if not layout.quantized:
         return weight_parts[0]
@@ -92,14 +94,15 @@ def _dense_update(layout, index, weight_parts, factors, dtype):
     return (b_full @ a_full) * w0, b_full, a_full, w0
 
 
-def split_factor_grads(layout: BlockLayout, index, db_full, da_full, factors):
+def split_factor_grads(layout: BlockLayout, index: LayerIndex, db_full: mx.array, da_full: mx.array,
+                       factors: mx.array) -> mx.array:
     """The flat factors' gradient from the whole-weight factor gradients, one take each (:mod:`.plan`)."""
     plan = plan_of(layout, index)
     return untake_grads(plan.full_a_back, da_full, plan.full_b_back, db_full, factors)
 
 
 @lru_cache(maxsize=None)
-def dense_form_delta_fn(layout: BlockLayout):
+def dense_form_delta_fn(layout: BlockLayout) -> LayerFn:
     """The update ``fn(x, index, weight_parts, factors)`` in the dense HiRA form (no activation gathers)."""
 
     @mx.custom_function

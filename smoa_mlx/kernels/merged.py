@@ -25,9 +25,10 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .blocks import _merge_pass, _pack, block_factor_grads, product_type
+from .blocks import MlxOps, _merge_pass, _pack, block_factor_grads, product_type
 from .dense import full_factors, full_weight, split_factor_grads
-from .plan import BlockLayout, after_factor_grads, after_input, padded_dims, plan_of, vjp_primals
+from .plan import (BlockLayout, LayerFn, LayerIndex, WeightParts, after_factor_grads, after_input, padded_dims, plan_of,
+                   vjp_primals)
 
 
 def _merged_weight(ops, layout: BlockLayout, index, weight_parts, factors, dtype):
@@ -53,7 +54,7 @@ def _block_grads(ops, layout, index, weight_parts, factors, x2, g2):
     return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors)
 
 
-def merged_fn(layout: BlockLayout, ops, block_grads: bool = False, keep: bool = False):
+def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep: bool = False) -> LayerFn:
     """``fn(x, index, weight_parts, factors)`` = x (W0 + Delta W)^T (no bias), with its custom VJP.
 
     ``ops`` does the memory-bound steps (:class:`~.blocks.KernelOps` on a GPU, :class:`~.blocks.MlxOps`
@@ -92,7 +93,7 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
     return fn
 
 
-def fused_weight(layout: BlockLayout, index, weight_parts, factors) -> mx.array:
+def fused_weight(layout: BlockLayout, index: LayerIndex, weight_parts: WeightParts, factors: mx.array) -> mx.array:
     """W0 + Delta W = W0 (1 + s B_full A_full) as one dense matrix in W0's compute dtype (a quantized base's
     scales'), for fusing and the inference cache: the merged form's formula with its rank-r product in float32,
     rounded once. One take per factor, one rank-r matmul and one elementwise pass; W0 + :func:`.dense.dense_delta`

@@ -18,11 +18,20 @@ the factors themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
+
+# The types of every form's contract ``fn(x, index, weight_parts, factors)`` (:mod:`smoa_mlx.kernels`):
+WeightParts = tuple[mx.array, ...]  # the base weight: (W0,) dense, (w, scales, biases) quantized
+# A layer's index (``SMoALinear.index``): row order, column order and their inverses (int32 arrays), then its
+# BlockPlan as a tuple; without the plan, :func:`plan_of` builds one from the orders (outside traces only).
+LayerIndex = Union[tuple[mx.array, mx.array, mx.array, mx.array],
+                   tuple[mx.array, mx.array, mx.array, mx.array, tuple[mx.array, ...]]]
+LayerFn = Callable[[mx.array, LayerIndex, WeightParts, mx.array], mx.array]
+Order = Union[np.ndarray, Sequence[int]]  # a permutation of range(n): a spectral row or column order
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ def _sorted_blocks(order: np.ndarray, sizes, width: int):
     return src, slot, pos
 
 
-def build_plan(layout: BlockLayout, row_order, col_order) -> BlockPlan:
+def build_plan(layout: BlockLayout, row_order: Order, col_order: Order) -> BlockPlan:
     row_order = np.asarray(row_order, dtype=np.int64).reshape(-1)
     col_order = np.asarray(col_order, dtype=np.int64).reshape(-1)
     K, M, N, R = padded_dims(layout)
@@ -157,7 +166,7 @@ def _whole_weight_takes(layout: BlockLayout, row_order: np.ndarray, col_order: n
     return rows, cols, cat(a_back), cat(b_back)
 
 
-def plan_of(layout: BlockLayout, index) -> BlockPlan:
+def plan_of(layout: BlockLayout, index: LayerIndex) -> BlockPlan:
     """The plan carried in ``index`` (a layer's 5th entry), or one built now from its orders (outside traces)."""
     if len(index) > 4:
         return BlockPlan(*index[4])
@@ -181,7 +190,7 @@ def _flat_halves(layout: BlockLayout) -> tuple[int, int]:
     return sum(sizes[: len(layout.ranks)]), sum(sizes[len(layout.ranks) :])
 
 
-def pack_factors(a_list, b_list, dtype=mx.float32) -> mx.array:
+def pack_factors(a_list: Sequence[mx.array], b_list: Sequence[mx.array], dtype: mx.Dtype = mx.float32) -> mx.array:
     """The factors as one flat vector, [A_0, .., A_K-1, B_0, .., B_K-1] row-major: how a layer stores them and what
     every form takes. One trainable array per layer, whatever K: an optimizer update costs a few launches per array
     (on an H200, 2K arrays per layer took SMoA's K=4 step 27 ms over its forward + backward, LoRA's 3 ms;
@@ -197,7 +206,7 @@ def factor_views(layout: BlockLayout, factors: mx.array) -> tuple[list[mx.array]
     return views[: len(layout.ranks)], views[len(layout.ranks) :]
 
 
-def with_zero(factors: mx.array, dtype=mx.float32) -> mx.array:
+def with_zero(factors: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
     """The flat factors in ``dtype`` with a trailing 0: what the plan's takes index (the 0 fills padding and the
     slots of other blocks). Cast before the concatenation: one pass over the factors."""
     return mx.concatenate([factors.astype(dtype), _ZERO.astype(dtype)])
@@ -206,7 +215,7 @@ def with_zero(factors: mx.array, dtype=mx.float32) -> mx.array:
 _ZERO = mx.array([0.0], dtype=mx.float32)  # data, made once: an mx.zeros per call is a graph node per layer
 
 
-def whole_weight_factors(plan: BlockPlan, factors: mx.array, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+def whole_weight_factors(plan: BlockPlan, factors: mx.array, dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
     """(B_full [d_out, r], A_full [r, d_in]) in ``dtype``, in the original basis: one take each from the flat
     factors, its indices computed from the plan's per-row and per-column parameters (one fused elementwise pass each
     under mx.compile). Every operand is a plan array of its own, ready shaped: slicing rows out of a stacked array,
@@ -220,7 +229,8 @@ def whole_weight_factors(plan: BlockPlan, factors: mx.array, dtype=mx.float32) -
     return mx.take(flat, b_take), mx.take(flat, a_take)
 
 
-def vjp_primals(primals, cotangent: mx.array, rebuild_x: bool = False, rebuild: bool = True) -> tuple[tuple, tuple]:
+def vjp_primals(primals: tuple[mx.array, LayerIndex, WeightParts, mx.array], cotangent: mx.array,
+                rebuild_x: bool = False, rebuild: bool = True) -> tuple[tuple, tuple]:
     """For the VJP of a form's ``fn(x, index, weight_parts, factors)``: (the primals with the base's arrays,
     the factors and, with ``rebuild_x``, x made to depend on the cotangent; the zero cotangents of the frozen index
     and base).

@@ -42,6 +42,10 @@ gathers and scatters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # hints only: rendering the sources needs no MLX
+    import mlx.core as mx
 
 BACKENDS = ("metal", "cuda")
 KERNELS = ("gather", "scatter", "scatter_add", "modulate", "hadamard")
@@ -61,7 +65,7 @@ VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thr
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
 
 
-def vector_width(width: int, *dtypes) -> int:
+def vector_width(width: int, *dtypes: mx.Dtype) -> int:
     """VEC, the elements per gather/scatter thread: 16 bytes of the widest of ``dtypes``, halved until it divides
     the row ``width``, so every thread's run starts at a multiple of its own size in a row-major (., width) array.
     In bf16 a width of 4096 gives 8, d_out = 300 gives 4 (8-byte runs), 75 gives 1 (the scalar fallback)."""

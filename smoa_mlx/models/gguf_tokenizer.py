@@ -8,9 +8,12 @@ gives a real ``PreTrainedTokenizerFast``: it saves as ``tokenizer.json`` and loa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+
+if TYPE_CHECKING:  # hints only: transformers is imported on first use
+    from transformers import PreTrainedTokenizerFast
 
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> what it does before byte-level BPE (llama-vocab.cpp):
 # "gpt2" uses GPT-2's split regex, which is the HF ByteLevel pre-tokenizer's own; "smollm" and "starcoder" first
@@ -26,7 +29,7 @@ def _scalar(metadata: dict[str, Any], key: str) -> Any:
     return v.item() if isinstance(v, mx.array) and v.ndim == 0 else v
 
 
-def gguf_tokenizer(metadata: dict[str, Any], source: str = "GGUF"):
+def gguf_tokenizer(metadata: dict[str, Any], source: str = "GGUF") -> PreTrainedTokenizerFast:
     """A ``transformers.PreTrainedTokenizerFast`` equal to the GGUF's tokenizer, chat template included."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

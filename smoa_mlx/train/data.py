@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import types
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
 from ..errors import DataError
@@ -125,7 +126,8 @@ def _where(dataset: Any, i: int, name: str) -> str:
     return f"{name}, line {line}" if line else f"{name}, example {i + 1}"
 
 
-def tokenize_split(dataset: Any, name: str, max_seq_length: int, warn=print) -> TokenizedSplit:
+def tokenize_split(dataset: Any, name: str, max_seq_length: int,
+                   warn: Callable[[str], object] = print) -> TokenizedSplit:
     """Tokenize every example; cut long ones to ``max_seq_length`` (one warning), refuse ones too short to train
     on (mlx-lm would fail mid-run reshaping an empty batch), and drop, with one warning, examples whose prompt
     fills the whole window (``--mask-prompt``: no token left to learn, and a batch of only those has a NaN loss)."""
@@ -214,12 +216,12 @@ def _load_hub(data_id: str, options: types.SimpleNamespace, tokenizer) -> dict[s
 
 def load_splits(
     data: Optional[str],
-    tokenizer,
+    tokenizer: TokenizerWrapper,
     max_seq_length: int,
     batch_size: int,
     mask_prompt: bool = False,
     need: Sequence[str] = ("train",),
-    warn=print,
+    warn: Callable[[str], object] = print,
     checked: Optional[dict[str, tuple[list[dict], str]]] = None,
 ) -> dict[str, TokenizedSplit]:
     """Tokenized splits of ``data`` (None = the set that ships with the package), checked for size.

@@ -18,7 +18,9 @@ import contextlib
 import math
 import os
 import sys
-from typing import Callable, Iterator, Optional
+import types
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -49,7 +51,9 @@ class BatchStream:
         self.start_step = start_step
         self.on_step = on_step
 
-    def __call__(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+    def __call__(self, dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False,
+                 seed: Optional[int] = None,
+                 comm_group: Optional[mx.distributed.Group] = None) -> Iterator[tuple[mx.array, mx.array]]:
         if loop:
             return self._train(dataset, batch_size, max_seq_length, comm_group)
         return self._fixed(dataset, batch_size, max_seq_length, comm_group)
@@ -182,10 +186,10 @@ class TqdmUI:
         self.bar = tqdm(total=offset + total_iters, initial=offset, desc="train", unit="step", dynamic_ncols=True,
                         disable=self.disable, file=sys.stderr)
 
-    def __enter__(self):
+    def __enter__(self) -> TqdmUI:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.bar.close()
         return False
 
@@ -196,18 +200,18 @@ class TqdmUI:
         if not self.disable:
             self.bar.write(text, file=sys.stdout)
 
-    def report_train(self, it, train_loss, tokens_sec, trained_tokens) -> None:
+    def report_train(self, it: int, train_loss: float, tokens_sec: float, trained_tokens: float) -> None:
         """mlx-lm reports every step here; the report lines, on the user's schedule, are the Recorder's."""
         self.bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_sec:,.0f}", refresh=False)
 
     @contextlib.contextmanager
-    def val_task(self, total: int):
+    def val_task(self, total: int) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
-    def report_val(self, it, val_loss, val_time) -> None:
+    def report_val(self, it: int, val_loss: float, val_time: float) -> None:
         self._write(f"step {it - 1 + self.offset:>6}  val loss   {val_loss:.4f}  ({val_time:.1f} s)")
 
-    def report_save(self, checkpoint) -> None:
+    def report_save(self, checkpoint: Path) -> None:
         self._write(f"saved {checkpoint}")
 
 
@@ -236,7 +240,7 @@ def _all_sum_off_cpu(x, *args, stream=None, **kwargs):
     return mx.distributed.all_sum(x, *args, stream=stream, **kwargs)
 
 
-def nccl_safe_mx():
+def nccl_safe_mx() -> _Proxy:
     """What ``mlx_lm.tuner.trainer`` sees as ``mx`` under NCCL: mlx.core with a GPU-stream ``all_sum``."""
     return _Proxy(mx, distributed=_Proxy(mx.distributed, all_sum=_all_sum_off_cpu))
 
@@ -255,7 +259,7 @@ def patched_trainer(offset: int, nccl: bool) -> Iterator[None]:
             setattr(mlx_trainer, name, value)
 
 
-def with_reporting(recorder: Recorder, opts, folder) -> Recorder:
+def with_reporting(recorder: Recorder, opts: types.SimpleNamespace, folder: Path) -> Recorder:
     """``recorder``, reporting to mlx-lm's callbacks for ``--report-to`` (built as ``mlx_lm.lora`` builds them) on
     rank 0: they get the recorder's reports (the user's windows, in global steps, so a resumed run continues its
     curve) and validations, after the NaN check."""

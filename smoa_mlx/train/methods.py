@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -60,7 +60,7 @@ class Method:
             )
         return sorted({p.split(".", 3)[3] if p.startswith("model.layers.") else p for p in paths})
 
-    def apply(self, model: nn.Module, progress=None) -> list[str]:
+    def apply(self, model: nn.Module, progress: Optional[Callable[[Iterable], Iterable]] = None) -> list[str]:
         """Freeze the model and insert trainable adapter layers; returns the adapted module paths."""
         if self.is_smoa:
             return apply_smoa(model, self.config, progress=progress)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import mlx.nn as nn
 from mlx_lm import generate
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 MAX_TOKENS = 32  # the demo's answers are one sentence; an untrained model's rambling is cut here
 
@@ -31,7 +32,7 @@ def held_out_question(checked: Optional[dict]) -> Optional[list[dict]]:
     return None
 
 
-def answer(model: nn.Module, tokenizer, messages: list[dict], max_tokens: int = MAX_TOKENS) -> str:
+def answer(model: nn.Module, tokenizer: TokenizerWrapper, messages: list[dict], max_tokens: int = MAX_TOKENS) -> str:
     """Greedy reply to ``messages`` on one line. The model is left in eval mode: no dropout, and SMoA layers
     answer from their merged weight instead of re-gathering their anchors for every token."""
     model.eval()

@@ -50,7 +50,7 @@ class StopSignals:
                 self._saved[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> bool:
         for signum, handler in self._saved.items():
             signal.signal(signum, handler)
         self._saved.clear()

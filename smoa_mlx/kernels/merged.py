@@ -69,17 +69,26 @@ def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep:
 
 @lru_cache(maxsize=None)
 def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
+    # The forward also returns B_full and A_full, which the VJP receives as outputs: the backward rebuilds
+    # W0 + Delta W from them instead of taking them from the factors again (two takes, a concatenation and a cast
+    # fewer per layer and step). They are (d_out + d_in) r elements, alive from the layer's forward to its backward.
     @mx.custom_function
-    def fn(x, index, weight_parts, factors):
+    def forward(x, index, weight_parts, factors):
         # With keep, the forward's W0 + Delta W is the backward's (mx.compile merges the two expressions, which a
         # dependency on x would keep apart): it lives from the forward to the backward anyway.
-        w = _merged_weight(ops, layout, index, weight_parts, factors if keep else after_input(factors, x), x.dtype)[0]
-        return x @ w.T
+        w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts,
+                                           factors if keep else after_input(factors, x), x.dtype)
+        return x @ w.T, b_full, a_full
 
-    @fn.vjp
-    def fn_vjp(primals, cotangent, output):
+    @forward.vjp
+    def forward_vjp(primals, cotangents, outputs):
+        cotangent = cotangents[0]  # nothing outside uses B_full and A_full: their cotangents are lazy zeros
         (x, index, weight_parts, factors), frozen = vjp_primals(primals, cotangent, rebuild=not keep)
-        w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, factors, x.dtype)
+        if keep:  # the very expression of the forward, which mx.compile merges with it (the outputs are copies)
+            w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, factors, x.dtype)
+        else:  # rebuilt after the cotangent, so that mx.compile cannot share it with the forward's
+            b_full, a_full = mx.depends(list(outputs[1:]), [cotangent])
+            w = ops.merge(layout, weight_parts, b_full, a_full, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))
@@ -89,6 +98,9 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
         else:
             dfactors = _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full)
         return after_factor_grads(dx, dfactors), *frozen, dfactors
+
+    def fn(x, index, weight_parts, factors):
+        return forward(x, index, weight_parts, factors)[0]
 
     return fn
 

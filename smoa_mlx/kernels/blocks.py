@@ -228,8 +228,8 @@ def block_factor_grads(ops: MlxOps, layout: BlockLayout, plan: BlockPlan, weight
     """The flat factors' gradient from the block-major activations: G_k = dy_k^T x_k in one batched matmul (1/K of a
     layer-matmul), s G_k * M_k in the Hadamard kernel, then the two rank-r products."""
     h = ops.hadamard(layout, plan, weight_parts, mx.transpose(gb, (0, 2, 1)) @ xb)  # (K, M, N): s G * M
-    db_pad = (h @ mx.transpose(a_pad, (0, 2, 1)).astype(h.dtype)).astype(mx.float32)
-    da_pad = (mx.transpose(b_pad, (0, 2, 1)).astype(h.dtype) @ h).astype(mx.float32)
+    db_pad = h @ mx.transpose(a_pad, (0, 2, 1)).astype(h.dtype)  # in h's type: untake_grads casts what it picks
+    da_pad = mx.transpose(b_pad, (0, 2, 1)).astype(h.dtype) @ h
     return untake_grads(plan.a_back, da_pad, plan.b_back, db_pad, factors)
 
 

@@ -40,8 +40,9 @@ def _merged_weight(ops, layout: BlockLayout, index, weight_parts, factors, dtype
 
 def _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full):
     h = ops.hadamard_full(layout, weight_parts, g2.T @ x2)  # s G * W0, d_out x d_in, transient
-    db_full = (h @ a_full.T).astype(mx.float32)  # a_full, b_full: already h's type (product_type)
-    da_full = (b_full.T @ h).astype(mx.float32)
+    # In h's type (a_full and b_full already are: product_type); untake_grads casts the entries it picks.
+    db_full = h @ a_full.T
+    da_full = b_full.T @ h
     return split_factor_grads(layout, index, db_full, da_full, factors)
 
 

@@ -280,6 +280,7 @@ def after_factor_grads(dx: mx.array, dfactors: mx.array) -> mx.array:
 
 def untake_grads(a_back: mx.array, da: mx.array, b_back: mx.array, db: mx.array, like: mx.array) -> mx.array:
     """The flat factors' gradient (shape and type of ``like``) from a packed or whole-weight gradient of A and of B:
-    one take each, in the flat order (:func:`pack_factors`)."""
+    one take each, in the flat order (:func:`pack_factors`), then one cast of what they picked (the same values as
+    casting before the takes, with one kernel instead of two and fewer elements: the padded gradients are larger)."""
     parts = [mx.take(mx.reshape(da, (-1,)), a_back), mx.take(mx.reshape(db, (-1,)), b_back)]
     return mx.concatenate(parts).astype(like.dtype)

@@ -243,10 +243,9 @@ def vjp_primals(primals: tuple[mx.array, LayerIndex, WeightParts, mx.array], cot
     rebuilding from the factors, 590 MB sharing B_full and A_full, 640 MB sharing everything, 600 MB for mlx-lm's
     LoRA. (That 590 MB came from sharing through the common-subexpression pass, which took the full-size rank-r
     product along: the merged form now hands B_full and A_full to its VJP as outputs of its forward and makes them
-    depend on the cotangent, 530 against 534 MB at dffc2ed.) What depends on none of them (the take indices) is still
-    shared. Only the block form gathers from x
-    (``rebuild_x``); for the others the dependency on x measured a higher peak (479 against 460 MB, the merged
-    form at K=4).
+    depend on the cotangent, 530 against 534 MB at dffc2ed.) What depends on none of them (the take indices) is
+    still shared. Only the block form gathers from x (``rebuild_x``); for the others the dependency on x measured a
+    higher peak (479 against 460 MB, the merged form at K=4).
     The zeros are lazy and never evaluated: nothing asks for the frozen inputs' gradient. ``rebuild=False`` leaves
     the primals as they are, so that under mx.compile the VJP shares what it builds from them with the forward
     (the merged form's ``keep``: speed for memory).

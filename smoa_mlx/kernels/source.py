@@ -31,8 +31,9 @@ block columns) was measured against this one on an H200 and dropped: 2.263 again
 twelve steps (benchmarks/bench_gathers.json), as were 16 tokens per thread (2.722 ms). Modulate/hadamard: each
 thread keeps its A columns in registers for ``TI`` rows, ``V`` columns 32 apart (coalesced across the warp).
 
-Measured on an H200 (benchmarks/bench_kernels.json, "bandwidth"; docs/BENCHMARKS.md), these gathers and scatters
-reach 56-70% of a device copy's bandwidth on the steps whose rows are 14336 wide and 32-50% on 4096-wide rows. A
+Measured on an H200 (benchmarks/bench_bandwidth.json; docs/BENCHMARKS.md), these gathers and scatters reach 53-86%
+of a device copy's bandwidth when compiled, as a training step runs them (67-86% where a row is 14336 wide, 53-71%
+on 4096-wide rows; launched one at a time from Python, 33-71%: the host's cost per launch). A
 variant whose lanes loaded 32 consecutive sorted columns per warp load and handed them on through a threadgroup
 tile and a barrier was measured against them in the same run and dropped: 1.06-1.15x faster at 4096x4096, but
 0.84-0.96x on most 14336-wide steps, and 1.997 ms against these kernels' 1.914 ms over the three shapes' twelve

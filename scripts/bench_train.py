@@ -22,6 +22,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's smoa_mlx, also in the children
@@ -53,8 +55,6 @@ _T0 = None
 def _progress(msg: str) -> None:
     """A timestamped line on stderr, which the parent passes through as it comes: a run cut by a time limit shows
     where its time went (building, compiling, which window)."""
-    import time
-
     global _T0
     _T0 = _T0 or time.perf_counter()
     print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
@@ -100,8 +100,6 @@ def _split_times(model, optimizer, batch: int, seq: int, reps: int = 10) -> dict
     """Where a training step's time goes: ms of the compiled forward + backward alone (mlx-lm's default_loss under
     nn.value_and_grad, the gradients evaluated), and of the trainer's whole compiled step (the same plus the
     optimizer update), each the median of ``reps`` device-synchronised calls after warm-up."""
-    import statistics
-    import time
     from functools import partial
 
     import mlx.core as mx
@@ -160,8 +158,6 @@ def add_adapters(model, kind: str, rank: int, blocks: int, dropout: float = 0.0)
 def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: float):
     """The benchmark model (random weights, seed 0) with ``method``'s adapters, its trainable parameter count, and
     the seconds its start-up took: the base model, the GPU kernels' first-use probe (SMoA only), the adapters."""
-    import time
-
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -244,8 +240,6 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
     window's peak minus the arrays the other methods' models and optimizers hold (their parameters and optimizer
     state, counted exactly), an estimate of the method's peak alone; the process-per-configuration mode measures
     it directly."""
-    import time
-
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -295,6 +289,11 @@ def _spread(values: list, fmt: str, unit: str = "") -> str:
     return mid if len(values) < 2 else f"{mid} ({min(values):{fmt}}-{max(values):{fmt}}, n={len(values)})"
 
 
+def _base_label(bits: int, dtype: str) -> str:
+    """A run's base in the tables: "4-bit", or its float type ("bf16" for bfloat16)."""
+    return f"{bits}-bit" if bits else {"bfloat16": "bf16"}.get(dtype, dtype)
+
+
 def markdown(data: dict) -> str:
     """The table for docs/BENCHMARKS.md. With several rounds of a configuration (``round`` in the runs): the median
     and range of its tokens/s, and of its ratio to LoRA taken round by round (each SMoA round against the LoRA run
@@ -314,8 +313,7 @@ def markdown(data: dict) -> str:
                 if not mine:
                     continue
                 r = mine[0]
-                dtype = r.get("dtype", "bfloat16")
-                base = f"{bits}-bit" if bits else {"bfloat16": "bf16"}.get(dtype, dtype)
+                base = _base_label(bits, r.get("dtype", "bfloat16"))
                 failed = [x for x in mine if "error" in x]
                 if failed:
                     out.append(f"| {base} | {blocks} | {m} | - | failed: {failed[0]['error'][-80:]} | | | |"
@@ -340,7 +338,7 @@ def markdown(data: dict) -> str:
                 "| base | K | method | " + " | ".join(k[:-2] for k in keys) + " |",
                 "|---|---|---|" + "---|" * len(keys)]
         for r in started:
-            base = f"{r['bits']}-bit" if r["bits"] else {"bfloat16": "bf16"}.get(r.get("dtype"), r.get("dtype"))
+            base = _base_label(r["bits"], r.get("dtype", "bfloat16"))
             out.append(f"| {base} | {r.get('blocks', 2)} | {r['method']} | "
                        + " | ".join(f"{r['startup_s'][k]:.1f}" if k in r["startup_s"] else "-" for k in keys) + " |")
     return "\n".join(out)
@@ -369,6 +367,25 @@ def _commit() -> str:
         return rev.stdout.strip() + ("+" if dirty.stdout.strip() else "") if rev.returncode == 0 else "?"
     except OSError:
         return "?"
+
+
+def _run_child(cmd: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, the end of stderr) of one child. Its stdout (the RESULT line) is captured; its stderr
+    (progress, a traceback) is passed through line by line as it comes, so a run cut by a time limit shows where it
+    was, and its last lines are kept for the results' error field."""
+    import threading
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        stdout: list[str] = []
+        reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()))  # both pipes drain at once
+        reader.start()
+        tail: deque[str] = deque(maxlen=40)
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+        reader.join()
+    return proc.returncode, "".join(stdout), "".join(tail)
 
 
 def main(argv=None) -> int:
@@ -429,11 +446,9 @@ def main(argv=None) -> int:
                        args.data, "--shape", args.shape, "--dtype", args.dtype, "--dropout", str(args.dropout),
                        "--rounds", str(args.rounds), "--window", str(args.window)]
                 cmd += ["--split"] if args.split else []
-                # stdout (the RESULT line) is captured; stderr (progress, errors) passes through as it comes
-                done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), stdout=subprocess.PIPE, stderr=None,
-                                      text=True)
+                returncode, stdout, stderr_tail = _run_child(cmd + (["--tiny"] if args.tiny else []))
                 before = len(data["runs"])
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
                 if lines:
                     got = json.loads(lines[-1][7:])
                     for run in got if not args.rounds else []:  # a method listed again: the next round of it
@@ -441,7 +456,7 @@ def main(argv=None) -> int:
                                            and x.get("blocks") == blocks for x in data["runs"])
                     data["runs"] += got
                 else:
-                    error = f"exit status {done.returncode} (the traceback is on stderr above); " + done.stdout[-1200:]
+                    error = f"exit status {returncode}: " + (stderr_tail or stdout)[-1500:]
                     data["runs"] += [dict(method=m, bits=bits, blocks=blocks, error=error) for m in methods]
                 for run in data["runs"][before:]:
                     print(json.dumps(run)[:2000], flush=True)

@@ -31,13 +31,6 @@ from .plan import (BlockLayout, LayerFn, LayerIndex, WeightParts, after_factor_g
                    vjp_primals)
 
 
-def _merged_weight(ops, layout: BlockLayout, index, weight_parts, factors, dtype):
-    # B_full and A_full in the type of the rank-r product (the activations' half type, else float32), which is also
-    # the type the factor gradients' products take them in: cast once, inside the take.
-    b_full, a_full = full_factors(layout, index, factors, product_type(dtype))
-    return ops.merge(layout, weight_parts, b_full, a_full, dtype), b_full, a_full
-
-
 def _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full):
     h = ops.hadamard_full(layout, weight_parts, g2.T @ x2)  # s G * W0, d_out x d_in, transient
     # In h's type (a_full and b_full already are: product_type); untake_grads casts the entries it picks.
@@ -70,26 +63,24 @@ def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep:
 
 @lru_cache(maxsize=None)
 def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
-    # The forward also returns B_full and A_full, which the VJP receives as outputs: the backward rebuilds
-    # W0 + Delta W from them instead of taking them from the factors again (two takes, a concatenation and a cast
-    # fewer per layer and step). They are (d_out + d_in) r elements, alive from the layer's forward to its backward.
+    # B_full and A_full are built outside the custom function, from the factors with no gradient path (the VJP
+    # returns the factors' gradient itself), and handed to it as inputs: the backward rebuilds W0 + Delta W from them
+    # instead of taking them from the factors again (two takes, a concatenation and a cast fewer per layer and step).
+    # They are (d_out + d_in) r elements, alive from the layer's forward to its backward. As extra outputs of the
+    # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU, and the same on
+    # an H200 with a 4-bit base (docs/BENCHMARKS.md, "Host-side cost").
     @mx.custom_function
-    def forward(x, index, weight_parts, factors):
-        # With keep, the forward's W0 + Delta W is the backward's (mx.compile merges the two expressions, which a
-        # dependency on x would keep apart): it lives from the forward to the backward anyway.
-        w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts,
-                                           factors if keep else after_input(factors, x), x.dtype)
-        return x @ w.T, b_full, a_full
+    def forward(x, index, weight_parts, factors, full):
+        return x @ ops.merge(layout, weight_parts, *full, x.dtype).T
 
     @forward.vjp
-    def forward_vjp(primals, cotangents, outputs):
-        cotangent = cotangents[0]  # nothing outside uses B_full and A_full: their cotangents are lazy zeros
-        (x, index, weight_parts, factors), frozen = vjp_primals(primals, cotangent, rebuild=not keep)
-        if keep:  # the very expression of the forward, which mx.compile merges with it (the outputs are copies)
-            w, b_full, a_full = _merged_weight(ops, layout, index, weight_parts, factors, x.dtype)
-        else:  # rebuilt after the cotangent, so that mx.compile cannot share it with the forward's
-            b_full, a_full = mx.depends(list(outputs[1:]), [cotangent])
-            w = ops.merge(layout, weight_parts, b_full, a_full, x.dtype)
+    def forward_vjp(primals, cotangent, output):
+        (x, index, weight_parts, factors), frozen = vjp_primals(primals[:4], cotangent, rebuild=not keep)
+        full = primals[4]
+        # Rebuilt after the cotangent, so that mx.compile cannot share it with the forward's; with keep, the very
+        # expression of the forward, which mx.compile merges with it.
+        b_full, a_full = full if keep else mx.depends(list(full), [cotangent])
+        w = ops.merge(layout, weight_parts, b_full, a_full, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))
@@ -98,10 +89,15 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
             dfactors = _block_grads(ops, layout, index, weight_parts, factors, x2, g2)
         else:
             dfactors = _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full)
-        return after_factor_grads(dx, dfactors), *frozen, dfactors
+        return after_factor_grads(dx, dfactors), *frozen, dfactors, tuple(mx.zeros_like(f) for f in full)
 
     def fn(x, index, weight_parts, factors):
-        return forward(x, index, weight_parts, factors)[0]
+        # With keep, the forward's W0 + Delta W is the backward's (mx.compile merges the two expressions, which a
+        # dependency on x would keep apart): it lives from the forward to the backward anyway.
+        # B_full and A_full in the type of the rank-r product (the activations' half type, else float32), which is
+        # also the type the factor gradients' products take them in: cast once, inside the take.
+        full = full_factors(layout, index, factors if keep else after_input(factors, x), product_type(x.dtype))
+        return forward(x, index, weight_parts, factors, tuple(mx.stop_gradient(f) for f in full))
 
     return fn
 

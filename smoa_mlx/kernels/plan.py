@@ -242,8 +242,8 @@ def vjp_primals(primals: tuple[mx.array, LayerIndex, WeightParts, mx.array], cot
     model with 1024-wide layers, 2048 tokens, K=2, the merged form; docs/BENCHMARKS.md): peak memory 559 MB
     rebuilding from the factors, 590 MB sharing B_full and A_full, 640 MB sharing everything, 600 MB for mlx-lm's
     LoRA. (That 590 MB came from sharing through the common-subexpression pass, which took the full-size rank-r
-    product along: the merged form now hands B_full and A_full to its VJP as outputs of its forward and makes them
-    depend on the cotangent, 530 against 534 MB at dffc2ed.) What depends on none of them (the take indices) is
+    product along: the merged form now builds B_full and A_full outside its custom function and hands them to it
+    as inputs, which its VJP makes depend on the cotangent.) What depends on none of them (the take indices) is
     still shared. Only the block form gathers from x (``rebuild_x``); for the others the dependency on x measured a
     higher peak (479 against 460 MB, the merged form at K=4).
     The zeros are lazy and never evaluated: nothing asks for the frozen inputs' gradient. ``rebuild=False`` leaves

@@ -18,7 +18,8 @@ import bench_peak  # noqa: E402
 
 @pytest.mark.parametrize("bits", [0, 4])
 def test_chain_keeps_one_activation_per_layer(bits):
-    width, tokens = 128, 1024
+    width, tokens = 256, 2048
     activation = width * tokens * 4
-    p2, p6 = (bench_peak.extra_peak(n, bits, width, tokens, mx.float32) / activation for n in (2, 6))
-    assert 0.8 < (p6 - p2) / 4 < 1.5
+    # From 4 layers on: shorter chains show the ends' transients (2 -> 6 layers measured 1.27-1.32 per layer).
+    p4, p16 = (bench_peak.extra_peak(n, bits, width, tokens, mx.float32) / activation for n in (4, 16))
+    assert 0.8 < (p16 - p4) / 12 < 1.5  # 1.01 measured; a layer's output kept to its backward would make it 2

@@ -569,6 +569,8 @@ def markdown(data: dict) -> str:
                 f"| {name} | {t['lora_mlx']:.2f} | {t['smoa_torch_ref']:.2f} | {t['lora_torch']:.2f} "
                 f"| {auto / t['lora_mlx']:.2f}x | {t['smoa_torch_ref'] / auto:.2f}x |")
         out += ["", _goal_summary(data["bench"]), ""]
+        if "copy_gbps" in data:
+            out += _design_floor_table(data["bench"], data["copy_gbps"])
     if "breakdown" in data:
         out += ["The merged form's steps alone (bf16, ms):", "", "| W0 | step | ms |", "|---|---|---|"]
         out += [f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r['ms']:.3f} |" for r in data["breakdown"]]
@@ -609,6 +611,47 @@ def markdown(data: dict) -> str:
         out += ["", "| form (CPU, float32) | rep | ms |", "|---|---|---|"]
         out += [f"| {r['form']} | {r['rep']} | {r['ms']:.1f} |" for r in data["cpu"]]
     return "\n".join(out)
+
+
+def design_floor(row: dict, copy_gbps: float, tokens: int = TOKENS) -> dict:
+    """What the default (merged) form cannot go below on this device, from the same run's measurements: its
+    layer-matmuls at the frozen step's pace (2 + 1/K with block gradients, else 3, against the frozen step's 2) plus
+    the bytes its memory-bound passes must move at the copy ceiling (bf16: each build of W0 + Delta W writes and reads
+    the rank-r product and reads W0 and writes W, twice per step; block gradients gather x and dy and read G_k and
+    the anchors to write H; full gradients read G and W0 to write s G * W0). A lower bound: it leaves out the rank-r
+    products, the factors' small passes and every launch's fixed cost, but the frozen step's own fixed cost is
+    scaled with its matmuls, so on small layers, where that cost weighs, a form can run below it (1024x4096 at K = 2
+    did, December 2026). Why: on large layers a goal below it cannot be met by any kernel of this design."""
+    from smoa_mlx.kernels import block_grads_pay
+
+    d_out, d_in, k = row["d_out"], row["d_in"], row["blocks"]
+    weights, two = d_out * d_in, 2  # bf16 bytes
+    blocks = block_grads_pay(d_out, d_in, k)
+    matmuls = 2 + 1 / k if blocks else 3
+    moved = 2 * 4 * two * weights  # two builds of W0 + Delta W
+    if blocks:
+        moved += 2 * two * tokens * (d_in + d_out) + 3 * two * weights / k
+    else:
+        moved += 3 * two * weights
+    ms = row["ms"]["frozen_mlx"] * matmuls / 2 + moved / copy_gbps / 1e6
+    return {"ms": ms, "matmuls": matmuls, "gb_moved": moved / 1e9, "vs_lora": ms / row["ms"]["lora_mlx"]}
+
+
+def _design_floor_table(rows: list[dict], copy_gbps: float) -> list[str]:
+    out = ["The merged form's own floor (`design_floor`: its layer-matmuls at the frozen step's pace plus its passes' "
+           f"bytes at the copy ceiling, {copy_gbps:.0f} GB/s; a lower bound on large layers):", "",
+           "| W0 | K | layer-matmuls | GB moved | floor ms | auto ms | auto / floor | MLX LoRA | floor / MLX LoRA |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, auto = design_floor(r, copy_gbps), _auto(r)[0]
+        out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {f['matmuls']:.2f} | {f['gb_moved']:.2f} "
+                   f"| {f['ms']:.2f} | {auto:.2f} | {auto / f['ms']:.2f}x | {r['ms']['lora_mlx']:.2f} "
+                   f"| {f['vs_lora']:.2f}x |")
+    out.append("")
+    for k in sorted({r["blocks"] for r in rows}):
+        med = statistics.median(design_floor(r, copy_gbps)["vs_lora"] for r in rows if r["blocks"] == k)
+        out.append(f"K={k}: the floor is {med:.2f}x MLX LoRA's time (median over the shapes).  ")
+    return out + [""]
 
 
 def _goal_summary(rows: list[dict]) -> str:

@@ -29,3 +29,16 @@ def test_across_puts_each_runs_ratio_under_its_name():
     # Block grads / full grads by the saving 4096 * 4096 / 2 / 8192 = 1024; the run without merged timings is empty.
     assert "| 4096x4096 | 2 | 1024 | 0.90 |  |" in grads
     assert "1024x4096" not in grads
+
+
+def test_design_floor_counts_the_merged_forms_matmuls_and_bytes():
+    row = {"d_out": 4096, "d_in": 4096, "blocks": 4, "ms": {"frozen_mlx": 2.0, "lora_mlx": 4.0}}
+    f = bench_kernels.design_floor(row, copy_gbps=1000.0, tokens=8192)
+    weights = 4096 * 4096
+    moved = 16 * weights + 4 * 8192 * 8192 + 6 * weights / 4  # two builds; gathers of x and dy; the Hadamard pass
+    assert f["matmuls"] == 2.25  # block gradients pay at this size: 2 + 1/K
+    assert abs(f["ms"] - (2.0 * 2.25 / 2 + moved / 1e12 * 1e3)) < 1e-9
+    assert abs(f["vs_lora"] - f["ms"] / 4.0) < 1e-12
+    small = bench_kernels.design_floor({**row, "d_out": 1024}, copy_gbps=1000.0)
+    assert small["matmuls"] == 3  # full gradients below the block-grads threshold: G as one more matmul
+    assert abs(small["gb_moved"] - 22 * 1024 * 4096 / 1e9) < 1e-12  # two builds (16 B) + s G * W0 (6 B) per weight

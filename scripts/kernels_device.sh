@@ -10,8 +10,9 @@
 #            reusing the forward's W0 + Delta W) in alternating windows, one process per K (4, then 2), with --split
 #            (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and where a
 #            step's time goes (422 s for the three methods at f41889a, 465 s for lora,smoa at 5c61fce, most of it
-#            start-up: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
-#   train4   the same on a 4-bit base, 3 rounds, no split (232-241 s)
+#            start-up; 240 s at fcfd872, with the narrower probe: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
+#   train4   the same on a 4-bit base, 3 rounds, no split (232-241 s; 151 s at fcfd872; 296 s as a fresh machine's
+#            first MLX process)
 #   kernels  bench_kernels, per layer + memory-bound steps (eager), no verification (145-193 s)
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
 #            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
@@ -22,9 +23,10 @@
 #            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
 #            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)
 #   split    bench_train --split, one process per configuration (about 100 s per configuration)
-#   verify   bench_kernels verification, one process per case (90-120 s per case; the 3-bit case (4) took 89-120 s
-#            per float type, so give it DTYPES of one or two types a call; the 2-bit case (3) has not finished yet:
-#            MLX compiles each new quantized kernel on first use, 19-28 s each)
+#   verify   bench_kernels verification, one process per case (at fcfd872, three types: ragged (0) about 50 s,
+#            4-bit (1) about 180 s, 8-bit (2) 177 s, 2-bit K=1 (3) 81-98 s per type; the 3-bit case (4) took 89-120 s
+#            per type at 5c61fce: give the quantized cases DTYPES of one or two types a call, as MLX compiles each new
+#            quantized kernel on first use, 19-28 s each)
 #   qmm      a bare nn.QuantizedLinear, 4-, 2- and 3-bit, 3-D input, forward then VJP, in one process, timed: the
 #            first-use compilation (169 s for all three)
 # Everything lands in $OUT (the device tool's output folder) as JSON and logs, with times.txt; output is unbuffered,

@@ -23,8 +23,8 @@
 #            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
 #            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)
 #   split    bench_train --split, one process per configuration (about 100 s per configuration)
-#   verify   bench_kernels verification, one process per case (at fcfd872, three types: ragged (0) about 50 s,
-#            4-bit (1) about 180 s, 8-bit (2) 177 s, 2-bit K=1 (3) 81-98 s per type; the 3-bit case (4) took 89-120 s
+#   verify   bench_kernels verification, one process per case (at fcfd872, three types: ragged (0) about 70 s,
+#            4-bit (1) about 200 s, 8-bit (2) 177 s, 2-bit K=1 (3) 81-98 s per type; the 3-bit case (4) took 89-120 s
 #            per type at 5c61fce: give the quantized cases DTYPES of one or two types a call, as MLX compiles each new
 #            quantized kernel on first use, 19-28 s each)
 #   qmm      a bare nn.QuantizedLinear, 4-, 2- and 3-bit, 3-D input, forward then VJP, in one process, timed: the

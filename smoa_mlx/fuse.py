@@ -209,8 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--dequantize and --quantize contradict each other; give one")
     if (args.q_bits is not None or args.q_group_size is not None or args.q_mode is not None) and not args.quantize:
         parser.error("--q-bits / --q-group-size / --q-mode need --quantize")
-    if args.q_mode and _format_error(args, args.q_mode, "--q-mode"):
-        parser.error(_format_error(args, args.q_mode, "--q-mode"))
+    format_error = _format_error(args, args.q_mode, "--q-mode") if args.q_mode else None
+    if format_error:
+        parser.error(format_error)
     if (args.data is not None or args.val_batches is not None) and not args.quantize:
         parser.error("--data / --val-batches are for the --quantize loss check; add --quantize")
     if args.val_batches is not None and args.val_batches < -1:

@@ -175,8 +175,8 @@ class KernelOps(MlxOps):
 # -- the base layer's own products, for the fused form (base + update in one function) -----------------------
 def _quantized_matmul(layout: BlockLayout, a: mx.array, weight_parts: WeightParts, transpose: bool) -> mx.array:
     w, scales, *biases = weight_parts  # no biases in the modes other than affine
-    return mx.quantized_matmul(a, w, scales, *biases, transpose=transpose, group_size=layout.group_size,
-                               bits=layout.bits, mode=layout.mode)
+    return mx.quantized_matmul(a, w, scales, biases[0] if biases else None, transpose=transpose,
+                               group_size=layout.group_size, bits=layout.bits, mode=layout.mode)
 
 
 def base_forward(layout: BlockLayout, x2: mx.array, weight_parts: WeightParts) -> mx.array:

@@ -90,17 +90,24 @@ def test_matches_numpy_reference(d_in, d_out, rank, blocks, branch_ranks):
     np.testing.assert_allclose(_np(layer(x)), y_want, rtol=1e-4, atol=1e-5)
 
 
+def _orders_and_delta(layer):
+    """(W0, Delta W) in float64 from the reference on the dequantized base, after checking the layer's row and
+    column orders and its Delta W against them."""
+    w = _dense_weight(layer)
+    orders = ref_order(w)
+    np.testing.assert_array_equal(np.array(layer.row_order), orders[0])
+    np.testing.assert_array_equal(np.array(layer.col_order), orders[1])
+    delta = ref_delta(w, [_np(a) for a in layer.smoa_a], [_np(b) for b in layer.smoa_b], layer.blocks, layer.scale)
+    np.testing.assert_allclose(_np(layer.delta_weight()), delta, rtol=1e-5, atol=1e-6)
+    return w, delta
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_base_reads_dequantized_anchors(bits):
     base = nn.QuantizedLinear.from_linear(_base(64, 48), group_size=32, bits=bits)
     layer = SMoALinear.from_base(base, rank=4, blocks=2)
     _randomize_b(layer)
-    w = _dense_weight(layer)
-    orders = ref_order(w)
-    np.testing.assert_array_equal(np.array(layer.row_order), orders[0])
-    np.testing.assert_array_equal(np.array(layer.col_order), orders[1])
-    want = ref_delta(w, [_np(a) for a in layer.smoa_a], [_np(b) for b in layer.smoa_b], 2, layer.scale)
-    np.testing.assert_allclose(_np(layer.delta_weight()), want, rtol=1e-5, atol=1e-6)
+    _, want = _orders_and_delta(layer)
     x = mx.random.normal((5, 64))
     y_want = _np(base(x)) + _np(x) @ want.T
     np.testing.assert_allclose(_np(layer(x)), y_want, rtol=1e-4, atol=1e-5)
@@ -116,12 +123,7 @@ def test_microscaled_base_orders_fuses_and_caches(mode):
     assert (layer.layout.mode, layer.layout.group_size, layer.layout.bits) == (mode, base.group_size, base.bits)
     assert len(layer.weight_parts()) == 2  # weight and scales: no biases in these modes
     _randomize_b(layer)
-    w = _dense_weight(layer)
-    orders = ref_order(w)
-    np.testing.assert_array_equal(np.array(layer.row_order), orders[0])
-    np.testing.assert_array_equal(np.array(layer.col_order), orders[1])
-    delta = ref_delta(w, [_np(a) for a in layer.smoa_a], [_np(b) for b in layer.smoa_b], 2, layer.scale)
-    np.testing.assert_allclose(_np(layer.delta_weight()), delta, rtol=1e-5, atol=1e-6)
+    w, delta = _orders_and_delta(layer)
     x = mx.random.normal((5, 64))
     live = layer(x)
     np.testing.assert_allclose(_np(live), _np(x) @ (w + delta).T + _np(base.bias), rtol=1e-4, atol=1e-5)

@@ -60,7 +60,9 @@ def _mlx_layer(d_out, d_in, rank, blocks, dtype_name="bfloat16", bits=0, branch=
     mx.random.seed(seed)
     base = nn.Linear(d_in, d_out, bias=False)
     base.set_dtype(getattr(mx, dtype_name))
-    if bits:
+    if isinstance(bits, str):  # mxfp4 / nvfp4 / mxfp8: the mode's own group size and bits
+        base = nn.QuantizedLinear.from_linear(base, mode=bits)
+    elif bits:
         base = nn.QuantizedLinear.from_linear(base, group_size=64, bits=bits)
     rng = np.random.default_rng(seed)
     layer = SMoALinear.from_base(base, rank=rank, blocks=blocks, alpha=2.0 * rank, branch_ranks=branch,
@@ -174,6 +176,10 @@ VERIFY = [  # d_out, d_in, K, rank, bits, branch ranks, tokens
     (256, 512, 1, 8, 2, None, 64),  # K = 1 (HiRA)
     (448, 512, 2, 10, 3, None, 64),  # 3-bit: plain-MLX anchors (words straddle), kernel gathers
     (4096, 4096, 2, 32, 0, None, 1024),
+    # MLX's other quantization modes (bits: the mode): plain-MLX anchors, kernel gathers, as 3-bit
+    (512, 768, 2, 16, "mxfp4", None, 256),
+    (300, 512, 3, 12, "nvfp4", [5, 0, 7], 96),  # ragged groups, a block with r_k = 0
+    (384, 512, 4, 12, "mxfp8", None, 128),
 ]
 
 
@@ -183,11 +189,14 @@ def _numpy_reference(layer, x, cot):
     import numpy as np
 
     sys.path.insert(0, str(REPO / "tests"))
-    from reference_numpy import ref_delta, ref_dequantize, ref_groups
+    from reference_numpy import ref_delta, ref_dequantize, ref_dequantize_fp, ref_groups
 
     f64 = lambda a: np.asarray(a.astype(mx.float32), dtype=np.float64)  # noqa: E731
     parts = layer.weight_parts()
-    if layer.layout.quantized and layer.layout.bits not in (2, 4, 8):  # words straddle: MLX's own, in float32
+    if layer.layout.quantized and not layer.layout.affine:
+        w = ref_dequantize_fp(np.asarray(parts[0]), np.asarray(parts[1]), layer.layout.group_size, layer.layout.bits,
+                              layer.layout.mode)
+    elif layer.layout.quantized and layer.layout.bits not in (2, 4, 8):  # words straddle: MLX's own, in float32
         w = f64(mx.dequantize(parts[0], parts[1].astype(mx.float32), parts[2].astype(mx.float32),
                               group_size=layer.layout.group_size, bits=layer.layout.bits))
     elif layer.layout.quantized:
@@ -228,7 +237,8 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
             # Seen twice on the H200: the process hung at a fresh case (never the same one); this prints where
             # and ends the run instead of waiting out the machine's time limit.
             faulthandler.dump_traceback_later(stall_s, exit=True)
-            layer = _mlx_layer(d_out, d_in, rank, blocks, dtype, bits, branch, seed=d_out + d_in + bits)
+            seed = d_out + d_in + (bits if isinstance(bits, int) else len(bits))
+            layer = _mlx_layer(d_out, d_in, rank, blocks, dtype, bits, branch, seed=seed)
             x = mx.random.normal((2, n_tok // 2, d_in)).astype(getattr(mx, dtype))
             cot = mx.random.normal((2, n_tok // 2, d_out)).astype(getattr(mx, dtype))
             want = _numpy_reference(layer, x, cot)

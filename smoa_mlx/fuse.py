@@ -7,8 +7,8 @@ through ``SMoALinear.fuse``, mlx-lm LoRA/DoRA layers through their own ``fuse``:
 Dequantized by default: re-quantizing a fused model can round a small update away entirely (mlx-lm #1172), so
 ``--quantize`` measures, per adapted layer, how much of the update the quantization drops, and, on the adapter's
 validation data, how much of the adapter's loss improvement the quantized model keeps; it warns on either.
-It quantizes as the base was quantized (the embedded model: its GGUF's Q4_1, i.e. 4 bits, group size 32): another
-group size re-rounds every base weight, adapted or not.
+It quantizes as the base was quantized (the embedded model: its GGUF's Q4_1, i.e. 4 bits, group size 32; an mxfp4,
+nvfp4 or mxfp8 base in its own mode): another group size or mode re-rounds every base weight, adapted or not.
 The folder is written to a temporary sibling and swapped into place (``models.folder.save_model_folder``); an
 existing folder is replaced only with ``--force``, and never when it is the model or adapter being read. The output
 folders are held with the training run's lock (:mod:`smoa_mlx.folder_lock`), so two commands never write one.
@@ -40,7 +40,10 @@ from .train.data import DataError, check_data, load_splits
 
 _QUANT_KEYS = ("quantization", "quantization_config")
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # mlx-lm's, for a dense base
-EMBEDDED_QUANTIZATION = (4, 32)  # the embedded model's GGUF is Q4_1: MLX affine, 4 bits, group size 32
+EMBEDDED_QUANTIZATION = (4, 32, "affine")  # the embedded model's GGUF is Q4_1: MLX affine, 4 bits, group size 32
+# MLX's quantization modes besides affine, each with its one (bits, group size) (mlx-lm's convert --q-mode).
+FIXED_FORMATS = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+Quantization = tuple[int, int, str]  # (bits, group size, mode)
 DEFAULT_VAL_BATCHES = 25
 
 
@@ -77,21 +80,47 @@ def merge_dense(model: nn.Module, config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _QUANT_KEYS}
 
 
-def _base_quantization(config: dict, model: Optional[str]) -> Optional[tuple[int, int]]:
-    """(bits, group size) of the base as stored, even when it was loaded dequantized (the embedded model's GGUF);
-    None for a base that never was quantized."""
+def _base_quantization(config: dict, model: Optional[str]) -> Optional[Quantization]:
+    """(bits, group size, mode) of the base as stored, even when it was loaded dequantized (the embedded model's
+    GGUF); None for a base that never was quantized."""
     q = config.get("quantization")
     if q:
-        return int(q.get("bits", DEFAULT_BITS)), int(q.get("group_size", DEFAULT_GROUP_SIZE))
+        mode = q.get("mode", "affine")
+        bits, group_size = FIXED_FORMATS.get(mode, (DEFAULT_BITS, DEFAULT_GROUP_SIZE))
+        return int(q.get("bits", bits)), int(q.get("group_size", group_size)), mode
     if is_embedded(model):
         return EMBEDDED_QUANTIZATION
     return None
 
 
-def _quant_defaults(config: dict, model: Optional[str]) -> tuple[int, int]:
-    """(bits, group size) for --quantize: the base's own, so its weights land back on their own grid; mlx-lm's
-    defaults for a base that never was quantized."""
-    return _base_quantization(config, model) or (DEFAULT_BITS, DEFAULT_GROUP_SIZE)
+def _quant_defaults(config: dict, model: Optional[str], mode: Optional[str] = None) -> Quantization:
+    """(bits, group size, mode) for --quantize: the base's own, so its weights land back on their own grid (in
+    ``mode`` when given, the base's only if it has that mode); mlx-lm's defaults otherwise."""
+    base = _base_quantization(config, model)
+    mode = mode or (base[2] if base else "affine")
+    if base and base[2] == mode:
+        return base
+    return (*FIXED_FORMATS.get(mode, (DEFAULT_BITS, DEFAULT_GROUP_SIZE)), mode)
+
+
+def _format_error(args: argparse.Namespace, mode: str, whose: str) -> Optional[str]:
+    """Why --q-bits / --q-group-size do not fit ``mode`` (mxfp4 / nvfp4 / mxfp8 take one format each), or None."""
+    if mode not in FIXED_FORMATS:
+        return None
+    bits, group_size = FIXED_FORMATS[mode]
+    if (args.q_bits or bits, args.q_group_size or group_size) == (bits, group_size):
+        return None
+    return (f"--q-bits / --q-group-size: {whose} {mode} quantizes at {bits} bits, group size {group_size} only; "
+            f"pass --q-mode affine for other bits or group sizes")
+
+
+def _quantization(args: argparse.Namespace, config: dict, model: Optional[str]) -> Quantization:
+    """What --quantize uses: the flags over the defaults (the base's own format)."""
+    bits, group_size, mode = _quant_defaults(config, model, args.q_mode)
+    error = _format_error(args, mode, "the base's mode")
+    if error:
+        raise ValueError(error)
+    return args.q_bits or bits, args.q_group_size or group_size, mode
 
 
 def _training_options(adapter_config: dict) -> Optional[dict]:
@@ -152,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="group size for --quantize (default: the base's, else 64)",
     )
     parser.add_argument(
+        "--q-mode", choices=("affine", *FIXED_FORMATS), default=None,
+        help="MLX quantization mode for --quantize; mxfp4, nvfp4 and mxfp8 have fixed bits and group size "
+        "(default: the base's, else affine)",
+    )
+    parser.add_argument(
         "--data", default=None,
         help="data folder whose valid.jsonl the --quantize loss check uses (default: the adapter's training data)",
     )
@@ -173,8 +207,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.dequantize and args.quantize:
         parser.error("--dequantize and --quantize contradict each other; give one")
-    if (args.q_bits is not None or args.q_group_size is not None) and not args.quantize:
-        parser.error("--q-bits / --q-group-size need --quantize")
+    if (args.q_bits is not None or args.q_group_size is not None or args.q_mode is not None) and not args.quantize:
+        parser.error("--q-bits / --q-group-size / --q-mode need --quantize")
+    format_error = _format_error(args, args.q_mode, "--q-mode") if args.q_mode else None
+    if format_error:
+        parser.error(format_error)
     if (args.data is not None or args.val_batches is not None) and not args.quantize:
         parser.error("--data / --val-batches are for the --quantize loss check; add --quantize")
     if args.val_batches is not None and args.val_batches < -1:
@@ -212,11 +249,12 @@ def _fuse(args: argparse.Namespace, adapter: AdapterFolder, save_path: Path, hf_
         if not args.quantize:
             print("--no-dequantize: the base is not quantized, so the fused model stays dense", file=sys.stderr)
     if args.quantize:
-        bits, group_size = _quant_defaults(config, args.model or recorded_base(adapter))
-        quantize = (args.q_bits or bits, args.q_group_size or group_size)
+        quantize = _quantization(args, config, args.model or recorded_base(adapter))
         if args.val_batches != 0:
             check = _validation_split(args, adapter.data, tokenizer)
-    report = quantization_report(model, group_size=quantize[1], bits=quantize[0]) if quantize else None
+    report = None
+    if quantize:
+        report = quantization_report(model, group_size=quantize[1], bits=quantize[0], mode=quantize[2])
     losses = {}
     if check:
         split, _, batch_size, batches, max_seq_length = check
@@ -232,16 +270,19 @@ def _fuse(args: argparse.Namespace, adapter: AdapterFolder, save_path: Path, hf_
         export_hf(model, tokenizer, config, hf_path, src_path=source, force=True)  # checked by check_replaceable
         print(f"Saved Hugging Face checkpoint to {hf_path}")
     if quantize:
-        model, config = quantize_model(model, config, group_size=quantize[1], bits=quantize[0])
+        model, config = quantize_model(model, config, group_size=quantize[1], bits=quantize[0], mode=quantize[2])
     save_model_folder(save_path, model, tokenizer, config, force=True)  # check_replaceable refused it if needed
     dtypes = sorted({str(v.dtype).split(".")[-1] for _, v in tree_flatten(model.parameters())})
-    kind = f"{quantize[0]}-bit, group size {quantize[1]}" if quantize else "dequantized"
+    kind = "dequantized"
+    if quantize:
+        bits, group_size, mode = quantize
+        kind = ", ".join(([] if mode == "affine" else [mode]) + [f"{bits}-bit", f"group size {group_size}"])
     print(f"Saved fused model to {save_path} ({kind}; {', '.join(dtypes)})")
     if check:
         # The saved quantized model computes with exactly these dequantized weights, and dense is fast everywhere.
         dequantize_model(model)
         losses["quantized"] = validation_loss(model, split, batch_size, batches, max_seq_length)
-        check = LossCheck(split.name, quantize[0], quantize[1], **losses)
+        check = LossCheck(split.name, quantize[0], quantize[1], **losses, mode=quantize[2])
     for measure in (report, check):
         if measure:
             print(measure.summary())

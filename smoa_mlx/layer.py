@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import resolve_ranks
 from .kernels import BlockLayout, build_plan, delta_fn, dense_delta, factor_views, fused_weight, linear_fn, pack_factors
+from .kernels.dense import dequantize
 from .kernels.plan import LayerIndex, Order
 from .spectral import spectral_order, split_sizes
 
@@ -28,23 +29,38 @@ def base_dims(base: BaseLinear) -> tuple[int, int]:
     return base.weight.shape[0], base.weight.shape[1]
 
 
+# The quantized bases SMoA wraps: MLX's quantization modes and their bits (affine: any; the others take one
+# group size and bit width each, those MLX allows).
+QUANT_MODES = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "nvfp4": (4,), "mxfp8": (8,)}
+
+
 def check_base(base: nn.Module, name: str = "layer") -> None:
     """Reject layers SMoA cannot wrap, naming the layer."""
     if isinstance(base, nn.QuantizedLinear):
         mode = getattr(base, "mode", "affine")
-        if mode != "affine" or base.bits not in (2, 3, 4, 5, 6, 8):
-            raise ValueError(
-                f"{name}: SMoA supports affine-quantized bases only, got mode={mode!r} bits={base.bits}"
-            )
+        if mode not in QUANT_MODES or base.bits not in QUANT_MODES[mode]:
+            supported = "; ".join(f"{m} {'/'.join(map(str, b))}-bit" for m, b in QUANT_MODES.items())
+            raise ValueError(f"{name}: SMoA supports quantized bases in {supported}, got mode={mode!r} "
+                             f"bits={base.bits}")
+        if "global_scale" in base:  # a tensor scale (nvfp4) the dequantization here would leave out
+            raise ValueError(f"{name}: SMoA does not support quantized bases with a global_scale")
         return
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{name}: SMoA wraps nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")
 
 
+def _quantized_parts(base: nn.QuantizedLinear) -> tuple[mx.array, ...]:
+    """(weight, scales, biases) affine, (weight, scales) in the modes without biases."""
+    if getattr(base, "mode", "affine") == "affine":
+        return (base.weight, base.scales, base.biases)
+    return (base.weight, base.scales)
+
+
 def dequantized_weight(base: BaseLinear) -> mx.array:
-    """The base weight as a dense array (the layer's own dtype for quantized bases: that of its scales)."""
+    """The base weight as a dense array: a quantized base's in its own dtype (that of its scales), bfloat16 for
+    mxfp4 / nvfp4 / mxfp8 (whose scales are 8-bit codes; exact, see kernels.dense.FP_MODE_DTYPE)."""
     if isinstance(base, nn.QuantizedLinear):
-        return mx.dequantize(base.weight, base.scales, base.biases, group_size=base.group_size, bits=base.bits)
+        return dequantize(_quantized_parts(base), base.group_size, base.bits, getattr(base, "mode", "affine"))
     return base.weight
 
 
@@ -142,6 +158,7 @@ class SMoALinear(nn.Module):
             scale=self.scale,
             group_size=base.group_size if isinstance(base, nn.QuantizedLinear) else 0,
             bits=base.bits if isinstance(base, nn.QuantizedLinear) else 0,
+            mode=getattr(base, "mode", "affine"),
         )
         # The orders, their inverses and the block-major plan the kernels index with (kernels/plan.py).
         self._index = (
@@ -224,14 +241,23 @@ class SMoALinear(nn.Module):
         return sum(self._layout.row_sizes), sum(self._layout.col_sizes)
 
     def weight_parts(self) -> tuple[mx.array, ...]:
+        """The base's own arrays, as every form takes them: (W0,), (w, scales, biases) affine, (w, scales) in the
+        other quantization modes."""
         base = self.linear
         if isinstance(base, nn.QuantizedLinear):
-            return (base.weight, base.scales, base.biases)
+            return _quantized_parts(base)
         return (base.weight,)
+
+    def _own_dtype(self) -> Optional[mx.Dtype]:
+        """The dtype of the base's dense weight: its own, an affine base's scales'; None for mxfp4 / nvfp4 / mxfp8,
+        which hold no float array and compute in their input's dtype."""
+        if not isinstance(self.linear, nn.QuantizedLinear):
+            return self.linear.weight.dtype
+        return self.linear.scales.dtype if self._layout.affine else None
 
     # -- compute -------------------------------------------------------------------------------------------
     def __call__(self, x: mx.array) -> mx.array:
-        merged = None if self.training or not SMoALinear.cache_merged_weight else self._inference_weight()
+        merged = None if self.training or not SMoALinear.cache_merged_weight else self._inference_weight(x.dtype)
         if merged is not None:
             return x @ merged.T if "bias" not in self.linear else mx.addmm(self.linear.bias, x, merged.T)
         if self.dropout_p > 0 and self.training:  # dropout on the update path only: two inputs
@@ -249,7 +275,7 @@ class SMoALinear(nn.Module):
     # not trade a 15x speed-up for swapping. Where MLX reports no limit (the CPU backend), there is no cap.
     cache_memory_share = 0.75
 
-    def _inference_weight(self) -> Optional[mx.array]:
+    def _inference_weight(self, dtype: mx.Dtype) -> Optional[mx.array]:
         """W0 + Delta W, built on the first inference call and reused while the adapter and base stay the same.
 
         Decoding one token at a time makes the live update the bottleneck (every block re-modulated per token),
@@ -262,23 +288,25 @@ class SMoALinear(nn.Module):
         the base's compute dtype even for a quantized base (re-quantizing can round a small update away; see
         ``fuse -q``); ``SMoALinear.cache_merged_weight = False`` or ``SMOA_MLX_MERGE_CACHE=0`` keeps the block form.
         None where the copy would not fit in :attr:`cache_memory_share` of the device's memory (the live form then).
+        The compute dtype of an mxfp4 / nvfp4 / mxfp8 base, which has no float array, is its input's, ``dtype``.
         """
+        dtype = self._own_dtype() or dtype
         sources = (self.smoa_factors, *self.weight_parts())
         cached = self.__dict__.get("_inference_cache")  # a plain attribute: module entries join mx.compile's state
-        if cached is not None and len(cached[0]) == len(sources) and all(a is b for a, b in zip(cached[0], sources)):
+        if (cached is not None and cached[2] == dtype and len(cached[0]) == len(sources)
+                and all(a is b for a, b in zip(cached[0], sources))):
             return cached[1]
-        merged = self.merged_weight() if self._cache_fits() else None
-        self.__dict__["_inference_cache"] = (sources, merged)
+        merged = self.merged_weight(dtype) if self._cache_fits(dtype) else None
+        self.__dict__["_inference_cache"] = (sources, merged, dtype)
         return merged
 
-    def _cache_fits(self) -> bool:
+    def _cache_fits(self, dtype: mx.Dtype) -> bool:
         info = mx.device_info()
         limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
         if not limit:
             return True
         d_out, d_in = self.shape
-        dense = self.linear.scales if isinstance(self.linear, nn.QuantizedLinear) else self.linear.weight
-        nbytes = d_out * d_in * dense.dtype.size  # the merged copy's dtype, without building a dequantize
+        nbytes = d_out * d_in * dtype.size  # the merged copy's dtype, without building a dequantize
         if mx.get_active_memory() + nbytes <= SMoALinear.cache_memory_share * limit:
             return True
         global _CACHE_WARNED
@@ -299,9 +327,11 @@ class SMoALinear(nn.Module):
         if mode:
             self.clear_inference_weight()
 
-    def merged_weight(self) -> mx.array:
-        """W0 + Delta W as one dense matrix in the base's compute dtype (float32 inside, rounded once)."""
-        return fused_weight(self._layout, self._index, self.weight_parts(), self.smoa_factors)
+    def merged_weight(self, dtype: Optional[mx.Dtype] = None) -> mx.array:
+        """W0 + Delta W as one dense matrix (float32 inside, rounded once) in ``dtype``, by default the base's compute
+        dtype: its weight's, an affine base's scales', bfloat16 for mxfp4 / nvfp4 / mxfp8 (MLX's own
+        dequantization type for them, what mlx-lm's fuse and dequantize_model give)."""
+        return fused_weight(self._layout, self._index, self.weight_parts(), self.smoa_factors, dtype)
 
     def delta_weight(self, dtype: mx.Dtype = mx.float32) -> mx.array:
         """The dense d_out x d_in update, for checks and merging only."""
@@ -311,7 +341,8 @@ class SMoALinear(nn.Module):
         """A plain linear layer with the update merged in: W0 + Delta W, no inference cost.
 
         A quantized base comes back dequantized unless ``dequantize=False``, which re-quantizes with the base's
-        own group size and bits (quantization error can then swallow part of a small update).
+        own group size, bits and mode (quantization error can then swallow part of a small update). Dequantized, an
+        mxfp4 / nvfp4 / mxfp8 base's fused weight is bfloat16, as mlx-lm's own fuse makes it.
         """
         base = self.linear
         merged = self.merged_weight()
@@ -322,7 +353,8 @@ class SMoALinear(nn.Module):
         if has_bias:
             fused.bias = base.bias
         if isinstance(base, nn.QuantizedLinear) and not dequantize:
-            return nn.QuantizedLinear.from_linear(fused, group_size=base.group_size, bits=base.bits)
+            return nn.QuantizedLinear.from_linear(fused, group_size=base.group_size, bits=base.bits,
+                                                  mode=getattr(base, "mode", "affine"))
         return fused
 
     def num_trainable(self) -> int:

@@ -47,11 +47,28 @@ class LayerLoss:
         return self.kept_dot / self.update_sq if self.update_sq > 0 else 1.0
 
 
+def quant_label(bits: int, group_size: int, mode: str = "affine", noun: str = "") -> str:
+    """How the reports name a quantization: "4-bit (group size 32)", "mxfp4 (4-bit, group size 32)"; ``noun``
+    follows the first word ("4-bit quantization (group size 32)")."""
+    head, inner = (f"{bits}-bit", f"group size {group_size}") if mode == "affine" else (
+        mode, f"{bits}-bit, group size {group_size}")
+    return f"{head}{' ' + noun if noun else ''} ({inner})"
+
+
+def _advice(mode: str) -> str:
+    """What to try instead, in fuse's flags (mxfp4 / nvfp4 / mxfp8 fix their bits and group size)."""
+    if mode == "affine":
+        return "use more bits (--q-bits 8) or a smaller --q-group-size"
+    finer = "--q-mode mxfp8, or " if mode != "mxfp8" else ""
+    return f"use more bits ({finer}--q-mode affine --q-bits 8 --q-group-size 32)"
+
+
 @dataclass
 class QuantizationReport:
     bits: int
     group_size: int
     layers: list[LayerLoss]
+    mode: str = "affine"
 
     @property
     def kept(self) -> float:
@@ -77,10 +94,12 @@ class QuantizationReport:
 
     def summary(self) -> str:
         if not self.layers:
-            return f"{self.bits}-bit quantization: no adapted layer is quantized"
+            label = f"{self.bits}-bit" if self.mode == "affine" else self.mode
+            return f"{label} quantization: no adapted layer is quantized"
         worst = self.worst
+        label = quant_label(self.bits, self.group_size, self.mode, "quantization")
         return (
-            f"{self.bits}-bit quantization (group size {self.group_size}) keeps {self.kept:.1%} of the adapter's "
+            f"{label} keeps {self.kept:.1%} of the adapter's "
             f"update over {len(self.layers)} layers (drops {self.dropped:.1%}); largest update entry it erased "
             f"entirely: {self.erased_max:.3g} (largest update entry: {self.update_max:.3g}); "
             f"worst layer {worst.path} keeps {worst.kept:.1%}"
@@ -91,8 +110,7 @@ class QuantizationReport:
             return None
         return (
             f"WARNING: quantization erases {self.dropped:.1%} of the adapter's update, so the quantized fused model "
-            f"behaves more like the quantized base (mlx-lm #1172). Fuse without --quantize, or use more bits "
-            f"(--q-bits 8) or a smaller --q-group-size."
+            f"behaves more like the quantized base (mlx-lm #1172). Fuse without --quantize, or {_advice(self.mode)}."
         )
 
 
@@ -106,15 +124,18 @@ def dense_weight(module: nn.Module) -> mx.array:
     return module.weight
 
 
-def _round_trip(w: mx.array, group_size: int, bits: int) -> mx.array:
-    return mx.dequantize(*mx.quantize(w, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
+def _round_trip(w: mx.array, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    q = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)  # (w, scales[, biases]): biases affine only
+    return mx.dequantize(*q, group_size=group_size, bits=bits, mode=mode)
 
 
-def layer_loss(path: str, base: mx.array, fused: mx.array, group_size: int, bits: int) -> LayerLoss:
+def layer_loss(path: str, base: mx.array, fused: mx.array, group_size: int, bits: int,
+               mode: str = "affine") -> LayerLoss:
     """Loss of one layer: ``base`` is W0 and ``fused`` W0 + dW, both dense, in the dtype quantization sees."""
     f32 = mx.float32
     update = fused.astype(f32) - base.astype(f32)
-    kept = _round_trip(fused, group_size, bits).astype(f32) - _round_trip(base, group_size, bits).astype(f32)
+    kept = (_round_trip(fused, group_size, bits, mode).astype(f32)
+            - _round_trip(base, group_size, bits, mode).astype(f32))
     erased = mx.where((kept == 0) & (update != 0), mx.abs(update), 0)
     values = mx.stack([mx.sum(update * update), mx.sum(kept * update), mx.abs(update).max(), erased.max()])
     return LayerLoss(path, *values.tolist())
@@ -132,8 +153,10 @@ def quantization_report(
     group_size: int,
     bits: int,
     predicate: Optional[Callable[[str, nn.Module], Any]] = None,
+    mode: str = "affine",
 ) -> QuantizationReport:
-    """Measure every adapter layer of ``model`` (anything with ``.fuse``) against ``bits``-bit quantization.
+    """Measure every adapter layer of ``model`` (anything with ``.fuse``) against ``bits``-bit quantization in MLX's
+    ``mode`` ("affine", "mxfp4", "nvfp4", "mxfp8").
 
     Layers mlx-lm's ``quantize_model`` would leave unquantized (last dimension not a multiple of the group size,
     or refused by the model's own ``quant_predicate``) lose nothing and are skipped. A predicate returning
@@ -145,17 +168,17 @@ def quantization_report(
         if not callable(getattr(module, "fuse", None)):
             continue
         fused = module.fuse(dequantize=True)
-        gs, b = group_size, bits
+        gs, b, m = group_size, bits, mode
         if predicate is not None:
             choice = predicate(path, fused)
             if not choice:
                 continue
             if isinstance(choice, dict):
-                gs, b = choice.get("group_size", gs), choice.get("bits", b)
+                gs, b, m = choice.get("group_size", gs), choice.get("bits", b), choice.get("mode", m)
         if not hasattr(fused, "to_quantized") or fused.weight.shape[-1] % gs:
             continue
-        layers.append(layer_loss(path, dense_weight(_base_of(module)), fused.weight, gs, b))
-    return QuantizationReport(bits=bits, group_size=group_size, layers=layers)
+        layers.append(layer_loss(path, dense_weight(_base_of(module)), fused.weight, gs, b, m))
+    return QuantizationReport(bits=bits, group_size=group_size, layers=layers, mode=mode)
 
 
 @dataclass
@@ -175,6 +198,7 @@ class LossCheck:
     base: float
     fused: float
     quantized: float
+    mode: str = "affine"
 
     @property
     def kept(self) -> Optional[float]:
@@ -192,7 +216,7 @@ class LossCheck:
         share = f"; it keeps {kept:.1%} of the adapter's loss improvement" if kept is not None else ""
         return (
             f"validation loss on {self.data}: base {self.base:.4f}, fused {self.fused:.4f}, fused and "
-            f"{self.bits}-bit (group size {self.group_size}) {self.quantized:.4f}: perplexity "
+            f"{quant_label(self.bits, self.group_size, self.mode)} {self.quantized:.4f}: perplexity "
             f"{self.perplexity_ratio:.2f}x the unquantized fused model's{share}"
         )
 
@@ -200,10 +224,10 @@ class LossCheck:
         if self.perplexity_ratio <= 1.0 + WARN_PERPLEXITY:
             return None
         return (
-            f"WARNING: the {self.bits}-bit (group size {self.group_size}) fused model's validation perplexity is "
+            f"WARNING: the {quant_label(self.bits, self.group_size, self.mode)} fused model's validation perplexity is "
             f"{self.perplexity_ratio:.2f}x the unquantized fused model's (loss {self.quantized:.4f} against "
             f"{self.fused:.4f}; base {self.base:.4f}): quantization changes what the adapter does. Fuse without "
-            f"--quantize, or use more bits (--q-bits 8) or a smaller --q-group-size."
+            f"--quantize, or {_advice(self.mode)}."
         )
 
 

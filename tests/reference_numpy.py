@@ -52,15 +52,42 @@ def ref_delta(w: np.ndarray, a_list, b_list, k: int, scale: float, orders=None) 
     return scale * delta
 
 
-def ref_dequantize(wq, scales, biases, group_size: int, bits: int) -> np.ndarray:
-    """Affine dequantization of MLX's packed layout (uint32 words, low bits first)."""
+def _unpack(wq, bits: int) -> np.ndarray:
+    """The codes of MLX's packed layout (uint32 words, low bits first), one per weight."""
     wq = np.asarray(wq).astype(np.uint64)
     per_word = 32 // bits
     mask = (1 << bits) - 1
-    q = np.stack([(wq >> (bits * i)) & mask for i in range(per_word)], axis=-1).reshape(wq.shape[0], -1)
+    return np.stack([(wq >> (bits * i)) & mask for i in range(per_word)], axis=-1).reshape(wq.shape[0], -1)
+
+
+def ref_dequantize(wq, scales, biases, group_size: int, bits: int) -> np.ndarray:
+    """Affine dequantization of MLX's packed layout."""
     s = np.repeat(np.asarray(scales, np.float64), group_size, axis=1)
     z = np.repeat(np.asarray(biases, np.float64), group_size, axis=1)
-    return q.astype(np.float64) * s + z
+    return _unpack(wq, bits).astype(np.float64) * s + z
+
+
+def _minifloat(codes, exp_bits: int, man_bits: int) -> np.ndarray:
+    """Sign, exponent (bias 2^(e-1) - 1), mantissa codes as float64, subnormals included (OCP FP4 E2M1, FP8 E4M3;
+    E4M3's NaN code 0x7f is not produced by quantization and not handled)."""
+    codes = np.asarray(codes).astype(np.int64)
+    man = codes & ((1 << man_bits) - 1)
+    exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    sign = np.where(codes >> (exp_bits + man_bits) & 1, -1.0, 1.0)
+    bias = (1 << (exp_bits - 1)) - 1
+    frac = man / float(1 << man_bits)
+    value = np.where(exp == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (exp - bias))
+    return sign * value
+
+
+def ref_dequantize_fp(wq, scales, group_size: int, bits: int, mode: str) -> np.ndarray:
+    """Dequantization of MLX's microscaling modes, from the formats' definitions: mxfp4 = E2M1 values times E8M0
+    scales (2^(s - 127)), nvfp4 = E2M1 times E4M3 scales, mxfp8 = E4M3 times E8M0; packed as the affine codes."""
+    codes = _unpack(wq, bits)
+    values = _minifloat(codes, 2, 1) if bits == 4 else _minifloat(codes, 4, 3)
+    scales = np.asarray(scales).astype(np.int64)
+    s = _minifloat(scales, 4, 3) if mode == "nvfp4" else 2.0 ** (scales - 127)
+    return values * np.repeat(s, group_size, axis=1)
 
 
 def ref_layer(w: np.ndarray, x: np.ndarray, cot: np.ndarray, a_list, b_list, k: int, scale: float, orders,

@@ -20,6 +20,9 @@ CASES = [
     pytest.param(128, 72, 8, 4, mx.float32, 8, 64, [3, 0, 2, 3], (9,), id="q8-f32-K4-zero-rank-block"),
     pytest.param(128, 40, 5, 1, mx.float32, 2, 32, None, (11,), id="q2-f32-K1"),
     pytest.param(192, 50, 6, 2, mx.float32, 3, 64, None, (7,), id="q3-f32-K2"),
+    pytest.param(128, 96, 8, 2, mx.float16, "mxfp4", 0, None, (20,), id="mxfp4-f16-K2"),
+    pytest.param(64, 70, 6, 3, mx.float32, "nvfp4", 0, [3, 0, 3], (2, 9), id="nvfp4-f32-K3-zero-rank-block"),
+    pytest.param(128, 40, 5, 1, mx.float32, "mxfp8", 0, None, (11,), id="mxfp8-f32-K1"),
 ]
 
 

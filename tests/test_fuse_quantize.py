@@ -39,11 +39,18 @@ def test_quantize_defaults_to_the_base_quantization():
     from smoa_mlx.models.embedded import embedded_gguf_path, gguf_model
 
     # The embedded model loads dequantized (no quantization in its config), yet its own grid is the GGUF's.
-    assert fuse._quant_defaults({}, None) == fuse._quant_defaults({}, "embedded") == (4, 32)
+    assert fuse._quant_defaults({}, None) == fuse._quant_defaults({}, "embedded") == (4, 32, "affine")
     _, _, config = gguf_model(embedded_gguf_path(), quantized=True)
-    assert (config["quantization"]["bits"], config["quantization"]["group_size"]) == fuse.EMBEDDED_QUANTIZATION
-    assert fuse._quant_defaults({"quantization": {"bits": 8, "group_size": 128}}, "some/model") == (8, 128)
-    assert fuse._quant_defaults({}, "some/dense_model") == (4, 64)  # never quantized: mlx-lm's defaults
+    q = config["quantization"]
+    assert (q["bits"], q["group_size"], q["mode"]) == fuse.EMBEDDED_QUANTIZATION
+    assert fuse._quant_defaults({"quantization": {"bits": 8, "group_size": 128}}, "some/model") == (8, 128, "affine")
+    assert fuse._quant_defaults({}, "some/dense_model") == (4, 64, "affine")  # never quantized: mlx-lm's defaults
+    # Another mode: the base's own format, or the mode's (mlx-lm's defaults for affine) when --q-mode changes it.
+    mxfp4 = {"quantization": {"bits": 4, "group_size": 32, "mode": "mxfp4"}}
+    assert fuse._quant_defaults(mxfp4, "some/model") == (4, 32, "mxfp4")
+    assert fuse._quant_defaults({"quantization": {"mode": "nvfp4"}}, "some/model") == (4, 16, "nvfp4")
+    assert fuse._quant_defaults(mxfp4, "some/model", "affine") == (4, 64, "affine")
+    assert fuse._quant_defaults({}, "some/dense_model", "mxfp8") == (8, 32, "mxfp8")
 
 
 def test_loss_check_reports_the_saved_models_losses(trained, tmp_path, capsys):

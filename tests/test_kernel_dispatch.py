@@ -50,6 +50,15 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert probes == [False]  # a dense base: the quantized renderings are not probed
     quantized = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0, 64, 4)
     assert linear_fn(quantized) is merged_fn(quantized, "ops", True) and probes == [False, True]
+    # mxfp4 / nvfp4 / mxfp8: the kernels' gathers and scatters only (anchors from MLX), so the affine renderings
+    # are neither probed nor needed.
+    for mode, group_size, bits in (("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)):
+        probes.clear()
+        micro = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0, group_size, bits, mode)
+        assert micro.quantized and not micro.affine and quantized.affine
+        assert linear_fn(micro) is merged_fn(micro, "ops", True)
+        assert delta_fn(micro) is block_fn(micro, "ops", False)
+        assert probes == [False, False]
     # The rule between the measured winners and losers (docs/BENCHMARKS.md), and never with one block.
     assert kernels.block_grads_pay(4096, 4096, 2) and kernels.block_grads_pay(4096, 14336, 2)
     assert not kernels.block_grads_pay(1024, 4096, 4) and not kernels.block_grads_pay(14336, 14336, 1)

@@ -1,7 +1,8 @@
 """The Metal rendering of the SMoA kernels, proven on the CPU: MLX's generated Metal source, compiled by g++
 against tests/metal_shim/shim.h and run under its threadgroup emulator (outputs poisoned with NaN first), inside the
 block form's forward and custom VJP, must match float64 numpy: ragged groups, a zero-rank block, K = 1, dense and
-2/4/8-bit bases (3-bit: the kernels' gathers with plain-MLX anchors), float16/bfloat16/float32, gradients included;
+2/4/8-bit bases (3-bit and mxfp4/nvfp4/mxfp8: the kernels' gathers with plain-MLX anchors), float16/bfloat16/float32,
+gradients included;
 the gathers and scatters with 16-byte vectors and with their narrower fallbacks (widths not a multiple of 8), and
 alone, bit for bit against plain MLX over several threadgroups, ragged padded blocks and token counts that are not
 a multiple of a thread's tokens. The shim is built with UBSan's alignment check, so an access through a 16-byte
@@ -31,6 +32,10 @@ CASES = [
     pytest.param(128, 40, 5, 1, mx.bfloat16, 2, 32, None, (11,), False, id="q2-bf16-K1-update-alone"),
     pytest.param(96, 64, 40, 2, mx.float16, 0, 64, None, (5,), False, id="dense-f16-rank20-per-block"),
     pytest.param(192, 50, 6, 2, mx.float32, 3, 64, None, (7,), True, id="q3-f32-mlx-anchors"),
+    # MLX's other quantization modes: the kernels' gathers and scatters, plain-MLX anchors (never the kernels').
+    pytest.param(128, 96, 8, 2, mx.bfloat16, "mxfp4", 0, None, (20,), True, id="mxfp4-bf16-K2"),
+    pytest.param(64, 70, 6, 3, mx.float16, "nvfp4", 0, None, (2, 9), False, id="nvfp4-f16-K3-update-alone"),
+    pytest.param(128, 72, 8, 4, mx.float32, "mxfp8", 0, [3, 0, 2, 3], (9,), True, id="mxfp8-f32-K4-zero-rank-block"),
 ]
 TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
 
@@ -62,11 +67,15 @@ def _recording(launches: list):
 
 @pytest.mark.parametrize("d_in,d_out,rank,blocks,dtype,bits,gs,branch,lead,with_base", CASES)
 def test_metal_rendering_matches_float64(d_in, d_out, rank, blocks, dtype, bits, gs, branch, lead, with_base):
-    from metal_emulator import run_launch
-
+    launches: list[Launch] = []
     layer = make_layer(d_in, d_out, rank, blocks, dtype, bits, gs, branch, seed=d_in + d_out)
-    fn = block_fn(layer.layout, KernelOps(run_launch), with_base)
+    fn = block_fn(layer.layout, KernelOps(_recording(launches)), with_base)
     check_against_float64(layer, fn, lead, with_base, TOL[dtype])
+    kernels = {la.kernel for la in launches}
+    assert kernels >= {"gather", "scatter_add" if with_base else "scatter"}
+    # The anchored kernels read dense and 2/4/8-bit affine bases themselves, and nothing else.
+    assert (kernels >= set(source.ANCHORED)) == (bits in (0, 2, 4, 8))
+    assert any(la.quantized for la in launches) == (bits in (2, 4, 8))
 
 
 @pytest.mark.parametrize("d_in,d_out,rank,blocks,dtype,lead,with_base,vecs", VEC_CASES)
@@ -219,3 +228,29 @@ def test_probe_compiles_every_kernel_and_no_quantized_matmul(monkeypatch):
     assert dense | quantized == every
     assert qmm == []
     assert set(kernels._probed) == {(ops.name, False), (ops.name, True)}
+
+
+@pytest.mark.parametrize("form", ["auto", "kernel"])
+def test_gpu_dispatch_of_a_microscaled_base_launches_only_movers(form, monkeypatch):
+    """On a GPU (Metal, here its shim), an mxfp4 base's layer as the dispatcher builds it (kernels.linear_fn,
+    delta_fn): ``auto``'s merged form with block gradients (forced at this small size) and the block form
+    (``kernel``) match float64 through the kernels' gathers and scatters; the probe runs the dense renderings only,
+    and no kernel ever reads the base (its anchors come from MLX's own dequantization)."""
+    import smoa_mlx.kernels as kernels
+
+    launches: list[Launch] = []
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(kernels, "_probed", {})
+    monkeypatch.setattr(kernels, "_kernel_ops", {"metal": KernelOps(_recording(launches))})
+    monkeypatch.setattr(kernels, "MERGED_BLOCK_GRADS_MIN_SAVING", 0.0)  # block gradients, as for a large layer
+    monkeypatch.setenv(kernels.KERNEL_ENV, form)
+    layer = make_layer(96, 64, 6, 2, mx.float16, "mxfp4", seed=5)
+    fn = kernels.linear_fn(layer.layout)
+    assert set(kernels._probed) == {("metal", False)}
+    assert not any(la.quantized for la in launches)  # the probe: dense renderings only
+    launches.clear()
+    check_against_float64(layer, fn, (2, 5), True, TOL[mx.float16])
+    if form == "kernel":
+        check_against_float64(layer, kernels.delta_fn(layer.layout), (2, 5), False, TOL[mx.float16])
+    assert "gather" in {la.kernel for la in launches}
+    assert {la.kernel for la in launches} <= set(source.MOVERS)

@@ -7,7 +7,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from smoa_mlx import SMoALinear
-from reference_numpy import ref_delta, ref_dequantize, ref_groups, ref_order, ref_ranks
+from smoa_mlx.kernels import factor_views
+from reference_numpy import ref_delta, ref_dequantize, ref_dequantize_fp, ref_groups, ref_layer, ref_order, ref_ranks
 
 
 def _base(d_in, d_out, bias=True, seed=0):
@@ -29,9 +30,23 @@ def _np(a):
 
 def _dense_weight(layer):
     base = layer.linear
+    if isinstance(base, nn.QuantizedLinear) and base.mode != "affine":
+        return ref_dequantize_fp(np.array(base.weight), np.array(base.scales), base.group_size, base.bits, base.mode)
     if isinstance(base, nn.QuantizedLinear):
         return ref_dequantize(np.array(base.weight), _np(base.scales), _np(base.biases), base.group_size, base.bits)
     return _np(base.weight)
+
+
+MODES = ["mxfp4", "nvfp4", "mxfp8"]  # MLX's quantization modes without biases (8-bit scale codes)
+
+
+def _microscaled(mode, d_in=64, d_out=48, dtype=mx.float32):
+    """A QuantizedLinear in ``mode`` with a bias, from a ``dtype`` linear (the mode keeps no float weight array)."""
+    base = _base(d_in, d_out)
+    base.set_dtype(dtype)
+    quantized = nn.QuantizedLinear.from_linear(base, mode=mode)
+    quantized.bias = base.bias
+    return quantized
 
 
 CASES = [
@@ -75,20 +90,109 @@ def test_matches_numpy_reference(d_in, d_out, rank, blocks, branch_ranks):
     np.testing.assert_allclose(_np(layer(x)), y_want, rtol=1e-4, atol=1e-5)
 
 
+def _orders_and_delta(layer):
+    """(W0, Delta W) in float64 from the reference on the dequantized base, after checking the layer's row and
+    column orders and its Delta W against them."""
+    w = _dense_weight(layer)
+    orders = ref_order(w)
+    np.testing.assert_array_equal(np.array(layer.row_order), orders[0])
+    np.testing.assert_array_equal(np.array(layer.col_order), orders[1])
+    delta = ref_delta(w, [_np(a) for a in layer.smoa_a], [_np(b) for b in layer.smoa_b], layer.blocks, layer.scale)
+    np.testing.assert_allclose(_np(layer.delta_weight()), delta, rtol=1e-5, atol=1e-6)
+    return w, delta
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_base_reads_dequantized_anchors(bits):
     base = nn.QuantizedLinear.from_linear(_base(64, 48), group_size=32, bits=bits)
     layer = SMoALinear.from_base(base, rank=4, blocks=2)
     _randomize_b(layer)
-    w = _dense_weight(layer)
-    orders = ref_order(w)
-    np.testing.assert_array_equal(np.array(layer.row_order), orders[0])
-    np.testing.assert_array_equal(np.array(layer.col_order), orders[1])
-    want = ref_delta(w, [_np(a) for a in layer.smoa_a], [_np(b) for b in layer.smoa_b], 2, layer.scale)
-    np.testing.assert_allclose(_np(layer.delta_weight()), want, rtol=1e-5, atol=1e-6)
+    _, want = _orders_and_delta(layer)
     x = mx.random.normal((5, 64))
     y_want = _np(base(x)) + _np(x) @ want.T
     np.testing.assert_allclose(_np(layer(x)), y_want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_microscaled_base_orders_fuses_and_caches(mode):
+    """An mxfp4 / nvfp4 / mxfp8 base: the spectral order and Delta W from its weight as the formats define it
+    (reference_numpy's own decoding), fused as MLX dequantizes these modes (bfloat16: every value exact), re-quantized
+    in its own mode, group size and bits, and at inference a merged copy in the input's type."""
+    base = _microscaled(mode)
+    layer = SMoALinear.from_base(base, rank=4, blocks=2)
+    assert (layer.layout.mode, layer.layout.group_size, layer.layout.bits) == (mode, base.group_size, base.bits)
+    assert len(layer.weight_parts()) == 2  # weight and scales: no biases in these modes
+    _randomize_b(layer)
+    w, delta = _orders_and_delta(layer)
+    x = mx.random.normal((5, 64))
+    live = layer(x)
+    np.testing.assert_allclose(_np(live), _np(x) @ (w + delta).T + _np(base.bias), rtol=1e-4, atol=1e-5)
+
+    fused = layer.fuse()
+    assert type(fused) is nn.Linear and fused.weight.dtype == mx.bfloat16  # as mlx-lm's fuse leaves these modes
+    np.testing.assert_allclose(_np(fused.weight), w + delta, rtol=2**-8, atol=1e-6)  # one bfloat16 rounding
+    requant = layer.fuse(dequantize=False)
+    assert isinstance(requant, nn.QuantizedLinear)
+    assert (requant.mode, requant.group_size, requant.bits) == (mode, base.group_size, base.bits)
+    np.testing.assert_array_equal(_np(requant.bias), _np(base.bias))
+    want_w, want_scales = mx.quantize(fused.weight, mode=mode)  # W0 + Delta W quantized as the base was
+    assert mx.array_equal(requant.weight, want_w).item() and mx.array_equal(requant.scales, want_scales).item()
+
+    layer.eval()  # the inference cache: W0 + Delta W in the input's type, rebuilt for another type
+    np.testing.assert_allclose(_np(layer(x)), _np(live), rtol=1e-5, atol=1e-5)
+    assert layer.__dict__["_inference_cache"][1].dtype == mx.float32
+    half = x.astype(mx.float16)
+    assert layer(half).dtype == base(half).dtype  # float32 here: the base's float32 bias promotes both
+    assert layer.__dict__["_inference_cache"][1].dtype == mx.float16
+
+
+@pytest.mark.parametrize("form", ["auto", "merged", "dense", "mlx"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_microscaled_base_trains_in_every_form(mode, dtype, form, monkeypatch):
+    """At B = 0 the layer is its base; with B random, y, dx and every factor's gradient against float64 numpy on the
+    dequantized weight, in each form a user can pick (``kernel``, the block form through the GPU kernels: under the
+    Metal shim in test_kernels_metal_shim.py)."""
+    monkeypatch.setenv("SMOA_MLX_KERNEL", form)
+    base = _microscaled(mode, 64, 48, dtype)
+    layer = SMoALinear.from_base(base, rank=6, blocks=3)
+    tol = 1e-4 if dtype == mx.float32 else 1e-2
+    mx.random.seed(2)
+    x = mx.random.normal((2, 3, 64)).astype(dtype)
+    cot = mx.random.normal((2, 3, 48)).astype(dtype)
+    assert layer(x).dtype == dtype
+    np.testing.assert_allclose(_np(layer(x)), _np(base(x)), rtol=tol, atol=tol)
+    _randomize_b(layer)
+
+    def call(x, factors):
+        layer.smoa_factors = factors
+        return layer(x)
+
+    factors = layer.smoa_factors
+    y, (dx, dfactors) = mx.vjp(call, [x, factors], [cot])
+    layer.smoa_factors = factors
+    da, db = factor_views(layer.layout, dfactors)
+    want = ref_layer(_dense_weight(layer), _np(x), _np(cot), [_np(a) for a in layer.smoa_a],
+                     [_np(b) for b in layer.smoa_b], 3, layer.scale,
+                     (np.asarray(layer.row_order), np.asarray(layer.col_order)))
+    want[0] = want[0] + _np(base.bias)
+    for name, got, w in zip(["y", "dx", "dA0", "dA1", "dA2", "dB0", "dB1", "dB2"], [y[0], dx, *da, *db], want):
+        got = _np(got).reshape(w.shape)
+        err = np.linalg.norm(got - w) / np.linalg.norm(w)
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+def test_unsupported_quantized_bases_name_the_layer():
+    for mode, bits in (("int4", 4), ("mxfp4", 8), ("affine", 1)):
+        base = _microscaled("mxfp4") if mode != "affine" else nn.QuantizedLinear.from_linear(_base(64, 48), bits=4)
+        base.mode, base.bits = mode, bits
+        with pytest.raises(ValueError, match=rf"mlp\.up: SMoA supports quantized bases in affine 2/3/4/5/6/8-bit; "
+                                             rf"mxfp4 4-bit; nvfp4 4-bit; mxfp8 8-bit, got mode='{mode}' bits={bits}"):
+            SMoALinear.from_base(base, name="mlp.up")
+    base = _microscaled("nvfp4")
+    base.global_scale = mx.array([2.0])
+    with pytest.raises(ValueError, match=r"mlp\.up: SMoA does not support quantized bases with a global_scale"):
+        SMoALinear.from_base(base, name="mlp.up")
 
 
 def test_zero_b_forward_is_the_base_layer():

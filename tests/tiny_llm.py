@@ -1,7 +1,7 @@
 """Tiny mlx-lm llama folders with SMoA adapters for the fuse / chat / generate tests (no downloads).
 
 Built on ``train_helpers.build_model_folder`` (word-level tokenizer with a chat template); the quantized
-variant is the same model quantized by mlx-lm, as ``mlx_lm.convert -q`` would.
+variant is the same model quantized by mlx-lm, as ``mlx_lm.convert -q [--q-mode mxfp4]`` would.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from smoa_mlx import SMoAConfig, apply_smoa, save_adapter, smoa_layers
 from smoa_mlx.models.folder import save_model_folder
 
 
-def make_model_folder(folder: Path, *, quantize_bits: Optional[int] = None, group_size: int = 32, **kw) -> Path:
-    """A float32 tiny llama folder, or (``quantize_bits``) its affine-quantized version.
+def make_model_folder(folder: Path, *, quantize_bits: Optional[int] = None, group_size: int = 32,
+                      quantize_mode: str = "affine", **kw) -> Path:
+    """A float32 tiny llama folder, or (``quantize_bits``) its quantized version: affine, or in another MLX mode
+    (``quantize_mode`` "mxfp4", as mlx-community's gpt-oss models are; "nvfp4" takes ``group_size=16``).
 
     The matrices are scaled up from mlx's default init, whose near-uniform logits make greedy decoding repeat
     one token; sharper logits give varied replies, so chat tests see real text.
@@ -30,7 +32,7 @@ def make_model_folder(folder: Path, *, quantize_bits: Optional[int] = None, grou
     model, tokenizer, config = mlx_lm.load(str(dense), return_config=True)
     model.update(tree_map(lambda p: p * 4 if p.ndim == 2 else p, model.parameters()))
     if quantize_bits:
-        model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
+        model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits, mode=quantize_mode)
     return save_model_folder(folder, model, tokenizer, config)
 
 

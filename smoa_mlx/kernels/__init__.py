@@ -128,8 +128,8 @@ def merged_block_grads(layout: BlockLayout) -> bool:
     return gpu_backend() is not None and block_grads_pay(d_out, d_in, len(layout.ranks))
 
 
-# The probe's layouts: ragged groups, for the kernels every layer uses; a 4-bit base, for the anchored kernels'
-# quantized renderings, probed only once a quantized layer needs them.
+# The probe's layouts: ragged groups, for the kernels every layer uses; a 4-bit affine base, for the anchored kernels'
+# quantized renderings, probed only once an affine-quantized layer needs them.
 _PROBE_LAYOUTS = {
     False: BlockLayout((5, 4), (5, 4), (2, 1), 1.5),
     True: BlockLayout((3, 2), (64, 64), (1, 1), 1.0, 32, 4),
@@ -142,7 +142,7 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
     Why so narrow: on CUDA every new instantiation is compiled on first use, and each of MLX's quantized matmuls
     took 19-28 s there (docs/BENCHMARKS.md). The quantized layout runs the update alone, so it compiles our
     kernels' quantized renderings and none of MLX's quantized matmuls (whose group size would not be the model's
-    anyway), and it runs only for models with quantized layers. The dense layout runs the whole layer (the
+    anyway), and it runs only for models with affine-quantized layers. The dense layout runs the whole layer (the
     scatter that adds the base's output) and the quantized one the update alone (the plain scatter): between them,
     every kernel."""
     key = (ops.name, quantized)
@@ -180,7 +180,9 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
 
 
 def _ops(quantized: bool = False):
-    """The GPU kernels if they work on this machine (``quantized``: for a quantized base too), else None."""
+    """The GPU kernels if they work on this machine (``quantized``: their renderings for an affine-quantized base
+    too), else None. Bases in the other modes (mxfp4, nvfp4, mxfp8) use only the gathers and scatters, as dense ones
+    do: their anchors come from MLX's own dequantization, never from the kernels (KernelOps._anchored)."""
     backend = gpu_backend()
     if backend is None:
         return None
@@ -193,7 +195,7 @@ def _block_ops(layout: BlockLayout):
     chosen = form(layout)
     if chosen == "mlx":
         return _MLX_OPS
-    return _ops(layout.quantized) if chosen == "kernel" else None
+    return _ops(layout.affine) if chosen == "kernel" else None
 
 
 def delta_fn(layout: BlockLayout) -> LayerFn:
@@ -209,7 +211,7 @@ def linear_fn(layout: BlockLayout) -> LayerFn:
         # Where the kernels fail, full gradients, not block gradients through plain-MLX takes: the takes lose to the
         # matmul they would save (on the CPU 59 against 35-38 ms per layer step; on an H200 a take of an 8192 x 4096
         # activation's columns was 3x a simple kernel, 6x the shipped gathers; docs/BENCHMARKS.md).
-        ops = _ops(layout.quantized) if merged_block_grads(layout) else None
+        ops = _ops(layout.affine) if merged_block_grads(layout) else None
         return merged_fn(layout, ops or _MLX_OPS, ops is not None, os.environ.get(MERGED_KEEP_ENV, "0") == "1")
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)

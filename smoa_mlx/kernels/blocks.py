@@ -32,7 +32,7 @@ from .plan import (BlockLayout, BlockPlan, LayerFn, WeightParts, after_factor_gr
 from . import source
 from .source import GROUP, TI, TT, V, vector_width
 
-SUPPORTED_BITS = (2, 4, 8)  # in-kernel dequantization needs whole values per 32-bit word
+SUPPORTED_BITS = (2, 4, 8)  # in-kernel (affine) dequantization needs whole values per 32-bit word
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -142,7 +142,10 @@ class KernelOps(MlxOps):
         return out
 
     def _anchored(self, kernel, layout, plan, weight_parts, data, dtype):
-        if layout.quantized and layout.bits not in SUPPORTED_BITS:
+        # The kernels dequantize affine (w, scales, biases) words of whole values only; any other quantized base
+        # (3/5/6-bit words straddle, mxfp4/nvfp4/mxfp8 have other arrays and codes) never reaches them: its
+        # anchors come from MLX's own dequantization (MlxOps), while the gathers and scatters stay kernels.
+        if layout.quantized and (not layout.affine or layout.bits not in SUPPORTED_BITS):
             return None
         K, M, N, R = padded_dims(layout)
         d_in = sum(layout.col_sizes)
@@ -170,21 +173,23 @@ class KernelOps(MlxOps):
 
 
 # -- the base layer's own products, for the fused form (base + update in one function) -----------------------
+def _quantized_matmul(layout: BlockLayout, a: mx.array, weight_parts: WeightParts, transpose: bool) -> mx.array:
+    w, scales, *biases = weight_parts  # no biases in the modes other than affine
+    return mx.quantized_matmul(a, w, scales, biases[0] if biases else None, transpose=transpose,
+                               group_size=layout.group_size, bits=layout.bits, mode=layout.mode)
+
+
 def base_forward(layout: BlockLayout, x2: mx.array, weight_parts: WeightParts) -> mx.array:
     """x W0^T, as nn.Linear / nn.QuantizedLinear compute it (bias excluded)."""
     if layout.quantized:
-        w, scales, biases = weight_parts
-        return mx.quantized_matmul(x2, w, scales, biases, transpose=True, group_size=layout.group_size,
-                                   bits=layout.bits)
+        return _quantized_matmul(layout, x2, weight_parts, True)
     return x2 @ weight_parts[0].T
 
 
 def base_backward(layout: BlockLayout, g2: mx.array, weight_parts: WeightParts) -> mx.array:
     """dy W0: the frozen layer's input gradient."""
     if layout.quantized:
-        w, scales, biases = weight_parts
-        return mx.quantized_matmul(g2, w, scales, biases, transpose=False, group_size=layout.group_size,
-                                   bits=layout.bits)
+        return _quantized_matmul(layout, g2, weight_parts, False)
     return g2 @ weight_parts[0]
 
 

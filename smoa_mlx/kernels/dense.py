@@ -17,12 +17,29 @@ from .plan import (BlockLayout, LayerFn, LayerIndex, WeightParts, after_factor_g
                    plan_of, untake_grads, vjp_primals, whole_weight_factors)
 
 
+# mxfp4, nvfp4 and mxfp8 bases hold no float array of their own (their scales are 8-bit codes), so they dequantize
+# to bfloat16, MLX's own default for them, and exactly: each value is a 2- or 4-bit significand times a power of two
+# (e8m0 scales) or an e4m3 scale, at most 6 significant bits where bfloat16 holds 8, and within its exponent range
+# (mxfp8's subnormals below 1e-40 aside). What reads them casts to float32 or the activations' type.
+FP_MODE_DTYPE = mx.bfloat16
+
+
+def dequantize(weight_parts: WeightParts, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """A quantized weight's arrays (w, scales[, biases]) as a dense array: affine in its scales' dtype, the modes
+    without biases in bfloat16 (:data:`FP_MODE_DTYPE`)."""
+    if mode == "affine":
+        w, scales, biases = weight_parts
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+    w, scales = weight_parts
+    return mx.dequantize(w, scales, None, group_size=group_size, bits=bits, mode=mode, dtype=FP_MODE_DTYPE)
+
+
 def gather_rows(weight_parts: tuple[mx.array, ...], rows: mx.array, layout: BlockLayout) -> mx.array:
     """Rows of the base weight, dequantized when the base is quantized (|rows| x d_in)."""
     if not layout.quantized:
         return mx.take(weight_parts[0], rows, axis=0)
-    w, scales, biases = (mx.take(p, rows, axis=0) for p in weight_parts)
-    return mx.dequantize(w, scales, biases, group_size=layout.group_size, bits=layout.bits)
+    return dequantize(tuple(mx.take(p, rows, axis=0) for p in weight_parts), layout.group_size, layout.bits,
+                      layout.mode)
 
 
 def gather_anchor(weight_parts: tuple[mx.array, ...], rows: mx.array, cols: mx.array, layout: BlockLayout) -> mx.array:
@@ -74,11 +91,10 @@ def full_factors(layout: BlockLayout, index: LayerIndex, factors: mx.array,
 
 
 def full_weight(weight_parts: WeightParts, layout: BlockLayout) -> mx.array:
-    """W0 as a dense array (dequantized for a quantized base)."""
+    """W0 as a dense array (dequantized for a quantized base: :func:`dequantize`)."""
     if not layout.quantized:
         return weight_parts[0]
-    w, scales, biases = weight_parts
-    return mx.dequantize(w, scales, biases, group_size=layout.group_size, bits=layout.bits)
+    return dequantize(weight_parts, layout.group_size, layout.bits, layout.mode)
 
 
 def _dense_update(layout, index, weight_parts, factors, dtype):

@@ -22,6 +22,7 @@ are computed from dy and x alone). A comparison of training curves on a real mod
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import mlx.core as mx
 
@@ -102,13 +103,15 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
     return fn
 
 
-def fused_weight(layout: BlockLayout, index: LayerIndex, weight_parts: WeightParts, factors: mx.array) -> mx.array:
-    """W0 + Delta W = W0 (1 + s B_full A_full) as one dense matrix in W0's compute dtype (a quantized base's
-    scales'), for fusing and the inference cache: the merged form's formula with its rank-r product in float32,
+def fused_weight(layout: BlockLayout, index: LayerIndex, weight_parts: WeightParts, factors: mx.array,
+                 dtype: Optional[mx.Dtype] = None) -> mx.array:
+    """W0 + Delta W = W0 (1 + s B_full A_full) as one dense matrix in ``dtype``, by default W0's compute dtype (an
+    affine base's scales'; bfloat16 for the modes without, :data:`.dense.FP_MODE_DTYPE`), for fusing and the inference
+    cache: the merged form's formula with its rank-r product in float32,
     rounded once. One take per factor, one rank-r matmul and one elementwise pass; W0 + :func:`.dense.dense_delta`
     (K block products placed, then two takes of the whole weight to undo the permutations) took 9.6x as long on
     the CPU (150 layers of SmolLM2-135M: 1.28 s against 0.13 s, scripts/bench_inference.py) and stays the
     reference for checks."""
     w0 = full_weight(weight_parts, layout)
     b_full, a_full = full_factors(layout, index, factors, mx.float32)
-    return _merge_pass(w0.dtype)(w0, b_full @ a_full, mx.array(layout.scale, mx.float32))
+    return _merge_pass(w0.dtype if dtype is None else dtype)(w0, b_full @ a_full, mx.array(layout.scale, mx.float32))

@@ -25,7 +25,9 @@ import numpy as np
 from mlx.utils import tree_map
 
 # The types of every form's contract ``fn(x, index, weight_parts, factors)`` (:mod:`smoa_mlx.kernels`):
-WeightParts = tuple[mx.array, ...]  # the base weight: (W0,) dense, (w, scales, biases) quantized
+# The base weight: (W0,) dense, (w, scales, biases) affine-quantized, (w, scales) in the modes without biases
+# (mxfp4, nvfp4, mxfp8: 8-bit scale codes, no float array of their own).
+WeightParts = tuple[mx.array, ...]
 # A layer's index (``SMoALinear.index``): row order, column order and their inverses (int32 arrays), then its
 # BlockPlan as a tuple; without the plan, :func:`plan_of` builds one from the orders (outside traces only).
 LayerIndex = Union[tuple[mx.array, mx.array, mx.array, mx.array],
@@ -44,10 +46,17 @@ class BlockLayout:
     scale: float
     group_size: int = 0  # 0: dense base weight
     bits: int = 0
+    mode: str = "affine"  # a quantized base's MLX quantization mode: "affine", "mxfp4", "nvfp4" or "mxfp8"
 
     @property
     def quantized(self) -> bool:
         return self.bits > 0
+
+    @property
+    def affine(self) -> bool:
+        """An affine-quantized base, (w, scales, biases): the only quantized weight the GPU kernels read themselves;
+        the other modes' anchors come from MLX's own dequantization (:mod:`.blocks`)."""
+        return self.quantized and self.mode == "affine"
 
     def offsets(self, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
         out, start = [], 0

@@ -317,7 +317,7 @@ def render(data: dict, plot_name: Optional[str]) -> str:
         skipped = f"; skipped: {', '.join(i['skipped'])}" if i.get("skipped") else ""
         wall = f", {i['wall_time_s']:.0f} s" if i.get("wall_time_s") is not None else ""
         lines += [f"- {i['started']} on {i['device']} (mlx {i['mlx']}, {i['platform']}){wall}{stop}{skipped}:",
-                  "", f"  ```", f"  {i['command']}", "  ```", ""]
+                  "", "  ```", f"  {i['command']}", "  ```", ""]
     lines += REPRODUCE
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import mlx.core as mx
@@ -19,25 +20,40 @@ def _matches(key: str, targets: Iterable[str]) -> bool:
     return any(key == t or key.endswith("." + t) for t in targets)
 
 
-def target_paths(model: nn.Module, targets: Iterable[str], num_layers: int = -1) -> list[str]:
-    """Full module paths to adapt: matching linears in the last ``num_layers`` blocks, as mlx-lm selects them.
-
-    ``num_layers=-1`` (or more than the model has) means every block.
-    """
+def _matching_modules(model: nn.Module, targets: Iterable[str], num_layers: int) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module whose name matches ``targets`` in the last ``num_layers`` blocks."""
     targets = list(targets)
     layers = getattr(model, "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no `layers`: not an mlx-lm language model")
     n = len(layers) if num_layers is None or num_layers < 0 else min(num_layers, len(layers))
     chosen = {id(m) for block in layers[len(layers) - n :] for _, m in block.named_modules()}
-    return sorted(
-        (
-            path
-            for path, m in model.named_modules()
-            if id(m) in chosen and isinstance(m, (nn.Linear, nn.QuantizedLinear)) and _matches(path, targets)
-        ),
-        key=natural_key,
-    )
+    return [(path, m) for path, m in model.named_modules() if id(m) in chosen and _matches(path, targets)]
+
+
+def target_paths(model: nn.Module, targets: Iterable[str], num_layers: int = -1) -> list[str]:
+    """Full module paths to adapt: matching linears in the last ``num_layers`` blocks, as mlx-lm selects them.
+
+    ``num_layers=-1`` (or more than the model has) means every block.
+    """
+    return sorted((path for path, m in _matching_modules(model, targets, num_layers)
+                   if isinstance(m, (nn.Linear, nn.QuantizedLinear))), key=natural_key)
+
+
+def unadapted_matches(model: nn.Module, targets: Iterable[str], num_layers: int = -1) -> dict[str, list[str]]:
+    """{type name: paths} of modules whose names match ``targets`` but which SMoA cannot wrap: a mixture of experts'
+    ``SwitchLinear`` (mlx-lm's LoRA adapts those, through LoRASwitchLinear), a ``BitLinear``... Why: they would
+    otherwise be skipped without a word, and a user of an MoE model would train its attention alone unawares."""
+    found: dict[str, list[str]] = {}
+    for path, m in _matching_modules(model, targets, num_layers):
+        if not isinstance(m, (nn.Linear, nn.QuantizedLinear)) and hasattr(m, "weight"):
+            found.setdefault(type(m).__name__, []).append(path)
+    return found
+
+
+def _describe(found: dict[str, list[str]]) -> str:
+    return "; ".join(f"{len(paths)} {kind} ({', '.join(sorted(paths, key=natural_key)[:2])}"
+                     f"{', ...' if len(paths) > 2 else ''})" for kind, paths in found.items())
 
 
 def natural_key(path: str) -> list:
@@ -73,10 +89,20 @@ def apply_smoa(
     wraps the per-layer loop (``tqdm`` for instance): the spectral step is the slow part of setting up a big model.
     """
     paths = target_paths(model, config.target_modules, config.num_layers)
+    skipped = unadapted_matches(model, config.target_modules, config.num_layers)
     if not paths:
         raise ValueError(
             f"no module of {type(model).__name__} matches target_modules={config.target_modules} "
-            f"in the last {config.num_layers} blocks"
+            + (f"in the last {config.num_layers} blocks" if config.num_layers >= 0 else "in any block")
+            + (f"; SMoA wraps nn.Linear and nn.QuantizedLinear only, and these match: {_describe(skipped)}"
+               if skipped else "")
+        )
+    if skipped:
+        warnings.warn(
+            f"SMoA wraps nn.Linear and nn.QuantizedLinear only: left unadapted, though they match "
+            f"target_modules: {_describe(skipped)}. Adapting {len(paths)} linear layers.",
+            UserWarning,
+            stacklevel=2,
         )
     if orders is None:
         orders = shared_orders(model, paths, progress)

@@ -68,8 +68,8 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
     # returns the factors' gradient itself), and handed to it as inputs: the backward rebuilds W0 + Delta W from them
     # instead of taking them from the factors again (two takes, a concatenation and a cast fewer per layer and step).
     # They are (d_out + d_in) r elements, alive from the layer's forward to its backward. As extra outputs of the
-    # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU, and the same on
-    # an H200 with a 4-bit base (docs/BENCHMARKS.md, "Host-side cost").
+    # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU than as inputs; on
+    # an H200 with a 4-bit base the two measured the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
     @mx.custom_function
     def forward(x, index, weight_parts, factors, full):
         return x @ ops.merge(layout, weight_parts, *full, x.dtype).T

@@ -628,10 +628,11 @@ def design_floor(row: dict, copy_gbps: float, tokens: int = TOKENS) -> dict:
     layer-matmuls at the frozen step's pace (2 + 1/K with block gradients, else 3, against the frozen step's 2) plus
     the bytes its memory-bound passes must move at the copy ceiling (bf16: each build of W0 + Delta W writes and reads
     the rank-r product and reads W0 and writes W, twice per step; block gradients gather x and dy and read G_k and
-    the anchors to write H; full gradients read G and W0 to write s G * W0). A lower bound: it leaves out the rank-r
-    products, the factors' small passes and every launch's fixed cost, but the frozen step's own fixed cost is
-    scaled with its matmuls, so on small layers, where that cost weighs, a form can run below it (1024x4096 at K = 2
-    did, December 2026). Why: on large layers a goal below it cannot be met by any kernel of this design."""
+    the anchors to write H; full gradients read G and W0 to write s G * W0). An estimate, not a strict bound: it
+    leaves out the rank-r products, the factors' small passes and every launch's own cost, but scales the frozen
+    step's fixed cost with its matmuls, which overstates the floor (by an eighth of that cost at 2.25 layer-matmuls,
+    by half at 3: enough on a small layer that a form ran below it, 1024x4096 at K = 2, December 2026). Why: a goal
+    well below it on large layers is out of reach of any kernel of this design."""
     from smoa_mlx.kernels import block_grads_pay
 
     d_out, d_in, k = row["d_out"], row["d_in"], row["blocks"]
@@ -649,7 +650,7 @@ def design_floor(row: dict, copy_gbps: float, tokens: int = TOKENS) -> dict:
 
 def _design_floor_table(rows: list[dict], copy_gbps: float) -> list[str]:
     out = ["The merged form's own floor (`design_floor`: its layer-matmuls at the frozen step's pace plus its passes' "
-           f"bytes at the copy ceiling, {copy_gbps:.0f} GB/s; a lower bound on large layers):", "",
+           f"bytes at the copy ceiling, {copy_gbps:.0f} GB/s; an estimate, see below):", "",
            "| W0 | K | layer-matmuls | GB moved | floor ms | auto ms | auto / floor | MLX LoRA | floor / MLX LoRA |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -408,35 +408,73 @@ def check_movers(kernel_ops, cases=MOVER_CHECKS, tokens=TOKENS) -> list[dict]:
     return rows
 
 
-def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10) -> list[dict]:
-    """The merged form's steps alone at one shape: where its time goes (ms per step)."""
+def _breakdowns(kernel_ops) -> list[dict]:
+    """The breakdowns a device round runs: 4096x4096 at K = 4 (where the default is furthest above its floor) and 2,
+    and 4096x14336 at K = 4."""
+    return [r for shape, k in (((4096, 4096), 4), ((4096, 4096), 2), ((4096, 14336), 4))
+            for r in breakdown(kernel_ops, shape, k)]
+
+
+def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens=TOKENS) -> list[dict]:
+    """The merged form's steps alone at one shape: where its time goes (ms per step), with the block gradients'
+    steps where ``block_grads_pay``. Each step runs ``reps`` times on distinct inputs, eagerly (``ms``: each launch
+    built from Python) and replayed by ``mx.compile`` (``ms_compiled``: the GPU's time, as the trainer's compiled
+    step pays it; distinct inputs keep compile from merging the copies)."""
     import mlx.core as mx
 
+    from smoa_mlx.kernels import block_grads_pay
+    from smoa_mlx.kernels.blocks import _pack, block_factor_grads
     from smoa_mlx.kernels.dense import full_factors
+    from smoa_mlx.kernels.plan import padded_dims, plan_of
 
     d_out, d_in = shape
     layer = _mlx_layer(d_out, d_in, rank, blocks)
-    parts, layout = layer.weight_parts(), layer.layout
-    x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
-    g = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
+    parts, layout, index, factors = layer.weight_parts(), layer.layout, layer.index, layer.smoa_factors
     w = parts[0]
-    bf, af = full_factors(layout, layer.index, layer.smoa_factors)
-    gram = mx.random.normal((d_out, d_in)).astype(mx.bfloat16)
-    mx.eval(x, g, bf, af, gram)
-    steps = {
-        "full factors": lambda: full_factors(layout, layer.index, layer.smoa_factors),
-        "merge (rank-r matmul + fused pass)": lambda: kernel_ops.merge(layout, parts, bf, af, mx.bfloat16),
-        "s G * W0 (fused pass)": lambda: kernel_ops.hadamard_full(layout, parts, gram),
-        "x W^T": lambda: x @ w.T,
-        "dy W": lambda: g @ w,
-        "G = dy^T x": lambda: g.T @ x,
-        "H A^T": lambda: (gram @ af.T.astype(mx.bfloat16)).astype(mx.float32),
-        "B^T H": lambda: (bf.T.astype(mx.bfloat16) @ gram).astype(mx.float32),
+    bf, af = full_factors(layout, index, factors, mx.bfloat16)
+    x = mx.random.normal((tokens, d_in)).astype(mx.bfloat16)
+    g = mx.random.normal((tokens, d_out)).astype(mx.bfloat16)
+    mx.eval(bf, af, x, g)
+
+    def varied(a):  # reps distinct arrays like ``a``, made on demand (a step's inputs only live while it is timed)
+        return lambda: [a + i for i in range(reps)]
+
+    gram = lambda: [mx.random.normal((d_out, d_in)).astype(mx.bfloat16) for _ in range(reps)]  # noqa: E731
+    steps = {  # name: (one launch on a varying input, its reps inputs)
+        "full factors (two takes)": (lambda f: full_factors(layout, index, f, mx.bfloat16), varied(factors)),
+        "merge (rank-r matmul + fused pass)": (lambda b: kernel_ops.merge(layout, parts, b, af, mx.bfloat16),
+                                               varied(bf)),
+        "x W^T": (lambda v: v @ w.T, varied(x)),
+        "dy W": (lambda v: v @ w, varied(g)),
+        "G = dy^T x": (lambda v: v.T @ x, varied(g)),
+        "s G * W0 (fused pass)": (lambda h: kernel_ops.hadamard_full(layout, parts, h), gram),
+        "H A^T": (lambda h: h @ af.T, gram),
+        "B^T H": (lambda h: bf.T @ h, gram),
     }
+    if block_grads_pay(d_out, d_in, blocks):
+        K, M, N, _ = padded_dims(layout)
+        plan = plan_of(layout, index)
+        a_pad, b_pad = _pack(layout, plan, factors, mx.bfloat16)
+        xb = kernel_ops.gather(x, plan.col_src, K, N)
+        gb = kernel_ops.gather(g, plan.row_src, K, M)
+        mx.eval(a_pad, b_pad, xb, gb)
+        steps.update({
+            "gather x (block-major)": (lambda v: kernel_ops.gather(v, plan.col_src, K, N), varied(x)),
+            "gather dy (block-major)": (lambda v: kernel_ops.gather(v, plan.row_src, K, M), varied(g)),
+            "G_k = dy_k^T x_k (batched)": (lambda v: mx.transpose(v, (0, 2, 1)) @ xb, varied(gb)),
+            "block factor grads (Hadamard kernel, products, takes)": (
+                lambda v: block_factor_grads(kernel_ops, layout, plan, parts, a_pad, b_pad, xb, v, factors),
+                varied(gb)),
+        })
     rows = []
-    for name, fn in steps.items():
-        ms, spread = _median_time(lambda: mx.eval([fn() for _ in range(reps)]), mx.synchronize, budget_s=0.3)
-        rows.append(dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, spread=spread))
+    for name, (fn, make) in steps.items():
+        inputs = make()
+        mx.eval(inputs)
+        ms, spread = _median_time(lambda: mx.eval([fn(v) for v in inputs]), mx.synchronize, budget_s=0.3)
+        compiled = mx.compile(lambda *vs: [fn(v) for v in vs])
+        ms_c, spread_c = _median_time(lambda: mx.eval(compiled(*inputs)), mx.synchronize, budget_s=0.3)
+        rows.append(dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, spread=spread,
+                         ms_compiled=ms_c / reps, spread_compiled=spread_c))
         print("breakdown", json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -582,8 +620,12 @@ def markdown(data: dict) -> str:
         if "copy_gbps" in data:
             out += _design_floor_table(data["bench"], data["copy_gbps"])
     if "breakdown" in data:
-        out += ["The merged form's steps alone (bf16, ms):", "", "| W0 | step | ms |", "|---|---|---|"]
-        out += [f"| {r['d_out']}x{r['d_in']} | {r['step']} | {r['ms']:.3f} |" for r in data["breakdown"]]
+        out += ["The merged form's steps alone (bf16, ms per launch; compiled: replayed by mx.compile, as a training "
+                "step runs them):", "", "| W0 | K | step | eager ms | compiled ms |", "|---|---|---|---|---|"]
+        out += [f"| {r['d_out']}x{r['d_in']} | {r.get('blocks', '-')} | {r['step']} | {r['ms']:.3f} "
+                f"| {r['ms_compiled']:.3f} |" if "ms_compiled" in r else
+                f"| {r['d_out']}x{r['d_in']} | {r.get('blocks', '-')} | {r['step']} | {r['ms']:.3f} | - |"
+                for r in data["breakdown"]]
         out.append("")
     if "bandwidth" in data:
         out += [f"Memory-bound steps (bf16, {TOKENS} tokens; copy ceiling measured in the same run: "
@@ -704,6 +746,9 @@ def main(argv=None) -> int:
                     help="the verification's types (a case's first use of each compiles new kernels on CUDA)")
     ap.add_argument("--bandwidth", action="store_true",
                     help="only the copy ceiling and the memory-bound steps' bandwidth, eager and compiled")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the merged form's steps alone, eager and compiled (4096x4096 at K=4 and 2, "
+                         "4096x14336 at K=4), with the copy ceiling")
     ap.add_argument("--stall-s", type=float, default=420, help="end a verification case stuck this long")
     ap.add_argument("--no-probe", action="store_true",
                     help="use the GPU kernels without the dispatcher's probe (saves its compilations)")
@@ -750,6 +795,9 @@ def main(argv=None) -> int:
         if args.bandwidth:
             data["copy_gbps"] = copy_bandwidth()
             data["bandwidth"] = kernel_bandwidth(kernel_ops, SHAPES[:3])
+        elif args.breakdown:
+            data["copy_gbps"] = copy_bandwidth()
+            data["breakdown"] = _breakdowns(kernel_ops)
         elif args.gathers:
             data["copy_gbps"] = copy_bandwidth()
             data["movers_check"], data["bandwidth"] = [], []
@@ -771,7 +819,7 @@ def main(argv=None) -> int:
             if not args.no_extras:
                 data["copy_gbps"] = copy_bandwidth()
                 if not args.skip_breakdown:
-                    data["breakdown"] = breakdown(kernel_ops) + breakdown(kernel_ops, (4096, 14336))
+                    data["breakdown"] = _breakdowns(kernel_ops)
                 data["bandwidth"] = kernel_bandwidth(kernel_ops, shapes[:3])
             data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch)
             if args.out:  # the timings are safe on disk before the verification starts

@@ -19,6 +19,8 @@
 #            variant, since dropped)
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
 #            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)
+#   breakdown  bench_kernels --breakdown: the merged form's steps alone, eager and compiled, at 4096x4096 K=4 and 2
+#            and 4096x14336 K=4, block-gradient steps included (not yet run on a GPU)
 #   graph    bench_graph, LoRA and the merged form at K = 2 and 4: nodes and kernels per adapted layer, the
 #            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
 #            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)
@@ -65,6 +67,9 @@ for p in ${PHASES//,/ }; do
     bandwidth)
       phase bandwidth "${BANDWIDTH_LIMIT:-150}" "$PY" scripts/bench_kernels.py --bandwidth --no-probe --no-torch \
         --out "$OUT/bench_bandwidth.json" ;;
+    breakdown)
+      phase breakdown "${BREAKDOWN_LIMIT:-200}" "$PY" scripts/bench_kernels.py --breakdown --no-probe --no-torch \
+        --out "$OUT/bench_breakdown.json" ;;
     graph)
       phase graph 300 "$PY" scripts/bench_graph.py --dtype bfloat16 --no-peak --methods lora-k2,smoa-merged-k2,lora-k4,smoa-merged-k4 --out "$OUT/bench_graph.json" ;;
     split)
@@ -86,7 +91,7 @@ for bits in (4, 2, 3):
     mx.eval(q(x)); print(bits, 'forward returned after', round(time.time() - t0, 1), 's', flush=True)
     mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
     print(bits, 'VJP returned after', round(time.time() - t0, 1), 's', flush=True)" ;;
-    *) echo "unknown phase $p (train, train4, kernels, gathers, bandwidth, graph, split, verify, qmm)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (train, train4, kernels, gathers, bandwidth, breakdown, graph, split, verify, qmm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/times.txt"

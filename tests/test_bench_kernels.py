@@ -42,3 +42,17 @@ def test_design_floor_counts_the_merged_forms_matmuls_and_bytes():
     small = bench_kernels.design_floor({**row, "d_out": 1024}, copy_gbps=1000.0)
     assert small["matmuls"] == 3  # full gradients below the block-grads threshold: G as one more matmul
     assert abs(small["gb_moved"] - 22 * 1024 * 4096 / 1e9) < 1e-12  # two builds (16 B) + s G * W0 (6 B) per weight
+
+
+def test_breakdown_runs_every_step_eager_and_compiled(monkeypatch):
+    """The per-step breakdown the device round runs (block-gradient steps included: forced here, as the CPU's
+    small layers would not take them). Its figures are not checked: only that every step runs and is reported."""
+    import smoa_mlx.kernels as kernels
+
+    monkeypatch.setattr(kernels, "block_grads_pay", lambda d_out, d_in, blocks: True)
+    rows = bench_kernels.breakdown(kernels._MLX_OPS, (96, 128), blocks=4, rank=8, reps=2, tokens=32)
+    steps = [r["step"] for r in rows]
+    assert "gather x (block-major)" in steps and "block factor grads (Hadamard kernel, products, takes)" in steps
+    assert len(steps) == 12 and all(r["ms"] > 0 and r["ms_compiled"] > 0 for r in rows)
+    table = bench_kernels.markdown({"command": "-", "device": "-", "mlx": "-", "torch": "-", "breakdown": rows})
+    assert "| 96x128 | 4 | G_k = dy_k^T x_k (batched) |" in table

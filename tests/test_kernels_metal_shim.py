@@ -231,11 +231,12 @@ def test_probe_compiles_every_kernel_and_no_quantized_matmul(monkeypatch):
 
 
 @pytest.mark.parametrize("form", ["auto", "kernel"])
-def test_gpu_dispatch_of_a_microscaled_base_launches_only_movers(form, monkeypatch):
-    """On a GPU (Metal, here its shim), an mxfp4 base's layer as the dispatcher builds it (kernels.linear_fn,
-    delta_fn): ``auto``'s merged form with block gradients (forced at this small size) and the block form
-    (``kernel``) match float64 through the kernels' gathers and scatters; the probe runs the dense renderings only,
-    and no kernel ever reads the base (its anchors come from MLX's own dequantization)."""
+@pytest.mark.parametrize("bits", ["mxfp4", 3])
+def test_gpu_dispatch_of_a_base_the_kernels_cannot_read_launches_only_movers(form, bits, monkeypatch):
+    """On a GPU (Metal, here its shim), an mxfp4 or a 3-bit affine base's layer as the dispatcher builds it
+    (kernels.linear_fn, delta_fn): ``auto``'s merged form with block gradients (forced at this small size) and the
+    block form (``kernel``) match float64 through the kernels' gathers and scatters; the probe runs the dense
+    renderings only, and no kernel ever reads the base (its anchors come from MLX's own dequantization)."""
     import smoa_mlx.kernels as kernels
 
     launches: list[Launch] = []
@@ -244,7 +245,7 @@ def test_gpu_dispatch_of_a_microscaled_base_launches_only_movers(form, monkeypat
     monkeypatch.setattr(kernels, "_kernel_ops", {"metal": KernelOps(_recording(launches))})
     monkeypatch.setattr(kernels, "MERGED_BLOCK_GRADS_MIN_SAVING", 0.0)  # block gradients, as for a large layer
     monkeypatch.setenv(kernels.KERNEL_ENV, form)
-    layer = make_layer(96, 64, 6, 2, mx.float16, "mxfp4", seed=5)
+    layer = make_layer(96, 64, 6, 2, mx.float16, bits, group_size=32, seed=5)
     fn = kernels.linear_fn(layer.layout)
     assert set(kernels._probed) == {("metal", False)}
     assert not any(la.quantized for la in launches)  # the probe: dense renderings only

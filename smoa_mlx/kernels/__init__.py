@@ -34,7 +34,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn
+from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn, reads_base
 from .gpu import GpuRunner, gpu_backend
 from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
 from .merged import fused_weight, merged_fn
@@ -180,9 +180,10 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
 
 
 def _ops(quantized: bool = False):
-    """The GPU kernels if they work on this machine (``quantized``: their renderings for an affine-quantized base
-    too), else None. Bases in the other modes (mxfp4, nvfp4, mxfp8) use only the gathers and scatters, as dense ones
-    do: their anchors come from MLX's own dequantization, never from the kernels (KernelOps._anchored)."""
+    """The GPU kernels if they work on this machine (``quantized``: their renderings for a quantized base too, which
+    only layers whose base they read need: :func:`.blocks.reads_base`), else None. Other quantized bases (3/5/6-bit
+    affine, mxfp4, nvfp4, mxfp8) use only the gathers and scatters, as dense ones do: their anchors come from MLX's
+    own dequantization, never from the kernels (KernelOps._anchored)."""
     backend = gpu_backend()
     if backend is None:
         return None
@@ -195,7 +196,7 @@ def _block_ops(layout: BlockLayout):
     chosen = form(layout)
     if chosen == "mlx":
         return _MLX_OPS
-    return _ops(layout.affine) if chosen == "kernel" else None
+    return _ops(reads_base(layout)) if chosen == "kernel" else None
 
 
 def delta_fn(layout: BlockLayout) -> LayerFn:
@@ -211,7 +212,7 @@ def linear_fn(layout: BlockLayout) -> LayerFn:
         # Where the kernels fail, full gradients, not block gradients through plain-MLX takes: the takes lose to the
         # matmul they would save (on the CPU 59 against 35-38 ms per layer step; on an H200 a take of an 8192 x 4096
         # activation's columns was 3x a simple kernel, 6x the shipped gathers; docs/BENCHMARKS.md).
-        ops = _ops(layout.affine) if merged_block_grads(layout) else None
+        ops = _ops(reads_base(layout)) if merged_block_grads(layout) else None
         return merged_fn(layout, ops or _MLX_OPS, ops is not None, os.environ.get(MERGED_KEEP_ENV, "0") == "1")
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)

@@ -33,6 +33,13 @@ from . import source
 from .source import GROUP, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel (affine) dequantization needs whole values per 32-bit word
+
+
+def reads_base(layout: BlockLayout) -> bool:
+    """Whether the anchored kernels read this layer's quantized base themselves: affine words of whole values. Why it
+    matters: only then do they need (and the dispatcher probe) their quantized renderings; a 3/5/6-bit or mxfp4 /
+    nvfp4 / mxfp8 base's anchors come from MLX's own dequantization, its gathers and scatters still kernels."""
+    return layout.affine and layout.bits in SUPPORTED_BITS
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -145,7 +152,7 @@ class KernelOps(MlxOps):
         # The kernels dequantize affine (w, scales, biases) words of whole values only; any other quantized base
         # (3/5/6-bit words straddle, mxfp4/nvfp4/mxfp8 have other arrays and codes) never reaches them: its
         # anchors come from MLX's own dequantization (MlxOps), while the gathers and scatters stay kernels.
-        if layout.quantized and (not layout.affine or layout.bits not in SUPPORTED_BITS):
+        if layout.quantized and not reads_base(layout):
             return None
         K, M, N, R = padded_dims(layout)
         d_in = sum(layout.col_sizes)

@@ -37,7 +37,7 @@ QUANT_MODES = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "nvfp4": (4,), "mxfp
 def check_base(base: nn.Module, name: str = "layer") -> None:
     """Reject layers SMoA cannot wrap, naming the layer."""
     if isinstance(base, nn.QuantizedLinear):
-        mode = getattr(base, "mode", "affine")
+        mode = base.mode
         if mode not in QUANT_MODES or base.bits not in QUANT_MODES[mode]:
             supported = "; ".join(f"{m} {'/'.join(map(str, b))}-bit" for m, b in QUANT_MODES.items())
             raise ValueError(f"{name}: SMoA supports quantized bases in {supported}, got mode={mode!r} "
@@ -49,18 +49,19 @@ def check_base(base: nn.Module, name: str = "layer") -> None:
         raise TypeError(f"{name}: SMoA wraps nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")
 
 
-def _quantized_parts(base: nn.QuantizedLinear) -> tuple[mx.array, ...]:
+def _quantized_parts(base: nn.Module) -> tuple[mx.array, ...]:
     """(weight, scales, biases) affine, (weight, scales) in the modes without biases."""
-    if getattr(base, "mode", "affine") == "affine":
+    if base.mode == "affine":
         return (base.weight, base.scales, base.biases)
     return (base.weight, base.scales)
 
 
-def dequantized_weight(base: BaseLinear) -> mx.array:
-    """The base weight as a dense array: a quantized base's in its own dtype (that of its scales), bfloat16 for
-    mxfp4 / nvfp4 / mxfp8 (whose scales are 8-bit codes; exact, see kernels.dense.FP_MODE_DTYPE)."""
-    if isinstance(base, nn.QuantizedLinear):
-        return dequantize(_quantized_parts(base), base.group_size, base.bits, getattr(base, "mode", "affine"))
+def dequantized_weight(base: nn.Module) -> mx.array:
+    """The weight of a plain or quantized linear (or embedding) as a dense array: a quantized one's in its own dtype
+    (that of its scales), bfloat16 for mxfp4 / nvfp4 / mxfp8 (whose scales are 8-bit codes; exact, see
+    kernels.dense.FP_MODE_DTYPE)."""
+    if "scales" in base:
+        return dequantize(_quantized_parts(base), base.group_size, base.bits, base.mode)
     return base.weight
 
 
@@ -158,7 +159,7 @@ class SMoALinear(nn.Module):
             scale=self.scale,
             group_size=base.group_size if isinstance(base, nn.QuantizedLinear) else 0,
             bits=base.bits if isinstance(base, nn.QuantizedLinear) else 0,
-            mode=getattr(base, "mode", "affine"),
+            mode=base.mode if isinstance(base, nn.QuantizedLinear) else "affine",
         )
         # The orders, their inverses and the block-major plan the kernels index with (kernels/plan.py).
         self._index = (
@@ -354,7 +355,7 @@ class SMoALinear(nn.Module):
             fused.bias = base.bias
         if isinstance(base, nn.QuantizedLinear) and not dequantize:
             return nn.QuantizedLinear.from_linear(fused, group_size=base.group_size, bits=base.bits,
-                                                  mode=getattr(base, "mode", "affine"))
+                                                  mode=base.mode)
         return fused
 
     def num_trainable(self) -> int:

@@ -28,6 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .layer import dequantized_weight
+
 # Share of the update lost above which the quantized fused model no longer carries the fine-tune reliably.
 WARN_DROPPED = 0.25
 # Relative rise of the validation perplexity (quantized fused against fused) above which fuse warns.
@@ -114,16 +116,6 @@ class QuantizationReport:
         )
 
 
-def dense_weight(module: nn.Module) -> mx.array:
-    """The weight of a plain or quantized linear / embedding, dequantized (in its own dtype)."""
-    if "scales" in module:
-        return mx.dequantize(
-            module.weight, module.scales, module.get("biases"), group_size=module.group_size,
-            bits=module.bits, mode=getattr(module, "mode", "affine"),
-        )
-    return module.weight
-
-
 def _round_trip(w: mx.array, group_size: int, bits: int, mode: str = "affine") -> mx.array:
     q = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)  # (w, scales[, biases]): biases affine only
     return mx.dequantize(*q, group_size=group_size, bits=bits, mode=mode)
@@ -177,7 +169,7 @@ def quantization_report(
                 gs, b, m = choice.get("group_size", gs), choice.get("bits", b), choice.get("mode", m)
         if not hasattr(fused, "to_quantized") or fused.weight.shape[-1] % gs:
             continue
-        layers.append(layer_loss(path, dense_weight(_base_of(module)), fused.weight, gs, b, m))
+        layers.append(layer_loss(path, dequantized_weight(_base_of(module)), fused.weight, gs, b, m))
     return QuantizationReport(bits=bits, group_size=group_size, layers=layers, mode=mode)
 
 

@@ -11,7 +11,8 @@ from tiny_llm import make_model_folder, make_smoa_adapter
 
 from smoa_mlx import fuse
 from smoa_mlx.loading import load_model_with_adapter
-from smoa_mlx.quant_check import WARN_DROPPED, dense_weight, quantization_report
+from smoa_mlx.layer import dequantized_weight
+from smoa_mlx.quant_check import WARN_DROPPED, quantization_report
 
 TOKENS = mx.array([[3, 10, 20, 33, 41, 2, 4, 12, 50, 63, 7, 8]])
 
@@ -125,9 +126,9 @@ def test_quantize_report_matches_saved_model_and_warns(tiny, tmp_path, capsys):
     saved, _ = mlx_lm.load(str(tmp_path / "fused"))
     path = "model.layers.1.mlp.down_proj"
     layer = dict(live.named_modules())[path]
-    base = dense_weight(layer.linear)
+    base = dequantized_weight(layer.linear)
     update = layer.delta_weight(mx.float32)
-    kept = dense_weight(dict(saved.named_modules())[path]) - mx.dequantize(
+    kept = dequantized_weight(dict(saved.named_modules())[path]) - mx.dequantize(
         *mx.quantize(base, group_size=32, bits=4), group_size=32, bits=4
     )
     entry = next(l for l in report.layers if l.path == path)

@@ -20,7 +20,8 @@ from train_helpers import build_data_folder
 from smoa_mlx import SMoAConfig, apply_smoa, fuse, save_adapter, smoa_layers
 from smoa_mlx.convert import FragileGroupingWarning, reference_to_smoa, smoa_to_reference
 from smoa_mlx.loading import load_model_with_adapter
-from smoa_mlx.quant_check import dense_weight, quantization_report
+from smoa_mlx.layer import dequantized_weight
+from smoa_mlx.quant_check import quantization_report
 from smoa_mlx.train import run
 
 TOKENS = mx.array([[3, 10, 20, 33, 41, 2, 4, 12, 50, 63, 7, 8]])
@@ -121,10 +122,10 @@ def test_fuse_dequantizes_or_keeps_the_mxfp4_mode(trained, tmp_path, capsys):
     report = quantization_report(live, group_size=32, bits=4, mode="mxfp4")
     path = "model.layers.1.mlp.down_proj"
     layer = dict(live.named_modules())[path]
-    base, update = dense_weight(layer.linear).astype(mx.float32), layer.delta_weight(mx.float32)
+    base, update = dequantized_weight(layer.linear).astype(mx.float32), layer.delta_weight(mx.float32)
     on_grid = mx.dequantize(*mx.quantize(base, mode="mxfp4"), mode="mxfp4", dtype=mx.float32)
     assert mx.array_equal(on_grid, base).item()  # the base's own weights land back on their grid
-    moved = dense_weight(dict(kept.named_modules())[path]).astype(mx.float32) - on_grid
+    moved = dequantized_weight(dict(kept.named_modules())[path]).astype(mx.float32) - on_grid
     entry = next(entry for entry in report.layers if entry.path == path)
     assert math.isclose(entry.kept_dot, mx.sum(moved * update).item(), rel_tol=1e-2)
     assert math.isclose(entry.update_sq, mx.sum(update * update).item(), rel_tol=1e-2)  # dW rounded to bfloat16

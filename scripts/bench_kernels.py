@@ -310,6 +310,18 @@ def _with_variant(fn, tt=None, hadamard_ti=None):
         blocks.TT, source.HADAMARD_TI = shipped
 
 
+def _eager_and_compiled(fn, inputs: list) -> tuple[float, float, float, float]:
+    """(ms, spread) of ``fn`` launched once per input, eagerly (each launch built from Python), then (ms, spread)
+    of the same launches replayed by ``mx.compile`` (the GPU's time, as a compiled training step pays it; distinct
+    inputs keep compile from merging the launches)."""
+    import mlx.core as mx
+
+    ms, spread = _median_time(lambda: mx.eval([fn(v) for v in inputs]), mx.synchronize, budget_s=0.3)
+    compiled = mx.compile(lambda *vs: [fn(v) for v in vs])
+    ms_c, spread_c = _median_time(lambda: mx.eval(compiled(*inputs)), mx.synchronize, budget_s=0.3)
+    return ms, spread, ms_c, spread_c
+
+
 def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) -> list[dict]:
     """Each memory-bound step alone, ``reps`` launches per evaluation on ``reps`` distinct inputs: ms and GB/s of
     the bytes that must move, timed twice. Eagerly (``ms``): each launch is built from Python, as in an uncompiled
@@ -352,9 +364,7 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
                 continue
             inputs = make()
             mx.eval(inputs, base_y, a_pad, b_pad)
-            ms, spread = _median_time(lambda: mx.eval([fn(v) for v in inputs]), mx.synchronize, budget_s=0.3)
-            compiled = mx.compile(lambda *vs: [fn(v) for v in vs])
-            ms_c, spread_c = _median_time(lambda: mx.eval(compiled(*inputs)), mx.synchronize, budget_s=0.3)
+            ms, spread, ms_c, spread_c = _eager_and_compiled(fn, inputs)
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, gb=nbytes / 1e9,
                        gbps=nbytes / (ms / reps) / 1e6, spread=spread, ms_compiled=ms_c / reps,
                        gbps_compiled=nbytes / (ms_c / reps) / 1e6, spread_compiled=spread_c)
@@ -470,9 +480,7 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     for name, (fn, make) in steps.items():
         inputs = make()
         mx.eval(inputs)
-        ms, spread = _median_time(lambda: mx.eval([fn(v) for v in inputs]), mx.synchronize, budget_s=0.3)
-        compiled = mx.compile(lambda *vs: [fn(v) for v in vs])
-        ms_c, spread_c = _median_time(lambda: mx.eval(compiled(*inputs)), mx.synchronize, budget_s=0.3)
+        ms, spread, ms_c, spread_c = _eager_and_compiled(fn, inputs)
         rows.append(dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, spread=spread,
                          ms_compiled=ms_c / reps, spread_compiled=spread_c))
         print("breakdown", json.dumps(rows[-1]), flush=True)

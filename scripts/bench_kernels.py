@@ -219,9 +219,14 @@ def _numpy_reference(layer, x, cot):
     return [y, dx, *da, *db]
 
 
+VERIFY_FORMS = ("kernel", "reference", "kernel_delta", "merged", "merged_blocks")
+
+
 def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
-           dtypes=("bfloat16", "float16", "float32")) -> list[dict]:
-    """Relative errors of the block form with the GPU kernels, and of the pure-MLX reference in the same type."""
+           dtypes=("bfloat16", "float16", "float32"), forms=VERIFY_FORMS) -> list[dict]:
+    """Relative errors of the block form with the GPU kernels, of the merged form with them, and of the pure-MLX
+    reference in the same type. ``forms``: a subset of VERIFY_FORMS (the merged ones alone compile none of MLX's
+    quantized matmuls, which the block forms' fused base needs: 19-28 s each on CUDA)."""
     import mlx.core as mx
     import numpy as np
 
@@ -249,6 +254,8 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
                              ("kernel_delta", None),
                              ("merged", merged_fn(layer.layout, kernel_ops, False)),
                              ("merged_blocks", merged_fn(layer.layout, kernel_ops, True))):
+                if name not in forms:
+                    continue
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
                     fn = _with_base(layer, block_fn(layer.layout, kernel_ops, False))
                 print(f"verify: {d_out}x{d_in} K={blocks} bits={bits} {dtype}: {name}", flush=True)
@@ -266,9 +273,8 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
                 errs[name] = max(per)
             tol = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}[dtype]
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, bits=bits, branch=branch, tokens=n_tok,
-                       dtype=dtype, kernel_rel_err=errs["kernel"], kernel_delta_rel_err=errs["kernel_delta"],
-                       merged_rel_err=errs["merged"], merged_blocks_rel_err=errs["merged_blocks"],
-                       reference_rel_err=errs["reference"], tol=tol, seconds=time.perf_counter() - t0)
+                       dtype=dtype, **{f"{name}_rel_err": err for name, err in errs.items()}, tol=tol,
+                       seconds=time.perf_counter() - t0)
             row["ok"] = _verified(row)
             print("verify", json.dumps(row), flush=True)
             rows.append(row)
@@ -277,11 +283,11 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
 
 
 def _verified(row: dict) -> bool:
-    """Within the type's tolerance of float64, and no worse than twice the pure-MLX reference's own error in the
-    same type on the same device (plus float32 rounding)."""
+    """Within the type's tolerance of float64, and (where the run has it) no worse than twice the pure-MLX
+    reference's own error in the same type on the same device (plus float32 rounding)."""
     worst = max(row[k] for k in ("kernel_rel_err", "kernel_delta_rel_err", "merged_rel_err", "merged_blocks_rel_err")
                 if k in row)
-    return worst < row["tol"] and worst <= 2 * row["reference_rel_err"] + 1e-5
+    return worst < row["tol"] and ("reference_rel_err" not in row or worst <= 2 * row["reference_rel_err"] + 1e-5)
 
 
 # -- speed ------------------------------------------------------------------------------------------------------
@@ -358,6 +364,8 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
                          lambda: [a_pad * (1 + i) for i in range(reps)], 2 * K * M * N * es),
             "hadamard": (lambda v: kernel_ops.hadamard(layer.layout, plan, parts, v), lambda: randoms((K, M, N)),
                          3 * K * M * N * es),
+            "merge": (lambda f: kernel_ops.merge(layer.layout, plan, parts, f, (), mx.bfloat16),
+                      lambda: [layer.smoa_factors * (1 + i) for i in range(reps)], 2 * d_out * d_in * es),
         }
         for name, (fn, make, nbytes) in steps.items():
             if only is not None and name not in only:
@@ -433,7 +441,7 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     import mlx.core as mx
 
     from smoa_mlx.kernels import block_grads_pay
-    from smoa_mlx.kernels.blocks import _pack, block_factor_grads
+    from smoa_mlx.kernels.blocks import MlxOps, _pack, block_factor_grads
     from smoa_mlx.kernels.dense import full_factors
     from smoa_mlx.kernels.plan import padded_dims, plan_of
 
@@ -441,6 +449,8 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     layer = _mlx_layer(d_out, d_in, rank, blocks)
     parts, layout, index, factors = layer.weight_parts(), layer.layout, layer.index, layer.smoa_factors
     w = parts[0]
+    plan = plan_of(layout, index)
+    mlx_ops = MlxOps()
     bf, af = full_factors(layout, index, factors, mx.bfloat16)
     x = mx.random.normal((tokens, d_in)).astype(mx.bfloat16)
     g = mx.random.normal((tokens, d_out)).astype(mx.bfloat16)
@@ -451,9 +461,9 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
 
     gram = lambda: [mx.random.normal((d_out, d_in)).astype(mx.bfloat16) for _ in range(reps)]  # noqa: E731
     steps = {  # name: (one launch on a varying input, its reps inputs)
-        "full factors (two takes)": (lambda f: full_factors(layout, index, f, mx.bfloat16), varied(factors)),
-        "merge (rank-r matmul + fused pass)": (lambda b: kernel_ops.merge(layout, parts, b, af, mx.bfloat16),
-                                               varied(bf)),
+        "full factors (one take each)": (lambda f: full_factors(layout, index, f, mx.bfloat16), varied(factors)),
+        "merge (rank-r matmul + fused pass)": (lambda b: mlx_ops.merge(layout, plan, parts, None, (b, af),
+                                                                        mx.bfloat16), varied(bf)),
         "x W^T": (lambda v: v @ w.T, varied(x)),
         "dy W": (lambda v: v @ w, varied(g)),
         "G = dy^T x": (lambda v: v.T @ x, varied(g)),
@@ -461,9 +471,10 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
         "H A^T": (lambda h: h @ af.T, gram),
         "B^T H": (lambda h: bf.T @ h, gram),
     }
+    if kernel_ops.merges_from_factors(layout):
+        steps["merge kernel"] = (lambda f: kernel_ops.merge(layout, plan, parts, f, (), mx.bfloat16), varied(factors))
     if block_grads_pay(d_out, d_in, blocks):
         K, M, N, _ = padded_dims(layout)
-        plan = plan_of(layout, index)
         a_pad, b_pad = _pack(layout, plan, factors, mx.bfloat16)
         xb = kernel_ops.gather(x, plan.col_src, K, N)
         gb = kernel_ops.gather(g, plan.row_src, K, M)
@@ -487,6 +498,20 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     return rows
 
 
+def _with_mlx_merge(kernel_ops):
+    """``kernel_ops`` with W0 + Delta W built by MLX's rank-r matmul + fused pass (the CPU's way, and the default on
+    a GPU before the merge kernel) instead of the merge kernel; every other step unchanged."""
+    from smoa_mlx.kernels.blocks import KernelOps
+
+    class MlxMerge(KernelOps):
+        def merges_from_factors(self, layout):
+            return False
+
+    ops = MlxMerge(kernel_ops.run)
+    ops.name = kernel_ops.name + "+mlx-merge"
+    return ops
+
+
 def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]:
     import mlx.core as mx
 
@@ -508,8 +533,14 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
-                for name, block_grads in (("smoa_merged", False), ("smoa_merged_blocks", True)):
-                    t[name] = _median_time(_smoa_step(layer, merged_fn(layer.layout, kernel_ops, block_grads), x, cot),
+                # The merged form as the default runs it (the merge kernel), and with MLX's rank-r matmul + fused
+                # pass for W0 + Delta W instead (the gathers and Hadamard kernel the same): what the kernel saves.
+                mlx_merge = _with_mlx_merge(kernel_ops)
+                for name, ops, block_grads in (("smoa_merged", kernel_ops, False),
+                                               ("smoa_merged_blocks", kernel_ops, True),
+                                               ("smoa_merged_mlx_merge", mlx_merge, False),
+                                               ("smoa_merged_blocks_mlx_merge", mlx_merge, True)):
+                    t[name] = _median_time(_smoa_step(layer, merged_fn(layer.layout, ops, block_grads), x, cot),
                                            mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
@@ -627,6 +658,7 @@ def markdown(data: dict) -> str:
         out += ["", _goal_summary(data["bench"]), ""]
         if "copy_gbps" in data:
             out += _design_floor_table(data["bench"], data["copy_gbps"])
+        out += _merge_kernel_table(data["bench"])
     if "breakdown" in data:
         out += ["The merged form's steps alone (bf16, ms per launch; compiled: replayed by mx.compile, as a training "
                 "step runs them):", "", "| W0 | K | step | eager ms | compiled ms |", "|---|---|---|---|---|"]
@@ -663,10 +695,10 @@ def markdown(data: dict) -> str:
         for v in data["verify"]:
             ranks = v["branch"] if v["branch"] else v["rank"]
             out.append(f"| {v['d_out']}x{v['d_in']} | {v['blocks']} | {ranks} | {v['bits'] or '-'} | {v['dtype']} "
-                       f"| {v['tokens']} | {v['kernel_rel_err']:.1e} | {v['kernel_delta_rel_err']:.1e} "
-                       f"| {v.get('merged_rel_err', float('nan')):.1e} "
-                       f"| {v.get('merged_blocks_rel_err', float('nan')):.1e} "
-                       f"| {v['reference_rel_err']:.1e} | {v['tol']:.0e} | {_verified(v)} |")
+                       f"| {v['tokens']} | "
+                       + " | ".join(f"{v[name + '_rel_err']:.1e}" if name + "_rel_err" in v else "-"
+                                    for name in ("kernel", "kernel_delta", "merged", "merged_blocks", "reference"))
+                       + f" | {v['tol']:.0e} | {_verified(v)} |")
     if "cpu" in data:
         out += ["", "| form (CPU, float32) | rep | ms |", "|---|---|---|"]
         out += [f"| {r['form']} | {r['rep']} | {r['ms']:.1f} |" for r in data["cpu"]]
@@ -676,8 +708,8 @@ def markdown(data: dict) -> str:
 def design_floor(row: dict, copy_gbps: float, tokens: int = TOKENS) -> dict:
     """What the default (merged) form cannot go below on this device, from the same run's measurements: its
     layer-matmuls at the frozen step's pace (2 + 1/K with block gradients, else 3, against the frozen step's 2) plus
-    the bytes its memory-bound passes must move at the copy ceiling (bf16: each build of W0 + Delta W writes and reads
-    the rank-r product and reads W0 and writes W, twice per step; block gradients gather x and dy and read G_k and
+    the bytes its memory-bound passes must move at the copy ceiling (bf16: each build of W0 + Delta W by the merge
+    kernel reads W0 and writes W, twice per step; block gradients gather x and dy and read G_k and
     the anchors to write H; full gradients read G and W0 to write s G * W0). An estimate, not a strict bound: it
     leaves out the rank-r products, the factors' small passes and every launch's own cost, but scales the frozen
     step's fixed cost with its matmuls, which overstates the floor (by an eighth of that cost at 2.25 layer-matmuls,
@@ -689,7 +721,7 @@ def design_floor(row: dict, copy_gbps: float, tokens: int = TOKENS) -> dict:
     weights, two = d_out * d_in, 2  # bf16 bytes
     blocks = block_grads_pay(d_out, d_in, k)
     matmuls = 2 + 1 / k if blocks else 3
-    moved = 2 * 4 * two * weights  # two builds of W0 + Delta W
+    moved = 2 * 2 * two * weights  # two builds of W0 + Delta W (the merge kernel: W0 in, W out)
     if blocks:
         moved += 2 * two * tokens * (d_in + d_out) + 3 * two * weights / k
     else:
@@ -712,6 +744,23 @@ def _design_floor_table(rows: list[dict], copy_gbps: float) -> list[str]:
     for k in sorted({r["blocks"] for r in rows}):
         med = statistics.median(design_floor(r, copy_gbps)["vs_lora"] for r in rows if r["blocks"] == k)
         out.append(f"K={k}: the floor is {med:.2f}x MLX LoRA's time (median over the shapes).  ")
+    return out + [""]
+
+
+def _merge_kernel_table(rows: list[dict]) -> list[str]:
+    """The default against the same form with MLX's rank-r matmul + fused pass building W0 + Delta W (runs since the
+    merge kernel; earlier ones have no such column)."""
+    rows = [r for r in rows if "smoa_merged_mlx_merge" in r["ms"]]
+    if not rows:
+        return []
+    out = ["W0 + Delta W by the merge kernel (the default) or by MLX's rank-r matmul + fused pass, the rest of the "
+           "step the same (ms):", "", "| W0 | K | auto runs | merge kernel | MLX's merge | kernel / MLX |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        auto, name = _auto(r)
+        other = r["ms"]["smoa_merged_blocks_mlx_merge" if "block" in name else "smoa_merged_mlx_merge"]
+        out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {name} | {auto:.2f} | {other:.2f} "
+                   f"| {auto / other:.2f} |")
     return out + [""]
 
 
@@ -750,6 +799,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
+    ap.add_argument("--forms", default=",".join(VERIFY_FORMS),
+                    help="the verification's forms (merged,merged_blocks: no quantized matmul to compile)")
     ap.add_argument("--dtypes", default="bfloat16,float16,float32",
                     help="the verification's types (a case's first use of each compiles new kernels on CUDA)")
     ap.add_argument("--bandwidth", action="store_true",
@@ -834,7 +885,7 @@ def main(argv=None) -> int:
                 Path(args.out).write_text(json.dumps(data, indent=1))
         if not args.skip_verify and not (args.gathers or args.bandwidth):
             cases = [VERIFY[int(i)] for i in args.cases.split(",")] if args.cases else VERIFY
-            data["verify"] = verify(kernel_ops, cases, args.stall_s, args.dtypes.split(","))
+            data["verify"] = verify(kernel_ops, cases, args.stall_s, args.dtypes.split(","), args.forms.split(","))
             ok = all(_verified(v) for v in data["verify"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

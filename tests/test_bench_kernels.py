@@ -35,13 +35,13 @@ def test_design_floor_counts_the_merged_forms_matmuls_and_bytes():
     row = {"d_out": 4096, "d_in": 4096, "blocks": 4, "ms": {"frozen_mlx": 2.0, "lora_mlx": 4.0}}
     f = bench_kernels.design_floor(row, copy_gbps=1000.0, tokens=8192)
     weights = 4096 * 4096
-    moved = 16 * weights + 4 * 8192 * 8192 + 6 * weights / 4  # two builds; gathers of x and dy; the Hadamard pass
+    moved = 8 * weights + 4 * 8192 * 8192 + 6 * weights / 4  # two merges; gathers of x and dy; the Hadamard pass
     assert f["matmuls"] == 2.25  # block gradients pay at this size: 2 + 1/K
     assert abs(f["ms"] - (2.0 * 2.25 / 2 + moved / 1e12 * 1e3)) < 1e-9
     assert abs(f["vs_lora"] - f["ms"] / 4.0) < 1e-12
     small = bench_kernels.design_floor({**row, "d_out": 1024}, copy_gbps=1000.0)
     assert small["matmuls"] == 3  # full gradients below the block-grads threshold: G as one more matmul
-    assert abs(small["gb_moved"] - 22 * 1024 * 4096 / 1e9) < 1e-12  # two builds (16 B) + s G * W0 (6 B) per weight
+    assert abs(small["gb_moved"] - 14 * 1024 * 4096 / 1e9) < 1e-12  # two merges (8 B) + s G * W0 (6 B) per weight
 
 
 def test_breakdown_runs_every_step_eager_and_compiled(monkeypatch):
@@ -56,3 +56,15 @@ def test_breakdown_runs_every_step_eager_and_compiled(monkeypatch):
     assert len(steps) == 12 and all(r["ms"] > 0 and r["ms_compiled"] > 0 for r in rows)
     table = bench_kernels.markdown({"command": "-", "device": "-", "mlx": "-", "torch": "-", "breakdown": rows})
     assert "| 96x128 | 4 | G_k = dy_k^T x_k (batched) |" in table
+
+
+def test_merge_kernel_table_compares_the_form_auto_runs():
+    """The merge kernel's table: the default's time beside the same form with MLX's merge, for the gradients auto
+    takes at each shape (block gradients at 4096x4096, K = 4; full ones at 1024x4096); runs before it, no table."""
+    ms = {"smoa_merged": 2.0, "smoa_merged_blocks": 1.8, "smoa_merged_mlx_merge": 2.2,
+          "smoa_merged_blocks_mlx_merge": 2.0}
+    rows = [{"d_out": 4096, "d_in": 4096, "blocks": 4, "ms": ms}, {"d_out": 1024, "d_in": 4096, "blocks": 4, "ms": ms}]
+    table = "\n".join(bench_kernels._merge_kernel_table(rows))
+    assert "| 4096x4096 | 4 | merged, block grads | 1.80 | 2.00 | 0.90 |" in table
+    assert "| 1024x4096 | 4 | merged | 2.00 | 2.20 | 0.91 |" in table
+    assert bench_kernels._merge_kernel_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []

@@ -16,6 +16,15 @@ SMALL = BlockLayout((4, 4), (4, 4), (2, 2), 1.0)
 LARGE = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0)  # 8192 x 14336 weights: above the GPU threshold
 
 
+class _StubOps:
+    """Stands in for the GPU kernels (KernelOps) in dispatch checks: nothing is launched."""
+
+    name = "stub"
+
+    def merges_from_factors(self, layout):
+        return True
+
+
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.setattr(kernels, "_probed", {})
@@ -39,25 +48,25 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert kernels.form(LARGE) == "kernel"
     assert 1024 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 4096  # between the measured losers and winners
     probes = []
-    monkeypatch.setattr(kernels, "_ops", lambda quantized=False: probes.append(quantized) or "ops")
-    assert delta_fn(LARGE) is block_fn(LARGE, "ops", False)
+    ops = _StubOps()
+    monkeypatch.setattr(kernels, "_ops", lambda quantized=False: probes.append(quantized) or ops)
+    assert delta_fn(LARGE) is block_fn(LARGE, ops, False)
     probes.clear()
-    # A small layer: one full matmul beats the gathers; those are MLX's own ops, so the kernels are not probed.
-    assert linear_fn(SMALL) is merged_fn(SMALL, kernels._MLX_OPS, False)
-    assert probes == []
-    # A large one: the diagonal blocks' gradients through the kernels' gathers.
-    assert linear_fn(LARGE) is merged_fn(LARGE, "ops", True)
+    # A small layer: the merge kernel builds W0 + Delta W, one full matmul (no gathers) gives the factor gradients.
+    assert linear_fn(SMALL) is merged_fn(SMALL, ops, False)
     assert probes == [False]  # a dense base: the quantized renderings are not probed
+    # A large one: the diagonal blocks' gradients through the kernels' gathers.
+    assert linear_fn(LARGE) is merged_fn(LARGE, ops, True)
     quantized = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0, 64, 4)
-    assert linear_fn(quantized) is merged_fn(quantized, "ops", True) and probes == [False, True]
-    # mxfp4 / nvfp4 / mxfp8: the kernels' gathers and scatters only (anchors from MLX), so the affine renderings
-    # are neither probed nor needed.
+    assert linear_fn(quantized) is merged_fn(quantized, ops, True) and probes == [False, False, True]
+    # mxfp4 / nvfp4 / mxfp8: the kernels' gathers and scatters only (anchors from MLX, MLX's merge), so the affine
+    # renderings are neither probed nor needed.
     for mode, group_size, bits in (("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)):
         probes.clear()
         micro = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0, group_size, bits, mode)
         assert micro.quantized and not micro.affine and quantized.affine
-        assert linear_fn(micro) is merged_fn(micro, "ops", True)
-        assert delta_fn(micro) is block_fn(micro, "ops", False)
+        assert linear_fn(micro) is merged_fn(micro, ops, True)
+        assert delta_fn(micro) is block_fn(micro, ops, False)
         assert probes == [False, False]
     # The rule between the measured winners and losers (docs/BENCHMARKS.md), and never with one block.
     assert kernels.block_grads_pay(4096, 4096, 2) and kernels.block_grads_pay(4096, 14336, 2)

@@ -17,17 +17,18 @@ import subprocess
 
 import pytest
 
-from smoa_mlx.kernels.source import KERNELS, TI, TT, render
+from smoa_mlx.kernels.source import ANCHORED, BLOCK_ANCHORED, KERNELS, MERGE_PLAN, TI, TT, render
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
-_INT = ("src", "slot", "dims", "row_src", "col_src")
+_INT = ("src", "slot", "dims", "row_src", "col_src") + MERGE_PLAN
 _SIZE = {"__nv_bfloat16": 2, "__half": 2, "float": 4}
 
 
 def _kernel(kernel: str, quantized: bool, ctype: str, vec: int) -> tuple[str, str]:
     src = render(kernel, "cuda", quantized)
-    types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "scale": "float", "wq": "uint32_t"}
+    types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "factors": "float", "scale": "float",
+             "wq": "uint32_t"}
     params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names]
     params += [f"{ctype}* {n}" for n in src.output_names]
     consts = [f"using T = {ctype};", f"using OT = {ctype};", f"constexpr int TT = {TT};", f"constexpr int TI = {TI};",
@@ -43,9 +44,9 @@ def test_cuda_rendering_compiles_for_sm90(tmp_path):
     header = render("gather", "cuda").header
     kernels = []
     for kernel in KERNELS:
-        for quantized in (False, True) if kernel in ("modulate", "hadamard") else (False,):
+        for quantized in (False, True) if kernel in ANCHORED else (False,):
             for ctype, size in _SIZE.items():
-                vecs = (1,) if kernel in ("modulate", "hadamard") else (16 // size, 1)
+                vecs = (1,) if kernel in BLOCK_ANCHORED else (16 // size, 1)
                 kernels += [_kernel(kernel, quantized, ctype, vec) for vec in vecs]
     cu = tmp_path / "smoa.cu"
     cu.write_text("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
@@ -62,7 +63,7 @@ def test_cuda_rendering_compiles_for_sm90(tmp_path):
         vector_load = re.search(r"ld\.global(\.\w+)*\.v4\.(b|u|f)32", body) is not None
         wants = "_vec" in name and name.split("_vec")[1] != "1"
         assert vector_store == wants, f"{name}: 16-byte vector store {'missing' if wants else 'unexpected'}"
-        if name.startswith("smoa_scatter_add"):
+        if name.startswith(("smoa_scatter_add", "smoa_merge_d")):  # its base, W0
             assert vector_load == wants, f"{name}: 16-byte vector load of the base {'missing' if wants else 'unexpected'}"
         if name.startswith(("smoa_gather", "smoa_scatter")):
             _check_mover(name, body)

@@ -74,7 +74,8 @@ def test_metal_rendering_matches_float64(d_in, d_out, rank, blocks, dtype, bits,
     kernels = {la.kernel for la in launches}
     assert kernels >= {"gather", "scatter_add" if with_base else "scatter"}
     # The anchored kernels read dense and 2/4/8-bit affine bases themselves, and nothing else.
-    assert (kernels >= set(source.ANCHORED)) == (bits in (0, 2, 4, 8))
+    assert (kernels >= set(source.BLOCK_ANCHORED)) == (bits in (0, 2, 4, 8))
+    assert "merge" not in kernels  # the merged form's
     assert any(la.quantized for la in launches) == (bits in (2, 4, 8))
 
 

@@ -3,8 +3,9 @@
 Three forms of one contract, ``fn(x, index, weight_parts, factors)`` (``factors``: the layer's A_k and B_k in one
 flat vector, :func:`~.plan.pack_factors`):
 
-- the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight (an
-  MLX matmul for the rank-r product and one fused elementwise pass), so the forward and dx are one matmul each;
+- the merged form (:mod:`.merged`): x (W0 + Delta W)^T, the update merged into a transient copy of the weight (on
+  a GPU by the merge kernel in one pass over W0; elsewhere an MLX matmul for the rank-r product and one fused
+  elementwise pass), so the forward and dx are one matmul each;
   its factor gradients come from one full matmul or, with ``block_grads``, from the K diagonal blocks only. It
   needs the update to see the base's own input, so it serves :func:`linear_fn` (no dropout), the training default;
 - the block-major form (:mod:`.blocks`): the base apart, the update in batched MLX matmuls at 2 + 3/K
@@ -20,8 +21,8 @@ flat vector, :func:`~.plan.pack_factors`):
 :func:`delta_fn` the block form on GPU layers of at least :data:`GPU_BLOCK_MIN_WEIGHTS` weights and the dense form
 below and on the CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form
 with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The
-merged form's block gradients use the GPU kernels' gathers and Hadamard product on a GPU, plain MLX elsewhere; with full
-gradients it launches no kernel, so it never waits for their compilation. Kernels that fail to compile or run on a
+merged form uses the merge kernel on a GPU (and there the gathers and Hadamard kernel for its block gradients), plain MLX
+elsewhere. Kernels that fail to compile or run on a
 first small probe are reported once with a warning, and plain MLX is used from then on.
 """
 
@@ -143,8 +144,8 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
     took 19-28 s there (docs/BENCHMARKS.md). The quantized layout runs the update alone, so it compiles our
     kernels' quantized renderings and none of MLX's quantized matmuls (whose group size would not be the model's
     anyway), and it runs only for models with affine-quantized layers. The dense layout runs the whole layer (the
-    scatter that adds the base's output) and the quantized one the update alone (the plain scatter): between them,
-    every kernel."""
+    scatter that adds the base's output) and the quantized one the update alone (the plain scatter), each then the
+    merge kernel: between them, every kernel."""
     key = (ops.name, quantized)
     if key in _probed:
         return _probed[key]
@@ -155,13 +156,15 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
         w = mx.random.normal((d_out, d_in))
         parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if quantized else (w,)
         index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
-        index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
+        plan = build_plan(layout, range(d_out), range(d_in))
+        index = index + (tuple(plan),)
         factors = mx.ones((sum(factor_sizes(layout)),))
         fn = block_fn(layout, ops, not quantized)  # the merged form's block grads launch a subset of these
         for dtype in FLOAT_TYPES:
             p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
             outs.extend(mx.vjp(lambda x, f: fn(x, index, p, f),
                                [mx.ones((3, d_in), dtype=dtype), factors], [mx.ones((3, d_out), dtype)]))
+            outs.append(ops.merge(layout, plan, p, factors, (), dtype))  # the merged form's W0 + Delta W
         mx.eval(outs)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
@@ -208,12 +211,14 @@ def delta_fn(layout: BlockLayout) -> LayerFn:
 def linear_fn(layout: BlockLayout) -> LayerFn:
     """x W0^T plus the update (no bias): the whole adapted layer in one call."""
     if form(layout, fused=True) == "merged":
-        # Full gradients are MLX's own ops: only the block gradients need (and wait for the probe of) the kernels.
-        # Where the kernels fail, full gradients, not block gradients through plain-MLX takes: the takes lose to the
-        # matmul they would save (on the CPU 59 against 35-38 ms per layer step; on an H200 a take of an 8192 x 4096
-        # activation's columns was 3x a simple kernel, 6x the shipped gathers; docs/BENCHMARKS.md).
-        ops = _ops(reads_base(layout)) if merged_block_grads(layout) else None
-        return merged_fn(layout, ops or _MLX_OPS, ops is not None, os.environ.get(MERGED_KEEP_ENV, "0") == "1")
+        # On a GPU the merge kernel builds W0 + Delta W for every layer, and the block gradients (where they pay)
+        # use the gather and Hadamard kernels. Where the kernels fail: MLX's merge and full gradients, not block
+        # gradients through plain-MLX takes, which lose to the matmul they would save (on the CPU 59 against
+        # 35-38 ms per layer step; on an H200 a take of an 8192 x 4096 activation's columns was 3x a simple kernel,
+        # 6x the shipped gathers; docs/BENCHMARKS.md).
+        ops = _ops(reads_base(layout)) if gpu_backend() is not None else None
+        block_grads = ops is not None and merged_block_grads(layout)
+        return merged_fn(layout, ops or _MLX_OPS, block_grads, os.environ.get(MERGED_KEEP_ENV, "0") == "1")
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 

@@ -337,6 +337,7 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import _pack
+    from smoa_mlx.kernels.dense import full_factors
     from smoa_mlx.kernels.plan import padded_dims, plan_of
 
     def randoms(shape):
@@ -349,6 +350,7 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
         plan = plan_of(layer.layout, layer.index)
         base_y = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
         a_pad, b_pad = _pack(layer.layout, plan, layer.smoa_factors)
+        b_full, a_full = full_factors(layer.layout, layer.index, layer.smoa_factors, mx.bfloat16)
         parts = layer.weight_parts()
         es = 2
         steps = {  # name: (the launch of one varying input, the inputs, bytes one launch must move)
@@ -364,14 +366,14 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
                          lambda: [a_pad * (1 + i) for i in range(reps)], 2 * K * M * N * es),
             "hadamard": (lambda v: kernel_ops.hadamard(layer.layout, plan, parts, v), lambda: randoms((K, M, N)),
                          3 * K * M * N * es),
-            "merge": (lambda f: kernel_ops.merge(layer.layout, plan, parts, f, (), mx.bfloat16),
-                      lambda: [layer.smoa_factors * (1 + i) for i in range(reps)], 2 * d_out * d_in * es),
+            "merge": (lambda b: kernel_ops.merge(layer.layout, parts, b, a_full, mx.bfloat16),
+                      lambda: [b_full * (1 + i) for i in range(reps)], 2 * d_out * d_in * es),
         }
         for name, (fn, make, nbytes) in steps.items():
             if only is not None and name not in only:
                 continue
             inputs = make()
-            mx.eval(inputs, base_y, a_pad, b_pad)
+            mx.eval(inputs, base_y, a_pad, b_pad, a_full)
             ms, spread, ms_c, spread_c = _eager_and_compiled(fn, inputs)
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, step=name, ms=ms / reps, gb=nbytes / 1e9,
                        gbps=nbytes / (ms / reps) / 1e6, spread=spread, ms_compiled=ms_c / reps,
@@ -441,7 +443,7 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     import mlx.core as mx
 
     from smoa_mlx.kernels import block_grads_pay
-    from smoa_mlx.kernels.blocks import MlxOps, _pack, block_factor_grads
+    from smoa_mlx.kernels.blocks import KernelOps, MlxOps, _pack, block_factor_grads
     from smoa_mlx.kernels.dense import full_factors
     from smoa_mlx.kernels.plan import padded_dims, plan_of
 
@@ -462,8 +464,8 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     gram = lambda: [mx.random.normal((d_out, d_in)).astype(mx.bfloat16) for _ in range(reps)]  # noqa: E731
     steps = {  # name: (one launch on a varying input, its reps inputs)
         "full factors (one take each)": (lambda f: full_factors(layout, index, f, mx.bfloat16), varied(factors)),
-        "merge (rank-r matmul + fused pass)": (lambda b: mlx_ops.merge(layout, plan, parts, None, (b, af),
-                                                                        mx.bfloat16), varied(bf)),
+        "merge (rank-r matmul + fused pass)": (lambda b: mlx_ops.merge(layout, parts, b, af, mx.bfloat16),
+                                               varied(bf)),
         "x W^T": (lambda v: v @ w.T, varied(x)),
         "dy W": (lambda v: v @ w, varied(g)),
         "G = dy^T x": (lambda v: v.T @ x, varied(g)),
@@ -471,8 +473,8 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
         "H A^T": (lambda h: h @ af.T, gram),
         "B^T H": (lambda h: bf.T @ h, gram),
     }
-    if kernel_ops.merges_from_factors(layout):
-        steps["merge kernel"] = (lambda f: kernel_ops.merge(layout, plan, parts, f, (), mx.bfloat16), varied(factors))
+    if isinstance(kernel_ops, KernelOps):
+        steps["merge kernel"] = (lambda b: kernel_ops.merge(layout, parts, b, af, mx.bfloat16), varied(bf))
     if block_grads_pay(d_out, d_in, blocks):
         K, M, N, _ = padded_dims(layout)
         a_pad, b_pad = _pack(layout, plan, factors, mx.bfloat16)
@@ -501,11 +503,10 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
 def _with_mlx_merge(kernel_ops):
     """``kernel_ops`` with W0 + Delta W built by MLX's rank-r matmul + fused pass (the CPU's way, and the default on
     a GPU before the merge kernel) instead of the merge kernel; every other step unchanged."""
-    from smoa_mlx.kernels.blocks import KernelOps
+    from smoa_mlx.kernels.blocks import KernelOps, MlxOps
 
     class MlxMerge(KernelOps):
-        def merges_from_factors(self, layout):
-            return False
+        merge = MlxOps.merge
 
     ops = MlxMerge(kernel_ops.run)
     ops.name = kernel_ops.name + "+mlx-merge"

@@ -16,15 +16,6 @@ SMALL = BlockLayout((4, 4), (4, 4), (2, 2), 1.0)
 LARGE = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0)  # 8192 x 14336 weights: above the GPU threshold
 
 
-class _StubOps:
-    """Stands in for the GPU kernels (KernelOps) in dispatch checks: nothing is launched."""
-
-    name = "stub"
-
-    def merges_from_factors(self, layout):
-        return True
-
-
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.setattr(kernels, "_probed", {})
@@ -48,7 +39,7 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert kernels.form(LARGE) == "kernel"
     assert 1024 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 4096  # between the measured losers and winners
     probes = []
-    ops = _StubOps()
+    ops = "ops"  # stands in for the GPU kernels: nothing is launched
     monkeypatch.setattr(kernels, "_ops", lambda quantized=False: probes.append(quantized) or ops)
     assert delta_fn(LARGE) is block_fn(LARGE, ops, False)
     probes.clear()

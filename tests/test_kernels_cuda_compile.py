@@ -17,18 +17,19 @@ import subprocess
 
 import pytest
 
-from smoa_mlx.kernels.source import ANCHORED, BLOCK_ANCHORED, KERNELS, MERGE_PLAN, TI, TT, render
+from smoa_mlx.kernels.source import ANCHORED, BLOCK_ANCHORED, KERNELS, TI, TT, render
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
-_INT = ("src", "slot", "dims", "row_src", "col_src") + MERGE_PLAN
+_INT = ("src", "slot", "dims", "row_src", "col_src")
 _SIZE = {"__nv_bfloat16": 2, "__half": 2, "float": 4}
 
 
 def _kernel(kernel: str, quantized: bool, ctype: str, vec: int) -> tuple[str, str]:
     src = render(kernel, "cuda", quantized)
-    types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "factors": "float", "scale": "float",
-             "wq": "uint32_t"}
+    types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "scale": "float", "wq": "uint32_t"}
+    if kernel == "merge":  # B_full and A_full in the activations' type
+        types.update(a=ctype, b=ctype)
     params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names]
     params += [f"{ctype}* {n}" for n in src.output_names]
     consts = [f"using T = {ctype};", f"using OT = {ctype};", f"constexpr int TT = {TT};", f"constexpr int TI = {TI};",

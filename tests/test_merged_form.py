@@ -78,12 +78,12 @@ def test_merge_kernel_is_the_fused_weight(dtype, bits, branch):
     from metal_emulator import run_launch
 
     from smoa_mlx.kernels import fused_weight
-    from smoa_mlx.kernels.dense import full_weight
-    from smoa_mlx.kernels.plan import plan_of
+    from smoa_mlx.kernels.dense import full_factors, full_weight
 
     layer = make_layer(128, 96, 6, 3, dtype, bits, 32, branch, seed=3)
     layout, index, parts = layer.layout, layer.index, layer.weight_parts()
-    got = KernelOps(run_launch).merge(layout, plan_of(layout, index), parts, layer.smoa_factors, (), dtype)
+    full = full_factors(layout, index, layer.smoa_factors, mx.float32)  # fused_weight's product is float32
+    got = KernelOps(run_launch).merge(layout, parts, *full, dtype)
     want = fused_weight(layout, index, parts, layer.smoa_factors, dtype)
     w0 = full_weight(parts, layout).astype(dtype)
     outside = np.asarray(layer.delta_weight()) == 0  # Delta W's zeros: off the blocks (and the zero-rank block)

@@ -37,7 +37,7 @@ import mlx.core as mx
 
 from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn, reads_base
 from .gpu import GpuRunner, gpu_backend
-from .dense import dense_delta, dense_form_delta_fn, gather_anchor, gather_rows
+from .dense import dense_delta, dense_form_delta_fn, full_factors, gather_anchor, gather_rows
 from .merged import fused_weight, merged_fn
 from .plan import BlockLayout, BlockPlan, LayerFn, build_plan, factor_sizes, factor_views, pack_factors
 
@@ -156,15 +156,15 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
         w = mx.random.normal((d_out, d_in))
         parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if quantized else (w,)
         index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
-        plan = build_plan(layout, range(d_out), range(d_in))
-        index = index + (tuple(plan),)
+        index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
         factors = mx.ones((sum(factor_sizes(layout)),))
         fn = block_fn(layout, ops, not quantized)  # the merged form's block grads launch a subset of these
         for dtype in FLOAT_TYPES:
             p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
             outs.extend(mx.vjp(lambda x, f: fn(x, index, p, f),
                                [mx.ones((3, d_in), dtype=dtype), factors], [mx.ones((3, d_out), dtype)]))
-            outs.append(ops.merge(layout, plan, p, factors, (), dtype))  # the merged form's W0 + Delta W
+            full = full_factors(layout, index, factors, dtype)
+            outs.append(ops.merge(layout, p, *full, dtype))  # the merged form's W0 + Delta W
         mx.eval(outs)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):

@@ -89,15 +89,10 @@ class MlxOps:
         return (layout.scale * g.astype(mx.float32) * self._anchors(layout, plan, weight_parts)).astype(g.dtype)
 
     # The merged form's steps over the whole weight (original basis; B_full, A_full in disjoint rank slots).
-    def merges_from_factors(self, layout: BlockLayout) -> bool:
-        """Whether :meth:`merge` reads the flat factors itself (the merge kernel) rather than B_full and A_full."""
-        return False
-
-    def merge(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, factors: mx.array,
-              full: tuple[mx.array, ...], dtype: mx.Dtype) -> mx.array:
-        """W0 + s (B_full A_full) * W0 from ``full`` = (B_full, A_full): the rank-r product as one MLX matmul in the
-        activations' type, then one fused elementwise pass (float32 inside, rounded once) that applies s too."""
-        b_full, a_full = full
+    def merge(self, layout: BlockLayout, weight_parts: WeightParts, b_full: mx.array, a_full: mx.array,
+              dtype: mx.Dtype) -> mx.array:
+        """W0 + s (B_full A_full) * W0: the rank-r product as one matmul in the activations' type, then one fused
+        elementwise pass (float32 inside, rounded once) that applies s too (no pass of its own over a factor)."""
         pdtype = product_type(dtype)
         p = b_full.astype(pdtype) @ a_full.astype(pdtype)
         return _merge_pass(dtype)(full_weight(weight_parts, layout), p, mx.array(layout.scale, mx.float32))
@@ -172,31 +167,27 @@ class KernelOps(MlxOps):
                                  (cols, _ceil(M, ti), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
         return out
 
-    def merges_from_factors(self, layout: BlockLayout) -> bool:
-        return not layout.quantized or reads_base(layout)
-
-    def merge(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, factors: mx.array,
-              full: tuple[mx.array, ...], dtype: mx.Dtype) -> mx.array:
-        """The merge kernel: one pass over W0 (read once, dequantized in the kernel for a 2/4/8-bit base), the
-        factors read from the flat vector: no B_full, A_full, rank-r product or dequantized copy of W0 is built.
-        Other quantized bases take MLX's path (``full`` then holds B_full and A_full)."""
-        if not self.merges_from_factors(layout):
-            return super().merge(layout, plan, weight_parts, factors, full, dtype)
-        d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
-        R = max(1, max(layout.ranks))
-        vec = vector_width(d_in, dtype, *([] if layout.quantized else [weight_parts[0].dtype]))
-        while vec > 1 and vec * R > source.MERGE_REGS:
+    def merge(self, layout: BlockLayout, weight_parts: WeightParts, b_full: mx.array, a_full: mx.array,
+              dtype: mx.Dtype) -> mx.array:
+        """The merge kernel: the rank-r product and the pass in one (no d_out x d_in product, W0 read once and
+        dequantized in the kernel for a 2/4/8-bit base). Other quantized bases, and ranks above
+        ``source.MERGE_MAX_RANK``, take MLX's matmul + fused pass."""
+        r = a_full.shape[0]
+        if (layout.quantized and not reads_base(layout)) or not 0 < r <= source.MERGE_MAX_RANK:
+            return super().merge(layout, weight_parts, b_full, a_full, dtype)
+        d_out, d_in = b_full.shape[0], a_full.shape[1]
+        vec = vector_width(d_in, dtype, a_full.dtype, *([] if layout.quantized else [weight_parts[0].dtype]))
+        while vec > 1 and vec * r > source.MERGE_REGS:
             vec //= 2
         wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
         dims = mx.array([d_out, d_in, wq_ld, s_ld], dtype=mx.int32)
-        template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", R), ("VEC", vec)]
+        template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("VEC", vec)]
         if layout.quantized:
             template += [("BITS", layout.bits), ("GS", layout.group_size)]
         (out,) = self.run(Launch("merge", layout.quantized,
-                                 [factors, *(getattr(plan, name) for name in source.MERGE_PLAN), dims,
-                                  mx.array([layout.scale], dtype=mx.float32), *weight_parts], template,
-                                 (_mover_threads(d_in, vec), _ceil(d_out, source.MERGE_TI), 1), (GROUP, 1, 1),
-                                 [(d_out, d_in)], [dtype]))
+                                 [a_full, b_full, dims, mx.array([layout.scale], dtype=mx.float32), *weight_parts],
+                                 template, (_mover_threads(d_in, vec), _ceil(d_out, source.MERGE_TI), 1),
+                                 (GROUP, 1, 1), [(d_out, d_in)], [dtype]))
         return out
 
     def modulate(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, a_pad: mx.array,

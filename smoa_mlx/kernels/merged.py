@@ -2,9 +2,10 @@
 
 Without dropout the update sees the same input as the base, so y = x W0^T + x Delta W^T = x (W0 + Delta W)^T: one
 matmul for the forward and one for dx, where the forms that keep the base apart (:mod:`.blocks`, :mod:`.dense`)
-need 1 + 1/K each. Building W0 + Delta W costs a rank-r matmul (the block-sparse factors in disjoint rank slots) and
-one fused elementwise pass over the weight (float32 inside, one rounding; a quantized base dequantized first), so a
-training step costs 2 layer-matmuls plus the factor gradients:
+need 1 + 1/K each. Building W0 + Delta W costs a rank-r product (the block-sparse factors in disjoint rank slots) and
+one elementwise pass over the weight (float32 inside, one rounding): on a GPU the two are one kernel (``merge`` in
+:mod:`.source`: W0 read once, a 2/4/8-bit base dequantized in it), elsewhere an MLX matmul and a fused pass (a
+quantized base dequantized first). A training step costs 2 layer-matmuls plus the factor gradients:
 
 - ``block_grads=False``: G = dy^T x as one full matmul, then s G * W0 and two rank-r products (3 layer-matmuls in
   all, no gathers; below the block form's 2 + 3/K floor for K <= 2);
@@ -64,23 +65,15 @@ def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep:
 
 @lru_cache(maxsize=None)
 def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
-    # Where the merge kernel builds W0 + Delta W (``ops.merges_from_factors``: a GPU, a dense or 2/4/8-bit base), it
-    # reads the flat factors itself, and B_full and A_full are built only where full gradients need them, in the
-    # backward. Otherwise (MLX's rank-r matmul + fused pass: the CPU, other quantized bases) B_full and A_full are
-    # built outside the custom function, from the factors with no gradient path (the VJP returns the factors'
-    # gradient itself), and handed to it as inputs: the backward rebuilds W0 + Delta W from them instead of taking
-    # them from the factors again (two takes, a concatenation and a cast fewer per layer and step). They are
-    # (d_out + d_in) r elements, alive from the layer's forward to its backward. As extra outputs of the custom
-    # function instead (dffc2ed), they held one activation's worth more at peak on the CPU than as inputs; on an H200
-    # with a 4-bit base the two measured the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
-    from_factors = ops.merges_from_factors(layout)
-
+    # B_full and A_full are built outside the custom function, from the factors with no gradient path (the VJP
+    # returns the factors' gradient itself), and handed to it as inputs: the backward rebuilds W0 + Delta W from them
+    # instead of taking them from the factors again (two takes, a concatenation and a cast fewer per layer and step).
+    # They are (d_out + d_in) r elements, alive from the layer's forward to its backward. As extra outputs of the
+    # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU than as inputs; on
+    # an H200 with a 4-bit base the two measured the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
     @mx.custom_function
     def forward(x, index, weight_parts, factors, full):
-        # after_input: built when the layer runs (for ``full`` the caller did it); with keep the very expression
-        # the backward builds, so that mx.compile merges the two.
-        f = factors if keep or not from_factors else after_input(factors, x)
-        return x @ ops.merge(layout, plan_of(layout, index), weight_parts, f, full, x.dtype).T
+        return x @ ops.merge(layout, weight_parts, *full, x.dtype).T
 
     @forward.vjp
     def forward_vjp(primals, cotangent, output):
@@ -88,9 +81,8 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
         full = primals[4]
         # Rebuilt after the cotangent, so that mx.compile cannot share it with the forward's; with keep, the very
         # expression of the forward, which mx.compile merges with it.
-        if full and not keep:
-            full = tuple(mx.depends(list(full), [cotangent]))
-        w = ops.merge(layout, plan_of(layout, index), weight_parts, factors, full, x.dtype)
+        b_full, a_full = full if keep else mx.depends(list(full), [cotangent])
+        w = ops.merge(layout, weight_parts, b_full, a_full, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))
@@ -98,17 +90,15 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
         if block_grads:
             dfactors = _block_grads(ops, layout, index, weight_parts, factors, x2, g2)
         else:
-            b_full, a_full = full or full_factors(layout, index, factors, product_type(x.dtype))
             dfactors = _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full)
-        return after_factor_grads(dx, dfactors), *frozen, dfactors, tuple(mx.zeros_like(f) for f in primals[4])
+        return after_factor_grads(dx, dfactors), *frozen, dfactors, tuple(mx.zeros_like(f) for f in full)
 
     def fn(x, index, weight_parts, factors):
         # With keep, the forward's W0 + Delta W is the backward's (mx.compile merges the two expressions, which a
         # dependency on x would keep apart): it lives from the forward to the backward anyway.
         # B_full and A_full in the type of the rank-r product (the activations' half type, else float32), which is
         # also the type the factor gradients' products take them in: cast once, inside the take.
-        full = () if from_factors else full_factors(layout, index, factors if keep else after_input(factors, x),
-                                                   product_type(x.dtype))
+        full = full_factors(layout, index, factors if keep else after_input(factors, x), product_type(x.dtype))
         return forward(x, index, weight_parts, factors, tuple(mx.stop_gradient(f) for f in full))
 
     return fn

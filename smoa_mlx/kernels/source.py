@@ -12,7 +12,7 @@ are memory-bound steps that MLX has no fast primitive for, and they are these ke
               anchor read from the base weight itself (dequantized in the kernel for 2/4/8-bit bases).
 ``hadamard``  out[k, i, j] = s G[k, i, j] W0[row_src[k, i], col_src[k, j]]: the factor-gradient Hadamard product.
 ``merge``     out[i, j] = W0[i, j] (1 + s (B_full A_full)[i, j]): the merged form's W0 + Delta W in the original basis,
-              in one pass over the weight, reading the factors straight from the layer's flat factor vector.
+              the rank-r product fused into one pass over the weight.
 
 Each body is plain C++ that both the Metal Shading Language and CUDA accept, plus ``$NAME`` tokens that
 :func:`render` replaces with each backend's spelling (thread position, float conversions) and the anchor read,
@@ -64,8 +64,9 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 # columns in registers for TI rows), so fewer rows put more threads and loads in flight. On an H200, over the three
 # shapes of bench_kernels --gathers: 0.479 ms at 4 rows, 0.517 at 16 (benchmarks/bench_gathers.json); read at
 # launch, for bench_kernels --hadamard-ti
-MERGE_TI = 8  # weight rows per merge thread (its columns' factors stay in registers for them)
+MERGE_TI = 16  # weight rows per merge thread (its columns' A entries stay in registers for them)
 MERGE_REGS = 64  # at most this many A entries per merge thread (VEC columns x R ranks): VEC halves until it fits
+MERGE_MAX_RANK = 64  # above this rank (VEC = 1 and still over MERGE_REGS) MLX's matmul + fused pass builds W
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
@@ -271,12 +272,16 @@ _MODULATE_TEMPLATE = """
   }
 """
 
-# merge: each thread owns VEC consecutive columns (16 bytes of the output) of MERGE_TI rows, as the scatters own
-# theirs, so a warp loads and stores 512 contiguous bytes per row. Its columns' A entries are read once, straight
-# from the flat factors through the plan's per-column parameters, and kept in registers for all its rows; a row's
-# B entries are one contiguous run of the flat factors. An entry gets an update only where its row's block is its
-# column's (the same rank slots [lo, hi)): 1 in K entries, r_k products each. W0 is read once (16-byte vectors for a
-# dense base, the packed words dequantized in the kernel for a 2/4/8-bit one) and the result rounded once.
+# merge: the rank-r product fused into the pass over the weight. Each thread owns VEC consecutive columns (up to 16
+# bytes of the output) of MERGE_TI rows, as the scatters own theirs, so a warp loads and stores contiguous runs per
+# row. It keeps A_full's R x VEC entries for its columns in registers (R vector loads, coalesced across the warp) for
+# all its rows; a row's R entries of B_full are the same for the whole warp (one broadcast load each). Every entry
+# takes the whole rank-R sum: the block-sparse factors sit in disjoint rank slots, so the other blocks' slots add
+# exact zeros, and R FMAs per entry cost less than telling the blocks apart. W0 is read once (16-byte vectors for a
+# dense base, the packed words dequantized in the kernel for a 2/4/8-bit one), the sum taken in float32 and the
+# result rounded once. A first version that read the factors straight from the flat vector (each column's A entries
+# gathered per thread, the blocks told apart per entry) ran at 17-22% of a copy's bandwidth on an H200, slower than
+# MLX's matmul + fused pass (benchmarks/bench_kernels_merge_v1_46fccb8.json).
 _MERGE_TEMPLATE = """
   const int d_out = dims[0];
   const int d_in = dims[1];
@@ -287,42 +292,31 @@ _MERGE_TEMPLATE = """
   const int i0 = $TY * TI;
   const float s = scale[0];
   if (j0 < d_in) {
-    int lo[VEC];
-    int hi[VEC];
-    float av[VEC * R];
-    for (int e = 0; e < VEC; ++e) {
-      const int j = j0 + e;
-      lo[e] = a_lo[j];
-      hi[e] = a_hi[j];
-      const long start = a_start[j];
-      const long stride = a_stride[j];
-      for (int q = 0; q < R; ++q) {
-        av[e * R + q] = lo[e] + q < hi[e] ? $TOF(factors[start + long(lo[e] + q) * stride]) : 0.0f;
+    float av[R * VEC];
+    for (int q = 0; q < R; ++q) {
+      const auto run = smoa_vload<VEC>(a + long(q) * d_in + j0);
+      for (int e = 0; e < VEC; ++e) {
+        av[q * VEC + e] = $TOF(run.v[e]);
       }
     }
     smoa_vec<OT, VEC> vals[TI];
     for (int u = 0; u < TI; ++u) {
       const int row = i0 + u;
       if (row < d_out) {$WLOAD
-        const int blo = b_lo[row];
-        const int bhi = b_hi[row];
-        const long bstart = b_start[row];
-        float bv[R];
+        float f[VEC];
+        for (int e = 0; e < VEC; ++e) {
+          f[e] = 0.0f;
+        }
         for (int q = 0; q < R; ++q) {
-          bv[q] = blo + q < bhi ? $TOF(factors[bstart + blo + q]) : 0.0f;
+          const float bq = $TOF(b[long(row) * R + q]);
+          for (int e = 0; e < VEC; ++e) {
+            f[e] += bq * av[q * VEC + e];
+          }
         }
         for (int e = 0; e < VEC; ++e) {
           const int col = j0 + e;
           (void)col;
-          float val = $ANCHOR;
-          if (lo[e] == blo && hi[e] == bhi) {
-            float f = 0.0f;
-            for (int q = 0; q < R; ++q) {
-              f += bv[q] * av[e * R + q];
-            }
-            val = val * (1.0f + s * f);
-          }
-          vals[u].v[e] = $TOO(val);
+          vals[u].v[e] = $TOO($ANCHOR * (1.0f + s * f[e]));
         }
       }
     }
@@ -337,7 +331,6 @@ _MERGE_TEMPLATE = """
 _MERGE_WLOAD = """
         const auto wv = smoa_vload<VEC>(w + long(row) * d_in + j0);"""
 _MERGE_ANCHOR_DENSE = "$TOF(wv.v[e])"
-MERGE_PLAN = ("b_start", "b_lo", "b_hi", "a_start", "a_stride", "a_lo", "a_hi")  # the BlockPlan fields it reads
 
 
 @dataclass(frozen=True)
@@ -366,7 +359,7 @@ def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
     if kernel == "merge":
         body = (_MERGE_TEMPLATE.replace("$WLOAD", "" if quantized else _MERGE_WLOAD)
                 .replace("$ANCHOR", _ANCHOR_QUANT if quantized else _MERGE_ANCHOR_DENSE))
-        return body, ("factors",) + MERGE_PLAN + ("dims", "scale") + weight_inputs(quantized)
+        return body, ("a", "b", "dims", "scale") + weight_inputs(quantized)
     if kernel in BLOCK_ANCHORED:
         body = (
             _MODULATE_TEMPLATE.replace("$PRELOAD", _MOD_PRELOAD[kernel])

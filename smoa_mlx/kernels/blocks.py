@@ -170,18 +170,16 @@ class KernelOps(MlxOps):
     def merge(self, layout: BlockLayout, weight_parts: WeightParts, b_full: mx.array, a_full: mx.array,
               dtype: mx.Dtype) -> mx.array:
         """The merge kernel: the rank-r product and the pass in one (no d_out x d_in product, W0 read once and
-        dequantized in the kernel for a 2/4/8-bit base). Other quantized bases, and ranks above
-        ``source.MERGE_MAX_RANK``, take MLX's matmul + fused pass."""
+        dequantized in the kernel for a 2/4/8-bit base). Other quantized bases take MLX's matmul + fused pass."""
         r = a_full.shape[0]
-        if (layout.quantized and not reads_base(layout)) or not 0 < r <= source.MERGE_MAX_RANK:
+        if (layout.quantized and not reads_base(layout)) or r == 0:
             return super().merge(layout, weight_parts, b_full, a_full, dtype)
         d_out, d_in = b_full.shape[0], a_full.shape[1]
-        vec = vector_width(d_in, dtype, a_full.dtype, *([] if layout.quantized else [weight_parts[0].dtype]))
-        while vec > 1 and vec * r > source.MERGE_REGS:
-            vec //= 2
+        w_type = [] if layout.quantized else [weight_parts[0].dtype]
+        vec = vector_width(d_in, dtype, a_full.dtype, *w_type)
         wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
         dims = mx.array([d_out, d_in, wq_ld, s_ld], dtype=mx.int32)
-        template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("VEC", vec)]
+        template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("VEC", vec)] + [("T", t) for t in w_type]
         if layout.quantized:
             template += [("BITS", layout.bits), ("GS", layout.group_size)]
         (out,) = self.run(Launch("merge", layout.quantized,

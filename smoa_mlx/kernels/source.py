@@ -64,9 +64,7 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 # columns in registers for TI rows), so fewer rows put more threads and loads in flight. On an H200, over the three
 # shapes of bench_kernels --gathers: 0.479 ms at 4 rows, 0.517 at 16 (benchmarks/bench_gathers.json); read at
 # launch, for bench_kernels --hadamard-ti
-MERGE_TI = 16  # weight rows per merge thread (its columns' A entries stay in registers for them)
-MERGE_REGS = 64  # at most this many A entries per merge thread (VEC columns x R ranks): VEC halves until it fits
-MERGE_MAX_RANK = 64  # above this rank (VEC = 1 and still over MERGE_REGS) MLX's matmul + fused pass builds W
+MERGE_TI = 8  # weight rows per merge thread: its W0 loads in flight at once, TI x VEC float32 sums in registers
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
@@ -272,16 +270,17 @@ _MODULATE_TEMPLATE = """
   }
 """
 
-# merge: the rank-r product fused into the pass over the weight. Each thread owns VEC consecutive columns (up to 16
-# bytes of the output) of MERGE_TI rows, as the scatters own theirs, so a warp loads and stores contiguous runs per
-# row. It keeps A_full's R x VEC entries for its columns in registers (R vector loads, coalesced across the warp) for
-# all its rows; a row's R entries of B_full are the same for the whole warp (one broadcast load each). Every entry
-# takes the whole rank-R sum: the block-sparse factors sit in disjoint rank slots, so the other blocks' slots add
-# exact zeros, and R FMAs per entry cost less than telling the blocks apart. W0 is read once (16-byte vectors for a
-# dense base, the packed words dequantized in the kernel for a 2/4/8-bit one), the sum taken in float32 and the
-# result rounded once. A first version that read the factors straight from the flat vector (each column's A entries
-# gathered per thread, the blocks told apart per entry) ran at 17-22% of a copy's bandwidth on an H200, slower than
-# MLX's matmul + fused pass (benchmarks/bench_kernels_merge_v1_46fccb8.json).
+# merge: the rank-r product fused into the pass over the weight. Each thread owns VEC consecutive columns (16 bytes
+# of the output) of TI rows, as the scatters own theirs, so a warp loads and stores 512 contiguous bytes per row. It
+# issues its TI loads of W0 first (TI x 16 bytes in flight per thread: the pass is bound by memory latency), then
+# accumulates the rank-R sums for its TI x VEC entries one rank slot at a time: A_full's VEC entries of that slot (one
+# vector load, coalesced across the warp) against its rows' B_full entries (the same for the whole warp: broadcast
+# loads). Every entry takes the whole rank-R sum: the block-sparse factors sit in disjoint rank slots, so the other
+# blocks' slots add exact zeros, and R FMAs per entry cost less than telling the blocks apart. A 2/4/8-bit base is
+# dequantized in the kernel; the sum is taken in float32 and the result rounded once. Measured on an H200
+# (benchmarks/): a first version that read each column's factors straight from the flat vector ran at 17-22% of a
+# copy's bandwidth (bench_kernels_merge_v1_46fccb8.json), a second that kept A's entries in registers and loaded W0
+# row by row at 30-46% (bench_kernels_merge_v2_710575d.json): both no faster than MLX's matmul + fused pass.
 _MERGE_TEMPLATE = """
   const int d_out = dims[0];
   const int d_in = dims[1];
@@ -292,45 +291,43 @@ _MERGE_TEMPLATE = """
   const int i0 = $TY * TI;
   const float s = scale[0];
   if (j0 < d_in) {
-    float av[R * VEC];
-    for (int q = 0; q < R; ++q) {
-      const auto run = smoa_vload<VEC>(a + long(q) * d_in + j0);
+    float acc[TI * VEC];$WLOAD
+    for (int u = 0; u < TI; ++u) {
       for (int e = 0; e < VEC; ++e) {
-        av[q * VEC + e] = $TOF(run.v[e]);
+        acc[u * VEC + e] = 0.0f;
       }
     }
-    smoa_vec<OT, VEC> vals[TI];
-    for (int u = 0; u < TI; ++u) {
-      const int row = i0 + u;
-      if (row < d_out) {$WLOAD
-        float f[VEC];
+    for (int q = 0; q < R; ++q) {
+      const auto arun = smoa_vload<VEC>(a + long(q) * d_in + j0);
+      for (int u = 0; u < TI; ++u) {
+        const int row = i0 + u < d_out ? i0 + u : d_out - 1;
+        const float bq = $TOF(b[long(row) * R + q]);
         for (int e = 0; e < VEC; ++e) {
-          f[e] = 0.0f;
-        }
-        for (int q = 0; q < R; ++q) {
-          const float bq = $TOF(b[long(row) * R + q]);
-          for (int e = 0; e < VEC; ++e) {
-            f[e] += bq * av[q * VEC + e];
-          }
-        }
-        for (int e = 0; e < VEC; ++e) {
-          const int col = j0 + e;
-          (void)col;
-          vals[u].v[e] = $TOO($ANCHOR * (1.0f + s * f[e]));
+          acc[u * VEC + e] += bq * $TOF(arun.v[e]);
         }
       }
     }
     for (int u = 0; u < TI; ++u) {
       const int row = i0 + u;
       if (row < d_out) {
-        smoa_vstore(out + long(row) * d_in + j0, vals[u]);
+        smoa_vec<OT, VEC> res;
+        for (int e = 0; e < VEC; ++e) {
+          const int col = j0 + e;
+          (void)col;
+          res.v[e] = $TOO($ANCHOR * (1.0f + s * acc[u * VEC + e]));
+        }
+        smoa_vstore(out + long(row) * d_in + j0, res);
       }
     }
   }
 """
 _MERGE_WLOAD = """
-        const auto wv = smoa_vload<VEC>(w + long(row) * d_in + j0);"""
-_MERGE_ANCHOR_DENSE = "$TOF(wv.v[e])"
+    smoa_vec<T, VEC> wv[TI];
+    for (int u = 0; u < TI; ++u) {
+      const int row = i0 + u < d_out ? i0 + u : d_out - 1;  // a row past the end repeats the last (never stored)
+      wv[u] = smoa_vload<VEC>(w + long(row) * d_in + j0);
+    }"""
+_MERGE_ANCHOR_DENSE = "$TOF(wv[u].v[e])"
 
 
 @dataclass(frozen=True)

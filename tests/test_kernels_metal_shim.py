@@ -231,6 +231,23 @@ def test_probe_compiles_every_kernel_and_no_quantized_matmul(monkeypatch):
     assert set(kernels._probed) == {(ops.name, False), (ops.name, True)}
 
 
+def test_probe_rejects_kernels_that_run_but_compute_wrong_values(monkeypatch):
+    """A kernel that compiles and runs but returns wrong values (here the merge kernel's output scaled) fails the
+    probe, with one warning, so the model trains through plain MLX instead of on a wrong W0 + Delta W."""
+    import smoa_mlx.kernels as kernels
+    from metal_emulator import run_launch
+
+    def run(launch):
+        out = run_launch(launch)
+        return [o * 1.5 for o in out] if launch.kernel == "merge" else out
+
+    run.backend = run_launch.backend
+    monkeypatch.setattr(kernels, "_probed", {})
+    with pytest.warns(RuntimeWarning, match="differs from plain MLX"):
+        assert not kernels._probe(KernelOps(run))
+    assert kernels._probe(KernelOps(run_launch), quantized=True)  # the real kernels agree
+
+
 @pytest.mark.parametrize("form", ["auto", "kernel"])
 @pytest.mark.parametrize("bits", ["mxfp4", 3])
 def test_gpu_dispatch_of_a_base_the_kernels_cannot_read_launches_only_movers(form, bits, monkeypatch):

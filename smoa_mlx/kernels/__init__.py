@@ -34,6 +34,7 @@ from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn, reads_base
 from .gpu import GpuRunner, gpu_backend
@@ -138,7 +139,8 @@ _PROBE_LAYOUTS = {
 
 
 def _probe(ops: KernelOps, quantized: bool = False) -> bool:
-    """Compile and run the kernels once on tiny inputs, for every float type; False on any failure.
+    """Compile and run the kernels once on tiny inputs, for every float type, against plain MLX; False on any failure
+    or disagreement.
 
     Why so narrow: on CUDA every new instantiation is compiled on first use, and each of MLX's quantized matmuls
     took 19-28 s there (docs/BENCHMARKS.md). The quantized layout runs the update alone, so it compiles our
@@ -151,21 +153,22 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
         return _probed[key]
     layout = _PROBE_LAYOUTS[quantized]
     try:
-        outs = []
         d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
-        w = mx.random.normal((d_out, d_in))
+        w = mx.random.normal((d_out, d_in), key=mx.random.key(0))
         parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if quantized else (w,)
         index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
         index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
-        factors = mx.ones((sum(factor_sizes(layout)),))
-        fn = block_fn(layout, ops, not quantized)  # the merged form's block grads launch a subset of these
+        factors = mx.random.normal((sum(factor_sizes(layout)),), key=mx.random.key(1))
+        # The kernels and plain MLX side by side (the merged form's block gradients launch a subset of these).
+        fns = [block_fn(layout, one, not quantized) for one in (ops, _MLX_OPS)]
         for dtype in FLOAT_TYPES:
             p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
-            outs.extend(mx.vjp(lambda x, f: fn(x, index, p, f),
-                               [mx.ones((3, d_in), dtype=dtype), factors], [mx.ones((3, d_out), dtype)]))
             full = full_factors(layout, index, factors, dtype)
-            outs.append(ops.merge(layout, p, *full, dtype))  # the merged form's W0 + Delta W
-        mx.eval(outs)
+            got, want = ([*mx.vjp(lambda x, f: fn(x, index, p, f), [mx.ones((3, d_in), dtype=dtype), factors],
+                                  [mx.ones((3, d_out), dtype)])] for fn in fns)
+            got.append(ops.merge(layout, p, *full, dtype))  # the merged form's W0 + Delta W
+            want.append(_MLX_OPS.merge(layout, p, *full, dtype))
+            _check_probe(got, want, dtype)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
             return True  # called inside mx.compile: cannot probe now, try the kernels and probe next time
@@ -180,6 +183,20 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
         return False
     _probed[key] = True
     return True
+
+
+_PROBE_TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
+
+
+def _check_probe(got: list, want: list, dtype: mx.Dtype) -> None:
+    """Raise unless every probe output of the kernels is finite and within the type's tolerance of plain MLX's (relative
+    norm): a kernel that compiles and runs but computes wrong values (a compiler's miscompilation, a driver's fault)
+    must not train a model on a user's machine."""
+    for g, w in zip(tree_flatten(got), tree_flatten(want)):
+        g, w = g[1].astype(mx.float32), w[1].astype(mx.float32)
+        err = (mx.linalg.norm(g - w) / mx.maximum(mx.linalg.norm(w), 1e-30)).item()
+        if not err <= _PROBE_TOL[dtype]:  # NaN fails too
+            raise RuntimeError(f"kernel output differs from plain MLX by {err:.2e} in {dtype}")
 
 
 def _ops(quantized: bool = False):

@@ -1,5 +1,8 @@
 """SMoALinear against the float64 numpy reference: groups, Delta W, outputs, gradients, fuse, memory, errors."""
 
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -9,6 +12,10 @@ from mlx.utils import tree_flatten
 from smoa_mlx import SMoALinear
 from smoa_mlx.kernels import factor_views
 from reference_numpy import ref_delta, ref_dequantize, ref_dequantize_fp, ref_groups, ref_layer, ref_order, ref_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from bench_peak import step_peak  # noqa: E402
 
 
 def _base(d_in, d_out, bias=True, seed=0):
@@ -291,15 +298,6 @@ def test_layer_keeps_no_anchor_copy():
     assert sum(a.nbytes for a in arrays) < base.weight.nbytes / 4
 
 
-def _extra_peak(fn):
-    mx.eval(fn())  # warm up: compile-once costs are not what is measured
-    mx.synchronize()
-    mx.reset_peak_memory()
-    start = mx.get_active_memory()
-    mx.eval(fn())
-    return mx.get_peak_memory() - start
-
-
 @pytest.mark.parametrize("blocks", [2, 4])
 def test_training_step_never_builds_the_dense_update(blocks, monkeypatch):
     """The block form's forward + backward peak memory stays far below what a dense Delta W (the reference's way)
@@ -320,8 +318,8 @@ def test_training_step_never_builds_the_dense_update(blocks, monkeypatch):
         return (base(x) + x @ layer.delta_weight().T).sum()
 
     dense_step = mx.value_and_grad(dense_loss)
-    smoa_peak = _extra_peak(lambda: step(x))
-    dense_peak = _extra_peak(lambda: dense_step(layer.trainable_parameters()))
+    smoa_peak = step_peak(lambda: step(x))
+    dense_peak = step_peak(lambda: dense_step(layer.trainable_parameters()))
     assert dense_peak > 2 * dense_bytes  # the measurement sees dense matrices when they are there
     assert smoa_peak < dense_peak / 3
     if blocks == 4:
@@ -349,7 +347,7 @@ def _compiled_step(n_layers: int, bits: int = 0, d: int = 256, loss=lambda y: y.
 def _compiled_step_peak(n_layers: int, bits: int = 0) -> float:
     """Extra peak memory of one :func:`_compiled_step` of ``n_layers`` layers of 256 x 256."""
     step, x = _compiled_step(n_layers, bits)
-    return _extra_peak(lambda: step(x))
+    return step_peak(lambda: step(x))
 
 
 @pytest.mark.parametrize("kernel,bits,bound", [("merged", 0, 6), ("dense", 0, 6), ("mlx", 0, 6), ("merged", 4, 12)])

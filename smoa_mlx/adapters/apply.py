@@ -31,24 +31,35 @@ def _matching_modules(model: nn.Module, targets: Iterable[str], num_layers: int)
     return [(path, m) for path, m in model.named_modules() if id(m) in chosen and _matches(path, targets)]
 
 
+def _split_matches(
+    model: nn.Module, targets: Iterable[str], num_layers: int
+) -> tuple[list[str], dict[str, list[str]]]:
+    """(the matching paths SMoA wraps, in natural order; {type name: paths} of the matching modules with a weight
+    that it cannot wrap). One walk and one test decide both, so that what is adapted and what is reported as left
+    out stay the two sides of one split."""
+    paths: list[str] = []
+    unadapted: dict[str, list[str]] = {}
+    for path, m in _matching_modules(model, targets, num_layers):
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+            paths.append(path)
+        elif hasattr(m, "weight"):
+            unadapted.setdefault(type(m).__name__, []).append(path)
+    return sorted(paths, key=natural_key), unadapted
+
+
 def target_paths(model: nn.Module, targets: Iterable[str], num_layers: int = -1) -> list[str]:
     """Full module paths to adapt: matching linears in the last ``num_layers`` blocks, as mlx-lm selects them.
 
     ``num_layers=-1`` (or more than the model has) means every block.
     """
-    return sorted((path for path, m in _matching_modules(model, targets, num_layers)
-                   if isinstance(m, (nn.Linear, nn.QuantizedLinear))), key=natural_key)
+    return _split_matches(model, targets, num_layers)[0]
 
 
 def unadapted_matches(model: nn.Module, targets: Iterable[str], num_layers: int = -1) -> dict[str, list[str]]:
     """{type name: paths} of modules whose names match ``targets`` but which SMoA cannot wrap: a mixture of experts'
     ``SwitchLinear`` (mlx-lm's LoRA adapts those, through LoRASwitchLinear), a ``BitLinear``... Why: they would
     otherwise be skipped without a word, and a user of an MoE model would train its attention alone unawares."""
-    found: dict[str, list[str]] = {}
-    for path, m in _matching_modules(model, targets, num_layers):
-        if not isinstance(m, (nn.Linear, nn.QuantizedLinear)) and hasattr(m, "weight"):
-            found.setdefault(type(m).__name__, []).append(path)
-    return found
+    return _split_matches(model, targets, num_layers)[1]
 
 
 def _describe(found: dict[str, list[str]]) -> str:
@@ -88,8 +99,7 @@ def apply_smoa(
     shared across the ranks of ``mx.distributed`` when there are several (:func:`shared_orders`). ``progress``
     wraps the per-layer loop (``tqdm`` for instance): the spectral step is the slow part of setting up a big model.
     """
-    paths = target_paths(model, config.target_modules, config.num_layers)
-    skipped = unadapted_matches(model, config.target_modules, config.num_layers)
+    paths, skipped = _split_matches(model, config.target_modules, config.num_layers)
     if not paths:
         raise ValueError(
             f"no module of {type(model).__name__} matches target_modules={config.target_modules} "

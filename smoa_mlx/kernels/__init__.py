@@ -22,8 +22,8 @@ flat vector, :func:`~.plan.pack_factors`):
 below and on the CPU; every choice measured by scripts/bench_kernels.py), ``merged``, ``kernel`` (the block form
 with the GPU kernels), ``mlx`` (the block form with its steps in plain MLX: any device, for checks), ``dense``. The
 merged form uses the merge kernel on a GPU (and there the gathers and Hadamard kernel for its block gradients), plain MLX
-elsewhere. Kernels that fail to compile or run on a
-first small probe are reported once with a warning, and plain MLX is used from then on.
+elsewhere. Kernels that fail to compile or run on a first small probe, or disagree there with plain MLX, are reported
+once with a warning, and plain MLX is used from then on.
 """
 
 from __future__ import annotations

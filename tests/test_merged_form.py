@@ -98,3 +98,22 @@ def test_merge_kernel_is_the_fused_weight(dtype, bits, branch):
     unit = np.abs(w).max() * {mx.float32: 2.0**-23, mx.float16: 2.0**-10}[dtype]
     assert np.abs(g - w).max() <= 4 * unit
     assert np.abs(g - w0)[outside].max() <= 4 * unit
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the Metal shim")
+def test_keep_builds_the_weight_with_mlx_ops_the_compiler_can_share():
+    """SMOA_MLX_MERGED_KEEP's reuse rests on mx.compile merging the forward's and the backward's W0 + Delta W, which
+    it does for MLX's own primitives and never for a custom kernel: with keep, no merge kernel is launched, and the
+    result still matches float64 (the block gradients' kernels run as without keep)."""
+    from metal_emulator import run_launch
+
+    launched = []
+
+    def run(launch):
+        launched.append(launch.kernel)
+        return run_launch(launch)
+
+    layer = make_layer(128, 96, 8, 2, mx.float32, 0, 64, None, seed=11)
+    fn = merged_fn(layer.layout, KernelOps(run), True, keep=True)
+    check_against_float64(layer, fn, (2, 7), True, TOL[mx.float32])
+    assert "merge" not in launched and "gather" in launched

@@ -57,7 +57,10 @@ def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep:
     anywhere); ``block_grads`` picks how the factor gradients are formed (module docstring). ``keep``: the backward
     uses the forward's W0 + Delta W (and B_full, A_full) instead of rebuilding them, under mx.compile (the trainer's
     step), where it is one array shared by both: a pass and a rank-r product fewer per layer and step, one weight
-    copy per adapted layer alive from its forward to its backward (opt-in, ``SMOA_MLX_MERGED_KEEP=1``).
+    copy per adapted layer alive from its forward to its backward (opt-in, ``SMOA_MLX_MERGED_KEEP=1``). With keep,
+    W0 + Delta W is always MLX's matmul + fused pass, never the merge kernel: mx.compile merges two equal expressions
+    of MLX's own primitives, but never two launches of a custom kernel (MLX's CustomKernel defines no equivalence),
+    so with the kernel the backward would build the weight again and keep would buy nothing.
     One function per distinct choice, however the arguments are spelled.
     """
     return _merged_fn(layout, ops, bool(block_grads), bool(keep))
@@ -71,9 +74,11 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
     # They are (d_out + d_in) r elements, alive from the layer's forward to its backward. As extra outputs of the
     # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU than as inputs; on
     # an H200 with a 4-bit base the two measured the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
+    merge = MlxOps().merge if keep else ops.merge  # keep: see merged_fn
+
     @mx.custom_function
     def forward(x, index, weight_parts, factors, full):
-        return x @ ops.merge(layout, weight_parts, *full, x.dtype).T
+        return x @ merge(layout, weight_parts, *full, x.dtype).T
 
     @forward.vjp
     def forward_vjp(primals, cotangent, output):
@@ -82,7 +87,7 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
         # Rebuilt after the cotangent, so that mx.compile cannot share it with the forward's; with keep, the very
         # expression of the forward, which mx.compile merges with it.
         b_full, a_full = full if keep else mx.depends(list(full), [cotangent])
-        w = ops.merge(layout, weight_parts, b_full, a_full, x.dtype)
+        w = merge(layout, weight_parts, b_full, a_full, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))

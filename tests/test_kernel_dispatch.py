@@ -21,6 +21,7 @@ def _fresh(monkeypatch):
     monkeypatch.setattr(kernels, "_probed", {})
     monkeypatch.setattr(kernels, "_kernel_ops", {})
     monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
+    monkeypatch.delenv(kernels.MERGE_KERNEL_ENV, raising=False)
 
 
 def test_cpu_uses_the_measured_form():
@@ -48,8 +49,12 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert probes == [False]  # a dense base: the quantized renderings are not probed
     # A large one: the diagonal blocks' gradients through the kernels' gathers.
     assert linear_fn(LARGE) is merged_fn(LARGE, ops, True)
+    monkeypatch.setenv(kernels.MERGE_KERNEL_ENV, "0")  # MLX's merge, the kernels' block gradients all the same
+    assert linear_fn(LARGE) is merged_fn(LARGE, ops, True, mlx_merge=True) is not merged_fn(LARGE, ops, True)
+    monkeypatch.delenv(kernels.MERGE_KERNEL_ENV)
+    probes.clear()
     quantized = BlockLayout((4096, 4096), (7168, 7168), (8, 8), 1.0, 64, 4)
-    assert linear_fn(quantized) is merged_fn(quantized, ops, True) and probes == [False, False, True]
+    assert linear_fn(quantized) is merged_fn(quantized, ops, True) and probes == [True]  # its renderings too
     # mxfp4 / nvfp4 / mxfp8: the kernels' gathers and scatters only (anchors from MLX, MLX's merge), so the affine
     # renderings are neither probed nor needed.
     for mode, group_size, bits in (("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)):

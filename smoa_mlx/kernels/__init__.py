@@ -49,6 +49,7 @@ __all__ = [
     "GPU_BLOCK_MIN_WEIGHTS",
     "KERNEL_ENV",
     "MERGED_KEEP_ENV",
+    "MERGE_KERNEL_ENV",
     "MERGED_BLOCK_GRADS_MIN_SAVING",
     "block_grads_pay",
     "build_plan",
@@ -71,6 +72,9 @@ KERNEL_ENV = "SMOA_MLX_KERNEL"
 # "1": the merged form's backward reuses the forward's W0 + Delta W (merged_fn's ``keep``): fewer kernels per step,
 # one more weight copy per adapted layer at peak. Off by default: a laptop's memory is the scarcer resource.
 MERGED_KEEP_ENV = "SMOA_MLX_MERGED_KEEP"
+# "0": the merged form builds W0 + Delta W with MLX's matmul + fused pass on a GPU too, instead of the merge kernel
+# (measured side by side by scripts/bench_kernels.py and bench_train.py's smoa-mlx-merge; docs/BENCHMARKS.md).
+MERGE_KERNEL_ENV = "SMOA_MLX_MERGE_KERNEL"
 FORMS = ("auto", "merged", "kernel", "mlx", "dense")
 
 # The form ``auto`` uses for the update alone (dropout) where MLX has no GPU: the dense HiRA form, whose full
@@ -235,7 +239,8 @@ def linear_fn(layout: BlockLayout) -> LayerFn:
         # 6x the shipped gathers; docs/BENCHMARKS.md).
         ops = _ops(reads_base(layout)) if gpu_backend() is not None else None
         block_grads = ops is not None and merged_block_grads(layout)
-        return merged_fn(layout, ops or _MLX_OPS, block_grads, os.environ.get(MERGED_KEEP_ENV, "0") == "1")
+        return merged_fn(layout, ops or _MLX_OPS, block_grads, os.environ.get(MERGED_KEEP_ENV, "0") == "1",
+                         os.environ.get(MERGE_KERNEL_ENV, "1") == "0")
     ops = _block_ops(layout)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 

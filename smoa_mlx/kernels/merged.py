@@ -50,7 +50,8 @@ def _block_grads(ops, layout, index, weight_parts, factors, x2, g2):
     return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors)
 
 
-def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep: bool = False) -> LayerFn:
+def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep: bool = False,
+              mlx_merge: bool = False) -> LayerFn:
     """``fn(x, index, weight_parts, factors)`` = x (W0 + Delta W)^T (no bias), with its custom VJP.
 
     ``ops`` does the memory-bound steps (:class:`~.blocks.KernelOps` on a GPU, :class:`~.blocks.MlxOps`
@@ -60,25 +61,26 @@ def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep:
     copy per adapted layer alive from its forward to its backward (opt-in, ``SMOA_MLX_MERGED_KEEP=1``). With keep,
     W0 + Delta W is always MLX's matmul + fused pass, never the merge kernel: mx.compile merges two equal expressions
     of MLX's own primitives, but never two launches of a custom kernel (MLX's CustomKernel defines no equivalence),
-    so with the kernel the backward would build the weight again and keep would buy nothing.
+    so with the kernel the backward would build the weight again and keep would buy nothing. ``mlx_merge``: MLX's
+    way without keep too (``SMOA_MLX_MERGE_KERNEL=0``: a side-by-side measurement, or a GPU where the kernel loses).
     One function per distinct choice, however the arguments are spelled.
     """
-    return _merged_fn(layout, ops, bool(block_grads), bool(keep))
+    return _merged_fn(layout, ops, bool(block_grads), bool(keep), bool(mlx_merge or keep))
 
 
 @lru_cache(maxsize=None)
-def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
+def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merge: bool):
     # B_full and A_full are built outside the custom function, from the factors with no gradient path (the VJP
     # returns the factors' gradient itself), and handed to it as inputs: the backward rebuilds W0 + Delta W from them
     # instead of taking them from the factors again (two takes, a concatenation and a cast fewer per layer and step).
     # They are (d_out + d_in) r elements, alive from the layer's forward to its backward. As extra outputs of the
     # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU than as inputs; on
     # an H200 with a 4-bit base the two measured the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
-    merge = MlxOps().merge if keep else ops.merge  # keep: see merged_fn
+    merging = MlxOps() if mlx_merge else ops  # the ops that build W0 + Delta W
 
     @mx.custom_function
     def forward(x, index, weight_parts, factors, full):
-        return x @ merge(layout, weight_parts, *full, x.dtype).T
+        return x @ merging.merge(layout, weight_parts, *full, x.dtype).T
 
     @forward.vjp
     def forward_vjp(primals, cotangent, output):
@@ -87,7 +89,7 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool):
         # Rebuilt after the cotangent, so that mx.compile cannot share it with the forward's; with keep, the very
         # expression of the forward, which mx.compile merges with it.
         b_full, a_full = full if keep else mx.depends(list(full), [cotangent])
-        w = merge(layout, weight_parts, b_full, a_full, x.dtype)
+        w = merging.merge(layout, weight_parts, b_full, a_full, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))

@@ -221,6 +221,10 @@ def test_probe_compiles_every_kernel_and_no_quantized_matmul(monkeypatch):
     ops = KernelOps(_recording(launches))
     assert kernels._probe(ops)
     dense = {(launch.kernel, launch.quantized) for launch in launches}
+    # The 16-byte vector paths a model's layers take, in every float type (the probe checks their values too).
+    vector_bytes = {(la.kernel, dict(la.template)["VEC"] * dict(la.template)["OT"].size) for la in launches
+                    if la.kernel in ("merge", "scatter_add")}
+    assert vector_bytes == {("merge", 16), ("scatter_add", 16)}
     assert not any(q for _, q in dense)  # a model without quantized layers compiles no quantized rendering
     launches.clear()
     assert kernels._probe(ops, quantized=True)

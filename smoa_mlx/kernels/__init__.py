@@ -135,9 +135,10 @@ def merged_block_grads(layout: BlockLayout) -> bool:
 
 
 # The probe's layouts: ragged groups, for the kernels every layer uses; a 4-bit affine base, for the anchored kernels'
-# quantized renderings, probed only once an affine-quantized layer needs them.
+# quantized renderings, probed only once an affine-quantized layer needs them. Widths of 16 and 24 take the 16-byte
+# vector paths of the merge kernel and the scatters in every float type, as a model's layers do.
 _PROBE_LAYOUTS = {
-    False: BlockLayout((5, 4), (5, 4), (2, 1), 1.5),
+    False: BlockLayout((9, 7), (13, 11), (2, 1), 1.5),
     True: BlockLayout((3, 2), (64, 64), (1, 1), 1.0, 32, 4),
 }
 

@@ -336,7 +336,7 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
     merging identical launches into one. ``only``: the names of the steps to time (default all)."""
     import mlx.core as mx
 
-    from smoa_mlx.kernels.blocks import _pack
+    from smoa_mlx.kernels.blocks import MlxOps, _pack
     from smoa_mlx.kernels.dense import full_factors
     from smoa_mlx.kernels.plan import padded_dims, plan_of
 
@@ -368,6 +368,9 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
                          3 * K * M * N * es),
             "merge": (lambda b: kernel_ops.merge(layer.layout, parts, b, a_full, mx.bfloat16),
                       lambda: [b_full * (1 + i) for i in range(reps)], 2 * d_out * d_in * es),
+            # The same product by MLX's rank-r matmul + fused pass (what the merge kernel replaces), same bytes.
+            "merge-mlx": (lambda b: MlxOps().merge(layer.layout, parts, b, a_full, mx.bfloat16),
+                          lambda: [b_full * (1 + i) for i in range(reps)], 2 * d_out * d_in * es),
         }
         for name, (fn, make, nbytes) in steps.items():
             if only is not None and name not in only:
@@ -500,19 +503,6 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     return rows
 
 
-def _with_mlx_merge(kernel_ops):
-    """``kernel_ops`` with W0 + Delta W built by MLX's rank-r matmul + fused pass (the CPU's way, and the default on
-    a GPU before the merge kernel) instead of the merge kernel; every other step unchanged."""
-    from smoa_mlx.kernels.blocks import KernelOps, MlxOps
-
-    class MlxMerge(KernelOps):
-        merge = MlxOps.merge
-
-    ops = MlxMerge(kernel_ops.run)
-    ops.name = kernel_ops.name + "+mlx-merge"
-    return ops
-
-
 def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]:
     import mlx.core as mx
 
@@ -536,13 +526,11 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
                 # The merged form as the default runs it (the merge kernel), and with MLX's rank-r matmul + fused
                 # pass for W0 + Delta W instead (the gathers and Hadamard kernel the same): what the kernel saves.
-                mlx_merge = _with_mlx_merge(kernel_ops)
-                for name, ops, block_grads in (("smoa_merged", kernel_ops, False),
-                                               ("smoa_merged_blocks", kernel_ops, True),
-                                               ("smoa_merged_mlx_merge", mlx_merge, False),
-                                               ("smoa_merged_blocks_mlx_merge", mlx_merge, True)):
-                    t[name] = _median_time(_smoa_step(layer, merged_fn(layer.layout, ops, block_grads), x, cot),
-                                           mx.synchronize)[0]
+                for name, block_grads, mlx_merge in (("smoa_merged", False, False), ("smoa_merged_blocks", True, False),
+                                                     ("smoa_merged_mlx_merge", False, True),
+                                                     ("smoa_merged_blocks_mlx_merge", True, True)):
+                    fn = merged_fn(layer.layout, kernel_ops, block_grads, mlx_merge=mlx_merge)
+                    t[name] = _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
@@ -806,6 +794,7 @@ def main(argv=None) -> int:
                     help="the verification's types (a case's first use of each compiles new kernels on CUDA)")
     ap.add_argument("--bandwidth", action="store_true",
                     help="only the copy ceiling and the memory-bound steps' bandwidth, eager and compiled")
+    ap.add_argument("--steps", help="with --bandwidth: comma-separated steps to time (e.g. merge,merge-mlx)")
     ap.add_argument("--breakdown", action="store_true",
                     help="only the merged form's steps alone, eager and compiled (4096x4096 at K=4 and 2, "
                          "4096x14336 at K=4), with the copy ceiling")
@@ -854,7 +843,8 @@ def main(argv=None) -> int:
                     torch=torch.__version__ if torch is not None else "-", backend=kernel_ops.name)
         if args.bandwidth:
             data["copy_gbps"] = copy_bandwidth()
-            data["bandwidth"] = kernel_bandwidth(kernel_ops, SHAPES[:3])
+            data["bandwidth"] = kernel_bandwidth(kernel_ops, SHAPES[:3],
+                                                 only=args.steps.split(",") if args.steps else None)
         elif args.breakdown:
             data["copy_gbps"] = copy_bandwidth()
             data["breakdown"] = _breakdowns(kernel_ops)

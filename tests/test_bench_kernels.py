@@ -68,3 +68,13 @@ def test_merge_kernel_table_compares_the_form_auto_runs():
     assert "| 4096x4096 | 4 | merged, block grads | 1.80 | 2.00 | 0.90 |" in table
     assert "| 1024x4096 | 4 | merged | 2.00 | 2.20 | 0.91 |" in table
     assert bench_kernels._merge_kernel_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
+
+
+def test_bandwidth_times_the_merge_both_ways():
+    """``--bandwidth --steps merge,merge-mlx``: the merge (here plain MLX's, as on the CPU) and MLX's merge, the same
+    bytes (W0 in, W out), each timed eagerly and compiled."""
+    import smoa_mlx.kernels as kernels
+
+    rows = bench_kernels.kernel_bandwidth(kernels._MLX_OPS, [(64, 128)], reps=2, only=("merge", "merge-mlx"))
+    assert [r["step"] for r in rows] == ["merge", "merge-mlx"]
+    assert all(r["gb"] == 2 * 64 * 128 * 2 / 1e9 and r["ms"] > 0 and r["ms_compiled"] > 0 for r in rows)

@@ -34,7 +34,6 @@ from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .blocks import FLOAT_TYPES, KernelOps, MlxOps, base_forward, block_fn, reads_base
 from .gpu import GpuRunner, gpu_backend
@@ -164,16 +163,16 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
         index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
         index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
         factors = mx.random.normal((sum(factor_sizes(layout)),), key=mx.random.key(1))
-        # The kernels and plain MLX side by side (the merged form's block gradients launch a subset of these).
-        fns = [block_fn(layout, one, not quantized) for one in (ops, _MLX_OPS)]
         for dtype in FLOAT_TYPES:
             p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
-            full = full_factors(layout, index, factors, dtype)
-            got, want = ([*mx.vjp(lambda x, f: fn(x, index, p, f), [mx.ones((3, d_in), dtype=dtype), factors],
-                                  [mx.ones((3, d_out), dtype)])] for fn in fns)
-            got.append(ops.merge(layout, p, *full, dtype))  # the merged form's W0 + Delta W
-            want.append(_MLX_OPS.merge(layout, p, *full, dtype))
-            _check_probe(got, want, dtype)
+            b_full, a_full = full_factors(layout, index, factors, dtype)
+            x, cot = mx.ones((3, d_in), dtype=dtype), mx.ones((3, d_out), dtype)
+            runs = []
+            for one in (ops, _MLX_OPS):  # the kernels, then plain MLX
+                fn = block_fn(layout, one, not quantized)  # the merged form's block gradients launch a subset
+                y, grads = mx.vjp(lambda x, f: fn(x, index, p, f), [x, factors], [cot])
+                runs.append([*y, *grads, one.merge(layout, p, b_full, a_full, dtype)])  # + the merged form's W
+            _check_probe(runs[0], runs[1], dtype)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):
             return True  # called inside mx.compile: cannot probe now, try the kernels and probe next time
@@ -193,15 +192,15 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
 _PROBE_TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
 
 
-def _check_probe(got: list, want: list, dtype: mx.Dtype) -> None:
+def _check_probe(got: list[mx.array], want: list[mx.array], dtype: mx.Dtype) -> None:
     """Raise unless every probe output of the kernels is finite and within the type's tolerance of plain MLX's (relative
     norm): a kernel that compiles and runs but computes wrong values (a compiler's miscompilation, a driver's fault)
     must not train a model on a user's machine."""
-    for g, w in zip(tree_flatten(got), tree_flatten(want)):
-        g, w = g[1].astype(mx.float32), w[1].astype(mx.float32)
-        err = (mx.linalg.norm(g - w) / mx.maximum(mx.linalg.norm(w), 1e-30)).item()
-        if not err <= _PROBE_TOL[dtype]:  # NaN fails too
-            raise RuntimeError(f"kernel output differs from plain MLX by {err:.2e} in {dtype}")
+    for g, w in zip(got, want):
+        g, w = g.astype(mx.float32), w.astype(mx.float32)
+        rel = mx.linalg.norm(g - w) / mx.maximum(mx.linalg.norm(w), 1e-30)
+        if not (rel <= _PROBE_TOL[dtype]).item():  # NaN fails too
+            raise RuntimeError(f"kernel output differs from plain MLX by {rel.item():.2e} in {dtype}")
 
 
 def _ops(quantized: bool = False):

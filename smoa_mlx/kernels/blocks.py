@@ -117,6 +117,14 @@ def _hadamard_pass(dtype):
     return mx.compile(lambda g, w, s: (s * g.astype(mx.float32) * w.astype(mx.float32)).astype(dtype))
 
 
+def _base_args(layout: BlockLayout, weight_parts: WeightParts) -> tuple[list[int], list]:
+    """What a kernel that reads W0 needs of a quantized base: its arrays' row lengths (packed words, scales) for
+    ``dims`` and the BITS and GS template constants; zeros and nothing for a dense base."""
+    if not layout.quantized:
+        return [0, 0], []
+    return [weight_parts[0].shape[1], weight_parts[1].shape[1]], [("BITS", layout.bits), ("GS", layout.group_size)]
+
+
 class KernelOps(MlxOps):
     """The same steps as the GPU kernels of :mod:`.source`, launched through ``run`` (Metal, CUDA, or the shim)."""
 
@@ -154,13 +162,11 @@ class KernelOps(MlxOps):
             return None
         K, M, N, R = padded_dims(layout)
         d_in = sum(layout.col_sizes)
-        wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
-        dims = mx.array([M, N, d_in, wq_ld, s_ld], dtype=mx.int32)
+        strides, quant = _base_args(layout, weight_parts)
+        dims = mx.array([M, N, d_in, *strides], dtype=mx.int32)
         scale = mx.array([layout.scale], dtype=mx.float32)
         ti = TI if kernel == "modulate" else source.HADAMARD_TI
-        template = [("T", dtype), ("TI", ti), ("V", V)] + ([("R", R)] if kernel == "modulate" else [])
-        if layout.quantized:
-            template += [("BITS", layout.bits), ("GS", layout.group_size)]
+        template = [("T", dtype), ("TI", ti), ("V", V)] + ([("R", R)] if kernel == "modulate" else []) + quant
         cols = _ceil(_ceil(N, 32 * V) * 32, GROUP) * GROUP
         (out,) = self.run(Launch(kernel, layout.quantized,
                                  [*data, plan.row_src, plan.col_src, dims, scale, *weight_parts], template,
@@ -177,11 +183,9 @@ class KernelOps(MlxOps):
         d_out, d_in = b_full.shape[0], a_full.shape[1]
         w_type = [] if layout.quantized else [weight_parts[0].dtype]
         vec = vector_width(d_in, dtype, a_full.dtype, *w_type)
-        wq_ld, s_ld = (weight_parts[0].shape[1], weight_parts[1].shape[1]) if layout.quantized else (0, 0)
-        dims = mx.array([d_out, d_in, wq_ld, s_ld], dtype=mx.int32)
-        template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("VEC", vec)] + [("T", t) for t in w_type]
-        if layout.quantized:
-            template += [("BITS", layout.bits), ("GS", layout.group_size)]
+        strides, quant = _base_args(layout, weight_parts)
+        dims = mx.array([d_out, d_in, *strides], dtype=mx.int32)
+        template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("VEC", vec)] + [("T", t) for t in w_type] + quant
         (out,) = self.run(Launch("merge", layout.quantized,
                                  [a_full, b_full, dims, mx.array([layout.scale], dtype=mx.float32), *weight_parts],
                                  template, (_mover_threads(d_in, vec), _ceil(d_out, source.MERGE_TI), 1),

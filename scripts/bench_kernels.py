@@ -366,10 +366,10 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
                          lambda: [a_pad * (1 + i) for i in range(reps)], 2 * K * M * N * es),
             "hadamard": (lambda v: kernel_ops.hadamard(layer.layout, plan, parts, v), lambda: randoms((K, M, N)),
                          3 * K * M * N * es),
-            "merge": (lambda b: kernel_ops.merge(layer.layout, parts, b, a_full, mx.bfloat16),
+            "merge": (lambda b: kernel_ops.merge(layer.layout, plan, parts, b, a_full, mx.bfloat16),
                       lambda: [b_full * (1 + i) for i in range(reps)], 2 * d_out * d_in * es),
             # The same product by MLX's rank-r matmul + fused pass (what the merge kernel replaces), same bytes.
-            "merge-mlx": (lambda b: MlxOps().merge(layer.layout, parts, b, a_full, mx.bfloat16),
+            "merge-mlx": (lambda b: MlxOps().merge(layer.layout, plan, parts, b, a_full, mx.bfloat16),
                           lambda: [b_full * (1 + i) for i in range(reps)], 2 * d_out * d_in * es),
         }
         for name, (fn, make, nbytes) in steps.items():
@@ -467,7 +467,7 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     gram = lambda: [mx.random.normal((d_out, d_in)).astype(mx.bfloat16) for _ in range(reps)]  # noqa: E731
     steps = {  # name: (one launch on a varying input, its reps inputs)
         "full factors (one take each)": (lambda f: full_factors(layout, index, f, mx.bfloat16), varied(factors)),
-        "merge (rank-r matmul + fused pass)": (lambda b: mlx_ops.merge(layout, parts, b, af, mx.bfloat16),
+        "merge (rank-r matmul + fused pass)": (lambda b: mlx_ops.merge(layout, plan, parts, b, af, mx.bfloat16),
                                                varied(bf)),
         "x W^T": (lambda v: v @ w.T, varied(x)),
         "dy W": (lambda v: v @ w, varied(g)),
@@ -477,7 +477,7 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
         "B^T H": (lambda h: bf.T @ h, gram),
     }
     if isinstance(kernel_ops, KernelOps):
-        steps["merge kernel"] = (lambda b: kernel_ops.merge(layout, parts, b, af, mx.bfloat16), varied(bf))
+        steps["merge kernel"] = (lambda b: kernel_ops.merge(layout, plan, parts, b, af, mx.bfloat16), varied(bf))
     if block_grads_pay(d_out, d_in, blocks):
         K, M, N, _ = padded_dims(layout)
         a_pad, b_pad = _pack(layout, plan, factors, mx.bfloat16)

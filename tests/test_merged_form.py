@@ -13,6 +13,7 @@ import pytest
 from kernel_cases import check_against_float64, make_layer
 from smoa_mlx.kernels.blocks import KernelOps, MlxOps
 from smoa_mlx.kernels.merged import merged_fn
+from smoa_mlx.kernels.plan import plan_of
 
 TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
 CASES = [
@@ -25,6 +26,8 @@ CASES = [
     pytest.param(192, 50, 6, 2, mx.float32, 3, 64, None, id="q3-f32-mlx-anchors"),
     pytest.param(136, 48, 8, 4, mx.bfloat16, 0, 64, None, id="dense-bf16-K4-vec8"),  # 16-byte merge vectors
     pytest.param(75, 33, 6, 3, mx.float16, 0, 64, None, id="dense-f16-odd-width"),  # the merge's scalar fallback
+    # Blocks of 17 and 16 rows padded to 24: the shorter block's second group of merge rows is all padding.
+    pytest.param(64, 33, 6, 2, mx.float32, 4, 32, None, id="q4-f32-K2-padding-group"),
     # MLX's other quantization modes (no biases; their own group size and bits): plain-MLX anchors, as 3-bit.
     pytest.param(128, 96, 8, 2, mx.float32, "mxfp4", 0, None, id="mxfp4-f32-K2"),
     pytest.param(64, 70, 6, 3, mx.float16, "mxfp4", 0, None, id="mxfp4-f16-K3-ragged"),
@@ -83,7 +86,7 @@ def test_merge_kernel_is_the_fused_weight(dtype, bits, branch):
     layer = make_layer(128, 96, 6, 3, dtype, bits, 32, branch, seed=3)
     layout, index, parts = layer.layout, layer.index, layer.weight_parts()
     full = full_factors(layout, index, layer.smoa_factors, mx.float32)  # fused_weight's product is float32
-    got = KernelOps(run_launch).merge(layout, parts, *full, dtype)
+    got = KernelOps(run_launch).merge(layout, plan_of(layout, index), parts, *full, dtype)
     want = fused_weight(layout, index, parts, layer.smoa_factors, dtype)
     w0 = full_weight(parts, layout).astype(dtype)
     outside = np.asarray(layer.delta_weight()) == 0  # Delta W's zeros: off the blocks (and the zero-rank block)

@@ -171,7 +171,7 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
             for one in (ops, _MLX_OPS):  # the kernels, then plain MLX
                 fn = block_fn(layout, one, not quantized)  # the merged form's block gradients launch a subset
                 y, grads = mx.vjp(lambda x, f: fn(x, index, p, f), [x, factors], [cot])
-                runs.append([*y, *grads, one.merge(layout, p, b_full, a_full, dtype)])  # + the merged form's W
+                runs.append([*y, *grads, one.merge(layout, BlockPlan(*index[4]), p, b_full, a_full, dtype)])  # + the merged form's W
             _check_probe(runs[0], runs[1], dtype)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):

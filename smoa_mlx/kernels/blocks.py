@@ -89,8 +89,8 @@ class MlxOps:
         return (layout.scale * g.astype(mx.float32) * self._anchors(layout, plan, weight_parts)).astype(g.dtype)
 
     # The merged form's steps over the whole weight (original basis; B_full, A_full in disjoint rank slots).
-    def merge(self, layout: BlockLayout, weight_parts: WeightParts, b_full: mx.array, a_full: mx.array,
-              dtype: mx.Dtype) -> mx.array:
+    def merge(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, b_full: mx.array,
+              a_full: mx.array, dtype: mx.Dtype) -> mx.array:
         """W0 + s (B_full A_full) * W0: the rank-r product as one matmul in the activations' type, then one fused
         elementwise pass (float32 inside, rounded once) that applies s too (no pass of its own over a factor)."""
         pdtype = product_type(dtype)
@@ -173,22 +173,26 @@ class KernelOps(MlxOps):
                                  (cols, _ceil(M, ti), K), (GROUP, 1, 1), [(K, M, N)], [dtype]))
         return out
 
-    def merge(self, layout: BlockLayout, weight_parts: WeightParts, b_full: mx.array, a_full: mx.array,
-              dtype: mx.Dtype) -> mx.array:
+    def merge(self, layout: BlockLayout, plan: BlockPlan, weight_parts: WeightParts, b_full: mx.array,
+              a_full: mx.array, dtype: mx.Dtype) -> mx.array:
         """The merge kernel: the rank-r product and the pass in one (no d_out x d_in product, W0 read once and
-        dequantized in the kernel for a 2/4/8-bit base). Other quantized bases take MLX's matmul + fused pass."""
+        dequantized in the kernel for a 2/4/8-bit base), each row summing its own block's rank slots only (the
+        plan's row order groups the rows by block). Other quantized bases take MLX's matmul + fused pass."""
         r = a_full.shape[0]
         if (layout.quantized and not reads_base(layout)) or r == 0:
-            return super().merge(layout, weight_parts, b_full, a_full, dtype)
+            return super().merge(layout, plan, weight_parts, b_full, a_full, dtype)
+        K, M = len(layout.ranks), padded_dims(layout)[1]
         d_out, d_in = b_full.shape[0], a_full.shape[1]
         w_type = [] if layout.quantized else [weight_parts[0].dtype]
         vec = vector_width(d_in, dtype, a_full.dtype, *w_type)
         strides, quant = _base_args(layout, weight_parts)
-        dims = mx.array([d_out, d_in, *strides], dtype=mx.int32)
+        slots = [sum(layout.ranks[:k]) for k in range(K + 1)]
+        dims = mx.array([d_out, d_in, *strides, M, *slots], dtype=mx.int32)
         template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("VEC", vec)] + [("T", t) for t in w_type] + quant
         (out,) = self.run(Launch("merge", layout.quantized,
-                                 [a_full, b_full, dims, mx.array([layout.scale], dtype=mx.float32), *weight_parts],
-                                 template, (_mover_threads(d_in, vec), _ceil(d_out, source.MERGE_TI), 1),
+                                 [a_full, b_full, plan.row_src, dims, mx.array([layout.scale], dtype=mx.float32),
+                                  *weight_parts],
+                                 template, (_mover_threads(d_in, vec), K * _ceil(M, source.MERGE_TI), 1),
                                  (GROUP, 1, 1), [(d_out, d_in)], [dtype]))
         return out
 

@@ -80,7 +80,7 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
 
     @mx.custom_function
     def forward(x, index, weight_parts, factors, full):
-        return x @ merging.merge(layout, weight_parts, *full, x.dtype).T
+        return x @ merging.merge(layout, plan_of(layout, index), weight_parts, *full, x.dtype).T
 
     @forward.vjp
     def forward_vjp(primals, cotangent, output):
@@ -89,7 +89,7 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
         # Rebuilt after the cotangent, so that mx.compile cannot share it with the forward's; with keep, the very
         # expression of the forward, which mx.compile merges with it.
         b_full, a_full = full if keep else mx.depends(list(full), [cotangent])
-        w = merging.merge(layout, weight_parts, b_full, a_full, x.dtype)
+        w = merging.merge(layout, plan_of(layout, index), weight_parts, b_full, a_full, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))

@@ -271,45 +271,54 @@ _MODULATE_TEMPLATE = """
 """
 
 # merge: the rank-r product fused into the pass over the weight. Each thread owns VEC consecutive columns (16 bytes
-# of the output) of TI rows, as the scatters own theirs, so a warp loads and stores 512 contiguous bytes per row. It
-# issues its TI loads of W0 first (TI x 16 bytes in flight per thread: the pass is bound by memory latency), then
-# accumulates the rank-R sums for its TI x VEC entries one rank slot at a time: A_full's VEC entries of that slot (one
-# vector load, coalesced across the warp) against its rows' B_full entries (the same for the whole warp: broadcast
-# loads). Every entry takes the whole rank-R sum: the block-sparse factors sit in disjoint rank slots, so the other
-# blocks' slots add exact zeros, and R FMAs per entry cost less than telling the blocks apart. A 2/4/8-bit base is
+# of the output) of TI rows of one block (the plan's row_src: block k's rows in ascending order, padding last), as the
+# scatters own theirs, so a warp loads and stores 512 contiguous bytes per row. It issues its TI loads of W0 first
+# (TI x 16 bytes in flight per thread: the pass is bound by memory latency), then accumulates the sums for its
+# TI x VEC entries one rank slot at a time over its block's slots only (B_full's rows are zero in every other
+# block's): A_full's VEC entries of that slot (one vector load, coalesced across the warp; zero in columns of other
+# blocks) against its rows' B_full entries (the same for the whole warp: broadcast loads). A 2/4/8-bit base is
 # dequantized in the kernel; the sum is taken in float32 and the result rounded once. Measured on an H200
 # (benchmarks/): a first version that read each column's factors straight from the flat vector ran at 17-22% of a
 # copy's bandwidth (bench_kernels_merge_v1_46fccb8.json), a second that kept A's entries in registers and loaded W0
-# row by row at 30-46% (bench_kernels_merge_v2_710575d.json): both no faster than MLX's matmul + fused pass.
+# row by row at 30-46% (bench_kernels_merge_v2_710575d.json): both no faster than MLX's matmul + fused pass. A third
+# (465f50e) that gave every entry the whole rank-r sum, over rows in their original order, at 25-41% (0.81-0.96x
+# MLX's merge, bench_merge_v3_465f50e.json): K times the FMAs and factor loads this one does.
 _MERGE_TEMPLATE = """
-  const int d_out = dims[0];
   const int d_in = dims[1];
   const int wq_ld = dims[2];
   const int s_ld = dims[3];
+  const int M = dims[4];
   (void)wq_ld; (void)s_ld;
+  const int groups = (M + TI - 1) / TI;  // TI-row groups per block
+  const int k = $TY / groups;
+  const int i0 = ($TY - k * groups) * TI;
   const int j0 = $TX * VEC;  // this thread's VEC consecutive columns (d_in is a multiple of VEC)
-  const int i0 = $TY * TI;
+  const int q_lo = dims[5 + k];  // block k's rank slots: the only ones its rows' B_full entries fill
+  const int q_hi = dims[6 + k];
   const float s = scale[0];
-  if (j0 < d_in) {
+  int rows[TI];
+  for (int u = 0; u < TI; ++u) {
+    rows[u] = i0 + u < M ? row_src[k * M + i0 + u] : -1;
+  }
+  if (j0 < d_in && rows[0] >= 0) {  // a block's padding rows come last: a group whose first is padding is all padding
     float acc[TI * VEC];$WLOAD
     for (int u = 0; u < TI; ++u) {
       for (int e = 0; e < VEC; ++e) {
         acc[u * VEC + e] = 0.0f;
       }
     }
-    for (int q = 0; q < R; ++q) {
+    for (int q = q_lo; q < q_hi; ++q) {
       const auto arun = smoa_vload<VEC>(a + long(q) * d_in + j0);
       for (int u = 0; u < TI; ++u) {
-        const int row = i0 + u < d_out ? i0 + u : d_out - 1;
-        const float bq = $TOF(b[long(row) * R + q]);
+        const float bq = $TOF(b[long(rows[u] >= 0 ? rows[u] : rows[0]) * R + q]);
         for (int e = 0; e < VEC; ++e) {
           acc[u * VEC + e] += bq * $TOF(arun.v[e]);
         }
       }
     }
     for (int u = 0; u < TI; ++u) {
-      const int row = i0 + u;
-      if (row < d_out) {
+      const int row = rows[u];
+      if (row >= 0) {
         smoa_vec<OT, VEC> res;
         for (int e = 0; e < VEC; ++e) {
           const int col = j0 + e;
@@ -323,9 +332,8 @@ _MERGE_TEMPLATE = """
 """
 _MERGE_WLOAD = """
     smoa_vec<T, VEC> wv[TI];
-    for (int u = 0; u < TI; ++u) {
-      const int row = i0 + u < d_out ? i0 + u : d_out - 1;  // a row past the end repeats the last (never stored)
-      wv[u] = smoa_vload<VEC>(w + long(row) * d_in + j0);
+    for (int u = 0; u < TI; ++u) {  // a padding row repeats the group's first (never stored)
+      wv[u] = smoa_vload<VEC>(w + long(rows[u] >= 0 ? rows[u] : rows[0]) * d_in + j0);
     }"""
 _MERGE_ANCHOR_DENSE = "$TOF(wv[u].v[e])"
 
@@ -356,7 +364,7 @@ def _body(kernel: str, quantized: bool) -> tuple[str, tuple[str, ...]]:
     if kernel == "merge":
         body = (_MERGE_TEMPLATE.replace("$WLOAD", "" if quantized else _MERGE_WLOAD)
                 .replace("$ANCHOR", _ANCHOR_QUANT if quantized else _MERGE_ANCHOR_DENSE))
-        return body, ("a", "b", "dims", "scale") + weight_inputs(quantized)
+        return body, ("a", "b", "row_src", "dims", "scale") + weight_inputs(quantized)
     if kernel in BLOCK_ANCHORED:
         body = (
             _MODULATE_TEMPLATE.replace("$PRELOAD", _MOD_PRELOAD[kernel])

@@ -189,7 +189,9 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
     return True
 
 
-_PROBE_TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
+# float32 as loose as bench_kernels' verification against float64: MLX's float32 matmuls on CUDA round like TF32
+# (an H200 put plain MLX 2.1e-4 from the kernels' path in the probe; 1e-4 sent every CUDA model to the dense form).
+_PROBE_TOL = {mx.float32: 1e-3, mx.float16: 1e-2, mx.bfloat16: 3e-2}
 
 
 def _check_probe(got: list[mx.array], want: list[mx.array], dtype: mx.Dtype) -> None:

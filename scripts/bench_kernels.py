@@ -874,7 +874,7 @@ def main(argv=None) -> int:
             data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch)
             if args.out:  # the timings are safe on disk before the verification starts
                 Path(args.out).write_text(json.dumps(data, indent=1))
-        if not args.skip_verify and not (args.gathers or args.bandwidth):
+        if not args.skip_verify and not (args.gathers or args.bandwidth or args.breakdown):
             cases = [VERIFY[int(i)] for i in args.cases.split(",")] if args.cases else VERIFY
             data["verify"] = verify(kernel_ops, cases, args.stall_s, args.dtypes.split(","), args.forms.split(","))
             ok = all(_verified(v) for v in data["verify"])

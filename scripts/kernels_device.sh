@@ -22,7 +22,8 @@
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
 #            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)
 #   breakdown  bench_kernels --breakdown: the merged form's steps alone, eager and compiled, at 4096x4096 K=4 and 2
-#            and 4096x14336 K=4, block-gradient steps included (not yet run on a GPU)
+#            and 4096x14336 K=4, block-gradient steps included (its three shapes took under 150 s at e19b9e1, where a
+#            verification that then followed by mistake was cut by the limit)
 #   graph    bench_graph, LoRA and the merged form at K = 2 and 4: nodes and kernels per adapted layer, the
 #            tiny-model step (the per-node cost on the GPU), no peak memory (about 60 s on the CPU for six methods; on
 #            the GPU six methods with peak memory went past 200 s, likely compiling each method's kernels)

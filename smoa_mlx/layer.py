@@ -175,8 +175,9 @@ class SMoALinear(nn.Module):
             [mx.zeros((n, r)) for r, n in zip(ranks, row_sizes)],
         )
         # Resolve the backend now, outside any mx.compile / grad trace, so a GPU kernel's one-time compile probe
-        # (and its fallback warning) happens here rather than in the middle of a training step.
-        linear_fn(self._layout)
+        # (and its fallback warning) happens here rather than in the middle of a training step: in the float type
+        # the base computes in, which is what the model's activations are (a call in another type probes it then).
+        linear_fn(self._layout, self._own_dtype())
 
     # -- views ---------------------------------------------------------------------------------------------
     @property
@@ -263,9 +264,9 @@ class SMoALinear(nn.Module):
             return x @ merged.T if "bias" not in self.linear else mx.addmm(self.linear.bias, x, merged.T)
         if self.dropout_p > 0 and self.training:  # dropout on the update path only: two inputs
             y = self.linear(x)
-            delta = delta_fn(self._layout)(self.dropout(x), self._index, self.weight_parts(), self.smoa_factors)
+            delta = delta_fn(self._layout, x.dtype)(self.dropout(x), self._index, self.weight_parts(), self.smoa_factors)
             return y + delta.astype(y.dtype)
-        y = linear_fn(self._layout)(x, self._index, self.weight_parts(), self.smoa_factors)
+        y = linear_fn(self._layout, x.dtype)(x, self._index, self.weight_parts(), self.smoa_factors)
         return y + self.linear.bias if "bias" in self.linear else y
 
     # Inference (eval mode) runs on a cached W0 + Delta W; False (or SMOA_MLX_MERGE_CACHE=0) keeps the live

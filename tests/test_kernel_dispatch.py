@@ -41,7 +41,7 @@ def test_gpu_auto_picks_by_layer_size(monkeypatch):
     assert 1024 * 4096 < kernels.GPU_BLOCK_MIN_WEIGHTS <= 4096 * 4096  # between the measured losers and winners
     probes = []
     ops = "ops"  # stands in for the GPU kernels: nothing is launched
-    monkeypatch.setattr(kernels, "_ops", lambda quantized=False: probes.append(quantized) or ops)
+    monkeypatch.setattr(kernels, "_ops", lambda quantized=False, dtypes=(): probes.append(quantized) or ops)
     assert delta_fn(LARGE) is block_fn(LARGE, ops, False)
     probes.clear()
     # A small layer: the merge kernel builds W0 + Delta W, one full matmul (no gathers) gives the factor gradients.

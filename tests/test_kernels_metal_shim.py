@@ -232,7 +232,28 @@ def test_probe_compiles_every_kernel_and_no_quantized_matmul(monkeypatch):
     every = {(k, False) for k in source.KERNELS} | {(k, True) for k in source.ANCHORED}
     assert dense | quantized == every
     assert qmm == []
-    assert set(kernels._probed) == {(ops.name, False), (ops.name, True)}
+    assert set(kernels._probed) == {(ops.name, q, t) for q in (False, True) for t in kernels.FLOAT_TYPES}
+
+
+def test_probe_compiles_only_the_float_type_a_layer_computes_in(monkeypatch):
+    """A bf16 model probes the bf16 instantiations alone (each float type is its own set of compiles: on an H200 the
+    probe of all three took 30 s for a bf16 model); a later call in float32 probes float32 then, once."""
+    import smoa_mlx.kernels as kernels
+    from smoa_mlx.kernels import BlockLayout, linear_fn
+
+    launches = []
+    monkeypatch.setattr(kernels, "_probed", {})
+    monkeypatch.setattr(kernels, "_kernel_ops", {"metal": KernelOps(_recording(launches))})
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "metal")
+    layout = BlockLayout((8, 8), (16, 16), (2, 2), 1.0)
+    linear_fn(layout, mx.bfloat16)
+    types = lambda: {dict(la.template).get("T", dict(la.template).get("OT")) for la in launches}  # noqa: E731
+    assert types() == {mx.bfloat16}
+    launches.clear()
+    linear_fn(layout, mx.bfloat16)
+    assert launches == []  # probed once
+    linear_fn(layout, mx.float32)
+    assert types() == {mx.float32}
 
 
 def test_probe_rejects_kernels_that_run_but_compute_wrong_values(monkeypatch):
@@ -269,7 +290,7 @@ def test_gpu_dispatch_of_a_base_the_kernels_cannot_read_launches_only_movers(for
     monkeypatch.setenv(kernels.KERNEL_ENV, form)
     layer = make_layer(96, 64, 6, 2, mx.float16, bits, group_size=32, seed=5)
     fn = kernels.linear_fn(layer.layout)
-    assert set(kernels._probed) == {("metal", False)}
+    assert {key[:2] for key in kernels._probed} == {("metal", False)}  # (backend, quantized) in every float type
     assert not any(la.quantized for la in launches)  # the probe: dense renderings only
     launches.clear()
     check_against_float64(layer, fn, (2, 5), True, TOL[mx.float16])

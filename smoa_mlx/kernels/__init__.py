@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import warnings
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
@@ -89,7 +89,7 @@ GPU_BLOCK_MIN_WEIGHTS = 16 * 2**20
 
 _MLX_OPS = MlxOps()
 _kernel_ops: dict[str, KernelOps] = {}
-_probed: dict[tuple[str, bool], bool] = {}  # (backend, quantized): whether the kernels compiled and ran
+_probed: dict[tuple[str, bool, mx.Dtype], bool] = {}  # (backend, quantized, float type): whether they ran and agreed
 
 
 # The merged form takes its factor gradients from the K diagonal blocks (two gathers of the activations, 1/K of a
@@ -142,9 +142,13 @@ _PROBE_LAYOUTS = {
 }
 
 
-def _probe(ops: KernelOps, quantized: bool = False) -> bool:
-    """Compile and run the kernels once on tiny inputs, for every float type, against plain MLX; False on any failure
-    or disagreement.
+def _probe(ops: KernelOps, quantized: bool = False, dtypes: Sequence[mx.Dtype] = FLOAT_TYPES) -> bool:
+    """Compile and run the kernels once on tiny inputs, in each of ``dtypes`` not probed yet, against plain MLX; False
+    on any failure or disagreement.
+
+    Why per float type: each type is its own set of instantiations, compiled on first use; a layer asks for the type
+    it computes in (:func:`linear_fn`), so a bf16 model compiles a third of what probing every type did (on an H200
+    the probe took 30 s for a bf16 model and 59-85 s for a 4-bit one with all three, bench_train_e19b9e1.json).
 
     Why so narrow: on CUDA every new instantiation is compiled on first use, and each of MLX's quantized matmuls
     took 19-28 s there (docs/BENCHMARKS.md). The quantized layout runs the update alone, so it compiles our
@@ -152,9 +156,9 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
     anyway), and it runs only for models with affine-quantized layers. The dense layout runs the whole layer (the
     scatter that adds the base's output) and the quantized one the update alone (the plain scatter), each then the
     merge kernel: between them, every kernel."""
-    key = (ops.name, quantized)
-    if key in _probed:
-        return _probed[key]
+    todo = [dtype for dtype in dtypes if (ops.name, quantized, dtype) not in _probed]
+    if not todo:
+        return all(_probed[(ops.name, quantized, dtype)] for dtype in dtypes)
     layout = _PROBE_LAYOUTS[quantized]
     try:
         d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
@@ -163,7 +167,7 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
         index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
         index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
         factors = mx.random.normal((sum(factor_sizes(layout)),), key=mx.random.key(1))
-        for dtype in FLOAT_TYPES:
+        for dtype in todo:
             p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
             b_full, a_full = full_factors(layout, index, factors, dtype)
             x, cot = mx.ones((3, d_in), dtype=dtype), mx.ones((3, d_out), dtype)
@@ -183,10 +187,10 @@ def _probe(ops: KernelOps, quantized: bool = False) -> bool:
             RuntimeWarning,
             stacklevel=3,
         )
-        _probed[key] = False
+        _probed.update({(ops.name, quantized, dtype): False for dtype in todo})
         return False
-    _probed[key] = True
-    return True
+    _probed.update({(ops.name, quantized, dtype): True for dtype in todo})
+    return all(_probed[(ops.name, quantized, dtype)] for dtype in dtypes)
 
 
 # float32 as loose as bench_kernels' verification against float64: MLX's float32 matmuls on CUDA round like TF32
@@ -205,7 +209,7 @@ def _check_probe(got: list[mx.array], want: list[mx.array], dtype: mx.Dtype) -> 
             raise RuntimeError(f"kernel output differs from plain MLX by {rel.item():.2e} in {dtype}")
 
 
-def _ops(quantized: bool = False):
+def _ops(quantized: bool = False, dtypes: Sequence[mx.Dtype] = FLOAT_TYPES):
     """The GPU kernels if they work on this machine (``quantized``: their renderings for a quantized base too, which
     only layers whose base they read need: :func:`.blocks.reads_base`), else None. Other quantized bases (3/5/6-bit
     affine, mxfp4, nvfp4, mxfp8) use only the gathers and scatters, as dense ones do: their anchors come from MLX's
@@ -214,36 +218,41 @@ def _ops(quantized: bool = False):
     if backend is None:
         return None
     ops = _kernel_ops.setdefault(backend, KernelOps(GpuRunner(backend)))
-    return ops if _probe(ops) and (not quantized or _probe(ops, True)) else None
+    return ops if _probe(ops, False, dtypes) and (not quantized or _probe(ops, True, dtypes)) else None
 
 
-def _block_ops(layout: BlockLayout):
+def _dtypes(dtype: Optional[mx.Dtype]) -> Sequence[mx.Dtype]:
+    return FLOAT_TYPES if dtype is None else (dtype,)
+
+
+def _block_ops(layout: BlockLayout, dtype: Optional[mx.Dtype]):
     """The block form's steps for ``layout`` (GPU kernels or plain MLX), or None for the dense form."""
     chosen = form(layout)
     if chosen == "mlx":
         return _MLX_OPS
-    return _ops(reads_base(layout)) if chosen == "kernel" else None
+    return _ops(reads_base(layout), _dtypes(dtype)) if chosen == "kernel" else None
 
 
-def delta_fn(layout: BlockLayout) -> LayerFn:
-    """The update alone (for layers with dropout on the update path)."""
-    ops = _block_ops(layout)
+def delta_fn(layout: BlockLayout, dtype: Optional[mx.Dtype] = None) -> LayerFn:
+    """The update alone (for layers with dropout on the update path). ``dtype``: the float type the layer computes
+    in, the only one the GPU kernels need to have been probed in (None: every type)."""
+    ops = _block_ops(layout, dtype)
     return dense_form_delta_fn(layout) if ops is None else block_fn(layout, ops, False)
 
 
-def linear_fn(layout: BlockLayout) -> LayerFn:
-    """x W0^T plus the update (no bias): the whole adapted layer in one call."""
+def linear_fn(layout: BlockLayout, dtype: Optional[mx.Dtype] = None) -> LayerFn:
+    """x W0^T plus the update (no bias): the whole adapted layer in one call (``dtype`` as for :func:`delta_fn`)."""
     if form(layout, fused=True) == "merged":
         # On a GPU the merge kernel builds W0 + Delta W for every layer, and the block gradients (where they pay)
         # use the gather and Hadamard kernels. Where the kernels fail: MLX's merge and full gradients, not block
         # gradients through plain-MLX takes, which lose to the matmul they would save (on the CPU 59 against
         # 35-38 ms per layer step; on an H200 a take of an 8192 x 4096 activation's columns was 3x a simple kernel,
         # 6x the shipped gathers; docs/BENCHMARKS.md).
-        ops = _ops(reads_base(layout)) if gpu_backend() is not None else None
+        ops = _ops(reads_base(layout), _dtypes(dtype)) if gpu_backend() is not None else None
         block_grads = ops is not None and merged_block_grads(layout)
         return merged_fn(layout, ops or _MLX_OPS, block_grads, os.environ.get(MERGED_KEEP_ENV, "0") == "1",
                          os.environ.get(MERGE_KERNEL_ENV, "1") == "0")
-    ops = _block_ops(layout)
+    ops = _block_ops(layout, dtype)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 
 

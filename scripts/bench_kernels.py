@@ -301,19 +301,21 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-def _with_variant(fn, tt=None, hadamard_ti=None):
+def _with_variant(fn, tt=None, hadamard_ti=None, gather_along=None):
     """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather/scatter
-    thread, ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each is a template constant, so
-    each variant is its own compiled kernel."""
+    thread, ``hadamard_ti`` rows per Hadamard thread, ``gather_along`` the grid axis of a gather's blocks ("z" or
+    "x"); None leaves one as shipped. Each of the first two is a template constant, so its variant is its own
+    compiled kernel; the third changes only the launch's grid."""
     from smoa_mlx.kernels import blocks, source
 
-    shipped = blocks.TT, source.HADAMARD_TI
+    shipped = blocks.TT, source.HADAMARD_TI, source.GATHER_BLOCKS_ALONG
     blocks.TT = shipped[0] if tt is None else tt
     source.HADAMARD_TI = shipped[1] if hadamard_ti is None else hadamard_ti
+    source.GATHER_BLOCKS_ALONG = shipped[2] if gather_along is None else gather_along
     try:
-        return fn(), dict(tt=blocks.TT, hadamard_ti=source.HADAMARD_TI)
+        return fn(), dict(tt=blocks.TT, hadamard_ti=source.HADAMARD_TI, gather_along=source.GATHER_BLOCKS_ALONG)
     finally:
-        blocks.TT, source.HADAMARD_TI = shipped
+        blocks.TT, source.HADAMARD_TI, source.GATHER_BLOCKS_ALONG = shipped
 
 
 def _eager_and_compiled(fn, inputs: list) -> tuple[float, float, float, float]:
@@ -589,7 +591,10 @@ def _launch_label(row: dict) -> str:
     if row["step"] == "hadamard":
         return f"{row['hadamard_ti']} rows / thread"
     # "strided": a mapping measured in December 2026 (benchmarks/bench_gathers.json) and dropped
-    return f"{row['tt']} tokens / thread" + {0: ", consecutive", 1: ", 32 apart"}.get(row.get("strided"), "")
+    label = f"{row['tt']} tokens / thread" + {0: ", consecutive", 1: ", 32 apart"}.get(row.get("strided"), "")
+    if row["step"].startswith("gather") and "gather_along" in row:
+        label += f", K={row['blocks']} blocks along {row['gather_along']}"
+    return label
 
 
 def across(runs: dict) -> str:
@@ -785,6 +790,8 @@ def main(argv=None) -> int:
                                  "(default: the kernels' own, source.TT); each checked bit for bit, then timed")
     ap.add_argument("--hadamard-ti", help="with --gathers: also time the Hadamard kernel at these rows per thread "
                                           "(e.g. 4,16; shipped: source.HADAMARD_TI, 4; the CPU shim proves them equal)")
+    ap.add_argument("--gather-along", help="with --gathers: the grid axis of a gather's blocks to compare (e.g. z,x; "
+                                           "shipped: source.GATHER_BLOCKS_ALONG), each checked, then timed at K=2 and 4")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
@@ -862,6 +869,13 @@ def main(argv=None) -> int:
             for ti in map(int, args.hadamard_ti.split(",")) if args.hadamard_ti else []:
                 rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("hadamard",)),
                                               hadamard_ti=ti)
+                data["bandwidth"] += [dict(r, **variant) for r in rows]
+            for along in args.gather_along.split(",") if args.gather_along else []:
+                (checks, rows), variant = _with_variant(lambda: (check_movers(kernel_ops), [
+                    row for k in (2, 4) for row in kernel_bandwidth(kernel_ops, SHAPES[:3], blocks=k,
+                                                                    only=("gather x", "gather dy"))]),
+                    gather_along=along)
+                data["movers_check"] += [dict(r, **variant) for r in checks]
                 data["bandwidth"] += [dict(r, **variant) for r in rows]
             ok = all(r["ok"] for r in data["movers_check"])
         elif not args.skip_bench:

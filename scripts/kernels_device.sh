@@ -19,6 +19,8 @@
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
 #            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
+#   along    bench_kernels --gathers --gather-along z,x: the gathers with their K blocks along the grid's z (shipped)
+#            and along x, each checked bit for bit, then timed at K = 2 and 4 (not yet run on a GPU)
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
 #            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)
 #   breakdown  bench_kernels --breakdown: the merged form's steps alone, eager and compiled, at 4096x4096 K=4 and 2
@@ -67,6 +69,9 @@ for p in ${PHASES//,/ }; do
       phase kernels "${KERNELS_LIMIT:-300}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
+    along)
+      phase along "${ALONG_LIMIT:-400}" "$PY" scripts/bench_kernels.py --gathers --no-probe --gather-along z,x \
+        --out "$OUT/bench_gather_along.json" ;;
     bandwidth)
       phase bandwidth "${BANDWIDTH_LIMIT:-150}" "$PY" scripts/bench_kernels.py --bandwidth --no-probe --no-torch \
         --out "$OUT/bench_bandwidth.json" ;;
@@ -95,7 +100,7 @@ for bits in (4, 2, 3):
     mx.eval(q(x)); print(bits, 'forward returned after', round(time.time() - t0, 1), 's', flush=True)
     mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
     print(bits, 'VJP returned after', round(time.time() - t0, 1), 's', flush=True)" ;;
-    *) echo "unknown phase $p (train, train4, kernels, gathers, bandwidth, breakdown, graph, split, verify, qmm)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (train, train4, kernels, gathers, along, bandwidth, breakdown, graph, split, verify, qmm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/times.txt"

@@ -78,3 +78,16 @@ def test_bandwidth_times_the_merge_both_ways():
     rows = bench_kernels.kernel_bandwidth(kernels._MLX_OPS, [(64, 128)], reps=2, only=("merge", "merge-mlx"))
     assert [r["step"] for r in rows] == ["merge", "merge-mlx"]
     assert all(r["gb"] == 2 * 64 * 128 * 2 / 1e9 and r["ms"] > 0 and r["ms_compiled"] > 0 for r in rows)
+
+
+def test_gather_along_variant_is_set_for_the_run_and_labelled():
+    """``--gathers --gather-along z,x``: each variant runs with source.GATHER_BLOCKS_ALONG set, which is restored
+    after, and its rows say which axis and K they timed."""
+    from smoa_mlx.kernels import source
+
+    shipped = source.GATHER_BLOCKS_ALONG
+    seen, variant = bench_kernels._with_variant(lambda: source.GATHER_BLOCKS_ALONG, gather_along="x")
+    assert seen == "x" == variant["gather_along"] and source.GATHER_BLOCKS_ALONG == shipped
+    row = dict(step="gather x", blocks=4, **variant)
+    assert bench_kernels._launch_label(row) == f"{source.TT} tokens / thread, K=4 blocks along x"
+    assert "along" not in bench_kernels._launch_label(dict(row, step="scatter"))

@@ -36,8 +36,8 @@ def _count_update_builds(monkeypatch):
     fused_weight = layer_module.fused_weight
 
     def counting(entry):
-        def counting_fn(layout):
-            fn = entry(layout)
+        def counting_fn(layout, dtype=None):
+            fn = entry(layout, dtype)
 
             def run(*args):
                 calls["n"] += 1

@@ -94,15 +94,20 @@ def _bits(a: mx.array) -> np.ndarray:
     return np.asarray(a.view({mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}[a.dtype]))
 
 
-@pytest.mark.parametrize("dtype,tt", [(mx.float32, None), (mx.float16, None), (mx.bfloat16, None), (mx.bfloat16, 4),
-                                      (mx.bfloat16, 16)], ids=["f32", "f16", "bf16", "bf16-tt4", "bf16-tt16"])
-def test_movers_copy_exactly(dtype, tt, monkeypatch):
+@pytest.mark.parametrize("dtype,tt,along", [(mx.float32, None, None), (mx.float16, None, None), (mx.bfloat16, None, None),
+                                            (mx.bfloat16, 4, None), (mx.bfloat16, 16, None), (mx.float16, None, "x"),
+                                            (mx.bfloat16, None, "z")],
+                         ids=["f32", "f16", "bf16", "bf16-tt4", "bf16-tt16", "f16-blocks-along-x", "bf16-along-z"])
+def test_movers_copy_exactly(dtype, tt, along, monkeypatch):
     """Gather, scatter (16-byte vectors: d = 2104) and scatter_add (scalar: d = 2105) alone against MlxOps, bit for
     bit: two threadgroups across the columns, the second partly idle, a block padded with -1 from 5 columns to 8
     (zeros out), 13 tokens (not a multiple of TT). ``tt``: the kernels launched at other tokens per thread than
-    shipped, as ``bench_kernels.py --gathers --tt`` times them on a GPU."""
+    shipped, as ``bench_kernels.py --gathers --tt`` times them on a GPU; ``along``: the gather's blocks along the
+    grid's x or z (source.GATHER_BLOCKS_ALONG, as ``--gather-along`` compares them)."""
     if tt is not None:
         monkeypatch.setattr("smoa_mlx.kernels.blocks.TT", tt)
+    if along is not None:
+        monkeypatch.setattr(source, "GATHER_BLOCKS_ALONG", along)
     launches: list[Launch] = []
     ops, ref = KernelOps(_recording(launches)), MlxOps()
     rng = np.random.default_rng(7)
@@ -123,6 +128,9 @@ def test_movers_copy_exactly(dtype, tt, monkeypatch):
     assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(source.MOVERS,
                                                                                  (16 // dtype.size, vec, 1)))
     assert {dict(la.template)["TT"] for la in launches} == {tt or source.TT}
+    grid = launches[0].grid
+    assert grid[0] // 512 * grid[2] == K and 1 in (grid[0] // 512, grid[2])  # 512 threads per block's columns
+    assert (grid[2] == 1) == (source.GATHER_BLOCKS_ALONG == "x")
 
 
 @pytest.mark.parametrize("bits", [0, 4], ids=["dense", "q4"])
@@ -180,7 +188,7 @@ def test_misaligned_vector_store_faults_in_the_shim():
     from metal_emulator import run_launch
 
     inp = mx.arange(5 * 30).reshape(5, 30).astype(mx.float16)
-    dims = mx.array([5, 30, 12], dtype=mx.int32)
+    dims = mx.array([5, 30, 12, 256], dtype=mx.int32)  # n_tok, width, P, threads per block
     launch = Launch("gather", False, [inp, mx.arange(24, dtype=mx.int32), dims],
                     [("T", mx.float16), ("TT", source.TT), ("VEC", 8)], (256, 1, 2), (256, 1, 1),
                     [(2, 5, 12)],

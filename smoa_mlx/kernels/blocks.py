@@ -135,10 +135,12 @@ class KernelOps(MlxOps):
     def gather(self, inp: mx.array, src: mx.array, blocks: int, width: int) -> mx.array:
         n_tok = inp.shape[0]
         vec = vector_width(width, inp.dtype)
-        dims = mx.array([n_tok, inp.shape[1], width], dtype=mx.int32)
+        per_block = _mover_threads(width, vec)
+        dims = mx.array([n_tok, inp.shape[1], width, per_block], dtype=mx.int32)
+        along_x = source.GATHER_BLOCKS_ALONG == "x"
+        grid = (per_block * (blocks if along_x else 1), _ceil(n_tok, TT), 1 if along_x else blocks)
         (out,) = self.run(Launch("gather", False, [inp, src, dims],
-                                 [("T", inp.dtype), ("TT", TT), ("VEC", vec)],
-                                 (_mover_threads(width, vec), _ceil(n_tok, TT), blocks), (GROUP, 1, 1),
+                                 [("T", inp.dtype), ("TT", TT), ("VEC", vec)], grid, (GROUP, 1, 1),
                                  [(blocks, n_tok, width)], [inp.dtype]))
         return out
 

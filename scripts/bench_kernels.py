@@ -230,7 +230,7 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
     import mlx.core as mx
     import numpy as np
 
-    from smoa_mlx.kernels import factor_views
+    from smoa_mlx.kernels import GPU_TOLERANCE, factor_views
     from smoa_mlx.kernels.blocks import MlxOps, block_fn
     from smoa_mlx.kernels.merged import merged_fn
 
@@ -271,7 +271,7 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
                     per.append(float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30)) if np.isfinite(g).all()
                                else float("inf"))
                 errs[name] = max(per)
-            tol = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}[dtype]
+            tol = GPU_TOLERANCE[getattr(mx, dtype)]
             row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, bits=bits, branch=branch, tokens=n_tok,
                        dtype=dtype, **{f"{name}_rel_err": err for name, err in errs.items()}, tol=tol,
                        seconds=time.perf_counter() - t0)

@@ -526,13 +526,14 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
-                # The merged form as the default runs it (the merge kernel), and with MLX's rank-r matmul + fused
-                # pass for W0 + Delta W instead (the gathers and Hadamard kernel the same): what the kernel saves.
-                for name, block_grads, mlx_merge in (("smoa_merged", False, False), ("smoa_merged_blocks", True, False),
-                                                     ("smoa_merged_mlx_merge", False, True),
-                                                     ("smoa_merged_blocks_mlx_merge", True, True)):
-                    fn = merged_fn(layer.layout, kernel_ops, block_grads, mlx_merge=mlx_merge)
-                    t[name] = _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize)[0]
+                # The merged form as the default runs it, and with block gradients whose gathers run their blocks
+                # along the grid's x instead of z (source.GATHER_BLOCKS_ALONG; traced, so launched, inside the
+                # variant). The rounds before e19b9e1 timed MLX's merge here (smoa_merged[_blocks]_mlx_merge).
+                for name, block_grads, along in (("smoa_merged", False, None), ("smoa_merged_blocks", True, None),
+                                                 ("smoa_merged_blocks_gather_x", True, "x")):
+                    fn = merged_fn(layer.layout, kernel_ops, block_grads)
+                    t[name] = _with_variant(lambda: _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize)[0],
+                                            gather_along=along)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
@@ -653,6 +654,7 @@ def markdown(data: dict) -> str:
         if "copy_gbps" in data:
             out += _design_floor_table(data["bench"], data["copy_gbps"])
         out += _merge_kernel_table(data["bench"])
+        out += _gather_along_table(data["bench"])
     if "breakdown" in data:
         out += ["The merged form's steps alone (bf16, ms per launch; compiled: replayed by mx.compile, as a training "
                 "step runs them):", "", "| W0 | K | step | eager ms | compiled ms |", "|---|---|---|---|---|"]
@@ -738,6 +740,29 @@ def _design_floor_table(rows: list[dict], copy_gbps: float) -> list[str]:
     for k in sorted({r["blocks"] for r in rows}):
         med = statistics.median(design_floor(r, copy_gbps)["vs_lora"] for r in rows if r["blocks"] == k)
         out.append(f"K={k}: the floor is {med:.2f}x MLX LoRA's time (median over the shapes).  ")
+    return out + [""]
+
+
+def _gather_along_table(rows: list[dict]) -> list[str]:
+    """The merged form with block gradients, its gathers' blocks along the grid's z (shipped) and along x, and what
+    auto / MLX LoRA would be with x (runs since 6cc1c8b; earlier ones have no such column)."""
+    rows = [r for r in rows if "smoa_merged_blocks_gather_x" in r["ms"]]
+    if not rows:
+        return []
+    out = ["The merged form with block gradients, the gathers' K blocks along the grid's z (shipped) or x (ms):", "",
+           "| W0 | K | auto runs | along z | along x | x / z | auto / MLX LoRA | with x |", "|---|---|---|---|---|---|---|---|"]
+    with_x = {}
+    for r in rows:
+        auto, name = _auto(r)
+        z, x = r["ms"]["smoa_merged_blocks"], r["ms"]["smoa_merged_blocks_gather_x"]
+        auto_x = x if "block" in name else auto
+        lora = r["ms"]["lora_mlx"]
+        with_x.setdefault(r["blocks"], []).append(auto_x / lora)
+        out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {name} | {z:.2f} | {x:.2f} | {x / z:.2f} "
+                   f"| {auto / lora:.2f}x | {auto_x / lora:.2f}x |")
+    out.append("")
+    out += [f"K={k}: auto / MLX LoRA with the gathers along x {statistics.median(v):.2f}x (median over the shapes).  "
+            for k, v in sorted(with_x.items())]
     return out + [""]
 
 

@@ -14,8 +14,9 @@
 #            start-up; 240 s at fcfd872, with the narrower probe: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
 #   train4   the same on a 4-bit base, 3 rounds, no split (232-241 s; 151 s at fcfd872; 296 s as a fresh machine's
 #            first MLX process)
-#   kernels  bench_kernels, per layer (the merged form with the merge kernel and with MLX's merge side by side) +
-#            memory-bound steps (merge included), no verification (145-193 s; 157-172 s with the merge rows)
+#   kernels  bench_kernels, per layer (the merged form's block gradients with the gathers' blocks along z, shipped,
+#            and along x side by side; until e19b9e1 MLX's merge beside the merge kernel) + memory-bound steps, no
+#            verification (145-193 s; 157-194 s with the merge rows)
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
 #            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)

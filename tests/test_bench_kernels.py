@@ -91,3 +91,17 @@ def test_gather_along_variant_is_set_for_the_run_and_labelled():
     row = dict(step="gather x", blocks=4, **variant)
     assert bench_kernels._launch_label(row) == f"{source.TT} tokens / thread, K=4 blocks along x"
     assert "along" not in bench_kernels._launch_label(dict(row, step="scatter"))
+
+
+def test_gather_along_table_reads_the_x_column_where_auto_takes_block_grads():
+    """The per-layer rows' gathers-along-x column: x / z per shape, and auto / MLX LoRA as it would be with x (only
+    where auto takes block gradients; 1024x4096 keeps full ones)."""
+    big = _row(4096, 4096, 4, 2.0, 4.0, 2.2, 2.1)
+    big["ms"].update(smoa_merged_blocks_gather_x=1.9, lora_mlx=2.0)
+    small = _row(1024, 4096, 4, 1.0, 1.2, 0.9, 1.0)
+    small["ms"].update(smoa_merged_blocks_gather_x=0.95, lora_mlx=1.2)
+    table = "\n".join(bench_kernels._gather_along_table([big, small]))
+    assert "| 4096x4096 | 4 | merged, block grads | 2.10 | 1.90 | 0.90 | 1.05x | 0.95x |" in table
+    assert "| 1024x4096 | 4 | merged | 1.00 | 0.95 | 0.95 | 0.75x | 0.75x |" in table
+    assert "K=4: auto / MLX LoRA with the gathers along x 0.85x" in table
+    assert bench_kernels._gather_along_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []

@@ -232,8 +232,13 @@ def base_backward(layout: BlockLayout, g2: mx.array, weight_parts: WeightParts) 
 def _pack(layout: BlockLayout, plan: BlockPlan, factors: mx.array, dtype=mx.float32) -> tuple[mx.array, mx.array]:
     """(A packed (K, R, N), B packed (K, M, R)) in sorted block order, zero in the padding, in ``dtype`` (cast before
     the take: one pass over the factors)."""
+    return packed(layout, plan, with_zero(factors, dtype))
+
+
+def packed(layout: BlockLayout, plan: BlockPlan, flat: mx.array) -> tuple[mx.array, mx.array]:
+    """:func:`_pack` from the flat factors already cast and given their trailing zero (:func:`.plan.with_zero`)."""
     K, M, N, R = padded_dims(layout)
-    flat = mx.take(with_zero(factors, dtype), plan.fac_take)
+    flat = mx.take(flat, plan.fac_take)
     return mx.reshape(flat[: K * R * N], (K, R, N)), mx.reshape(flat[K * R * N :], (K, M, R))
 
 

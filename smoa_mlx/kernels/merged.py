@@ -27,10 +27,10 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .blocks import MlxOps, _merge_pass, _pack, block_factor_grads, product_type
+from .blocks import MlxOps, _merge_pass, block_factor_grads, packed, product_type
 from .dense import full_factors, full_weight, split_factor_grads
 from .plan import (BlockLayout, LayerFn, LayerIndex, WeightParts, after_factor_grads, after_input, padded_dims, plan_of,
-                   vjp_primals)
+                   vjp_primals, whole_weight_takes, with_zero)
 
 
 def _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full):
@@ -41,10 +41,10 @@ def _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_fu
     return split_factor_grads(layout, index, db_full, da_full, factors)
 
 
-def _block_grads(ops, layout, index, weight_parts, factors, x2, g2):
+def _block_grads(ops, layout, index, weight_parts, factors, flat, x2, g2):
     K, M, N, _ = padded_dims(layout)
     plan = plan_of(layout, index)
-    a_pad, b_pad = _pack(layout, plan, factors, x2.dtype)  # only the gradient products use them: their type
+    a_pad, b_pad = packed(layout, plan, flat)  # in the products' type, as B_full and A_full
     xb = ops.gather(x2, plan.col_src, K, N)
     gb = ops.gather(g2, plan.row_src, K, M)
     return block_factor_grads(ops, layout, plan, weight_parts, a_pad, b_pad, xb, gb, factors)
@@ -73,14 +73,16 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
     # B_full and A_full are built outside the custom function, from the factors with no gradient path (the VJP
     # returns the factors' gradient itself), and handed to it as inputs: the backward rebuilds W0 + Delta W from them
     # instead of taking them from the factors again (two takes, a concatenation and a cast fewer per layer and step).
-    # They are (d_out + d_in) r elements, alive from the layer's forward to its backward. As extra outputs of the
+    # They are (d_out + d_in) r elements, alive from the layer's forward to its backward, with the flat factors they
+    # were taken from (cast, with their trailing zero), which the block gradients pack the blocks from (a cast and a
+    # concatenation fewer per layer and step). As extra outputs of the
     # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU than as inputs; on
     # an H200 with a 4-bit base the two measured the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
     merging = MlxOps() if mlx_merge else ops  # the ops that build W0 + Delta W
 
     @mx.custom_function
     def forward(x, index, weight_parts, factors, full):
-        return x @ merging.merge(layout, plan_of(layout, index), weight_parts, *full, x.dtype).T
+        return x @ merging.merge(layout, plan_of(layout, index), weight_parts, *full[:2], x.dtype).T
 
     @forward.vjp
     def forward_vjp(primals, cotangent, output):
@@ -88,14 +90,14 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
         full = primals[4]
         # Rebuilt after the cotangent, so that mx.compile cannot share it with the forward's; with keep, the very
         # expression of the forward, which mx.compile merges with it.
-        b_full, a_full = full if keep else mx.depends(list(full), [cotangent])
+        b_full, a_full, flat = full if keep else mx.depends(list(full), [cotangent])
         w = merging.merge(layout, plan_of(layout, index), weight_parts, b_full, a_full, x.dtype)
         cot = cotangent.astype(x.dtype)
         dx = cot @ w
         x2 = mx.reshape(x, (-1, x.shape[-1]))
         g2 = mx.reshape(cot, (-1, cot.shape[-1]))
         if block_grads:
-            dfactors = _block_grads(ops, layout, index, weight_parts, factors, x2, g2)
+            dfactors = _block_grads(ops, layout, index, weight_parts, factors, flat, x2, g2)
         else:
             dfactors = _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full)
         return after_factor_grads(dx, dfactors), *frozen, dfactors, tuple(mx.zeros_like(f) for f in full)
@@ -105,7 +107,8 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
         # dependency on x would keep apart): it lives from the forward to the backward anyway.
         # B_full and A_full in the type of the rank-r product (the activations' half type, else float32), which is
         # also the type the factor gradients' products take them in: cast once, inside the take.
-        full = full_factors(layout, index, factors if keep else after_input(factors, x), product_type(x.dtype))
+        flat = with_zero(factors if keep else after_input(factors, x), product_type(x.dtype))
+        full = (*whole_weight_takes(plan_of(layout, index), flat), flat)
         return forward(x, index, weight_parts, factors, tuple(mx.stop_gradient(f) for f in full))
 
     return fn

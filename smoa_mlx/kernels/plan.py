@@ -229,7 +229,12 @@ def whole_weight_factors(plan: BlockPlan, factors: mx.array, dtype: mx.Dtype = m
     factors, its indices computed from the plan's per-row and per-column parameters (one fused elementwise pass each
     under mx.compile). Every operand is a plan array of its own, ready shaped: slicing rows out of a stacked array,
     or an ``mx.arange``, adds graph nodes (and GPU launches) to every layer's step."""
-    flat = with_zero(factors, dtype)
+    return whole_weight_takes(plan, with_zero(factors, dtype))
+
+
+def whole_weight_takes(plan: BlockPlan, flat: mx.array) -> tuple[mx.array, mx.array]:
+    """:func:`whole_weight_factors` from the flat factors already cast and given their trailing zero
+    (:func:`with_zero`): a caller that also packs the blocks from them (:func:`.blocks.packed`) makes them once."""
     zero = flat.shape[0] - 1
     q = plan.slots  # (1, r)
     b_take = mx.where((q >= plan.b_lo) & (q < plan.b_hi), plan.b_start + q, zero)

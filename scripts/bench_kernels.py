@@ -93,7 +93,8 @@ def _with_base(layer, delta):
     return full
 
 
-def _lora_step(d_out, d_in, rank, x, cot):
+def _lora_layer(d_out, d_in, rank):
+    """(fn(x, a, b), [a, b]): mlx-lm's LoRALinear on a bf16 base, its factors as the trainable inputs."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.tuner.lora import LoRALinear
@@ -107,16 +108,57 @@ def _lora_step(d_out, d_in, rank, x, cot):
         lora.lora_a, lora.lora_b = a, b
         return lora(x)
 
-    return _vjp_step(f, [x, lora.lora_a, lora.lora_b], cot), rank * (d_in + d_out)
+    return f, [lora.lora_a, lora.lora_b]
 
 
-def _frozen_step(d_out, d_in, x, cot):
+def _lora_step(d_out, d_in, rank, x, cot):
+    f, trainable = _lora_layer(d_out, d_in, rank)
+    return _vjp_step(f, [x, *trainable], cot), rank * (d_in + d_out)
+
+
+def _frozen_layer(d_out, d_in):
+    """(fn(x), []): the bf16 base alone."""
     import mlx.core as mx
     import mlx.nn as nn
 
     base = nn.Linear(d_in, d_out, bias=False)
     base.set_dtype(mx.bfloat16)
-    return _vjp_step(lambda x: base(x), [x], cot)
+    return lambda x: base(x), []
+
+
+def _frozen_step(d_out, d_in, x, cot):
+    f, _ = _frozen_layer(d_out, d_in)
+    return _vjp_step(f, [x], cot)
+
+
+AMORTIZED = 8  # layers per call in the amortized per-layer columns
+
+
+def _layers_step(layers, x, cot):
+    """One compiled call of the forward + backward of every layer in ``layers`` ((fn, trainables) with
+    ``fn(x, *trainables)``), each layer on its own scaled copy of x and of the cotangent. Why: a single-layer step
+    pays a fixed cost per call (its evaluation's launch and synchronisation: the frozen 4096x4096 step took 1.42 ms
+    where its two matmuls took 0.84, e19b9e1) that a training step spreads over all of a model's layers; here it is
+    spread over ``len(layers)`` layers of one shape, each with its own weights and inputs, so mx.compile has nothing
+    to share between them. The call's time / len(layers) is one layer's fwd+bwd."""
+    import mlx.core as mx
+
+    n = len(layers)
+    xs = [x * (1 + i / 64) for i in range(n)]  # distinct in bf16 (steps of 2^-6)
+    cots = [cot * (1 + i / 64) for i in range(n)]
+    args = [a for (_, trainable), xi in zip(layers, xs) for a in (xi, *trainable)]
+    sizes = [1 + len(trainable) for _, trainable in layers]
+
+    def run(*flat):
+        outs, at = [], 0
+        for (fn, _), size, c in zip(layers, sizes, cots):
+            outs.append(mx.vjp(fn, list(flat[at : at + size]), [c]))
+            at += size
+        return outs
+
+    step = mx.compile(run)
+    mx.eval(args, cots)
+    return lambda: step(*args)
 
 
 # -- PyTorch --------------------------------------------------------------------------------------------------
@@ -505,7 +547,37 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
     return rows
 
 
-def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]:
+def _amortized_ms(layers, x, cot) -> float:
+    """One layer's fwd+bwd in ms, ``len(layers)`` layers per call (:func:`_layers_step`)."""
+    import mlx.core as mx
+
+    step = _layers_step(layers, x, cot)
+    return _median_time(lambda: mx.eval(step()), mx.synchronize)[0] / len(layers)
+
+
+def _amortized(kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, n) -> dict:
+    """MLX LoRA, the default (auto) and, where it takes block gradients, the same with the gathers' blocks along x,
+    each timed ``n`` layers per call (:func:`_layers_step`); ms per layer."""
+    from smoa_mlx.kernels import block_grads_pay
+    from smoa_mlx.kernels.merged import merged_fn
+
+    out = {"lora_mlx": _amortized_ms([_lora_layer(d_out, d_in, lora_rank) for _ in range(n)], x, cot)}
+    block_grads = block_grads_pay(d_out, d_in, blocks)
+    layers = []
+    for i in range(n):  # each its own orders (its own plan) and factors, as a model's layers
+        layer = _mlx_layer(d_out, d_in, rank, blocks, seed=i)
+        fn = merged_fn(layer.layout, kernel_ops, block_grads)
+        layers.append((lambda x, f, fn=fn, layer=layer: fn(x, layer.index, layer.weight_parts(), f),
+                       [layer.smoa_factors]))
+    out["smoa_auto"] = _amortized_ms(layers, x, cot)
+    if block_grads:
+        out["smoa_auto_gather_x"] = _with_variant(lambda: _amortized_ms(layers, x, cot), gather_along="x")[0]
+    return out
+
+
+def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True, amortized=AMORTIZED) -> list[dict]:
+    """Per layer, fwd+bwd, one layer per compiled call (``ms``), and, with ``amortized`` > 0, that many layers of
+    the shape per call for the frozen layer, MLX LoRA and the default (``ms_amortized``; :func:`_layers_step`)."""
     import mlx.core as mx
 
     from smoa_mlx.kernels.blocks import block_fn
@@ -517,6 +589,8 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
         x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
         cot = mx.random.normal((TOKENS, d_out)).astype(mx.bfloat16)
         frozen_mlx, frozen_spread = _median_time(_frozen_step(d_out, d_in, x, cot), mx.synchronize)
+        frozen_amortized = (_amortized_ms([_frozen_layer(d_out, d_in) for _ in range(amortized)], x, cot)
+                            if amortized else None)
         for blocks in BLOCKS:
             for rank in ranks:
                 layer = _mlx_layer(d_out, d_in, rank, blocks)
@@ -539,8 +613,12 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True) -> list[dict]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
                          dict(smoa_torch_ref=math.nan, lora_torch=math.nan, frozen_torch=math.nan))
                 floor = (2 + 3 / blocks) / 2 * frozen_mlx
+                if amortized:
+                    t_amortized = dict(frozen_mlx=frozen_amortized, amortized=amortized, **_amortized(
+                        kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, amortized))
                 row = dict(d_out=d_out, d_in=d_in, blocks=blocks, rank=rank, lora_rank=lora_rank,
                            smoa_params=layer.num_trainable(), lora_params=lora_params, ms=t, floor_ms=floor,
+                           **({"ms_amortized": t_amortized} if amortized else {}),
                            x_floor={k: v / floor for k, v in t.items() if k.startswith("smoa_") or k == "smoa"},
                            smoa_spread=spread, frozen_spread=frozen_spread)
                 print("bench", json.dumps(row), flush=True)
@@ -655,6 +733,7 @@ def markdown(data: dict) -> str:
             out += _design_floor_table(data["bench"], data["copy_gbps"])
         out += _merge_kernel_table(data["bench"])
         out += _gather_along_table(data["bench"])
+        out += _amortized_table(data["bench"])
     if "breakdown" in data:
         out += ["The merged form's steps alone (bf16, ms per launch; compiled: replayed by mx.compile, as a training "
                 "step runs them):", "", "| W0 | K | step | eager ms | compiled ms |", "|---|---|---|---|---|"]
@@ -740,6 +819,33 @@ def _design_floor_table(rows: list[dict], copy_gbps: float) -> list[str]:
     for k in sorted({r["blocks"] for r in rows}):
         med = statistics.median(design_floor(r, copy_gbps)["vs_lora"] for r in rows if r["blocks"] == k)
         out.append(f"K={k}: the floor is {med:.2f}x MLX LoRA's time (median over the shapes).  ")
+    return out + [""]
+
+
+def _amortized_table(rows: list[dict]) -> list[str]:
+    """The per-layer times with ``amortized`` layers of a shape per call (runs since the column existed)."""
+    rows = [r for r in rows if "ms_amortized" in r]
+    if not rows:
+        return []
+    n = rows[0]["ms_amortized"]["amortized"]
+    out = [f"{n} layers of a shape per compiled call (each its own weights and inputs), ms per layer; the ratios "
+           "with one layer per call beside them:", "",
+           "| W0 | K | frozen | MLX LoRA | auto | auto / MLX LoRA | one per call | auto, gathers along x | "
+           "/ MLX LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+    ratios = {}
+    for r in rows:
+        a = r["ms_amortized"]
+        one = _auto(r)[0] / r["ms"]["lora_mlx"]
+        ratio = a["smoa_auto"] / a["lora_mlx"]
+        x = a.get("smoa_auto_gather_x", a["smoa_auto"])
+        ratios.setdefault(r["blocks"], []).append((ratio, x / a["lora_mlx"], one))
+        out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {a['frozen_mlx']:.2f} | {a['lora_mlx']:.2f} "
+                   f"| {a['smoa_auto']:.2f} | {ratio:.2f}x | {one:.2f}x | {x:.2f} | {x / a['lora_mlx']:.2f}x |")
+    out.append("")
+    for k, v in sorted(ratios.items()):
+        med = [statistics.median(c) for c in zip(*v)]
+        out.append(f"K={k}, medians over the shapes: auto / MLX LoRA {med[0]:.2f}x ({n} per call), "
+                   f"{med[2]:.2f}x (one per call); with the gathers along x {med[1]:.2f}x.  ")
     return out + [""]
 
 
@@ -834,6 +940,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-probe", action="store_true",
                     help="use the GPU kernels without the dispatcher's probe (saves its compilations)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    ap.add_argument("--amortized", type=int, default=AMORTIZED,
+                    help="also time the frozen layer, MLX LoRA and the default with this many layers of a shape per "
+                         "compiled call (the per-call cost spread as a model's step spreads it); 0 skips")
     ap.add_argument("--no-extras", action="store_true", help="skip the copy, step breakdown and bandwidth tables")
     ap.add_argument("--skip-breakdown", action="store_true", help="skip the merged form's step breakdown")
     args = ap.parse_args(argv)
@@ -910,7 +1019,8 @@ def main(argv=None) -> int:
                 if not args.skip_breakdown:
                     data["breakdown"] = _breakdowns(kernel_ops)
                 data["bandwidth"] = kernel_bandwidth(kernel_ops, shapes[:3])
-            data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch)
+            data["bench"] = bench(kernel_ops, shapes, tuple(map(int, args.ranks.split(","))), with_torch,
+                                  args.amortized)
             if args.out:  # the timings are safe on disk before the verification starts
                 Path(args.out).write_text(json.dumps(data, indent=1))
         if not args.skip_verify and not (args.gathers or args.bandwidth or args.breakdown):

@@ -16,7 +16,8 @@
 #            first MLX process)
 #   kernels  bench_kernels, per layer (the merged form's block gradients with the gathers' blocks along z, shipped,
 #            and along x side by side; until e19b9e1 MLX's merge beside the merge kernel) + memory-bound steps, no
-#            verification (145-193 s; 157-194 s with the merge rows)
+#            verification (145-193 s; 157-194 s with the merge rows); since 6cc1c8b also the amortized columns (8
+#            layers of a shape per call: frozen, MLX LoRA, auto, auto with the gathers along x), not yet timed
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
 #            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
@@ -67,7 +68,7 @@ for p in ${PHASES//,/ }; do
       phase train4 400 "$PY" scripts/bench_train.py --rounds 3 --window 8 --bits 4 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/bench_train_4bit.json" ;;
     kernels)
-      phase kernels "${KERNELS_LIMIT:-300}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
+      phase kernels "${KERNELS_LIMIT:-450}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
     along)

@@ -105,3 +105,31 @@ def test_gather_along_table_reads_the_x_column_where_auto_takes_block_grads():
     assert "| 1024x4096 | 4 | merged | 1.00 | 0.95 | 0.95 | 0.75x | 0.75x |" in table
     assert "K=4: auto / MLX LoRA with the gathers along x 0.85x" in table
     assert bench_kernels._gather_along_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
+
+
+def test_layers_step_runs_each_layer_on_its_own_inputs():
+    """The amortized columns' call: every layer's forward + backward on its own scaled copy of x and the cotangent,
+    the same values as one vjp per layer (nothing shared or dropped by the compiled call)."""
+    import mlx.core as mx
+    import numpy as np
+
+    fn0, t0 = bench_kernels._lora_layer(24, 16, 2)
+    fn1, t1 = bench_kernels._frozen_layer(24, 16)
+    x, cot = mx.random.normal((5, 16)).astype(mx.bfloat16), mx.random.normal((5, 24)).astype(mx.bfloat16)
+    got = bench_kernels._layers_step([(fn0, t0), (fn1, t1)], x, cot)()
+    for i, (fn, trainable) in enumerate([(fn0, t0), (fn1, t1)]):
+        scale = 1 + i / 64
+        want = mx.vjp(fn, [x * scale, *trainable], [cot * scale])
+        for g, w in zip(got[i][0] + got[i][1], want[0] + want[1]):
+            assert np.array_equal(np.asarray(g.astype(mx.float32)), np.asarray(w.astype(mx.float32)))
+    assert len(got[0][1]) == 3 and len(got[1][1]) == 1  # LoRA: dx, dA, dB; frozen: dx
+
+
+def test_amortized_table_reports_both_ways_per_call():
+    row = _row(4096, 4096, 4, 2.0, 4.0, 2.2, 2.1)
+    row["ms"]["lora_mlx"] = 2.0
+    row["ms_amortized"] = dict(amortized=8, frozen_mlx=0.9, lora_mlx=1.5, smoa_auto=1.2, smoa_auto_gather_x=1.14)
+    table = "\n".join(bench_kernels._amortized_table([row]))
+    assert "| 4096x4096 | 4 | 0.90 | 1.50 | 1.20 | 0.80x | 1.05x | 1.14 | 0.76x |" in table
+    assert "K=4, medians over the shapes: auto / MLX LoRA 0.80x (8 per call), 1.05x (one per call)" in table
+    assert bench_kernels._amortized_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []

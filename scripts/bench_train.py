@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's smoa_mlx, also in the children
@@ -39,17 +40,35 @@ SHAPES = {  # --shape: the model dims over MODEL's (llama-1b is MODEL itself)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),  # a smoke test of the script
 }
-METHODS = ("lora", "smoa", "smoa-keep", "smoa-mlx-merge", "smoa-kernel", "smoa-dense")
+METHODS = ("lora", "smoa", "smoa-keep", "smoa-mlx-merge", "smoa-gather-x", "smoa-kernel", "smoa-dense")
 # The environment per method, read when a step is traced: smoa is the default (auto: the merged form), smoa-keep the
 # merged form whose backward reuses the forward's W0 + Delta W (SMOA_MLX_MERGED_KEEP=1: speed for a weight copy per
 # layer), smoa-mlx-merge the default with W0 + Delta W built by MLX's matmul + fused pass instead of the merge
 # kernel (SMOA_MLX_MERGE_KERNEL=0), the others force one form on every layer (smoa-kernel: the block form with the
-# GPU kernels; smoa-dense: the dense HiRA form, the base apart).
+# GPU kernels; smoa-dense: the dense HiRA form, the base apart). smoa-gather-x: the default with its gathers' blocks
+# along the grid's x (kernels.source.GATHER_BLOCKS_ALONG, a launch constant, not an environment variable).
 _ENV = {m: {"SMOA_MLX_KERNEL": kernel, "SMOA_MLX_MERGED_KEEP": "1" if m == "smoa-keep" else "0",
             "SMOA_MLX_MERGE_KERNEL": "0" if m == "smoa-mlx-merge" else "1"}
-        for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-mlx-merge", "auto"), ("smoa-kernel", "kernel"),
-                          ("smoa-dense", "dense"))}
+        for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-mlx-merge", "auto"), ("smoa-gather-x", "auto"),
+                          ("smoa-kernel", "kernel"), ("smoa-dense", "dense"))}
 _ENV["lora"] = {}  # mlx-lm's LoRA reads none of them
+_GATHER_ALONG = {"smoa-gather-x": "x"}
+
+
+@lru_cache(maxsize=None)
+def _shipped_along() -> str:
+    from smoa_mlx.kernels import source
+
+    return source.GATHER_BLOCKS_ALONG  # first read before any method changed it
+
+
+def _use(method: str) -> None:
+    """Set what ``method``'s step reads when it is traced: its environment and the gathers' launch constant."""
+    from smoa_mlx.kernels import source
+
+    along = _GATHER_ALONG.get(method, _shipped_along())
+    os.environ.update(_ENV[method])
+    source.GATHER_BLOCKS_ALONG = along
 
 
 _T0 = None
@@ -173,13 +192,13 @@ def _build(method: str, bits: int, rank: int, blocks: int, dtype: str, dropout: 
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
-    os.environ.update(_ENV[method])
+    _use(method)
     startup = {"base_s": time.perf_counter() - t0}
     if method != "lora":  # the probe runs when the first SMoA layer is built: timed apart from the adapters
         from smoa_mlx.kernels import _ops
 
         t0 = time.perf_counter()
-        _ops(quantized=bool(bits))
+        _ops(quantized=bool(bits), dtypes=(getattr(mx, dtype),))  # as the layers ask: their base's float type
         startup["probe_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     add_adapters(model, "lora" if method == "lora" else "smoa", rank, blocks, dropout)
@@ -273,7 +292,7 @@ def child_rounds(methods: list, bits: int, rank: int, blocks: int, rounds: int, 
     for r in range(rounds):
         for m in (methods if r % 2 == 0 else methods[::-1]):
             model, opt, trainable, extra = runs[m]
-            os.environ.update(_ENV[m])
+            _use(m)
             mx.reset_peak_memory()
             _progress(f"K={blocks} {m}: round {r}")
             reports = _train_window(model, opt, dataset, window, report, batch, seq)

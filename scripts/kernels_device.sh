@@ -8,10 +8,11 @@
 # Phases (durations measured on the H200, December 2026, where known):
 #   train    bench_train --rounds, bf16: METHODS (default LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1, the backward
 #            reusing the forward's W0 + Delta W; smoa-mlx-merge: the default with MLX's merge instead of the merge
-#            kernel) in alternating windows, one process per K (4, then 2), with --split
-#            (forward + backward alone, and the whole step): the end-to-end ratios with their spread, and where a
-#            step's time goes (422 s for the three methods at f41889a, 465 s for lora,smoa at 5c61fce, most of it
-#            start-up; 240 s at fcfd872, with the narrower probe: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
+#            kernel; smoa-gather-x: the default with its gathers' blocks along the grid's x) in alternating windows,
+#            one process per K (4, then 2), with --split (forward + backward alone, and the whole step): the
+#            end-to-end ratios with their spread, and where a step's time goes (422 s for the three methods at
+#            f41889a, 465 s for lora,smoa at 5c61fce, most of it start-up; 240 s at fcfd872, with the narrower probe;
+#            301 s for lora,smoa,smoa-mlx-merge at e19b9e1: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
 #   train4   the same on a 4-bit base, 3 rounds, no split (232-241 s; 151 s at fcfd872; 296 s as a fresh machine's
 #            first MLX process)
 #   kernels  bench_kernels, per layer (the merged form's block gradients with the gathers' blocks along z, shipped,

@@ -55,3 +55,19 @@ def test_markdown_pairs_each_round_with_its_own_lora():
     # Per-round ratios 0.90 and 1.10 (median 1.00), not the ratio of medians (72.5 / 75 = 0.97).
     assert "| 1.00x (0.90-1.10, n=2) |" in row
     assert "| 72 (55-90, n=2) |" in row  # tokens/s: median and range over the rounds
+
+
+def test_each_method_traces_with_its_own_gather_axis(monkeypatch):
+    """smoa-gather-x's step is traced with the gathers' blocks along x; every other method's with the shipped axis,
+    whatever ran before it (the constant is read when a step is traced)."""
+    from smoa_mlx.kernels import source
+
+    shipped = source.GATHER_BLOCKS_ALONG
+    monkeypatch.setattr(source, "GATHER_BLOCKS_ALONG", shipped)  # restored after the test, as the variables below
+    for name in ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL"):
+        monkeypatch.setenv(name, "")
+    bench_train._use("smoa-gather-x")
+    assert source.GATHER_BLOCKS_ALONG == "x"
+    for method in ("smoa", "lora", "smoa-mlx-merge"):
+        bench_train._use(method)
+        assert source.GATHER_BLOCKS_ALONG == shipped != "x"

@@ -69,7 +69,9 @@ for p in ${PHASES//,/ }; do
       phase train4 400 "$PY" scripts/bench_train.py --rounds 3 --window 8 --bits 4 --blocks 2,4 --methods lora,smoa \
         --out "$OUT/bench_train_4bit.json" ;;
     kernels)
-      phase kernels "${KERNELS_LIMIT:-450}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown --out "$OUT/bench_kernels.json" ;;
+      # KERNELS_ARGS: more bench_kernels arguments, e.g. "--shapes 4096x4096,4096x14336" to split the phase over calls
+      phase kernels "${KERNELS_LIMIT:-450}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown ${KERNELS_ARGS:-} \
+        --out "$OUT/bench_kernels.json" ;;
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
     along)

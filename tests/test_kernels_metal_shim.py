@@ -133,6 +133,22 @@ def test_movers_copy_exactly(dtype, tt, along, monkeypatch):
     assert (grid[2] == 1) == (source.GATHER_BLOCKS_ALONG == "x")
 
 
+@pytest.mark.parametrize("along", ["z", "x"])
+def test_gather_of_four_ragged_blocks_either_axis(along, monkeypatch):
+    """The gather with K = 4 ragged blocks (columns 300, 300, 299, 299: one thread group each, padded to 304) and its
+    blocks along either grid axis: the same bits as plain MLX, every block in its own place."""
+    monkeypatch.setattr(source, "GATHER_BLOCKS_ALONG", along)
+    rng = np.random.default_rng(3)
+    layout = BlockLayout((8, 8, 8, 8), (300, 300, 299, 299), (1, 1, 1, 1), 1.0)
+    K, M, N, _ = padded_dims(layout)
+    plan = build_plan(layout, rng.permutation(32), rng.permutation(1198))
+    x = mx.array(rng.standard_normal((9, 1198)).astype(np.float32)).astype(mx.bfloat16)
+    launches: list[Launch] = []
+    got = KernelOps(_recording(launches)).gather(x, plan.col_src, K, N)
+    assert np.array_equal(_bits(got), _bits(MlxOps().gather(x, plan.col_src, K, N)))
+    assert launches[0].grid[2] == (1 if along == "x" else K)
+
+
 @pytest.mark.parametrize("bits", [0, 4], ids=["dense", "q4"])
 def test_hadamard_rows_per_thread_change_only_the_mapping(bits, monkeypatch):
     """The Hadamard kernel at 4 rows per thread (source.HADAMARD_TI, shipped) writes the same bits as at 16 (the

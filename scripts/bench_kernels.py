@@ -532,7 +532,7 @@ def breakdown(kernel_ops, shape=(4096, 4096), blocks=2, rank=16, reps=10, tokens
             "gather x (block-major)": (lambda v: kernel_ops.gather(v, plan.col_src, K, N), varied(x)),
             "gather dy (block-major)": (lambda v: kernel_ops.gather(v, plan.row_src, K, M), varied(g)),
             "G_k = dy_k^T x_k (batched)": (lambda v: mx.transpose(v, (0, 2, 1)) @ xb, varied(gb)),
-            "block factor grads (Hadamard kernel, products, takes)": (
+            "block factor grads (G_k, Hadamard kernel, products, takes)": (
                 lambda v: block_factor_grads(kernel_ops, layout, plan, parts, a_pad, b_pad, xb, v, factors),
                 varied(gb)),
         })

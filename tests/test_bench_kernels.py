@@ -52,7 +52,7 @@ def test_breakdown_runs_every_step_eager_and_compiled(monkeypatch):
     monkeypatch.setattr(kernels, "block_grads_pay", lambda d_out, d_in, blocks: True)
     rows = bench_kernels.breakdown(kernels._MLX_OPS, (96, 128), blocks=4, rank=8, reps=2, tokens=32)
     steps = [r["step"] for r in rows]
-    assert "gather x (block-major)" in steps and "block factor grads (Hadamard kernel, products, takes)" in steps
+    assert "gather x (block-major)" in steps and "block factor grads (G_k, Hadamard kernel, products, takes)" in steps
     assert len(steps) == 12 and all(r["ms"] > 0 and r["ms_compiled"] > 0 for r in rows)
     table = bench_kernels.markdown({"command": "-", "device": "-", "mlx": "-", "torch": "-", "breakdown": rows})
     assert "| 96x128 | 4 | G_k = dy_k^T x_k (batched) |" in table

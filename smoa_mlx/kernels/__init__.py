@@ -165,8 +165,8 @@ def _probe(ops: KernelOps, quantized: bool = False, dtypes: Sequence[mx.Dtype] =
         d_out, d_in = sum(layout.row_sizes), sum(layout.col_sizes)
         w = mx.random.normal((d_out, d_in), key=mx.random.key(0))
         parts = tuple(mx.quantize(w, group_size=layout.group_size, bits=layout.bits)) if quantized else (w,)
-        index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in))
-        index = index + (tuple(build_plan(layout, range(d_out), range(d_in))),)
+        plan = build_plan(layout, range(d_out), range(d_in))
+        index = (mx.arange(d_out), mx.arange(d_in), mx.arange(d_out), mx.arange(d_in), tuple(plan))
         factors = mx.random.normal((sum(factor_sizes(layout)),), key=mx.random.key(1))
         for dtype in todo:
             p = tuple(q if q.dtype == mx.uint32 else q.astype(dtype) for q in parts)
@@ -176,7 +176,7 @@ def _probe(ops: KernelOps, quantized: bool = False, dtypes: Sequence[mx.Dtype] =
             for one in (ops, _MLX_OPS):  # the kernels, then plain MLX
                 fn = block_fn(layout, one, not quantized)  # the merged form's block gradients launch a subset
                 y, grads = mx.vjp(lambda x, f: fn(x, index, p, f), [x, factors], [cot])
-                runs.append([*y, *grads, one.merge(layout, BlockPlan(*index[4]), p, b_full, a_full, dtype)])  # + the merged form's W
+                runs.append([*y, *grads, one.merge(layout, plan, p, b_full, a_full, dtype)])  # + the merged form's W
             _check_probe(runs[0], runs[1], dtype)
     except Exception as err:  # noqa: BLE001 - any compile or launch error means: use plain MLX
         if "transformation" in str(err) or ("compile" in str(err) and "tracing" in str(err)):

@@ -40,6 +40,8 @@ def reads_base(layout: BlockLayout) -> bool:
     matters: only then do they need (and the dispatcher probe) their quantized renderings; a 3/5/6-bit or mxfp4 /
     nvfp4 / mxfp8 base's anchors come from MLX's own dequantization, its gathers and scatters still kernels."""
     return layout.affine and layout.bits in SUPPORTED_BITS
+
+
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 

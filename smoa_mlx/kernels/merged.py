@@ -75,9 +75,9 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
     # instead of taking them from the factors again (two takes, a concatenation and a cast fewer per layer and step).
     # They are (d_out + d_in) r elements, alive from the layer's forward to its backward, with the flat factors they
     # were taken from (cast, with their trailing zero), which the block gradients pack the blocks from (a cast and a
-    # concatenation fewer per layer and step). As extra outputs of the
-    # custom function instead (dffc2ed), they held one activation's worth more at peak on the CPU than as inputs; on
-    # an H200 with a 4-bit base the two measured the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
+    # concatenation fewer per layer and step). As extra outputs of the custom function instead (dffc2ed), they held
+    # one activation's worth more at peak on the CPU than as inputs; on an H200 with a 4-bit base the two measured
+    # the same (docs/BENCHMARKS.md, "Host-side cost", "End to end").
     merging = MlxOps() if mlx_merge else ops  # the ops that build W0 + Delta W
 
     @mx.custom_function
@@ -105,8 +105,9 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
     def fn(x, index, weight_parts, factors):
         # With keep, the forward's W0 + Delta W is the backward's (mx.compile merges the two expressions, which a
         # dependency on x would keep apart): it lives from the forward to the backward anyway.
-        # B_full and A_full in the type of the rank-r product (the activations' half type, else float32), which is
-        # also the type the factor gradients' products take them in: cast once, inside the take.
+        # The flat factors, so B_full, A_full and the packed blocks, in the type of the rank-r product (the
+        # activations' half type, else float32), which is also the type the factor gradients' products take them in:
+        # cast once, before the takes.
         flat = with_zero(factors if keep else after_input(factors, x), product_type(x.dtype))
         full = (*whole_weight_takes(plan_of(layout, index), flat), flat)
         return forward(x, index, weight_parts, factors, tuple(mx.stop_gradient(f) for f in full))

@@ -343,21 +343,19 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-def _with_variant(fn, tt=None, hadamard_ti=None, gather_along=None):
+def _with_variant(fn, tt=None, hadamard_ti=None):
     """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather/scatter
-    thread, ``hadamard_ti`` rows per Hadamard thread, ``gather_along`` the grid axis of a gather's blocks ("z" or
-    "x"); None leaves one as shipped. Each of the first two is a template constant, so its variant is its own
-    compiled kernel; the third changes only the launch's grid."""
+    thread, ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each is a template constant, so
+    its variant is its own compiled kernel."""
     from smoa_mlx.kernels import blocks, source
 
-    shipped = blocks.TT, source.HADAMARD_TI, source.GATHER_BLOCKS_ALONG
+    shipped = blocks.TT, source.HADAMARD_TI
     blocks.TT = shipped[0] if tt is None else tt
     source.HADAMARD_TI = shipped[1] if hadamard_ti is None else hadamard_ti
-    source.GATHER_BLOCKS_ALONG = shipped[2] if gather_along is None else gather_along
     try:
-        return fn(), dict(tt=blocks.TT, hadamard_ti=source.HADAMARD_TI, gather_along=source.GATHER_BLOCKS_ALONG)
+        return fn(), dict(tt=blocks.TT, hadamard_ti=source.HADAMARD_TI)
     finally:
-        blocks.TT, source.HADAMARD_TI, source.GATHER_BLOCKS_ALONG = shipped
+        blocks.TT, source.HADAMARD_TI = shipped
 
 
 def _eager_and_compiled(fn, inputs: list) -> tuple[float, float, float, float]:
@@ -556,8 +554,7 @@ def _amortized_ms(layers, x, cot) -> float:
 
 
 def _amortized(kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, n) -> dict:
-    """MLX LoRA, the default (auto) and, where it takes block gradients, the same with the gathers' blocks along x,
-    each timed ``n`` layers per call (:func:`_layers_step`); ms per layer."""
+    """MLX LoRA and the default (auto), each timed ``n`` layers per call (:func:`_layers_step`); ms per layer."""
     from smoa_mlx.kernels import block_grads_pay
     from smoa_mlx.kernels.merged import merged_fn
 
@@ -570,8 +567,6 @@ def _amortized(kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, n) -> d
         layers.append((lambda x, f, fn=fn, layer=layer: fn(x, layer.index, layer.weight_parts(), f),
                        [layer.smoa_factors]))
     out["smoa_auto"] = _amortized_ms(layers, x, cot)
-    if block_grads:
-        out["smoa_auto_gather_x"] = _with_variant(lambda: _amortized_ms(layers, x, cot), gather_along="x")[0]
     return out
 
 
@@ -600,14 +595,12 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True, amortized=AMO
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
-                # The merged form as the default runs it, and with block gradients whose gathers run their blocks
-                # along the grid's x instead of z (source.GATHER_BLOCKS_ALONG; traced, so launched, inside the
-                # variant). The rounds before e19b9e1 timed MLX's merge here (smoa_merged[_blocks]_mlx_merge).
-                for name, block_grads, along in (("smoa_merged", False, None), ("smoa_merged_blocks", True, None),
-                                                 ("smoa_merged_blocks_gather_x", True, "x")):
+                # The merged form with full and with block gradients, as auto picks between them. The rounds before
+                # e19b9e1 also timed MLX's merge here (smoa_merged[_blocks]_mlx_merge), the one at 4628c29 the
+                # gathers' blocks along the grid's z and x (smoa_merged_blocks[_gather_x]), before x shipped.
+                for name, block_grads in (("smoa_merged", False), ("smoa_merged_blocks", True)):
                     fn = merged_fn(layer.layout, kernel_ops, block_grads)
-                    step = _smoa_step(layer, fn, x, cot)  # traced (and the gathers launched) at its first call
-                    t[name] = _with_variant(lambda: _median_time(step, mx.synchronize)[0], gather_along=along)[0]
+                    t[name] = _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
@@ -806,56 +799,66 @@ def design_floor(row: dict, copy_gbps: float, tokens: int = TOKENS) -> dict:
 
 
 def _design_floor_table(rows: list[dict], copy_gbps: float) -> list[str]:
+    # A joined run (--join) keeps each part's copy ceiling on its rows: the parts may have run on two machines.
+    ceilings = sorted({round(r.get("copy_gbps", copy_gbps)) for r in rows})
     out = ["The merged form's own floor (`design_floor`: its layer-matmuls at the frozen step's pace plus its passes' "
-           f"bytes at the copy ceiling, {copy_gbps:.0f} GB/s; an estimate, see below):", "",
+           f"bytes at the copy ceiling, {' and '.join(map(str, ceilings))} GB/s; an estimate, see below):", "",
            "| W0 | K | layer-matmuls | GB moved | floor ms | auto ms | auto / floor | MLX LoRA | floor / MLX LoRA |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f, auto = design_floor(r, copy_gbps), _auto(r)[0]
+        f, auto = design_floor(r, r.get("copy_gbps", copy_gbps)), _auto(r)[0]
         out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {f['matmuls']:.2f} | {f['gb_moved']:.2f} "
                    f"| {f['ms']:.2f} | {auto:.2f} | {auto / f['ms']:.2f}x | {r['ms']['lora_mlx']:.2f} "
                    f"| {f['vs_lora']:.2f}x |")
     out.append("")
     for k in sorted({r["blocks"] for r in rows}):
-        med = statistics.median(design_floor(r, copy_gbps)["vs_lora"] for r in rows if r["blocks"] == k)
+        med = statistics.median(design_floor(r, r.get("copy_gbps", copy_gbps))["vs_lora"]
+                                for r in rows if r["blocks"] == k)
         out.append(f"K={k}: the floor is {med:.2f}x MLX LoRA's time (median over the shapes).  ")
     return out + [""]
 
 
 def _amortized_table(rows: list[dict]) -> list[str]:
-    """The per-layer times with ``amortized`` layers of a shape per call (runs since the column existed)."""
+    """The per-layer times with ``amortized`` layers of a shape per call (runs since the column existed; the run at
+    4628c29 also timed auto with the gathers' blocks along x, before x shipped)."""
     rows = [r for r in rows if "ms_amortized" in r]
     if not rows:
         return []
     n = rows[0]["ms_amortized"]["amortized"]
+    with_x = any("smoa_auto_gather_x" in r["ms_amortized"] for r in rows)  # not where auto takes full gradients
     out = [f"{n} layers of a shape per compiled call (each its own weights and inputs), ms per layer; the ratios "
            "with one layer per call beside them:", "",
-           "| W0 | K | frozen | MLX LoRA | auto | auto / MLX LoRA | one per call | auto, gathers along x | "
-           "/ MLX LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+           "| W0 | K | frozen | MLX LoRA | auto | auto / MLX LoRA | one per call |"
+           + (" auto, gathers along x | / MLX LoRA |" if with_x else ""),
+           "|---|---|---|---|---|---|---|" + ("---|---|" if with_x else "")]
     ratios = {}
     for r in rows:
         a = r["ms_amortized"]
         one = _auto(r)[0] / r["ms"]["lora_mlx"]
         ratio = a["smoa_auto"] / a["lora_mlx"]
+        line = (f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {a['frozen_mlx']:.2f} | {a['lora_mlx']:.2f} "
+                f"| {a['smoa_auto']:.2f} | {ratio:.2f}x | {one:.2f}x |")
         x = a.get("smoa_auto_gather_x", a["smoa_auto"])
-        ratios.setdefault(r["blocks"], []).append((ratio, x / a["lora_mlx"], one))
-        out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {a['frozen_mlx']:.2f} | {a['lora_mlx']:.2f} "
-                   f"| {a['smoa_auto']:.2f} | {ratio:.2f}x | {one:.2f}x | {x:.2f} | {x / a['lora_mlx']:.2f}x |")
+        ratios.setdefault(r["blocks"], []).append((ratio, one) + ((x / a["lora_mlx"],) if with_x else ()))
+        if with_x:
+            line += f" {x:.2f} | {x / a['lora_mlx']:.2f}x |"
+        out.append(line)
     out.append("")
     for k, v in sorted(ratios.items()):
         med = [statistics.median(c) for c in zip(*v)]
         out.append(f"K={k}, medians over the shapes: auto / MLX LoRA {med[0]:.2f}x ({n} per call), "
-                   f"{med[2]:.2f}x (one per call); with the gathers along x {med[1]:.2f}x.  ")
+                   f"{med[1]:.2f}x (one per call)" + (f"; with the gathers along x {med[2]:.2f}x" if with_x else "")
+                   + ".  ")
     return out + [""]
 
 
 def _gather_along_table(rows: list[dict]) -> list[str]:
-    """The merged form with block gradients, its gathers' blocks along the grid's z (shipped) and along x, and what
-    auto / MLX LoRA would be with x (runs since 6cc1c8b; earlier ones have no such column)."""
+    """The merged form with block gradients, its gathers' blocks along the grid's z and along x, and what auto / MLX
+    LoRA would be with x: the run at 4628c29 (z then shipped) that chose x; no other run has the column."""
     rows = [r for r in rows if "smoa_merged_blocks_gather_x" in r["ms"]]
     if not rows:
         return []
-    out = ["The merged form with block gradients, the gathers' K blocks along the grid's z (shipped) or x (ms):", "",
+    out = ["The merged form with block gradients, the gathers' K blocks along the grid's z (then shipped) or x (ms):", "",
            "| W0 | K | auto runs | along z | along x | x / z | auto / MLX LoRA | with x |", "|---|---|---|---|---|---|---|---|"]
     with_x = {}
     for r in rows:
@@ -905,12 +908,26 @@ def _goal_summary(rows: list[dict]) -> str:
     return "  \n".join(lines)
 
 
+def join(parts: list[dict]) -> dict:
+    """One results file from a run split over device calls (``--shapes``, a call's time limit): the first part's
+    fields, every part's commands, per-layer rows and bandwidth rows, each per-layer row with its own part's copy
+    ceiling (the calls may have had different machines)."""
+    out = dict(parts[0], command=" ; ".join(p["command"] for p in parts))
+    for key in ("bench", "bandwidth"):
+        if any(key in p for p in parts):
+            out[key] = [dict(r, **({"copy_gbps": p["copy_gbps"]} if key == "bench" and "copy_gbps" in p else {}))
+                        for p in parts for r in p.get(key, [])]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--markdown", help="print the markdown tables of a results JSON and exit")
     ap.add_argument("--across", nargs="+", metavar="JSON",
                     help="print, across these results files, the ratios auto's size rules rest on, and exit")
+    ap.add_argument("--join", nargs="+", metavar="JSON",
+                    help="write to --out one results file from these parts of a split run, and exit")
     ap.add_argument("--cpu", action="store_true", help="time the pure-MLX forms on the CPU only")
     ap.add_argument("--skip-bench", action="store_true", help="only the correctness check")
     ap.add_argument("--skip-verify", action="store_true")
@@ -921,8 +938,6 @@ def main(argv=None) -> int:
                                  "(default: the kernels' own, source.TT); each checked bit for bit, then timed")
     ap.add_argument("--hadamard-ti", help="with --gathers: also time the Hadamard kernel at these rows per thread "
                                           "(e.g. 4,16; shipped: source.HADAMARD_TI, 4; the CPU shim proves them equal)")
-    ap.add_argument("--gather-along", help="with --gathers: the grid axis of a gather's blocks to compare (e.g. z,x; "
-                                           "shipped: source.GATHER_BLOCKS_ALONG), each checked, then timed at K=2 and 4")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
@@ -951,6 +966,11 @@ def main(argv=None) -> int:
         return 0
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if args.join:
+        if not args.out:
+            ap.error("--join needs --out")
+        Path(args.out).write_text(json.dumps(join([json.loads(Path(f).read_text()) for f in args.join]), indent=1))
         return 0
     import mlx.core as mx
 
@@ -1003,13 +1023,6 @@ def main(argv=None) -> int:
             for ti in map(int, args.hadamard_ti.split(",")) if args.hadamard_ti else []:
                 rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("hadamard",)),
                                               hadamard_ti=ti)
-                data["bandwidth"] += [dict(r, **variant) for r in rows]
-            for along in args.gather_along.split(",") if args.gather_along else []:
-                (checks, rows), variant = _with_variant(lambda: (check_movers(kernel_ops), [
-                    row for k in (2, 4) for row in kernel_bandwidth(kernel_ops, SHAPES[:3], blocks=k,
-                                                                    only=("gather x", "gather dy"))]),
-                    gather_along=along)
-                data["movers_check"] += [dict(r, **variant) for r in checks]
                 data["bandwidth"] += [dict(r, **variant) for r in rows]
             ok = all(r["ok"] for r in data["movers_check"])
         elif not args.skip_bench:

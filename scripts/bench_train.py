@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from collections import deque
-from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's smoa_mlx, also in the children
@@ -40,35 +39,23 @@ SHAPES = {  # --shape: the model dims over MODEL's (llama-1b is MODEL itself)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),  # a smoke test of the script
 }
-METHODS = ("lora", "smoa", "smoa-keep", "smoa-mlx-merge", "smoa-gather-x", "smoa-kernel", "smoa-dense")
+METHODS = ("lora", "smoa", "smoa-keep", "smoa-mlx-merge", "smoa-kernel", "smoa-dense")
 # The environment per method, read when a step is traced: smoa is the default (auto: the merged form), smoa-keep the
 # merged form whose backward reuses the forward's W0 + Delta W (SMOA_MLX_MERGED_KEEP=1: speed for a weight copy per
 # layer), smoa-mlx-merge the default with W0 + Delta W built by MLX's matmul + fused pass instead of the merge
 # kernel (SMOA_MLX_MERGE_KERNEL=0), the others force one form on every layer (smoa-kernel: the block form with the
-# GPU kernels; smoa-dense: the dense HiRA form, the base apart). smoa-gather-x: the default with its gathers' blocks
-# along the grid's x (kernels.source.GATHER_BLOCKS_ALONG, a launch constant, not an environment variable).
+# GPU kernels; smoa-dense: the dense HiRA form, the base apart). The run at 4628c29 also had smoa-gather-x, the
+# default with its gathers' blocks along the grid's x, which has shipped since.
 _ENV = {m: {"SMOA_MLX_KERNEL": kernel, "SMOA_MLX_MERGED_KEEP": "1" if m == "smoa-keep" else "0",
             "SMOA_MLX_MERGE_KERNEL": "0" if m == "smoa-mlx-merge" else "1"}
-        for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-mlx-merge", "auto"), ("smoa-gather-x", "auto"),
-                          ("smoa-kernel", "kernel"), ("smoa-dense", "dense"))}
+        for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-mlx-merge", "auto"), ("smoa-kernel", "kernel"),
+                          ("smoa-dense", "dense"))}
 _ENV["lora"] = {}  # mlx-lm's LoRA reads none of them
-_GATHER_ALONG = {"smoa-gather-x": "x"}
-
-
-@lru_cache(maxsize=None)
-def _shipped_along() -> str:
-    from smoa_mlx.kernels import source
-
-    return source.GATHER_BLOCKS_ALONG  # first read before any method changed it
 
 
 def _use(method: str) -> None:
-    """Set what ``method``'s step reads when it is traced: its environment and the gathers' launch constant."""
-    from smoa_mlx.kernels import source
-
-    along = _GATHER_ALONG.get(method, _shipped_along())
+    """Set what ``method``'s step reads when it is traced: its environment."""
     os.environ.update(_ENV[method])
-    source.GATHER_BLOCKS_ALONG = along
 
 
 _T0 = None

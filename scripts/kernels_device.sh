@@ -8,22 +8,21 @@
 # Phases (durations measured on the H200, December 2026, where known):
 #   train    bench_train --rounds, bf16: METHODS (default LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1, the backward
 #            reusing the forward's W0 + Delta W; smoa-mlx-merge: the default with MLX's merge instead of the merge
-#            kernel; smoa-gather-x: the default with its gathers' blocks along the grid's x) in alternating windows,
-#            one process per K (4, then 2), with --split (forward + backward alone, and the whole step): the
+#            kernel) in alternating windows, one process per K (4, then 2), with --split (forward + backward alone, and the whole step): the
 #            end-to-end ratios with their spread, and where a step's time goes (422 s for the three methods at
 #            f41889a, 465 s for lora,smoa at 5c61fce, most of it start-up; 240 s at fcfd872, with the narrower probe;
-#            301 s for lora,smoa,smoa-mlx-merge at e19b9e1: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
+#            301 s for lora,smoa,smoa-mlx-merge at e19b9e1, 243 s for lora,smoa,smoa-gather-x at 4628c29: see
+#            docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
 #   train4   the same on a 4-bit base, 3 rounds, no split (232-241 s; 151 s at fcfd872; 296 s as a fresh machine's
 #            first MLX process)
-#   kernels  bench_kernels, per layer (the merged form's block gradients with the gathers' blocks along z, shipped,
-#            and along x side by side; until e19b9e1 MLX's merge beside the merge kernel) + memory-bound steps, no
-#            verification (145-193 s; 157-194 s with the merge rows); since 6cc1c8b also the amortized columns (8
-#            layers of a shape per call: frozen, MLX LoRA, auto, auto with the gathers along x), not yet timed
+#   kernels  bench_kernels, per layer (the merged form with full and with block gradients, the other forms, MLX and
+#            PyTorch LoRA, the reference-style PyTorch SMoA) + memory-bound steps, no verification (145-193 s), and
+#            the amortized columns (8 layers of a shape per call: frozen, MLX LoRA, auto): at 4628c29, with the
+#            gathers' blocks along z and x side by side, 183 s for 4096x4096,4096x14336 and 171 s for the other two
+#            (KERNELS_ARGS="--shapes ..."), so the whole phase fits one call
 #   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
 #            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
-#   along    bench_kernels --gathers --gather-along z,x: the gathers with their K blocks along the grid's z (shipped)
-#            and along x, each checked bit for bit, then timed at K = 2 and 4 (not yet run on a GPU)
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
 #            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)
 #   breakdown  bench_kernels --breakdown: the merged form's steps alone, eager and compiled, at 4096x4096 K=4 and 2
@@ -74,9 +73,6 @@ for p in ${PHASES//,/ }; do
         --out "$OUT/bench_kernels.json" ;;
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
-    along)
-      phase along "${ALONG_LIMIT:-400}" "$PY" scripts/bench_kernels.py --gathers --no-probe --gather-along z,x \
-        --out "$OUT/bench_gather_along.json" ;;
     bandwidth)
       phase bandwidth "${BANDWIDTH_LIMIT:-150}" "$PY" scripts/bench_kernels.py --bandwidth --no-probe --no-torch \
         --out "$OUT/bench_bandwidth.json" ;;
@@ -105,7 +101,7 @@ for bits in (4, 2, 3):
     mx.eval(q(x)); print(bits, 'forward returned after', round(time.time() - t0, 1), 's', flush=True)
     mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
     print(bits, 'VJP returned after', round(time.time() - t0, 1), 's', flush=True)" ;;
-    *) echo "unknown phase $p (train, train4, kernels, gathers, along, bandwidth, breakdown, graph, split, verify, qmm)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (train, train4, kernels, gathers, bandwidth, breakdown, graph, split, verify, qmm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/times.txt"

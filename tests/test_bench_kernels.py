@@ -80,16 +80,11 @@ def test_bandwidth_times_the_merge_both_ways():
     assert all(r["gb"] == 2 * 64 * 128 * 2 / 1e9 and r["ms"] > 0 and r["ms_compiled"] > 0 for r in rows)
 
 
-def test_gather_along_variant_is_set_for_the_run_and_labelled():
-    """``--gathers --gather-along z,x``: each variant runs with source.GATHER_BLOCKS_ALONG set, which is restored
-    after, and its rows say which axis and K they timed."""
-    from smoa_mlx.kernels import source
-
-    shipped = source.GATHER_BLOCKS_ALONG
-    seen, variant = bench_kernels._with_variant(lambda: source.GATHER_BLOCKS_ALONG, gather_along="x")
-    assert seen == "x" == variant["gather_along"] and source.GATHER_BLOCKS_ALONG == shipped
-    row = dict(step="gather x", blocks=4, **variant)
-    assert bench_kernels._launch_label(row) == f"{source.TT} tokens / thread, K=4 blocks along x"
+def test_rows_of_the_run_that_compared_gather_axes_are_labelled():
+    """The 4628c29 run's ``--gathers --gather-along z,x`` rows say which axis and K they timed (the flag has gone
+    since x shipped; its rows are still rendered)."""
+    row = dict(step="gather x", blocks=4, tt=8, hadamard_ti=4, gather_along="z")
+    assert bench_kernels._launch_label(row) == "8 tokens / thread, K=4 blocks along z"
     assert "along" not in bench_kernels._launch_label(dict(row, step="scatter"))
 
 
@@ -128,8 +123,33 @@ def test_layers_step_runs_each_layer_on_its_own_inputs():
 def test_amortized_table_reports_both_ways_per_call():
     row = _row(4096, 4096, 4, 2.0, 4.0, 2.2, 2.1)
     row["ms"]["lora_mlx"] = 2.0
-    row["ms_amortized"] = dict(amortized=8, frozen_mlx=0.9, lora_mlx=1.5, smoa_auto=1.2, smoa_auto_gather_x=1.14)
+    row["ms_amortized"] = dict(amortized=8, frozen_mlx=0.9, lora_mlx=1.5, smoa_auto=1.2)
+    table = "\n".join(bench_kernels._amortized_table([row]))
+    assert "| 4096x4096 | 4 | 0.90 | 1.50 | 1.20 | 0.80x | 1.05x |\n" in table
+    assert "K=4, medians over the shapes: auto / MLX LoRA 0.80x (8 per call), 1.05x (one per call).  " in table
+    row["ms_amortized"]["smoa_auto_gather_x"] = 1.14  # the run at 4628c29 also timed the gathers along x
     table = "\n".join(bench_kernels._amortized_table([row]))
     assert "| 4096x4096 | 4 | 0.90 | 1.50 | 1.20 | 0.80x | 1.05x | 1.14 | 0.76x |" in table
-    assert "K=4, medians over the shapes: auto / MLX LoRA 0.80x (8 per call), 1.05x (one per call)" in table
+    assert "1.05x (one per call); with the gathers along x 0.76x.  " in table
     assert bench_kernels._amortized_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
+
+
+def test_join_keeps_each_parts_rows_and_copy_ceiling():
+    """A per-layer run split over two device calls joins into one file whose floor table reads each row against its
+    own machine's copy ceiling."""
+    a = dict(command="python scripts/bench_kernels.py --shapes 4096x4096", copy_gbps=1000.0,
+             bench=[_row(4096, 4096, 4, 2.0, 4.0, 2.2, 2.1)], bandwidth=[dict(step="gather x")])
+    b = dict(command="python scripts/bench_kernels.py --shapes 1024x4096", copy_gbps=3300.0,
+             bench=[_row(1024, 4096, 4, 1.0, 1.2, 0.9, 1.0)])
+    for part in (a, b):
+        part["bench"][0]["ms"].update(frozen_mlx=1.0, lora_mlx=2.0)
+        part["bench"][0]["rank"] = 16
+    joined = bench_kernels.join([a, b])
+    assert joined["command"] == a["command"] + " ; " + b["command"]
+    assert [r["copy_gbps"] for r in joined["bench"]] == [1000.0, 3300.0] and len(joined["bandwidth"]) == 1
+    table = "\n".join(bench_kernels._design_floor_table(joined["bench"], joined["copy_gbps"]))
+    assert "copy ceiling, 1000 and 3300 GB/s" in table
+    small = [line for line in table.splitlines() if line.startswith("| 1024x4096")][0]
+    floor_ms = float(small.split("|")[5])
+    assert floor_ms == round(bench_kernels.design_floor(joined["bench"][1], 3300.0)["ms"], 2) != round(
+        bench_kernels.design_floor(joined["bench"][1], 1000.0)["ms"], 2)

@@ -7,6 +7,7 @@ round. These check that pairing and the peak-memory estimate on a tiny model; no
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,17 +58,13 @@ def test_markdown_pairs_each_round_with_its_own_lora():
     assert "| 72 (55-90, n=2) |" in row  # tokens/s: median and range over the rounds
 
 
-def test_each_method_traces_with_its_own_gather_axis(monkeypatch):
-    """smoa-gather-x's step is traced with the gathers' blocks along x; every other method's with the shipped axis,
-    whatever ran before it (the constant is read when a step is traced)."""
-    from smoa_mlx.kernels import source
-
-    shipped = source.GATHER_BLOCKS_ALONG
-    monkeypatch.setattr(source, "GATHER_BLOCKS_ALONG", shipped)  # restored after the test, as the variables below
+def test_each_method_traces_with_its_own_environment(monkeypatch):
+    """A method's step is traced with its own switches, whatever method ran before it in the same process."""
     for name in ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL"):
-        monkeypatch.setenv(name, "")
-    bench_train._use("smoa-gather-x")
-    assert source.GATHER_BLOCKS_ALONG == "x"
-    for method in ("smoa", "lora", "smoa-mlx-merge"):
-        bench_train._use(method)
-        assert source.GATHER_BLOCKS_ALONG == shipped != "x"
+        monkeypatch.setenv(name, "")  # restored after the test
+    bench_train._use("smoa-keep")
+    bench_train._use("smoa-mlx-merge")
+    assert (os.environ["SMOA_MLX_MERGED_KEEP"], os.environ["SMOA_MLX_MERGE_KERNEL"]) == ("0", "0")
+    bench_train._use("smoa")
+    assert [os.environ[n] for n in ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL")] == [
+        "auto", "0", "1"]

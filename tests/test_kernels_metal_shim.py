@@ -94,20 +94,15 @@ def _bits(a: mx.array) -> np.ndarray:
     return np.asarray(a.view({mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}[a.dtype]))
 
 
-@pytest.mark.parametrize("dtype,tt,along", [(mx.float32, None, None), (mx.float16, None, None), (mx.bfloat16, None, None),
-                                            (mx.bfloat16, 4, None), (mx.bfloat16, 16, None), (mx.float16, None, "x"),
-                                            (mx.bfloat16, None, "z")],
-                         ids=["f32", "f16", "bf16", "bf16-tt4", "bf16-tt16", "f16-blocks-along-x", "bf16-along-z"])
-def test_movers_copy_exactly(dtype, tt, along, monkeypatch):
+@pytest.mark.parametrize("dtype,tt", [(mx.float32, None), (mx.float16, None), (mx.bfloat16, None), (mx.bfloat16, 4),
+                                      (mx.bfloat16, 16)], ids=["f32", "f16", "bf16", "bf16-tt4", "bf16-tt16"])
+def test_movers_copy_exactly(dtype, tt, monkeypatch):
     """Gather, scatter (16-byte vectors: d = 2104) and scatter_add (scalar: d = 2105) alone against MlxOps, bit for
     bit: two threadgroups across the columns, the second partly idle, a block padded with -1 from 5 columns to 8
     (zeros out), 13 tokens (not a multiple of TT). ``tt``: the kernels launched at other tokens per thread than
-    shipped, as ``bench_kernels.py --gathers --tt`` times them on a GPU; ``along``: the gather's blocks along the
-    grid's x or z (source.GATHER_BLOCKS_ALONG, as ``--gather-along`` compares them)."""
+    shipped, as ``bench_kernels.py --gathers --tt`` times them on a GPU."""
     if tt is not None:
         monkeypatch.setattr("smoa_mlx.kernels.blocks.TT", tt)
-    if along is not None:
-        monkeypatch.setattr(source, "GATHER_BLOCKS_ALONG", along)
     launches: list[Launch] = []
     ops, ref = KernelOps(_recording(launches)), MlxOps()
     rng = np.random.default_rng(7)
@@ -128,16 +123,14 @@ def test_movers_copy_exactly(dtype, tt, along, monkeypatch):
     assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(source.MOVERS,
                                                                                  (16 // dtype.size, vec, 1)))
     assert {dict(la.template)["TT"] for la in launches} == {tt or source.TT}
-    grid = launches[0].grid
-    assert grid[0] // 512 * grid[2] == K and 1 in (grid[0] // 512, grid[2])  # 512 threads per block's columns
-    assert (grid[2] == 1) == (source.GATHER_BLOCKS_ALONG == "x")
+    threads = -(-N // (16 // dtype.size))  # one per VEC columns of a block, in whole groups
+    per_block = -(-threads // source.GROUP) * source.GROUP
+    assert launches[0].grid[0] == per_block * K and launches[0].grid[2] == 1  # the K blocks along x
 
 
-@pytest.mark.parametrize("along", ["z", "x"])
-def test_gather_of_four_ragged_blocks_either_axis(along, monkeypatch):
-    """The gather with K = 4 ragged blocks (columns 300, 300, 299, 299: one thread group each, padded to 304) and its
-    blocks along either grid axis: the same bits as plain MLX, every block in its own place."""
-    monkeypatch.setattr(source, "GATHER_BLOCKS_ALONG", along)
+def test_gather_of_four_ragged_blocks():
+    """The gather with K = 4 ragged blocks (columns 300, 300, 299, 299: one thread group each, padded to 304, along
+    the grid's x): the same bits as plain MLX, every block in its own place."""
     rng = np.random.default_rng(3)
     layout = BlockLayout((8, 8, 8, 8), (300, 300, 299, 299), (1, 1, 1, 1), 1.0)
     K, M, N, _ = padded_dims(layout)
@@ -146,7 +139,7 @@ def test_gather_of_four_ragged_blocks_either_axis(along, monkeypatch):
     launches: list[Launch] = []
     got = KernelOps(_recording(launches)).gather(x, plan.col_src, K, N)
     assert np.array_equal(_bits(got), _bits(MlxOps().gather(x, plan.col_src, K, N)))
-    assert launches[0].grid[2] == (1 if along == "x" else K)
+    assert launches[0].grid == (256 * K, 2, 1)
 
 
 @pytest.mark.parametrize("bits", [0, 4], ids=["dense", "q4"])

@@ -139,8 +139,7 @@ class KernelOps(MlxOps):
         vec = vector_width(width, inp.dtype)
         per_block = _mover_threads(width, vec)
         dims = mx.array([n_tok, inp.shape[1], width, per_block], dtype=mx.int32)
-        along_x = source.GATHER_BLOCKS_ALONG == "x"
-        grid = (per_block * (blocks if along_x else 1), _ceil(n_tok, TT), 1 if along_x else blocks)
+        grid = (per_block * blocks, _ceil(n_tok, TT), 1)  # the blocks along x: see source.GATHER_BODY
         (out,) = self.run(Launch("gather", False, [inp, src, dims],
                                  [("T", inp.dtype), ("TT", TT), ("VEC", vec)], grid, (GROUP, 1, 1),
                                  [(blocks, n_tok, width)], [inp.dtype]))

@@ -64,12 +64,6 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 # columns in registers for TI rows), so fewer rows put more threads and loads in flight. On an H200, over the three
 # shapes of bench_kernels --gathers: 0.479 ms at 4 rows, 0.517 at 16 (benchmarks/bench_gathers.json); read at
 # launch, for bench_kernels --hadamard-ti
-GATHER_BLOCKS_ALONG = "z"  # the grid axis that runs over a gather's K blocks: "z" (as measured and shipped) or "x",
-# where the K blocks of one group of tokens are neighbouring threadgroups, so they read the same input rows while L2
-# still holds them. Along z, every block of the first is launched before any of the second, and each block reads the
-# whole of every input row (its columns are spread over the row): at K = 4 the gathers ran 1.3-1.6x as long as at
-# K = 2 for the same bytes (benchmarks/bench_breakdown_e19b9e1.json, bench_kernels_e19b9e1.json). Read at launch, so
-# bench_kernels --gathers --gather-along z,x compares the two in one run.
 MERGE_TI = 8  # weight rows per merge thread: its W0 loads in flight at once, TI x VEC float32 sums in registers
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
@@ -139,7 +133,12 @@ GATHER_BODY = """
   const int width = dims[1];
   const int P = dims[2];
   const int per_block = dims[3];  // threads across one block's P columns
-  const int k = $TZ + $TX / per_block;  // the block: the grid's z, or a share of its x (GATHER_BLOCKS_ALONG)
+  // The K blocks run along the grid's x, so the K blocks of one group of tokens are neighbouring threadgroups that
+  // read the same input rows while L2 still holds them. With the blocks along z (every block of the first launched
+  // before any of the second, each reading the whole of every input row), the gathers ran 1.3-1.6x as long at K = 4
+  // as at K = 2 for the same bytes; along x, 0.90-0.97x z's time for a K = 4 layer's step on an H200
+  // (benchmarks/bench_gather_along_4628c29.json, bench_kernels_4628c29.json).
+  const int k = $TX / per_block;
   const int j0 = ($TX % per_block) * VEC;  // this thread's VEC consecutive block columns (P is a multiple of VEC)
   const int t0 = $TY * TT;
   if (j0 < P) {

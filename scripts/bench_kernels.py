@@ -344,18 +344,18 @@ def copy_bandwidth() -> float:
 
 
 def _with_variant(fn, tt=None, hadamard_ti=None):
-    """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather/scatter
-    thread, ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each is a template constant, so
+    """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather and per
+    scatter thread (shipped: 8 and 4), ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each is a template constant, so
     its variant is its own compiled kernel."""
     from smoa_mlx.kernels import blocks, source
 
-    shipped = blocks.TT, source.HADAMARD_TI
-    blocks.TT = shipped[0] if tt is None else tt
-    source.HADAMARD_TI = shipped[1] if hadamard_ti is None else hadamard_ti
+    shipped = blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI
+    blocks.TT, blocks.SCATTER_TT = shipped[:2] if tt is None else (tt, tt)
+    source.HADAMARD_TI = shipped[2] if hadamard_ti is None else hadamard_ti
     try:
-        return fn(), dict(tt=blocks.TT, hadamard_ti=source.HADAMARD_TI)
+        return fn(), dict(tt=blocks.TT, scatter_tt=blocks.SCATTER_TT, hadamard_ti=source.HADAMARD_TI)
     finally:
-        blocks.TT, source.HADAMARD_TI = shipped
+        blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI = shipped
 
 
 def _eager_and_compiled(fn, inputs: list) -> tuple[float, float, float, float]:
@@ -663,7 +663,8 @@ def _launch_label(row: dict) -> str:
     if row["step"] == "hadamard":
         return f"{row['hadamard_ti']} rows / thread"
     # "strided": a mapping measured in December 2026 (benchmarks/bench_gathers.json) and dropped
-    label = f"{row['tt']} tokens / thread" + {0: ", consecutive", 1: ", 32 apart"}.get(row.get("strided"), "")
+    tt = row.get("scatter_tt", row["tt"]) if row["step"].startswith("scatter") else row["tt"]  # one TT before f45b8b6
+    label = f"{tt} tokens / thread" + {0: ", consecutive", 1: ", 32 apart"}.get(row.get("strided"), "")
     if row["step"].startswith("gather") and "gather_along" in row:
         label += f", K={row['blocks']} blocks along {row['gather_along']}"
     return label

@@ -85,7 +85,20 @@ def test_rows_of_the_run_that_compared_gather_axes_are_labelled():
     since x shipped; its rows are still rendered)."""
     row = dict(step="gather x", blocks=4, tt=8, hadamard_ti=4, gather_along="z")
     assert bench_kernels._launch_label(row) == "8 tokens / thread, K=4 blocks along z"
-    assert "along" not in bench_kernels._launch_label(dict(row, step="scatter"))
+    assert bench_kernels._launch_label(dict(row, step="scatter")) == "8 tokens / thread"  # one TT for all, then
+
+
+def test_sweep_rows_label_each_mover_with_its_own_tokens_per_thread():
+    """Since f45b8b6 the scatters run 4 tokens per thread and the gathers 8: an unswept run's rows say so, and a
+    ``--tt`` sweep sets both."""
+    from smoa_mlx.kernels import blocks
+
+    _, shipped = bench_kernels._with_variant(lambda: None)
+    assert (shipped["tt"], shipped["scatter_tt"]) == (8, 4)
+    assert bench_kernels._launch_label(dict(step="scatter+add", **shipped)) == "4 tokens / thread"
+    assert bench_kernels._launch_label(dict(step="gather dy", **shipped)) == "8 tokens / thread"
+    seen, swept = bench_kernels._with_variant(lambda: (blocks.TT, blocks.SCATTER_TT), tt=16)
+    assert seen == (16, 16) and swept["scatter_tt"] == 16 and (blocks.TT, blocks.SCATTER_TT) == (8, 4)
 
 
 def test_gather_along_table_reads_the_x_column_where_auto_takes_block_grads():

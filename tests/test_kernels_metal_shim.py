@@ -103,6 +103,7 @@ def test_movers_copy_exactly(dtype, tt, monkeypatch):
     shipped, as ``bench_kernels.py --gathers --tt`` times them on a GPU."""
     if tt is not None:
         monkeypatch.setattr("smoa_mlx.kernels.blocks.TT", tt)
+        monkeypatch.setattr("smoa_mlx.kernels.blocks.SCATTER_TT", tt)
     launches: list[Launch] = []
     ops, ref = KernelOps(_recording(launches)), MlxOps()
     rng = np.random.default_rng(7)
@@ -122,7 +123,7 @@ def test_movers_copy_exactly(dtype, tt, monkeypatch):
     vec = source.vector_width(d_out, dtype)
     assert [(la.kernel, dict(la.template)["VEC"]) for la in launches] == list(zip(source.MOVERS,
                                                                                  (16 // dtype.size, vec, 1)))
-    assert {dict(la.template)["TT"] for la in launches} == {tt or source.TT}
+    assert [dict(la.template)["TT"] for la in launches] == [tt or source.TT] + 2 * [tt or source.SCATTER_TT]
     threads = -(-N // (16 // dtype.size))  # one per VEC columns of a block, in whole groups
     per_block = -(-threads // source.GROUP) * source.GROUP
     assert launches[0].grid[0] == per_block * K and launches[0].grid[2] == 1  # the K blocks along x

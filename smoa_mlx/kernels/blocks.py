@@ -30,7 +30,7 @@ from .dense import full_weight, gather_rows
 from .plan import (BlockLayout, BlockPlan, LayerFn, WeightParts, after_factor_grads, after_input, padded_dims,
                    plan_of, untake_grads, vjp_primals, with_zero)
 from . import source
-from .source import GROUP, TI, TT, V, vector_width
+from .source import GROUP, SCATTER_TT, TI, TT, V, vector_width
 
 SUPPORTED_BITS = (2, 4, 8)  # in-kernel (affine) dequantization needs whole values per 32-bit word
 
@@ -152,8 +152,8 @@ class KernelOps(MlxOps):
         dims = mx.array([n_tok, d, width], dtype=mx.int32)
         kernel, extra = ("scatter", []) if base is None else ("scatter_add", [base])
         (out,) = self.run(Launch(kernel, False, [inp, slot, dims, *extra],
-                                 [("OT", out_dtype), ("TT", TT), ("VEC", vec)],
-                                 (_mover_threads(d, vec), _ceil(n_tok, TT), 1), (GROUP, 1, 1),
+                                 [("OT", out_dtype), ("TT", SCATTER_TT), ("VEC", vec)],
+                                 (_mover_threads(d, vec), _ceil(n_tok, SCATTER_TT), 1), (GROUP, 1, 1),
                                  [(n_tok, d)], [out_dtype]))
         return out
 

@@ -22,7 +22,7 @@ writes its own elements, so the CPU shim (tests/metal_shim) models the Metal ren
 exceed 2^31 (token x width) are formed in 64-bit.
 
 Gather and scatter: each thread owns ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for ``TT``
-tokens, reusing its VEC indices for every token. It issues all its per-element reads (scattered, so one element
+tokens (TT or SCATTER_TT), reusing its VEC indices for every token. It issues all its per-element reads (scattered, so one element
 each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first store, so VEC x TT loads
 are in flight, then writes each token's run with one 16-byte vector store; threads of a warp own consecutive
 runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
@@ -58,7 +58,11 @@ BLOCK_ANCHORED = ("modulate", "hadamard")  # the block form's kernels that read 
 ANCHORED = BLOCK_ANCHORED + ("merge",)  # every kernel that reads W0: each has a dense and a quantized rendering
 
 GROUP = 256  # threads per threadgroup (x); the y and z extents of every threadgroup are 1
-TT = 8  # tokens per gather/scatter thread
+TT = 8  # tokens per gather thread
+SCATTER_TT = 4  # tokens per scatter / scatter_add thread: twice the threads, half the loads in flight each. On an
+# H200, two runs of bench_kernels --gathers --tt 4,8 (benchmarks/bench_gathers_tt4_f45b8b6*.json): the scatters at 4
+# took 0.81-0.97 of their time at 8 in all 12 rows (the plain scatter at 4096x4096: 59-60% of the copy ceiling against
+# 48-51%); the gathers tied (1-3% less in sum, the 14336x4096 ones a little slower), so they keep 8.
 TI = 16  # block rows per modulate/hadamard thread
 HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for its rows (modulate keeps A's
 # columns in registers for TI rows), so fewer rows put more threads and loads in flight. On an H200, over the three

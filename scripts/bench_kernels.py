@@ -345,8 +345,8 @@ def copy_bandwidth() -> float:
 
 def _with_variant(fn, tt=None, hadamard_ti=None):
     """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather and per
-    scatter thread (shipped: 8 and 4), ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each is a template constant, so
-    its variant is its own compiled kernel."""
+    scatter thread (shipped: 8 and 4), ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each
+    is a template constant, so its variant is its own compiled kernel."""
     from smoa_mlx.kernels import blocks, source
 
     shipped = blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI
@@ -859,7 +859,8 @@ def _gather_along_table(rows: list[dict]) -> list[str]:
     rows = [r for r in rows if "smoa_merged_blocks_gather_x" in r["ms"]]
     if not rows:
         return []
-    out = ["The merged form with block gradients, the gathers' K blocks along the grid's z (then shipped) or x (ms):", "",
+    out = ["The merged form with block gradients, the gathers' K blocks along the grid's z (then shipped) or x (ms):",
+           "",
            "| W0 | K | auto runs | along z | along x | x / z | auto / MLX LoRA | with x |", "|---|---|---|---|---|---|---|---|"]
     with_x = {}
     for r in rows:
@@ -936,7 +937,8 @@ def main(argv=None) -> int:
                     help="only the gathers and scatters: checked bit for bit against plain MLX on full-size inputs, "
                          "then their bandwidth")
     ap.add_argument("--tt", help="with --gathers: comma-separated tokens per gather/scatter thread to compare "
-                                 "(default: the kernels' own, source.TT); each checked bit for bit, then timed")
+                                 "(default: the kernels' own, source.TT and SCATTER_TT); each checked bit for bit, "
+                                 "then timed")
     ap.add_argument("--hadamard-ti", help="with --gathers: also time the Hadamard kernel at these rows per thread "
                                           "(e.g. 4,16; shipped: source.HADAMARD_TI, 4; the CPU shim proves them equal)")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")

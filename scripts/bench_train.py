@@ -48,8 +48,8 @@ METHODS = ("lora", "smoa", "smoa-keep", "smoa-mlx-merge", "smoa-kernel", "smoa-d
 # default with its gathers' blocks along the grid's x, which has shipped since.
 _ENV = {m: {"SMOA_MLX_KERNEL": kernel, "SMOA_MLX_MERGED_KEEP": "1" if m == "smoa-keep" else "0",
             "SMOA_MLX_MERGE_KERNEL": "0" if m == "smoa-mlx-merge" else "1"}
-        for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-mlx-merge", "auto"), ("smoa-kernel", "kernel"),
-                          ("smoa-dense", "dense"))}
+        for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-mlx-merge", "auto"),
+                          ("smoa-kernel", "kernel"), ("smoa-dense", "dense"))}
 _ENV["lora"] = {}  # mlx-lm's LoRA reads none of them
 
 

@@ -8,11 +8,11 @@
 # Phases (durations measured on the H200, December 2026, where known):
 #   train    bench_train --rounds, bf16: METHODS (default LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1, the backward
 #            reusing the forward's W0 + Delta W; smoa-mlx-merge: the default with MLX's merge instead of the merge
-#            kernel) in alternating windows, one process per K (4, then 2), with --split (forward + backward alone, and the whole step): the
-#            end-to-end ratios with their spread, and where a step's time goes (422 s for the three methods at
-#            f41889a, 465 s for lora,smoa at 5c61fce, most of it start-up; 240 s at fcfd872, with the narrower probe;
-#            301 s for lora,smoa,smoa-mlx-merge at e19b9e1, 243 s for lora,smoa,smoa-gather-x at 4628c29: see
-#            docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
+#            kernel) in alternating windows, one process per K (4, then 2), with --split (forward + backward alone,
+#            and the whole step): the end-to-end ratios with their spread, and where a step's time goes (422 s for
+#            the three methods at f41889a, 465 s for lora,smoa at 5c61fce, most of it start-up; 240 s at fcfd872,
+#            with the narrower probe; 301 s for lora,smoa,smoa-mlx-merge at e19b9e1, 243 s for
+#            lora,smoa,smoa-gather-x at 4628c29: see docs/BENCHMARKS.md; TRAIN_LIMIT sets the limit)
 #   train4   the same on a 4-bit base, 3 rounds, no split (232-241 s; 151 s at fcfd872; 296 s as a fresh machine's
 #            first MLX process)
 #   kernels  bench_kernels, per layer (the merged form with full and with block gradients, the other forms, MLX and
@@ -20,8 +20,8 @@
 #            the amortized columns (8 layers of a shape per call: frozen, MLX LoRA, auto): at 4628c29, with the
 #            gathers' blocks along z and x side by side, 183 s for 4096x4096,4096x14336 and 171 s for the other two
 #            (KERNELS_ARGS="--shapes ..."), so the whole phase fits one call
-#   gathers  bench_kernels --gathers at 8 (shipped) and 16 tokens per thread, each checked bit for bit, then its
-#            bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
+#   gathers  bench_kernels --gathers at 8 and 16 tokens per thread (shipped: 8 for the gathers, 4 for the scatters;
+#            `--tt 4,8` took 76 s at f45b8b6), each checked bit for bit, then its bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
 #            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)

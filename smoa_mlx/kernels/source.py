@@ -22,10 +22,10 @@ writes its own elements, so the CPU shim (tests/metal_shim) models the Metal ren
 exceed 2^31 (token x width) are formed in 64-bit.
 
 Gather and scatter: each thread owns ``VEC`` consecutive output elements (16 bytes: 8 bf16/f16 or 4 f32) for ``TT``
-tokens (TT or SCATTER_TT), reusing its VEC indices for every token. It issues all its per-element reads (scattered, so one element
-each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first store, so VEC x TT loads
-are in flight, then writes each token's run with one 16-byte vector store; threads of a warp own consecutive
-runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
+tokens (``SCATTER_TT`` in a scatter), reusing its VEC indices for every token. It issues all its per-element reads
+(scattered, so one element each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first
+store, so VEC x TT loads are in flight, then writes each token's run with one 16-byte vector store; threads of a
+warp own consecutive runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
 block-major widths M and N are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into
 a width d that 8 (4 for f32) does not divide runs with the widest VEC that divides d, down to one element
 (:func:`vector_width`). A mapping that gave each thread VEC elements 32 apart (so a warp's loads read neighbouring

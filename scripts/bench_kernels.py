@@ -554,19 +554,23 @@ def _amortized_ms(layers, x, cot) -> float:
 
 
 def _amortized(kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, n) -> dict:
-    """MLX LoRA and the default (auto), each timed ``n`` layers per call (:func:`_layers_step`); ms per layer."""
+    """MLX LoRA, the default (auto) and, where it takes block gradients, its :data:`TIMED_VARIANTS`, each timed
+    ``n`` layers per call (:func:`_layers_step`); ms per layer."""
     from smoa_mlx.kernels import block_grads_pay
     from smoa_mlx.kernels.merged import merged_fn
 
     out = {"lora_mlx": _amortized_ms([_lora_layer(d_out, d_in, lora_rank) for _ in range(n)], x, cot)}
     block_grads = block_grads_pay(d_out, d_in, blocks)
-    layers = []
-    for i in range(n):  # each its own orders (its own plan) and factors, as a model's layers
-        layer = _mlx_layer(d_out, d_in, rank, blocks, seed=i)
-        fn = merged_fn(layer.layout, kernel_ops, block_grads)
-        layers.append((lambda x, f, fn=fn, layer=layer: fn(x, layer.index, layer.weight_parts(), f),
-                       [layer.smoa_factors]))
-    out["smoa_auto"] = _amortized_ms(layers, x, cot)
+    # each its own orders (its own plan) and factors, as a model's layers
+    smoa = [_mlx_layer(d_out, d_in, rank, blocks, seed=i) for i in range(n)]
+
+    def calls(block_grads, **kwargs):
+        return [(lambda x, f, fn=merged_fn(layer.layout, kernel_ops, block_grads, **kwargs), layer=layer:
+                 fn(x, layer.index, layer.weight_parts(), f), [layer.smoa_factors]) for layer in smoa]
+
+    out["smoa_auto"] = _amortized_ms(calls(block_grads), x, cot)
+    for v, kwargs in TIMED_VARIANTS.items() if block_grads else ():
+        out[f"smoa_auto_{v}"] = _amortized_ms(calls(True, **kwargs), x, cot)
     return out
 
 
@@ -598,8 +602,10 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True, amortized=AMO
                 # The merged form with full and with block gradients, as auto picks between them. The rounds before
                 # e19b9e1 also timed MLX's merge here (smoa_merged[_blocks]_mlx_merge), the one at 4628c29 the
                 # gathers' blocks along the grid's z and x (smoa_merged_blocks[_gather_x]), before x shipped.
-                for name, block_grads in (("smoa_merged", False), ("smoa_merged_blocks", True)):
-                    fn = merged_fn(layer.layout, kernel_ops, block_grads)
+                variants = [(f"smoa_merged_blocks_{v}", True, kwargs) for v, kwargs in TIMED_VARIANTS.items()]
+                for name, block_grads, kwargs in [("smoa_merged", False, {}), ("smoa_merged_blocks", True, {}),
+                                                  *variants]:
+                    fn = merged_fn(layer.layout, kernel_ops, block_grads, **kwargs)
                     t[name] = _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
@@ -726,7 +732,7 @@ def markdown(data: dict) -> str:
         if "copy_gbps" in data:
             out += _design_floor_table(data["bench"], data["copy_gbps"])
         out += _merge_kernel_table(data["bench"])
-        out += _gather_along_table(data["bench"])
+        out += _variant_tables(data["bench"])
         out += _amortized_table(data["bench"])
     if "breakdown" in data:
         out += ["The merged form's steps alone (bf16, ms per launch; compiled: replayed by mx.compile, as a training "
@@ -819,19 +825,27 @@ def _design_floor_table(rows: list[dict], copy_gbps: float) -> list[str]:
     return out + [""]
 
 
+# Variants of the merged form with block gradients, timed per layer beside the default (``smoa_merged_blocks_<v>``)
+# and with several layers per call (``smoa_auto_<v>``), and what each was: the gathers' blocks along the grid's x
+# (the run at 4628c29, where z still shipped; x since), and the block gradients on a second stream of the device
+# (SMOA_MLX_SIDE_STREAM=1, merged_fn's ``side_stream``: opt-in until timed on a GPU).
+VARIANTS = {"gather_x": "the gathers along x", "side": "the block grads on a side stream"}
+TIMED_VARIANTS = {"side": dict(side_stream=True)}  # what bench() times now: merged_fn's arguments for each
+
+
 def _amortized_table(rows: list[dict]) -> list[str]:
-    """The per-layer times with ``amortized`` layers of a shape per call (runs since the column existed; the run at
-    4628c29 also timed auto with the gathers' blocks along x, before x shipped)."""
+    """The per-layer times with ``amortized`` layers of a shape per call (runs since the column existed), with the
+    variants a run timed (:data:`VARIANTS`; auto's own time where a shape takes no block gradients)."""
     rows = [r for r in rows if "ms_amortized" in r]
     if not rows:
         return []
     n = rows[0]["ms_amortized"]["amortized"]
-    with_x = any("smoa_auto_gather_x" in r["ms_amortized"] for r in rows)  # not where auto takes full gradients
+    variants = [v for v in VARIANTS if any(f"smoa_auto_{v}" in r["ms_amortized"] for r in rows)]
     out = [f"{n} layers of a shape per compiled call (each its own weights and inputs), ms per layer; the ratios "
            "with one layer per call beside them:", "",
            "| W0 | K | frozen | MLX LoRA | auto | auto / MLX LoRA | one per call |"
-           + (" auto, gathers along x | / MLX LoRA |" if with_x else ""),
-           "|---|---|---|---|---|---|---|" + ("---|---|" if with_x else "")]
+           + "".join(f" auto, {VARIANTS[v]} | / MLX LoRA |" for v in variants),
+           "|---|---|---|---|---|---|---|" + "---|---|" * len(variants)]
     ratios = {}
     for r in rows:
         a = r["ms_amortized"]
@@ -839,42 +853,43 @@ def _amortized_table(rows: list[dict]) -> list[str]:
         ratio = a["smoa_auto"] / a["lora_mlx"]
         line = (f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {a['frozen_mlx']:.2f} | {a['lora_mlx']:.2f} "
                 f"| {a['smoa_auto']:.2f} | {ratio:.2f}x | {one:.2f}x |")
-        x = a.get("smoa_auto_gather_x", a["smoa_auto"])
-        ratios.setdefault(r["blocks"], []).append((ratio, one) + ((x / a["lora_mlx"],) if with_x else ()))
-        if with_x:
-            line += f" {x:.2f} | {x / a['lora_mlx']:.2f}x |"
-        out.append(line)
+        timed = [a.get(f"smoa_auto_{v}", a["smoa_auto"]) for v in variants]
+        ratios.setdefault(r["blocks"], []).append((ratio, one, *(t / a["lora_mlx"] for t in timed)))
+        out.append(line + "".join(f" {t:.2f} | {t / a['lora_mlx']:.2f}x |" for t in timed))
     out.append("")
     for k, v in sorted(ratios.items()):
         med = [statistics.median(c) for c in zip(*v)]
         out.append(f"K={k}, medians over the shapes: auto / MLX LoRA {med[0]:.2f}x ({n} per call), "
-                   f"{med[1]:.2f}x (one per call)" + (f"; with the gathers along x {med[2]:.2f}x" if with_x else "")
-                   + ".  ")
+                   f"{med[1]:.2f}x (one per call)"
+                   + "".join(f"; with {VARIANTS[name]} {m:.2f}x" for name, m in zip(variants, med[2:])) + ".  ")
     return out + [""]
 
 
-def _gather_along_table(rows: list[dict]) -> list[str]:
-    """The merged form with block gradients, its gathers' blocks along the grid's z and along x, and what auto / MLX
-    LoRA would be with x: the run at 4628c29 (z then shipped) that chose x; no other run has the column."""
-    rows = [r for r in rows if "smoa_merged_blocks_gather_x" in r["ms"]]
-    if not rows:
-        return []
-    out = ["The merged form with block gradients, the gathers' K blocks along the grid's z (then shipped) or x (ms):",
-           "",
-           "| W0 | K | auto runs | along z | along x | x / z | auto / MLX LoRA | with x |", "|---|---|---|---|---|---|---|---|"]
-    with_x = {}
-    for r in rows:
-        auto, name = _auto(r)
-        z, x = r["ms"]["smoa_merged_blocks"], r["ms"]["smoa_merged_blocks_gather_x"]
-        auto_x = x if "block" in name else auto
-        lora = r["ms"]["lora_mlx"]
-        with_x.setdefault(r["blocks"], []).append(auto_x / lora)
-        out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {name} | {z:.2f} | {x:.2f} | {x / z:.2f} "
-                   f"| {auto / lora:.2f}x | {auto_x / lora:.2f}x |")
-    out.append("")
-    out += [f"K={k}: auto / MLX LoRA with the gathers along x {statistics.median(v):.2f}x (median over the shapes).  "
-            for k, v in sorted(with_x.items())]
-    return out + [""]
+def _variant_tables(rows: list[dict]) -> list[str]:
+    """Per variant a run timed (:data:`VARIANTS`): the merged form with block gradients as shipped and as the
+    variant, and what auto / MLX LoRA would be with it (only where auto takes block gradients)."""
+    out = []
+    for v, label in VARIANTS.items():
+        timed = [r for r in rows if f"smoa_merged_blocks_{v}" in r["ms"]]
+        if not timed:
+            continue
+        out += [f"The merged form with block gradients, as shipped and with {label} (ms):", "",
+                "| W0 | K | auto runs | shipped | variant | variant / shipped | auto / MLX LoRA | with the variant |",
+                "|---|---|---|---|---|---|---|---|"]
+        with_v = {}
+        for r in timed:
+            auto, name = _auto(r)
+            base, var = r["ms"]["smoa_merged_blocks"], r["ms"][f"smoa_merged_blocks_{v}"]
+            auto_v = var if "block" in name else auto
+            lora = r["ms"]["lora_mlx"]
+            with_v.setdefault(r["blocks"], []).append(auto_v / lora)
+            out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {name} | {base:.2f} | {var:.2f} "
+                       f"| {var / base:.2f} | {auto / lora:.2f}x | {auto_v / lora:.2f}x |")
+        out.append("")
+        out += [f"K={k}: auto / MLX LoRA with {label} {statistics.median(m):.2f}x (median over the shapes).  "
+                for k, m in sorted(with_v.items())]
+        out.append("")
+    return out
 
 
 def _merge_kernel_table(rows: list[dict]) -> list[str]:

@@ -8,7 +8,8 @@
 # Phases (durations measured on the H200, December 2026, where known):
 #   train    bench_train --rounds, bf16: METHODS (default LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1, the backward
 #            reusing the forward's W0 + Delta W; smoa-mlx-merge: the default with MLX's merge instead of the merge
-#            kernel) in alternating windows, one process per K (4, then 2), with --split (forward + backward alone,
+#            kernel; smoa-side-stream: the default with its block gradients on a second stream) in alternating
+#            windows, one process per K (4, then 2), with --split (forward + backward alone,
 #            and the whole step): the end-to-end ratios with their spread, and where a step's time goes (422 s for
 #            the three methods at f41889a, 465 s for lora,smoa at 5c61fce, most of it start-up; 240 s at fcfd872,
 #            with the narrower probe; 301 s for lora,smoa,smoa-mlx-merge at e19b9e1, 243 s for

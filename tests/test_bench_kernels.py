@@ -1,5 +1,6 @@
 """scripts/bench_kernels.py --across: the cross-run ratios that auto's size rules (GPU_BLOCK_MIN_WEIGHTS,
-MERGED_BLOCK_GRADS_MIN_SAVING) are read from. Synthetic timings; nothing is timed."""
+MERGED_BLOCK_GRADS_MIN_SAVING) are read from, and the other tables. Synthetic timings, but for one test that runs
+the per-layer benchmark on a tiny shape on the CPU."""
 
 from __future__ import annotations
 
@@ -108,11 +109,11 @@ def test_gather_along_table_reads_the_x_column_where_auto_takes_block_grads():
     big["ms"].update(smoa_merged_blocks_gather_x=1.9, lora_mlx=2.0)
     small = _row(1024, 4096, 4, 1.0, 1.2, 0.9, 1.0)
     small["ms"].update(smoa_merged_blocks_gather_x=0.95, lora_mlx=1.2)
-    table = "\n".join(bench_kernels._gather_along_table([big, small]))
+    table = "\n".join(bench_kernels._variant_tables([big, small]))
     assert "| 4096x4096 | 4 | merged, block grads | 2.10 | 1.90 | 0.90 | 1.05x | 0.95x |" in table
     assert "| 1024x4096 | 4 | merged | 1.00 | 0.95 | 0.95 | 0.75x | 0.75x |" in table
     assert "K=4: auto / MLX LoRA with the gathers along x 0.85x" in table
-    assert bench_kernels._gather_along_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
+    assert bench_kernels._variant_tables([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
 
 
 def test_layers_step_runs_each_layer_on_its_own_inputs():
@@ -166,3 +167,27 @@ def test_join_keeps_each_parts_rows_and_copy_ceiling():
     floor_ms = float(small.split("|")[5])
     assert floor_ms == round(bench_kernels.design_floor(joined["bench"][1], 3300.0)["ms"], 2) != round(
         bench_kernels.design_floor(joined["bench"][1], 1000.0)["ms"], 2)
+
+
+def test_per_layer_run_times_the_side_stream_variant(monkeypatch):
+    """The per-layer run, end to end on a tiny shape with plain-MLX ops (as a GPU run, without kernels or PyTorch):
+    every form timed, the side-stream variant beside the shipped block gradients, rendered as its own table."""
+    from smoa_mlx.kernels.blocks import MlxOps
+
+    monkeypatch.setattr(bench_kernels, "TOKENS", 32)
+    rows = bench_kernels.bench(MlxOps(), shapes=[(64, 48)], ranks=[8], with_torch=False, amortized=2)
+    assert [r["blocks"] for r in rows] == list(bench_kernels.BLOCKS)
+    for r in rows:
+        assert all(r["ms"][k] > 0 for k in ("smoa_merged", "smoa_merged_blocks", "smoa_merged_blocks_side"))
+        assert r["ms_amortized"]["smoa_auto"] > 0  # a 64x48 layer takes full gradients: no variant there
+        assert "smoa_auto_side" not in r["ms_amortized"]
+    table = bench_kernels.markdown({"command": "-", "mlx": "-", "device": "cpu", "torch": "-", "bench": rows})
+    assert "as shipped and with the block grads on a side stream" in table
+    assert "| 64x48 | 4 | merged |" in table
+    # Where block gradients pay (large layers), the amortized columns time the variant too.
+    monkeypatch.setattr("smoa_mlx.kernels.block_grads_pay", lambda *shape: True)
+    import mlx.core as mx
+
+    x, cot = mx.ones((32, 48)), mx.ones((32, 64))
+    amortized = bench_kernels._amortized(MlxOps(), 64, 48, 8, 4, 2, x, cot, 2)
+    assert amortized["smoa_auto_side"] > 0 and amortized["smoa_auto"] > 0

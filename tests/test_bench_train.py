@@ -21,8 +21,10 @@ import bench_train  # noqa: E402
 @pytest.fixture
 def tiny_shape(monkeypatch):
     monkeypatch.setattr(bench_train, "MODEL", dict(bench_train.MODEL, **bench_train.SHAPES["tiny"]))
-    monkeypatch.setenv("SMOA_MLX_KERNEL", "auto")  # child_rounds sets these per method: restored after the test
-    monkeypatch.setenv("SMOA_MLX_MERGED_KEEP", "0")
+    # child_rounds sets these per method: restored after the test
+    for name, value in (("SMOA_MLX_KERNEL", "auto"), ("SMOA_MLX_MERGED_KEEP", "0"), ("SMOA_MLX_MERGE_KERNEL", "1"),
+                        ("SMOA_MLX_SIDE_STREAM", "0")):
+        monkeypatch.setenv(name, value)
 
 
 def test_rounds_alternate_the_methods_and_estimate_each_peak_alone(tiny_shape):
@@ -60,11 +62,13 @@ def test_markdown_pairs_each_round_with_its_own_lora():
 
 def test_each_method_traces_with_its_own_environment(monkeypatch):
     """A method's step is traced with its own switches, whatever method ran before it in the same process."""
-    for name in ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL"):
+    names = ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL", "SMOA_MLX_SIDE_STREAM")
+    for name in names:
         monkeypatch.setenv(name, "")  # restored after the test
     bench_train._use("smoa-keep")
+    bench_train._use("smoa-side-stream")
+    assert [os.environ[n] for n in names] == ["auto", "0", "1", "1"]
     bench_train._use("smoa-mlx-merge")
-    assert (os.environ["SMOA_MLX_MERGED_KEEP"], os.environ["SMOA_MLX_MERGE_KERNEL"]) == ("0", "0")
+    assert [os.environ[n] for n in names] == ["auto", "0", "0", "0"]
     bench_train._use("smoa")
-    assert [os.environ[n] for n in ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL")] == [
-        "auto", "0", "1"]
+    assert [os.environ[n] for n in names] == ["auto", "0", "1", "0"]

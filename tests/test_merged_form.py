@@ -120,3 +120,38 @@ def test_keep_builds_the_weight_with_mlx_ops_the_compiler_can_share():
     fn = merged_fn(layer.layout, KernelOps(run), True, keep=True)
     check_against_float64(layer, fn, (2, 7), True, TOL[mx.float32])
     assert "merge" not in launched and "gather" in launched
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_side_stream_gives_the_same_gradients(compiled, monkeypatch):
+    """SMOA_MLX_SIDE_STREAM's block gradients on a second stream: the same values as on the default stream, also
+    through mx.compile (the trainer's step)."""
+    from smoa_mlx.kernels import merged
+    from smoa_mlx.kernels.merged import side_stream_of
+
+    asked = []
+    monkeypatch.setattr(merged, "side_stream_of", lambda device: asked.append(device) or side_stream_of(device))
+
+    layer = make_layer(128, 72, 8, 4, mx.float32, 4, 32, [3, 0, 2, 3], seed=5)
+    x = mx.random.normal((2, 7, 128), key=mx.random.key(1))
+    weight_parts = layer.weight_parts()
+
+    def grads(fn):
+        def loss(factors, x):
+            return (fn(x, layer.index, weight_parts, factors) ** 2).sum()
+
+        step = mx.value_and_grad(loss, argnums=(0, 1))
+        return (mx.compile(step) if compiled else step)(layer.smoa_factors, x)
+
+    ops = MlxOps()
+    (v0, (df0, dx0)) = grads(merged_fn(layer.layout, ops, True))
+    side = merged_fn(layer.layout, ops, True, side_stream=True)
+    assert side is not merged_fn(layer.layout, ops, True)
+    assert not asked
+    (v1, (df1, dx1)) = grads(side)
+    assert len(asked) == 1  # traced once: the backward's block gradients went to the side stream
+    assert mx.array_equal(v0, v1).item() and mx.array_equal(dx0, dx1).item()
+    assert mx.allclose(df0, df1, rtol=1e-6, atol=1e-6).item() and mx.abs(df0).max().item() > 0
+    assert side_stream_of(mx.default_device()) is side_stream_of(mx.default_device())
+    # with full gradients there is nothing to put on the side: the same function as without
+    assert merged_fn(layer.layout, ops, False, side_stream=True) is merged_fn(layer.layout, ops, False)

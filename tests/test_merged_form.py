@@ -122,12 +122,17 @@ def test_keep_builds_the_weight_with_mlx_ops_the_compiler_can_share():
     assert "merge" not in launched and "gather" in launched
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_side_stream_gives_the_same_gradients(compiled, monkeypatch):
+# The shim evaluates its inputs, which mx.compile forbids: its case runs eagerly only.
+@pytest.mark.parametrize("compiled,with_shim", [(False, False), (True, False), (False, True)],
+                         ids=["eager", "compiled", "metal-shim"])
+def test_side_stream_gives_the_same_gradients(compiled, with_shim, monkeypatch):
     """SMOA_MLX_SIDE_STREAM's block gradients on a second stream: the same values as on the default stream, also
-    through mx.compile (the trainer's step)."""
+    through mx.compile (the trainer's step), with plain-MLX steps and with the Metal rendering of the kernels."""
     from smoa_mlx.kernels import merged
     from smoa_mlx.kernels.merged import side_stream_of
+
+    if with_shim and shutil.which("g++") is None:
+        pytest.skip("needs g++ for the Metal shim")
 
     asked = []
     monkeypatch.setattr(merged, "side_stream_of", lambda device: asked.append(device) or side_stream_of(device))
@@ -143,7 +148,12 @@ def test_side_stream_gives_the_same_gradients(compiled, monkeypatch):
         step = mx.value_and_grad(loss, argnums=(0, 1))
         return (mx.compile(step) if compiled else step)(layer.smoa_factors, x)
 
-    ops = MlxOps()
+    if with_shim:
+        from metal_emulator import run_launch
+
+        ops = KernelOps(run_launch)
+    else:
+        ops = MlxOps()
     (v0, (df0, dx0)) = grads(merged_fn(layer.layout, ops, True))
     side = merged_fn(layer.layout, ops, True, side_stream=True)
     assert side is not merged_fn(layer.layout, ops, True)

@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (1024, 4096)]  # (d_out, d_in) as (rows, cols) of W0
 BLOCKS = (2, 4)
@@ -925,10 +926,16 @@ def _goal_summary(rows: list[dict]) -> str:
     return "  \n".join(lines)
 
 
-def join(parts: list[dict]) -> dict:
+def join(parts: list[dict], names: Optional[list[str]] = None) -> dict:
     """One results file from a run split over device calls (``--shapes``, a call's time limit): the first part's
     fields, every part's commands, per-layer rows and bandwidth rows, each per-layer row with its own part's copy
-    ceiling (the calls may have had different machines)."""
+    ceiling (the calls may have had different machines). Parts that timed other token counts, devices or MLX
+    versions do not make one run: a ValueError names the first that differs (``names``: the parts' files)."""
+    names = names or [f"part {i + 1}" for i in range(len(parts))]
+    for key in ("tokens", "device", "mlx"):
+        for name, p in zip(names[1:], parts[1:]):
+            if p.get(key) != parts[0].get(key):
+                raise ValueError(f"{name}: {key} {p.get(key)!r}, but {names[0]} has {parts[0].get(key)!r}")
     out = dict(parts[0], command=" ; ".join(p["command"] for p in parts))
     for key in ("bench", "bandwidth"):
         if any(key in p for p in parts):
@@ -988,7 +995,17 @@ def main(argv=None) -> int:
     if args.join:
         if not args.out:
             ap.error("--join needs --out")
-        Path(args.out).write_text(json.dumps(join([json.loads(Path(f).read_text()) for f in args.join]), indent=1))
+        parts = []
+        for f in args.join:
+            try:
+                parts.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as e:
+                ap.error(f"--join: {f}: {e}")
+        try:
+            joined = join(parts, args.join)
+        except ValueError as e:
+            ap.error(f"--join: {e}")
+        Path(args.out).write_text(json.dumps(joined, indent=1))
         return 0
     import mlx.core as mx
 

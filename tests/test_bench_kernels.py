@@ -4,8 +4,11 @@ the per-layer benchmark on a tiny shape on the CPU."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
@@ -191,3 +194,18 @@ def test_per_layer_run_times_the_side_stream_variant(monkeypatch):
     x, cot = mx.ones((32, 48)), mx.ones((32, 64))
     amortized = bench_kernels._amortized(MlxOps(), 64, 48, 8, 4, 2, x, cot, 2)
     assert amortized["smoa_auto_side"] > 0 and amortized["smoa_auto"] > 0
+
+
+def test_join_refuses_parts_of_different_runs(tmp_path, capsys):
+    """Parts timed at other token counts are not one run: the error names the part that differs; an unreadable
+    part is named too, and nothing is written."""
+    a = dict(command="a", tokens=8192, device="NVIDIA H200", mlx="0.32.4", bench=[])
+    b = dict(a, command="b", tokens=4096)
+    with pytest.raises(ValueError, match="b.json: tokens 4096, but a.json has 8192"):
+        bench_kernels.join([a, b], ["a.json", "b.json"])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "bad.json").write_text("{")
+    out = tmp_path / "joined.json"
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--join", str(tmp_path / "a.json"), str(tmp_path / "bad.json"), "--out", str(out)])
+    assert "bad.json" in capsys.readouterr().err and not out.exists()

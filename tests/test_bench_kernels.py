@@ -1,6 +1,6 @@
-"""scripts/bench_kernels.py --across: the cross-run ratios that auto's size rules (GPU_BLOCK_MIN_WEIGHTS,
-MERGED_BLOCK_GRADS_MIN_SAVING) are read from, and the other tables. Synthetic timings, but for one test that runs
-the per-layer benchmark on a tiny shape on the CPU."""
+"""scripts/bench_kernels.py and its tables (scripts/kernel_tables.py): the cross-run ratios that auto's size rules
+(GPU_BLOCK_MIN_WEIGHTS, MERGED_BLOCK_GRADS_MIN_SAVING) are read from, and the other tables. Synthetic timings, but
+for one test that runs the per-layer benchmark on a tiny shape on the CPU."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import bench_kernels  # noqa: E402
+import kernel_tables  # noqa: E402
 
 
 def _row(d_out, d_in, k, block, dense, merged=None, merged_blocks=None):
@@ -25,7 +26,7 @@ def _row(d_out, d_in, k, block, dense, merged=None, merged_blocks=None):
 def test_across_puts_each_runs_ratio_under_its_name():
     runs = {"old": {"bench": [_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7), _row(1024, 4096, 2, 1.5, 1.0)]},
             "new": {"bench": [_row(4096, 4096, 2, 3.0, 4.0)]}}
-    table = bench_kernels.across(runs)
+    table = kernel_tables.across(runs)
     dropout, grads = table.split("Merged form")
     assert "| 4096x4096 | 16M | 2 | 0.50 | 0.75 |" in dropout  # block / dense, run by run
     assert "| 1024x4096 | 4M | 2 | 1.50 |  |" in dropout  # a shape one run lacks: an empty cell
@@ -37,13 +38,13 @@ def test_across_puts_each_runs_ratio_under_its_name():
 
 def test_design_floor_counts_the_merged_forms_matmuls_and_bytes():
     row = {"d_out": 4096, "d_in": 4096, "blocks": 4, "ms": {"frozen_mlx": 2.0, "lora_mlx": 4.0}}
-    f = bench_kernels.design_floor(row, copy_gbps=1000.0, tokens=8192)
+    f = kernel_tables.design_floor(row, copy_gbps=1000.0, tokens=8192)
     weights = 4096 * 4096
     moved = 8 * weights + 4 * 8192 * 8192 + 6 * weights / 4  # two merges; gathers of x and dy; the Hadamard pass
     assert f["matmuls"] == 2.25  # block gradients pay at this size: 2 + 1/K
     assert abs(f["ms"] - (2.0 * 2.25 / 2 + moved / 1e12 * 1e3)) < 1e-9
     assert abs(f["vs_lora"] - f["ms"] / 4.0) < 1e-12
-    small = bench_kernels.design_floor({**row, "d_out": 1024}, copy_gbps=1000.0)
+    small = kernel_tables.design_floor({**row, "d_out": 1024}, copy_gbps=1000.0)
     assert small["matmuls"] == 3  # full gradients below the block-grads threshold: G as one more matmul
     assert abs(small["gb_moved"] - 14 * 1024 * 4096 / 1e9) < 1e-12  # two merges (8 B) + s G * W0 (6 B) per weight
 
@@ -58,7 +59,7 @@ def test_breakdown_runs_every_step_eager_and_compiled(monkeypatch):
     steps = [r["step"] for r in rows]
     assert "gather x (block-major)" in steps and "block factor grads (G_k, Hadamard kernel, products, takes)" in steps
     assert len(steps) == 12 and all(r["ms"] > 0 and r["ms_compiled"] > 0 for r in rows)
-    table = bench_kernels.markdown({"command": "-", "device": "-", "mlx": "-", "torch": "-", "breakdown": rows})
+    table = kernel_tables.markdown({"command": "-", "device": "-", "mlx": "-", "torch": "-", "breakdown": rows})
     assert "| 96x128 | 4 | G_k = dy_k^T x_k (batched) |" in table
 
 
@@ -68,10 +69,10 @@ def test_merge_kernel_table_compares_the_form_auto_runs():
     ms = {"smoa_merged": 2.0, "smoa_merged_blocks": 1.8, "smoa_merged_mlx_merge": 2.2,
           "smoa_merged_blocks_mlx_merge": 2.0}
     rows = [{"d_out": 4096, "d_in": 4096, "blocks": 4, "ms": ms}, {"d_out": 1024, "d_in": 4096, "blocks": 4, "ms": ms}]
-    table = "\n".join(bench_kernels._merge_kernel_table(rows))
+    table = "\n".join(kernel_tables._merge_kernel_table(rows))
     assert "| 4096x4096 | 4 | merged, block grads | 1.80 | 2.00 | 0.90 |" in table
     assert "| 1024x4096 | 4 | merged | 2.00 | 2.20 | 0.91 |" in table
-    assert bench_kernels._merge_kernel_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
+    assert kernel_tables._merge_kernel_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
 
 
 def test_bandwidth_times_the_merge_both_ways():
@@ -88,8 +89,8 @@ def test_rows_of_the_run_that_compared_gather_axes_are_labelled():
     """The 4628c29 run's ``--gathers --gather-along z,x`` rows say which axis and K they timed (the flag has gone
     since x shipped; its rows are still rendered)."""
     row = dict(step="gather x", blocks=4, tt=8, hadamard_ti=4, gather_along="z")
-    assert bench_kernels._launch_label(row) == "8 tokens / thread, K=4 blocks along z"
-    assert bench_kernels._launch_label(dict(row, step="scatter")) == "8 tokens / thread"  # one TT for all, then
+    assert kernel_tables._launch_label(row) == "8 tokens / thread, K=4 blocks along z"
+    assert kernel_tables._launch_label(dict(row, step="scatter")) == "8 tokens / thread"  # one TT for all, then
 
 
 def test_sweep_rows_label_each_mover_with_its_own_tokens_per_thread():
@@ -99,8 +100,8 @@ def test_sweep_rows_label_each_mover_with_its_own_tokens_per_thread():
 
     _, shipped = bench_kernels._with_variant(lambda: None)
     assert (shipped["tt"], shipped["scatter_tt"]) == (8, 4)
-    assert bench_kernels._launch_label(dict(step="scatter+add", **shipped)) == "4 tokens / thread"
-    assert bench_kernels._launch_label(dict(step="gather dy", **shipped)) == "8 tokens / thread"
+    assert kernel_tables._launch_label(dict(step="scatter+add", **shipped)) == "4 tokens / thread"
+    assert kernel_tables._launch_label(dict(step="gather dy", **shipped)) == "8 tokens / thread"
     seen, swept = bench_kernels._with_variant(lambda: (blocks.TT, blocks.SCATTER_TT), tt=16)
     assert seen == (16, 16) and swept["scatter_tt"] == 16 and (blocks.TT, blocks.SCATTER_TT) == (8, 4)
 
@@ -112,11 +113,11 @@ def test_gather_along_table_reads_the_x_column_where_auto_takes_block_grads():
     big["ms"].update(smoa_merged_blocks_gather_x=1.9, lora_mlx=2.0)
     small = _row(1024, 4096, 4, 1.0, 1.2, 0.9, 1.0)
     small["ms"].update(smoa_merged_blocks_gather_x=0.95, lora_mlx=1.2)
-    table = "\n".join(bench_kernels._variant_tables([big, small]))
+    table = "\n".join(kernel_tables._variant_tables([big, small]))
     assert "| 4096x4096 | 4 | merged, block grads | 2.10 | 1.90 | 0.90 | 1.05x | 0.95x |" in table
     assert "| 1024x4096 | 4 | merged | 1.00 | 0.95 | 0.95 | 0.75x | 0.75x |" in table
     assert "K=4: auto / MLX LoRA with the gathers along x 0.85x" in table
-    assert bench_kernels._variant_tables([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
+    assert kernel_tables._variant_tables([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
 
 
 def test_layers_step_runs_each_layer_on_its_own_inputs():
@@ -141,14 +142,14 @@ def test_amortized_table_reports_both_ways_per_call():
     row = _row(4096, 4096, 4, 2.0, 4.0, 2.2, 2.1)
     row["ms"]["lora_mlx"] = 2.0
     row["ms_amortized"] = dict(amortized=8, frozen_mlx=0.9, lora_mlx=1.5, smoa_auto=1.2)
-    table = "\n".join(bench_kernels._amortized_table([row]))
+    table = "\n".join(kernel_tables._amortized_table([row]))
     assert "| 4096x4096 | 4 | 0.90 | 1.50 | 1.20 | 0.80x | 1.05x |\n" in table
     assert "K=4, medians over the shapes: auto / MLX LoRA 0.80x (8 per call), 1.05x (one per call).  " in table
     row["ms_amortized"]["smoa_auto_gather_x"] = 1.14  # the run at 4628c29 also timed the gathers along x
-    table = "\n".join(bench_kernels._amortized_table([row]))
+    table = "\n".join(kernel_tables._amortized_table([row]))
     assert "| 4096x4096 | 4 | 0.90 | 1.50 | 1.20 | 0.80x | 1.05x | 1.14 | 0.76x |" in table
     assert "1.05x (one per call); with the gathers along x 0.76x.  " in table
-    assert bench_kernels._amortized_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
+    assert kernel_tables._amortized_table([_row(4096, 4096, 2, 2.0, 4.0, 3.0, 2.7)]) == []
 
 
 def test_join_keeps_each_parts_rows_and_copy_ceiling():
@@ -161,15 +162,15 @@ def test_join_keeps_each_parts_rows_and_copy_ceiling():
     for part in (a, b):
         part["bench"][0]["ms"].update(frozen_mlx=1.0, lora_mlx=2.0)
         part["bench"][0]["rank"] = 16
-    joined = bench_kernels.join([a, b])
+    joined = kernel_tables.join([a, b])
     assert joined["command"] == a["command"] + " ; " + b["command"]
     assert [r["copy_gbps"] for r in joined["bench"]] == [1000.0, 3300.0] and len(joined["bandwidth"]) == 1
-    table = "\n".join(bench_kernels._design_floor_table(joined["bench"], joined["copy_gbps"]))
+    table = "\n".join(kernel_tables._design_floor_table(joined["bench"], joined["copy_gbps"]))
     assert "copy ceiling, 1000 and 3300 GB/s" in table
     small = [line for line in table.splitlines() if line.startswith("| 1024x4096")][0]
     floor_ms = float(small.split("|")[5])
-    assert floor_ms == round(bench_kernels.design_floor(joined["bench"][1], 3300.0)["ms"], 2) != round(
-        bench_kernels.design_floor(joined["bench"][1], 1000.0)["ms"], 2)
+    assert floor_ms == round(kernel_tables.design_floor(joined["bench"][1], 3300.0)["ms"], 2) != round(
+        kernel_tables.design_floor(joined["bench"][1], 1000.0)["ms"], 2)
 
 
 def test_per_layer_run_times_the_side_stream_variant(monkeypatch):
@@ -184,7 +185,7 @@ def test_per_layer_run_times_the_side_stream_variant(monkeypatch):
         assert all(r["ms"][k] > 0 for k in ("smoa_merged", "smoa_merged_blocks", "smoa_merged_blocks_side"))
         assert r["ms_amortized"]["smoa_auto"] > 0  # a 64x48 layer takes full gradients: no variant there
         assert "smoa_auto_side" not in r["ms_amortized"]
-    table = bench_kernels.markdown({"command": "-", "mlx": "-", "device": "cpu", "torch": "-", "bench": rows})
+    table = kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu", "torch": "-", "bench": rows})
     assert "as shipped and with the block grads on a side stream" in table
     assert "| 64x48 | 4 | merged |" in table
     # Where block gradients pay (large layers), the amortized columns time the variant too.
@@ -202,7 +203,7 @@ def test_join_refuses_parts_of_different_runs(tmp_path, capsys):
     a = dict(command="a", tokens=8192, device="NVIDIA H200", mlx="0.32.4", bench=[])
     b = dict(a, command="b", tokens=4096)
     with pytest.raises(ValueError, match="b.json: tokens 4096, but a.json has 8192"):
-        bench_kernels.join([a, b], ["a.json", "b.json"])
+        kernel_tables.join([a, b], ["a.json", "b.json"])
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "bad.json").write_text("{")
     out = tmp_path / "joined.json"

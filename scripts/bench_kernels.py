@@ -266,7 +266,7 @@ def _numpy_reference(layer, x, cot):
     return [y, dx, *da, *db]
 
 
-VERIFY_FORMS = ("kernel", "reference", "kernel_delta", "merged", "merged_blocks")
+VERIFY_FORMS = ("kernel", "reference", "kernel_delta", "merged", "merged_blocks", "merged_blocks_side")
 
 
 def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
@@ -300,7 +300,8 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
                              ("reference", block_fn(layer.layout, MlxOps(), True)),
                              ("kernel_delta", None),
                              ("merged", merged_fn(layer.layout, kernel_ops, False)),
-                             ("merged_blocks", merged_fn(layer.layout, kernel_ops, True))):
+                             ("merged_blocks", merged_fn(layer.layout, kernel_ops, True)),
+                             ("merged_blocks_side", merged_fn(layer.layout, kernel_ops, True, side_stream=True))):
                 if name not in forms:
                     continue
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
@@ -671,7 +672,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
     ap.add_argument("--forms", default=",".join(VERIFY_FORMS),
-                    help="the verification's forms (merged,merged_blocks: no quantized matmul to compile)")
+                    help="the verification's forms (merged,merged_blocks[,merged_blocks_side]: no quantized matmul to "
+                         "compile)")
     ap.add_argument("--dtypes", default="bfloat16,float16,float32",
                     help="the verification's types (a case's first use of each compiles new kernels on CUDA)")
     ap.add_argument("--bandwidth", action="store_true",

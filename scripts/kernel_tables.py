@@ -14,8 +14,8 @@ DEFAULT_TOKENS = 8192  # activations per step of every results file (bench_kerne
 def verified(row: dict) -> bool:
     """Within the type's tolerance of float64, and (where the run has it) no worse than twice the pure-MLX
     reference's own error in the same type on the same device (plus float32 rounding)."""
-    worst = max(row[k] for k in ("kernel_rel_err", "kernel_delta_rel_err", "merged_rel_err", "merged_blocks_rel_err")
-                if k in row)
+    worst = max(row[f"{form}_rel_err"] for form in ("kernel", "kernel_delta", "merged", "merged_blocks",
+                                                    "merged_blocks_side") if f"{form}_rel_err" in row)
     return worst < row["tol"] and ("reference_rel_err" not in row or worst <= 2 * row["reference_rel_err"] + 1e-5)
 
 
@@ -135,16 +135,20 @@ def markdown(data: dict) -> str:
                 f"{r['mismatches']} elements differ, {r['nans']} NaN" for r in bad]
         out.append("")
     if "verify" in data:
+        # The side-stream column only for runs that verified it (since the option existed).
+        side = any("merged_blocks_side_rel_err" in v for v in data["verify"])
+        forms = ("kernel", "kernel_delta", "merged", "merged_blocks") + (("merged_blocks_side",) if side else ())
         out += ["Correctness (max relative error over y, dx, dA_k, dB_k against float64 numpy):", "",
                 "| W0 | K | r (per block) | bits | dtype | tokens | block form (fused base) | block form (update alone) "
-                "| merged | merged, block grads | pure-MLX reference | tol | ok |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| merged | merged, block grads " + ("| the same, side stream " if side else "")
+                + "| pure-MLX reference | tol | ok |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if side else "")]
         for v in data["verify"]:
             ranks = v["branch"] if v["branch"] else v["rank"]
             out.append(f"| {v['d_out']}x{v['d_in']} | {v['blocks']} | {ranks} | {v['bits'] or '-'} | {v['dtype']} "
                        f"| {v['tokens']} | "
                        + " | ".join(f"{v[name + '_rel_err']:.1e}" if name + "_rel_err" in v else "-"
-                                    for name in ("kernel", "kernel_delta", "merged", "merged_blocks", "reference"))
+                                    for name in (*forms, "reference"))
                        + f" | {v['tol']:.0e} | {verified(v)} |")
     if "cpu" in data:
         out += ["", "| form (CPU, float32) | rep | ms |", "|---|---|---|"]

@@ -36,8 +36,9 @@
 #   verify   bench_kernels verification, one process per case (at fcfd872, three types: ragged (0) about 70 s,
 #            4-bit (1) about 200 s, 8-bit (2) 177 s, 2-bit K=1 (3) 81-98 s per type; the 3-bit case (4) took 89-120 s
 #            per type at 5c61fce: give the quantized cases DTYPES of one or two types a call, as MLX compiles each new
-#            quantized kernel on first use, 19-28 s each); cases 6-8 (mxfp4, nvfp4, mxfp8 bases) have not run on a
-#            GPU yet. FORMS=merged,merged_blocks checks the merged form (merge kernel) alone: no MLX quantized matmul
+#            quantized kernel on first use, 19-28 s each); cases 6-8 (mxfp4, nvfp4, mxfp8 bases) ran at e19b9e1.
+#            FORMS=merged,merged_blocks checks the merged form (merge kernel) alone: no MLX quantized matmul;
+#            merged_blocks_side, its block gradients on a second stream (SMOA_MLX_SIDE_STREAM), not yet run on a GPU
 #   qmm      a bare nn.QuantizedLinear, 4-, 2- and 3-bit, 3-D input, forward then VJP, in one process, timed: the
 #            first-use compilation (169 s for all three)
 # Everything lands in $OUT (the device tool's output folder) as JSON and logs, with times.txt; output is unbuffered,
@@ -88,7 +89,7 @@ for p in ${PHASES//,/ }; do
     verify)
       for c in ${CASES:-0 1 2 3 4 5 6 7 8}; do  # CASES="4 5": the cases of one call (each up to 300 s); DTYPES: their types
         phase "verify_$c" 300 "$PY" -X faulthandler scripts/bench_kernels.py --skip-bench --no-probe --cases "$c" \
-          --stall-s 280 --dtypes "${DTYPES:-bfloat16,float16,float32}" --forms "${FORMS:-kernel,reference,kernel_delta,merged,merged_blocks}" \
+          --stall-s 280 --dtypes "${DTYPES:-bfloat16,float16,float32}" --forms "${FORMS:-kernel,reference,kernel_delta,merged,merged_blocks,merged_blocks_side}" \
           --out "$OUT/verify_$c.json"
       done ;;
     qmm)

@@ -210,3 +210,16 @@ def test_join_refuses_parts_of_different_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_kernels.main(["--join", str(tmp_path / "a.json"), str(tmp_path / "bad.json"), "--out", str(out)])
     assert "bad.json" in capsys.readouterr().err and not out.exists()
+
+
+def test_verification_runs_every_form_on_the_cpu():
+    """The GPU verification's forms, side stream included, with plain-MLX steps on a small ragged case: each
+    within float32's tolerance of float64, and the table shows the side-stream column only for runs that have it."""
+    from smoa_mlx.kernels.blocks import MlxOps
+
+    rows = bench_kernels.verify(MlxOps(), [(30, 20, 3, 7, 0, None, 16)], 60, ("float32",))
+    assert all(rows[0][f"{form}_rel_err"] < 1e-5 for form in bench_kernels.VERIFY_FORMS) and rows[0]["ok"]
+    table = kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu", "verify": rows})
+    assert "| the same, side stream |" in table and "| 30x20 | 3 | 7 | - | float32 | 16 |" in table
+    old = [{k: v for k, v in rows[0].items() if not k.startswith("merged_blocks_side")}]
+    assert "side stream" not in kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu", "verify": old})

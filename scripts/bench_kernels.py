@@ -581,6 +581,11 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True, amortized=AMO
     from smoa_mlx.kernels.dense import dense_form_delta_fn
     from smoa_mlx.kernels.merged import merged_fn
 
+    # The merged form with full and with block gradients, as auto picks between them, and the variants beside it.
+    # The rounds before e19b9e1 also timed MLX's merge (smoa_merged[_blocks]_mlx_merge), the one at 4628c29 the
+    # gathers' blocks along the grid's z and x (smoa_merged_blocks[_gather_x]), before x shipped.
+    merged_forms = [("smoa_merged", False, {}), ("smoa_merged_blocks", True, {}),
+                    *((f"smoa_merged_blocks_{v}", True, kwargs) for v, kwargs in TIMED_VARIANTS.items())]
     rows = []
     for d_out, d_in in shapes:
         x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
@@ -597,12 +602,7 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True, amortized=AMO
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
-                # The merged form with full and with block gradients, as auto picks between them. The rounds before
-                # e19b9e1 also timed MLX's merge here (smoa_merged[_blocks]_mlx_merge), the one at 4628c29 the
-                # gathers' blocks along the grid's z and x (smoa_merged_blocks[_gather_x]), before x shipped.
-                variants = [(f"smoa_merged_blocks_{v}", True, kwargs) for v, kwargs in TIMED_VARIANTS.items()]
-                for name, block_grads, kwargs in [("smoa_merged", False, {}), ("smoa_merged_blocks", True, {}),
-                                                  *variants]:
+                for name, block_grads, kwargs in merged_forms:
                     fn = merged_fn(layer.layout, kernel_ops, block_grads, **kwargs)
                     t[name] = _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)

@@ -25,9 +25,10 @@ Gather and scatter: each thread owns ``VEC`` consecutive output elements (16 byt
 tokens (``SCATTER_TT`` in a scatter), reusing its VEC indices for every token. It issues all its per-element reads
 (scattered, so one element each; and scatter_add's ``base`` as one 16-byte vector load per token) before its first
 store, so VEC x TT loads are in flight, then writes each token's run with one 16-byte vector store; threads of a
-warp own consecutive runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a multiple of 16 bytes: the
-block-major widths M and N are padded to multiples of 8 elements (:func:`.plan.padded_dims`), and a scatter into
-a width d that 8 (4 for f32) does not divide runs with the widest VEC that divides d, down to one element
+warp own consecutive runs, so a warp stores 512 contiguous bytes. A vector access needs its address to be a
+multiple of 16 bytes: the block-major widths M and N are padded to multiples of 8 elements
+(:func:`.plan.padded_dims`), and a scatter into a width d that 8 (4 for f32) does not divide runs with the widest
+VEC that divides d, down to one element
 (:func:`vector_width`). A mapping that gave each thread VEC elements 32 apart (so a warp's loads read neighbouring
 block columns) was measured against this one on an H200 and dropped: 2.263 against 2.142 ms over the three shapes'
 twelve steps (benchmarks/bench_gathers.json), as were 16 tokens per thread (2.722 ms). Modulate/hadamard: each

@@ -18,6 +18,7 @@ warm-up, device-synchronised. The floor of a row is
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -134,9 +135,11 @@ def _frozen_step(d_out, d_in, x, cot):
 
 
 AMORTIZED = 8  # layers per call in the amortized per-layer columns
-# Variants of the merged form with block gradients that bench() times beside the default (kernel_tables.VARIANTS
-# names every variant a results file may hold): merged_fn's arguments for each.
-TIMED_VARIANTS = {"side": dict(side_stream=True)}
+# Variants of the kernels that bench() times beside the shipped ones, per layer in both merged forms and in auto
+# with several layers per call (kernel_tables.VARIANTS names every variant a results file may hold): the launch
+# constants of each (:func:`_with_variant`). The merge kernel's rank loop unrolled, at its 8 rows per thread and at 4
+# (fewer sums in registers, more threads in flight).
+TIMED_VARIANTS = {"merge_unrolled": dict(merge_unroll=True), "merge_unrolled_ti4": dict(merge_unroll=True, merge_ti=4)}
 
 
 def _layers_step(layers, x, cot):
@@ -266,7 +269,7 @@ def _numpy_reference(layer, x, cot):
     return [y, dx, *da, *db]
 
 
-VERIFY_FORMS = ("kernel", "reference", "kernel_delta", "merged", "merged_blocks", "merged_blocks_side")
+VERIFY_FORMS = ("kernel", "reference", "kernel_delta", "merged", "merged_blocks")
 
 
 def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
@@ -300,8 +303,7 @@ def verify(kernel_ops=None, cases=VERIFY, stall_s: float = 420,
                              ("reference", block_fn(layer.layout, MlxOps(), True)),
                              ("kernel_delta", None),
                              ("merged", merged_fn(layer.layout, kernel_ops, False)),
-                             ("merged_blocks", merged_fn(layer.layout, kernel_ops, True)),
-                             ("merged_blocks_side", merged_fn(layer.layout, kernel_ops, True, side_stream=True))):
+                             ("merged_blocks", merged_fn(layer.layout, kernel_ops, True))):
                 if name not in forms:
                     continue
                 if fn is None:  # the update alone (dropout path), plus the base outside, as SMoALinear does
@@ -341,19 +343,23 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-def _with_variant(fn, tt=None, hadamard_ti=None):
+def _with_variant(fn, tt=None, hadamard_ti=None, merge_ti=None, merge_unroll=None):
     """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather and per
-    scatter thread (shipped: 8 and 4), ``hadamard_ti`` rows per Hadamard thread; None leaves one as shipped. Each
-    is a template constant, so its variant is its own compiled kernel."""
+    scatter thread (shipped: 8 and 4), ``hadamard_ti`` rows per Hadamard thread, ``merge_ti`` rows per merge thread
+    and ``merge_unroll`` its rank loop unrolled (source.MERGE_UNROLL); None leaves one as shipped. Each is a
+    template constant, so its variant is its own compiled kernel; a compiled step traced inside ``fn`` keeps it."""
     from smoa_mlx.kernels import blocks, source
 
-    shipped = blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI
+    shipped = blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI, source.MERGE_TI, source.MERGE_UNROLL
     blocks.TT, blocks.SCATTER_TT = shipped[:2] if tt is None else (tt, tt)
     source.HADAMARD_TI = shipped[2] if hadamard_ti is None else hadamard_ti
+    source.MERGE_TI = shipped[3] if merge_ti is None else merge_ti
+    source.MERGE_UNROLL = shipped[4] if merge_unroll is None else merge_unroll
     try:
-        return fn(), dict(tt=blocks.TT, scatter_tt=blocks.SCATTER_TT, hadamard_ti=source.HADAMARD_TI)
+        return fn(), dict(tt=blocks.TT, scatter_tt=blocks.SCATTER_TT, hadamard_ti=source.HADAMARD_TI,
+                          merge_ti=source.MERGE_TI, merge_unroll=source.MERGE_UNROLL)
     finally:
-        blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI = shipped
+        blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI, source.MERGE_TI, source.MERGE_UNROLL = shipped
 
 
 def _eager_and_compiled(fn, inputs: list) -> tuple[float, float, float, float]:
@@ -428,6 +434,37 @@ def kernel_bandwidth(kernel_ops, shapes, blocks=2, rank=16, reps=10, only=None) 
 
 MOVER_CHECKS = [(4096, 2), (4096, 4), (14336, 2), (14336, 4), (4100, 3), (4095, 3)]  # (width, K): the last two
 # ragged (blocks padded with -1), 4100 the 8-byte path in bf16 (VEC = 4), 4095 the scalar one (VEC = 1)
+
+
+def check_merge_variants(kernel_ops, shapes, rank=16) -> list[dict]:
+    """Each of :data:`TIMED_VARIANTS`' merge kernels against the shipped one on full-size weights, K = 2 and 4,
+    bf16 and float32: equal bits required (the same sums in the same order, only the threads' mapping differs)."""
+    import mlx.core as mx
+
+    from smoa_mlx.kernels.dense import full_factors
+    from smoa_mlx.kernels.plan import plan_of
+
+    rows = []
+    for (d_out, d_in), blocks, dtype in itertools.product(shapes, BLOCKS, (mx.bfloat16, mx.float32)):
+        layer = _mlx_layer(d_out, d_in, rank, blocks, str(dtype).split(".")[-1])
+        plan, parts = plan_of(layer.layout, layer.index), layer.weight_parts()
+        full = full_factors(layer.layout, layer.index, layer.smoa_factors, dtype)
+
+        def merge():
+            out = kernel_ops.merge(layer.layout, plan, parts, *full, dtype)
+            mx.eval(out)  # launched (and the kernel built) while the variant's constants are set
+            return out
+
+        want = merge()
+        for v, consts in TIMED_VARIANTS.items():
+            out, _ = _with_variant(merge, **consts)
+            row = dict(width=f"{d_out}x{d_in}", blocks=blocks, dtype=str(dtype).split(".")[-1], kernel=f"merge {v}",
+                       mismatches=int(mx.sum(mx.not_equal(out, want)).item()),
+                       nans=int(mx.sum(mx.isnan(out)).item()), shape=list(out.shape))
+            row["ok"] = row["mismatches"] == 0 and row["nans"] == 0
+            print("movers", json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def check_movers(kernel_ops, cases=MOVER_CHECKS, tokens=TOKENS) -> list[dict]:
@@ -552,8 +589,8 @@ def _amortized_ms(layers, x, cot) -> float:
 
 
 def _amortized(kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, n) -> dict:
-    """MLX LoRA, the default (auto) and, where it takes block gradients, its :data:`TIMED_VARIANTS`, each timed
-    ``n`` layers per call (:func:`_layers_step`); ms per layer."""
+    """MLX LoRA, the default (auto) and auto with each of :data:`TIMED_VARIANTS`, each timed ``n`` layers per call
+    (:func:`_layers_step`); ms per layer."""
     from smoa_mlx.kernels import block_grads_pay
     from smoa_mlx.kernels.merged import merged_fn
 
@@ -562,13 +599,13 @@ def _amortized(kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, n) -> d
     # each its own orders (its own plan) and factors, as a model's layers
     smoa = [_mlx_layer(d_out, d_in, rank, blocks, seed=i) for i in range(n)]
 
-    def calls(block_grads, **kwargs):
-        return [(lambda x, f, fn=merged_fn(layer.layout, kernel_ops, block_grads, **kwargs), layer=layer:
+    def calls(block_grads):
+        return [(lambda x, f, fn=merged_fn(layer.layout, kernel_ops, block_grads), layer=layer:
                  fn(x, layer.index, layer.weight_parts(), f), [layer.smoa_factors]) for layer in smoa]
 
     out["smoa_auto"] = _amortized_ms(calls(block_grads), x, cot)
-    for v, kwargs in TIMED_VARIANTS.items() if block_grads else ():
-        out[f"smoa_auto_{v}"] = _amortized_ms(calls(True, **kwargs), x, cot)
+    for v, consts in TIMED_VARIANTS.items():
+        out[f"smoa_auto_{v}"] = _with_variant(lambda: _amortized_ms(calls(block_grads), x, cot), **consts)[0]
     return out
 
 
@@ -581,11 +618,13 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True, amortized=AMO
     from smoa_mlx.kernels.dense import dense_form_delta_fn
     from smoa_mlx.kernels.merged import merged_fn
 
-    # The merged form with full and with block gradients, as auto picks between them, and the variants beside it.
+    # The merged form with full and with block gradients, as auto picks between them, and the variants beside them.
     # The rounds before e19b9e1 also timed MLX's merge (smoa_merged[_blocks]_mlx_merge), the one at 4628c29 the
-    # gathers' blocks along the grid's z and x (smoa_merged_blocks[_gather_x]), before x shipped.
+    # gathers' blocks along the grid's z and x (smoa_merged_blocks[_gather_x]), before x shipped, and the one at
+    # f1410eb the block gradients on a second stream (smoa_merged_blocks_side), since removed.
     merged_forms = [("smoa_merged", False, {}), ("smoa_merged_blocks", True, {}),
-                    *((f"smoa_merged_blocks_{v}", True, kwargs) for v, kwargs in TIMED_VARIANTS.items())]
+                    *((f"smoa_merged{g}_{v}", grads, consts) for v, consts in TIMED_VARIANTS.items()
+                      for g, grads in (("", False), ("_blocks", True)))]
     rows = []
     for d_out, d_in in shapes:
         x = mx.random.normal((TOKENS, d_in)).astype(mx.bfloat16)
@@ -602,9 +641,10 @@ def bench(kernel_ops, shapes=SHAPES, ranks=RANKS, with_torch=True, amortized=AMO
                                                  mx.synchronize)
                 t["smoa_dense"] = _median_time(
                     _smoa_step(layer, _with_base(layer, dense_form_delta_fn(layer.layout)), x, cot), mx.synchronize)[0]
-                for name, block_grads, kwargs in merged_forms:
-                    fn = merged_fn(layer.layout, kernel_ops, block_grads, **kwargs)
-                    t[name] = _median_time(_smoa_step(layer, fn, x, cot), mx.synchronize)[0]
+                for name, block_grads, consts in merged_forms:
+                    # traced when first run: inside _with_variant, with the variant's launch constants
+                    step = _smoa_step(layer, merged_fn(layer.layout, kernel_ops, block_grads), x, cot)
+                    t[name] = _with_variant(lambda: _median_time(step, mx.synchronize)[0], **consts)[0]
                 lora_step, lora_params = _lora_step(d_out, d_in, lora_rank, x, cot)
                 t["lora_mlx"] = _median_time(lora_step, mx.synchronize)[0]
                 t.update(_torch_times(d_out, d_in, rank, blocks, lora_rank) if with_torch else
@@ -668,12 +708,14 @@ def main(argv=None) -> int:
                                  "then timed")
     ap.add_argument("--hadamard-ti", help="with --gathers: also time the Hadamard kernel at these rows per thread "
                                           "(e.g. 4,16; shipped: source.HADAMARD_TI, 4; the CPU shim proves them equal)")
+    ap.add_argument("--merges", action="store_true",
+                    help="the merge kernel as shipped and as each of TIMED_VARIANTS, each variant checked bit for bit "
+                         "against the shipped merge on full-size weights, then all timed (with --gathers: after them)")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes instead of the full set (smoke runs)")
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
     ap.add_argument("--cases", help="comma-separated indices into VERIFY (default: every case)")
     ap.add_argument("--forms", default=",".join(VERIFY_FORMS),
-                    help="the verification's forms (merged,merged_blocks[,merged_blocks_side]: no quantized matmul to "
-                         "compile)")
+                    help="the verification's forms (merged,merged_blocks: no quantized matmul to compile)")
     ap.add_argument("--dtypes", default="bfloat16,float16,float32",
                     help="the verification's types (a case's first use of each compiles new kernels on CUDA)")
     ap.add_argument("--bandwidth", action="store_true",
@@ -750,21 +792,27 @@ def main(argv=None) -> int:
         elif args.breakdown:
             data["copy_gbps"] = copy_bandwidth()
             data["breakdown"] = _breakdowns(kernel_ops)
-        elif args.gathers:
+        elif args.gathers or args.merges:
             data["copy_gbps"] = copy_bandwidth()
             data["movers_check"], data["bandwidth"] = [], []
             movers = ("gather x", "gather dy", "scatter", "scatter+add")
-            for tt in map(int, args.tt.split(",")) if args.tt else [None]:
+            for tt in (map(int, args.tt.split(",")) if args.tt else [None]) if args.gathers else []:
                 (checks, rows), variant = _with_variant(lambda: (
                     check_movers(kernel_ops), kernel_bandwidth(kernel_ops, SHAPES[:3], only=movers)), tt)
                 for r in checks + rows:
                     r.update(variant)
                 data["movers_check"] += checks
                 data["bandwidth"] += rows
-            for ti in map(int, args.hadamard_ti.split(",")) if args.hadamard_ti else []:
+            for ti in map(int, args.hadamard_ti.split(",")) if args.hadamard_ti and args.gathers else []:
                 rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("hadamard",)),
                                               hadamard_ti=ti)
                 data["bandwidth"] += [dict(r, **variant) for r in rows]
+            if args.merges:
+                data["movers_check"] += check_merge_variants(kernel_ops, SHAPES[:3])
+                for consts in [{}, *TIMED_VARIANTS.values()]:
+                    rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("merge",)),
+                                                  **consts)
+                    data["bandwidth"] += [dict(r, **variant) for r in rows]
             ok = all(r["ok"] for r in data["movers_check"])
         elif not args.skip_bench:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
@@ -777,7 +825,7 @@ def main(argv=None) -> int:
                                   args.amortized)
             if args.out:  # the timings are safe on disk before the verification starts
                 Path(args.out).write_text(json.dumps(data, indent=1))
-        if not args.skip_verify and not (args.gathers or args.bandwidth or args.breakdown):
+        if not args.skip_verify and not (args.gathers or args.merges or args.bandwidth or args.breakdown):
             cases = [VERIFY[int(i)] for i in args.cases.split(",")] if args.cases else VERIFY
             data["verify"] = verify(kernel_ops, cases, args.stall_s, args.dtypes.split(","), args.forms.split(","))
             ok = all(verified(v) for v in data["verify"])

@@ -39,19 +39,18 @@ SHAPES = {  # --shape: the model dims over MODEL's (llama-1b is MODEL itself)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),  # a smoke test of the script
 }
-METHODS = ("lora", "smoa", "smoa-keep", "smoa-mlx-merge", "smoa-side-stream", "smoa-kernel", "smoa-dense")
+METHODS = ("lora", "smoa", "smoa-keep", "smoa-mlx-merge", "smoa-kernel", "smoa-dense")
 # The environment per method, read when a step is traced: smoa is the default (auto: the merged form), smoa-keep the
 # merged form whose backward reuses the forward's W0 + Delta W (SMOA_MLX_MERGED_KEEP=1: speed for a weight copy per
 # layer), smoa-mlx-merge the default with W0 + Delta W built by MLX's matmul + fused pass instead of the merge
-# kernel (SMOA_MLX_MERGE_KERNEL=0), smoa-side-stream the default with its block gradients on a second stream
-# (SMOA_MLX_SIDE_STREAM=1), the others force one form on every layer (smoa-kernel: the block form with the GPU
-# kernels; smoa-dense: the dense HiRA form, the base apart). The run at 4628c29 also had smoa-gather-x, the
-# default with its gathers' blocks along the grid's x, which has shipped since.
+# kernel (SMOA_MLX_MERGE_KERNEL=0), the others force one form on every layer (smoa-kernel: the block form with the
+# GPU kernels; smoa-dense: the dense HiRA form, the base apart). The run at 4628c29 also had smoa-gather-x, the
+# default with its gathers' blocks along the grid's x, which has shipped since; the one at f1410eb smoa-side-stream,
+# the block gradients on a second stream (SMOA_MLX_SIDE_STREAM=1), no faster and removed.
 _ENV = {m: {"SMOA_MLX_KERNEL": kernel, "SMOA_MLX_MERGED_KEEP": "1" if m == "smoa-keep" else "0",
-            "SMOA_MLX_MERGE_KERNEL": "0" if m == "smoa-mlx-merge" else "1",
-            "SMOA_MLX_SIDE_STREAM": "1" if m == "smoa-side-stream" else "0"}
+            "SMOA_MLX_MERGE_KERNEL": "0" if m == "smoa-mlx-merge" else "1"}
         for m, kernel in (("smoa", "auto"), ("smoa-keep", "auto"), ("smoa-mlx-merge", "auto"),
-                          ("smoa-side-stream", "auto"), ("smoa-kernel", "kernel"), ("smoa-dense", "dense"))}
+                          ("smoa-kernel", "kernel"), ("smoa-dense", "dense"))}
 _ENV["lora"] = {}  # mlx-lm's LoRA reads none of them
 
 

@@ -32,8 +32,11 @@ def _auto(row: dict) -> tuple[float, str]:
 
 def _launch_label(row: dict) -> str:
     """The launch variant of a bandwidth row (``--gathers`` sweeps); "-" for runs that swept nothing."""
-    if "tt" not in row or row["step"] == "modulate":
+    if "tt" not in row or row["step"] in ("modulate", "merge-mlx") or (
+            row["step"] == "merge" and "merge_ti" not in row):
         return "-"
+    if row["step"] == "merge":
+        return f"{row['merge_ti']} rows / thread, " + ("unrolled" if row["merge_unroll"] else "loop")
     if row["step"] == "hadamard":
         return f"{row['hadamard_ti']} rows / thread"
     # "strided": a mapping measured in December 2026 (benchmarks/bench_gathers.json) and dropped
@@ -128,14 +131,16 @@ def markdown(data: dict) -> str:
         out.append("")
     if "movers_check" in data:
         bad = [r for r in data["movers_check"] if not r["ok"]]
-        out += [f"Gathers and scatters against plain MLX, {tokens} tokens, bf16 and f32: "
-                f"{len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
+        merges = sum(r["kernel"].startswith("merge") for r in data["movers_check"])
+        out += [f"Gathers and scatters against plain MLX, {tokens} tokens, bf16 and f32"
+                + (f" (and {merges} merge-kernel variants against the shipped merge)" if merges else "")
+                + f": {len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
         out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']} "
                 f"TT={r.get('tt', '-')}: "
                 f"{r['mismatches']} elements differ, {r['nans']} NaN" for r in bad]
         out.append("")
     if "verify" in data:
-        # The side-stream column only for runs that verified it (since the option existed).
+        # The side-stream column only for runs that verified it (f1410eb; the option is gone).
         side = any("merged_blocks_side_rel_err" in v for v in data["verify"])
         forms = ("kernel", "kernel_delta", "merged", "merged_blocks") + (("merged_blocks_side",) if side else ())
         out += ["Correctness (max relative error over y, dx, dA_k, dB_k against float64 numpy):", "",
@@ -201,11 +206,12 @@ def _design_floor_table(rows: list[dict], copy_gbps: float, tokens: int = DEFAUL
     return out + [""]
 
 
-# Variants of the merged form with block gradients, timed per layer beside the default (``smoa_merged_blocks_<v>``)
-# and with several layers per call (``smoa_auto_<v>``), and what each was: the gathers' blocks along the grid's x
-# (the run at 4628c29, where z still shipped; x since), and the block gradients on a second stream of the device
-# (SMOA_MLX_SIDE_STREAM=1, merged_fn's ``side_stream``: opt-in until timed on a GPU).
-VARIANTS = {"gather_x": "the gathers along x", "side": "the block grads on a side stream"}
+# Variants timed per layer beside the default (``smoa_merged_blocks_<v>``, and ``smoa_merged_<v>`` where the variant
+# touches both merged forms) and with several layers per call (``smoa_auto_<v>``), and what each was: the gathers'
+# blocks along the grid's x (the run at 4628c29, where z still shipped; x since), the block gradients on a second
+# stream of the device (f1410eb; no faster, removed), the merge kernel's rank loop unrolled at 8 and 4 rows per thread.
+VARIANTS = {"gather_x": "the gathers along x", "side": "the block grads on a side stream",
+            "merge_unrolled": "the merge's rank loop unrolled", "merge_unrolled_ti4": "the merge unrolled, 4 rows"}
 
 
 def _amortized_table(rows: list[dict]) -> list[str]:
@@ -254,8 +260,12 @@ def _variant_tables(rows: list[dict]) -> list[str]:
         with_v = {}
         for r in timed:
             auto, name = _auto(r)
-            base, var = r["ms"]["smoa_merged_blocks"], r["ms"][f"smoa_merged_blocks_{v}"]
-            auto_v = var if "block" in name else auto
+            if f"smoa_merged_{v}" in r["ms"]:  # a variant of both merged forms: auto as shipped and with it
+                base, var = auto, r["ms"][f"smoa_merged{'_blocks' if 'block' in name else ''}_{v}"]
+                auto_v = var
+            else:  # a variant of the block gradients alone (the runs until f1410eb)
+                base, var = r["ms"]["smoa_merged_blocks"], r["ms"][f"smoa_merged_blocks_{v}"]
+                auto_v = var if "block" in name else auto
             lora = r["ms"]["lora_mlx"]
             with_v.setdefault(r["blocks"], []).append(auto_v / lora)
             out.append(f"| {r['d_out']}x{r['d_in']} | {r['blocks']} | {name} | {base:.2f} | {var:.2f} "

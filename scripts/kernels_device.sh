@@ -8,7 +8,7 @@
 # Phases (durations measured on the H200, December 2026, where known):
 #   train    bench_train --rounds, bf16: METHODS (default LoRA, SMoA and SMoA with SMOA_MLX_MERGED_KEEP=1, the backward
 #            reusing the forward's W0 + Delta W; smoa-mlx-merge: the default with MLX's merge instead of the merge
-#            kernel; smoa-side-stream: the default with its block gradients on a second stream) in alternating
+#            kernel) in alternating
 #            windows, one process per K (4, then 2), with --split (forward + backward alone,
 #            and the whole step): the end-to-end ratios with their spread, and where a step's time goes (422 s for
 #            the three methods at f41889a, 465 s for lora,smoa at 5c61fce, most of it start-up; 240 s at fcfd872,
@@ -24,6 +24,9 @@
 #   gathers  bench_kernels --gathers at 8 and 16 tokens per thread (shipped: 8 for the gathers, 4 for the scatters;
 #            `--tt 4,8` took 76 s at f45b8b6), each checked bit for bit, then its bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
+#   merges   bench_kernels --merges: the merge kernel's variants (bench_kernels.TIMED_VARIANTS: its rank loop
+#            unrolled, at 8 and 4 rows per thread), each checked bit for bit against the shipped merge, then all
+#            timed alone; the kernels phase times them per layer too
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
 #            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)
 #   breakdown  bench_kernels --breakdown: the merged form's steps alone, eager and compiled, at 4096x4096 K=4 and 2
@@ -37,8 +40,7 @@
 #            4-bit (1) about 200 s, 8-bit (2) 177 s, 2-bit K=1 (3) 81-98 s per type; the 3-bit case (4) took 89-120 s
 #            per type at 5c61fce: give the quantized cases DTYPES of one or two types a call, as MLX compiles each new
 #            quantized kernel on first use, 19-28 s each); cases 6-8 (mxfp4, nvfp4, mxfp8 bases) ran at e19b9e1.
-#            FORMS=merged,merged_blocks checks the merged form (merge kernel) alone: no MLX quantized matmul;
-#            merged_blocks_side, its block gradients on a second stream (SMOA_MLX_SIDE_STREAM), not yet run on a GPU
+#            FORMS=merged,merged_blocks checks the merged form (merge kernel) alone: no MLX quantized matmul
 #   qmm      a bare nn.QuantizedLinear, 4-, 2- and 3-bit, 3-D input, forward then VJP, in one process, timed: the
 #            first-use compilation (169 s for all three)
 # Everything lands in $OUT (the device tool's output folder) as JSON and logs, with times.txt; output is unbuffered,
@@ -73,6 +75,8 @@ for p in ${PHASES//,/ }; do
       # KERNELS_ARGS: more bench_kernels arguments, e.g. "--shapes 4096x4096,4096x14336" to split the phase over calls
       phase kernels "${KERNELS_LIMIT:-450}" "$PY" scripts/bench_kernels.py --skip-verify --skip-breakdown ${KERNELS_ARGS:-} \
         --out "$OUT/bench_kernels.json" ;;
+    merges)
+      phase merges 300 "$PY" scripts/bench_kernels.py --merges --no-probe --no-torch --out "$OUT/bench_merges.json" ;;
     gathers)
       phase gathers 400 "$PY" scripts/bench_kernels.py --gathers --no-probe --tt 8,16 --hadamard-ti 4,16 --out "$OUT/bench_gathers.json" ;;
     bandwidth)
@@ -89,7 +93,7 @@ for p in ${PHASES//,/ }; do
     verify)
       for c in ${CASES:-0 1 2 3 4 5 6 7 8}; do  # CASES="4 5": the cases of one call (each up to 300 s); DTYPES: their types
         phase "verify_$c" 300 "$PY" -X faulthandler scripts/bench_kernels.py --skip-bench --no-probe --cases "$c" \
-          --stall-s 280 --dtypes "${DTYPES:-bfloat16,float16,float32}" --forms "${FORMS:-kernel,reference,kernel_delta,merged,merged_blocks,merged_blocks_side}" \
+          --stall-s 280 --dtypes "${DTYPES:-bfloat16,float16,float32}" --forms "${FORMS:-kernel,reference,kernel_delta,merged,merged_blocks}" \
           --out "$OUT/verify_$c.json"
       done ;;
     qmm)
@@ -103,7 +107,7 @@ for bits in (4, 2, 3):
     mx.eval(q(x)); print(bits, 'forward returned after', round(time.time() - t0, 1), 's', flush=True)
     mx.eval(mx.vjp(lambda x: q(x), [x], [mx.ones((2, 32, 256), mx.bfloat16)]))
     print(bits, 'VJP returned after', round(time.time() - t0, 1), 's', flush=True)" ;;
-    *) echo "unknown phase $p (train, train4, kernels, gathers, bandwidth, breakdown, graph, split, verify, qmm)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (train, train4, kernels, merges, gathers, bandwidth, breakdown, graph, split, verify, qmm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/times.txt"

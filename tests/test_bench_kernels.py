@@ -5,6 +5,7 @@ for one test that runs the per-layer benchmark on a tiny shape on the CPU."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -173,28 +174,44 @@ def test_join_keeps_each_parts_rows_and_copy_ceiling():
         kernel_tables.design_floor(joined["bench"][1], 1000.0)["ms"], 2)
 
 
-def test_per_layer_run_times_the_side_stream_variant(monkeypatch):
+def test_per_layer_run_times_the_merge_variants(monkeypatch):
     """The per-layer run, end to end on a tiny shape with plain-MLX ops (as a GPU run, without kernels or PyTorch):
-    every form timed, the side-stream variant beside the shipped block gradients, rendered as its own table."""
+    every form timed, and each merge variant in both merged forms and in auto with several layers per call, timed
+    (and so traced) with its own launch constants set and the shipped ones back afterwards, rendered as its own
+    table."""
+    from smoa_mlx.kernels import source
     from smoa_mlx.kernels.blocks import MlxOps
 
     monkeypatch.setattr(bench_kernels, "TOKENS", 32)
+    seen = []
+    timed, amortized_ms = bench_kernels._median_time, bench_kernels._amortized_ms
+
+    def recording(fn):
+        def run(*args, **kwargs):
+            seen.append((source.MERGE_UNROLL, source.MERGE_TI))
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(bench_kernels, "_median_time", recording(timed))
+    monkeypatch.setattr(bench_kernels, "_amortized_ms", recording(amortized_ms))
     rows = bench_kernels.bench(MlxOps(), shapes=[(64, 48)], ranks=[8], with_torch=False, amortized=2)
     assert [r["blocks"] for r in rows] == list(bench_kernels.BLOCKS)
+    variants = list(bench_kernels.TIMED_VARIANTS)
+    assert variants == ["merge_unrolled", "merge_unrolled_ti4"]
     for r in rows:
-        assert all(r["ms"][k] > 0 for k in ("smoa_merged", "smoa_merged_blocks", "smoa_merged_blocks_side"))
-        assert r["ms_amortized"]["smoa_auto"] > 0  # a 64x48 layer takes full gradients: no variant there
-        assert "smoa_auto_side" not in r["ms_amortized"]
+        assert all(r["ms"][f"smoa_merged{g}{v}"] > 0 for g in ("", "_blocks")
+                   for v in ["", *(f"_{v}" for v in variants)])
+        assert all(r["ms_amortized"][f"smoa_auto{v}"] > 0 for v in ["", *(f"_{v}" for v in variants)])
+    assert set(seen) == {(False, 8), (True, 8), (True, 4)} and (source.MERGE_UNROLL, source.MERGE_TI) == (False, 8)
     table = kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu", "torch": "-", "bench": rows})
-    assert "as shipped and with the block grads on a side stream" in table
-    assert "| 64x48 | 4 | merged |" in table
-    # Where block gradients pay (large layers), the amortized columns time the variant too.
-    monkeypatch.setattr("smoa_mlx.kernels.block_grads_pay", lambda *shape: True)
-    import mlx.core as mx
-
-    x, cot = mx.ones((32, 48)), mx.ones((32, 64))
-    amortized = bench_kernels._amortized(MlxOps(), 64, 48, 8, 4, 2, x, cot, 2)
-    assert amortized["smoa_auto_side"] > 0 and amortized["smoa_auto"] > 0
+    assert "as shipped and with the merge's rank loop unrolled" in table
+    assert "as shipped and with the merge unrolled, 4 rows" in table
+    assert "auto, the merge's rank loop unrolled |" in table  # the amortized table's column
+    line = next(ln for ln in table.splitlines() if ln.startswith("| 64x48 | 4 | merged |"))
+    # a 64x48 layer takes full gradients: auto as shipped and its variant are the full-gradient merged form's
+    assert float(line.split("|")[4]) == round(rows[1]["ms"]["smoa_merged"], 2)
+    assert float(line.split("|")[5]) == round(rows[1]["ms"]["smoa_merged_merge_unrolled"], 2)
 
 
 def test_join_refuses_parts_of_different_runs(tmp_path, capsys):
@@ -213,13 +230,38 @@ def test_join_refuses_parts_of_different_runs(tmp_path, capsys):
 
 
 def test_verification_runs_every_form_on_the_cpu():
-    """The GPU verification's forms, side stream included, with plain-MLX steps on a small ragged case: each
-    within float32's tolerance of float64, and the table shows the side-stream column only for runs that have it."""
+    """The GPU verification's forms with plain-MLX steps on a small ragged case: each within float32's tolerance of
+    float64; the side-stream column (f1410eb, since removed) shows only for the runs that have it."""
     from smoa_mlx.kernels.blocks import MlxOps
 
     rows = bench_kernels.verify(MlxOps(), [(30, 20, 3, 7, 0, None, 16)], 60, ("float32",))
     assert all(rows[0][f"{form}_rel_err"] < 1e-5 for form in bench_kernels.VERIFY_FORMS) and rows[0]["ok"]
     table = kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu", "verify": rows})
-    assert "| the same, side stream |" in table and "| 30x20 | 3 | 7 | - | float32 | 16 |" in table
-    old = [{k: v for k, v in rows[0].items() if not k.startswith("merged_blocks_side")}]
-    assert "side stream" not in kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu", "verify": old})
+    assert "side stream" not in table and "| 30x20 | 3 | 7 | - | float32 | 16 |" in table
+    old = [dict(rows[0], merged_blocks_side_rel_err=2e-6)]
+    assert "| the same, side stream |" in kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu",
+                                                                   "verify": old})
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the Metal shim")
+def test_merge_variants_check_bit_for_bit_against_the_shipped_merge(monkeypatch):
+    """The GPU run's check of the merge variants, with the Metal rendering under the CPU shim: every variant, shape,
+    K and type compared, the launch constants in force while each variant runs, the shipped ones back after."""
+    from metal_emulator import run_launch
+
+    from smoa_mlx.kernels import source
+    from smoa_mlx.kernels.blocks import KernelOps
+
+    consts = []
+
+    def run(launch):
+        consts.append((dict(launch.template)["RB"], dict(launch.template)["TI"]))
+        return run_launch(launch)
+
+    rows = bench_kernels.check_merge_variants(KernelOps(run), [(64, 48)], rank=8)
+    assert len(rows) == len(bench_kernels.BLOCKS) * 2 * len(bench_kernels.TIMED_VARIANTS)
+    assert all(r["ok"] and r["mismatches"] == 0 for r in rows)
+    assert {r["kernel"] for r in rows} == {"merge merge_unrolled", "merge merge_unrolled_ti4"}
+    (shipped, unrolled, unrolled_ti4) = consts[:3]  # the first shape, K and type: the shipped merge, then each variant
+    assert shipped == (0, 8) and unrolled[0] == unrolled_ti4[0] > 0 and (unrolled[1], unrolled_ti4[1]) == (8, 4)
+    assert (source.MERGE_UNROLL, source.MERGE_TI) == (False, 8)

@@ -22,8 +22,7 @@ import bench_train  # noqa: E402
 def tiny_shape(monkeypatch):
     monkeypatch.setattr(bench_train, "MODEL", dict(bench_train.MODEL, **bench_train.SHAPES["tiny"]))
     # child_rounds sets these per method: restored after the test
-    for name, value in (("SMOA_MLX_KERNEL", "auto"), ("SMOA_MLX_MERGED_KEEP", "0"), ("SMOA_MLX_MERGE_KERNEL", "1"),
-                        ("SMOA_MLX_SIDE_STREAM", "0")):
+    for name, value in (("SMOA_MLX_KERNEL", "auto"), ("SMOA_MLX_MERGED_KEEP", "0"), ("SMOA_MLX_MERGE_KERNEL", "1")):
         monkeypatch.setenv(name, value)
 
 
@@ -62,13 +61,12 @@ def test_markdown_pairs_each_round_with_its_own_lora():
 
 def test_each_method_traces_with_its_own_environment(monkeypatch):
     """A method's step is traced with its own switches, whatever method ran before it in the same process."""
-    names = ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL", "SMOA_MLX_SIDE_STREAM")
+    names = ("SMOA_MLX_KERNEL", "SMOA_MLX_MERGED_KEEP", "SMOA_MLX_MERGE_KERNEL")
     for name in names:
         monkeypatch.setenv(name, "")  # restored after the test
     bench_train._use("smoa-keep")
-    bench_train._use("smoa-side-stream")
-    assert [os.environ[n] for n in names] == ["auto", "0", "1", "1"]
+    assert [os.environ[n] for n in names] == ["auto", "1", "1"]
     bench_train._use("smoa-mlx-merge")
-    assert [os.environ[n] for n in names] == ["auto", "0", "0", "0"]
+    assert [os.environ[n] for n in names] == ["auto", "0", "0"]
     bench_train._use("smoa")
-    assert [os.environ[n] for n in names] == ["auto", "0", "1", "0"]
+    assert [os.environ[n] for n in names] == ["auto", "0", "1"]

@@ -22,7 +22,7 @@ def _fresh(monkeypatch):
     monkeypatch.setattr(kernels, "_kernel_ops", {})
     monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
     # The switches that pick another merged function than the default: a user's own setting must not reach these.
-    for name in (kernels.MERGE_KERNEL_ENV, kernels.MERGED_KEEP_ENV, kernels.SIDE_STREAM_ENV):
+    for name in (kernels.MERGE_KERNEL_ENV, kernels.MERGED_KEEP_ENV):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -50,7 +50,6 @@ __all__ = [
     "KERNEL_ENV",
     "MERGED_KEEP_ENV",
     "MERGE_KERNEL_ENV",
-    "SIDE_STREAM_ENV",
     "MERGED_BLOCK_GRADS_MIN_SAVING",
     "block_grads_pay",
     "build_plan",
@@ -76,10 +75,6 @@ MERGED_KEEP_ENV = "SMOA_MLX_MERGED_KEEP"
 # "0": the merged form builds W0 + Delta W with MLX's matmul + fused pass on a GPU too, instead of the merge kernel
 # (measured side by side by scripts/bench_kernels.py and bench_train.py's smoa-mlx-merge; docs/BENCHMARKS.md).
 MERGE_KERNEL_ENV = "SMOA_MLX_MERGE_KERNEL"
-# "1": the merged form's block gradients (gathers, G_k, Hadamard, products) run on a second stream of the device, so a
-# GPU can overlap their memory-bound kernels with the backward's dx matmul (merged_fn's ``side_stream``). Opt-in
-# until scripts/bench_kernels.py and bench_train.py's smoa-side-stream have timed it on a GPU.
-SIDE_STREAM_ENV = "SMOA_MLX_SIDE_STREAM"
 FORMS = ("auto", "merged", "kernel", "mlx", "dense")
 
 # The form ``auto`` uses for the update alone (dropout) where MLX has no GPU: the dense HiRA form, whose full
@@ -258,7 +253,7 @@ def linear_fn(layout: BlockLayout, dtype: Optional[mx.Dtype] = None) -> LayerFn:
         ops = _ops(reads_base(layout), _dtypes(dtype)) if gpu_backend() is not None else None
         block_grads = ops is not None and merged_block_grads(layout)
         return merged_fn(layout, ops or _MLX_OPS, block_grads, os.environ.get(MERGED_KEEP_ENV, "0") == "1",
-                         os.environ.get(MERGE_KERNEL_ENV, "1") == "0", os.environ.get(SIDE_STREAM_ENV, "0") == "1")
+                         os.environ.get(MERGE_KERNEL_ENV, "1") == "0")
     ops = _block_ops(layout, dtype)
     return _dense_linear(layout) if ops is None else block_fn(layout, ops, True)
 

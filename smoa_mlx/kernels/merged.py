@@ -22,7 +22,6 @@ are computed from dy and x alone). A comparison of training curves on a real mod
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from functools import lru_cache
 from typing import Optional
 
@@ -52,7 +51,7 @@ def _block_grads(ops, layout, index, weight_parts, factors, flat, x2, g2):
 
 
 def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep: bool = False,
-              mlx_merge: bool = False, side_stream: bool = False) -> LayerFn:
+              mlx_merge: bool = False) -> LayerFn:
     """``fn(x, index, weight_parts, factors)`` = x (W0 + Delta W)^T (no bias), with its custom VJP.
 
     ``ops`` does the memory-bound steps (:class:`~.blocks.KernelOps` on a GPU, :class:`~.blocks.MlxOps`
@@ -64,30 +63,15 @@ def merged_fn(layout: BlockLayout, ops: MlxOps, block_grads: bool = False, keep:
     of MLX's own primitives, but never two launches of a custom kernel (MLX's CustomKernel defines no equivalence),
     so with the kernel the backward would build the weight again and keep would buy nothing. ``mlx_merge``: MLX's
     way without keep too (``SMOA_MLX_MERGE_KERNEL=0``: a side-by-side measurement, or a GPU where the kernel loses).
-    ``side_stream``: the block gradients run on a second stream of the device (:func:`side_stream_of`), which
-    depends on nothing of the backward's W0 + Delta W and dx matmul: a GPU may then overlap their memory-bound
-    gathers and Hadamard pass with that matmul (``SMOA_MLX_SIDE_STREAM=1``; no effect with full gradients, whose
-    G = dy^T x is a matmul as large as dx's). One function per distinct choice, however the arguments are spelled.
+    One function per distinct choice, however the arguments are spelled. (The block gradients on a second stream
+    of the device, for a GPU to overlap them with the dx matmul, measured no faster on an H200 and were removed:
+    docs/BENCHMARKS.md, "The fifth round".)
     """
-    return _merged_fn(layout, ops, bool(block_grads), bool(keep), bool(mlx_merge or keep),
-                      bool(side_stream and block_grads))
-
-
-_SIDE_STREAMS: dict[str, mx.Stream] = {}
-
-
-def side_stream_of(device: mx.Device) -> mx.Stream:
-    """One second stream per device and process, shared by every layer: the layers' backwards run one after the
-    other (:func:`.plan.after_factor_grads`), so one side stream is enough to overlap each with its own dx. Keyed by
-    the device's name: MLX hands out a new, differently hashed Device object per call."""
-    key = str(device)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = mx.new_stream(device)
-    return _SIDE_STREAMS[key]
+    return _merged_fn(layout, ops, bool(block_grads), bool(keep), bool(mlx_merge or keep))
 
 
 @lru_cache(maxsize=None)
-def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merge: bool, side_stream: bool):
+def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merge: bool):
     # B_full and A_full are built outside the custom function, from the factors with no gradient path (the VJP
     # returns the factors' gradient itself), and handed to it as inputs: the backward rebuilds W0 + Delta W from them
     # instead of taking them from the factors again (two takes, a concatenation and a cast fewer per layer and step).
@@ -115,8 +99,7 @@ def _merged_fn(layout: BlockLayout, ops, block_grads: bool, keep: bool, mlx_merg
         x2 = mx.reshape(x, (-1, x.shape[-1]))
         g2 = mx.reshape(cot, (-1, cot.shape[-1]))
         if block_grads:
-            with mx.stream(side_stream_of(mx.default_device())) if side_stream else nullcontext():
-                dfactors = _block_grads(ops, layout, index, weight_parts, factors, flat, x2, g2)
+            dfactors = _block_grads(ops, layout, index, weight_parts, factors, flat, x2, g2)
         else:
             dfactors = _dense_grads(ops, layout, index, weight_parts, factors, x2, g2, b_full, a_full)
         return after_factor_grads(dx, dfactors), *frozen, dfactors, tuple(mx.zeros_like(f) for f in full)

@@ -70,6 +70,8 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 # shapes of bench_kernels --gathers: 0.479 ms at 4 rows, 0.517 at 16 (benchmarks/bench_gathers.json); read at
 # launch, for bench_kernels --hadamard-ti
 MERGE_TI = 8  # weight rows per merge thread: its W0 loads in flight at once, TI x VEC float32 sums in registers
+MERGE_UNROLL = False  # the merge's rank loop bounded by the largest block rank, a template constant (RB), so that it
+# unrolls; read at launch, for bench_kernels' merge variants
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
@@ -318,12 +320,18 @@ _MERGE_TEMPLATE = """
         acc[u * VEC + e] = 0.0f;
       }
     }
-    for (int q = q_lo; q < q_hi; ++q) {
-      const auto arun = smoa_vload<VEC>(a + long(q) * d_in + j0);
-      for (int u = 0; u < TI; ++u) {
-        const float bq = $TOF(b[long(rows[u] >= 0 ? rows[u] : rows[0]) * R + q]);
-        for (int e = 0; e < VEC; ++e) {
-          acc[u * VEC + e] += bq * $TOF(arun.v[e]);
+    // RB > 0: a trip count known when the kernel is compiled (the largest block rank; a smaller block's surplus
+    // iterations predicated off), so the loop unrolls and its loads can be in flight together; RB = 0: the block's
+    // own count, known only at run time.
+    for (int qq = 0; qq < (RB > 0 ? RB : q_hi - q_lo); ++qq) {
+      const int q = q_lo + qq;
+      if (RB == 0 || q < q_hi) {
+        const auto arun = smoa_vload<VEC>(a + long(q) * d_in + j0);
+        for (int u = 0; u < TI; ++u) {
+          const float bq = $TOF(b[long(rows[u] >= 0 ? rows[u] : rows[0]) * R + q]);
+          for (int e = 0; e < VEC; ++e) {
+            acc[u * VEC + e] += bq * $TOF(arun.v[e]);
+          }
         }
       }
     }

@@ -136,10 +136,10 @@ def _frozen_step(d_out, d_in, x, cot):
 
 AMORTIZED = 8  # layers per call in the amortized per-layer columns
 # Variants of the kernels that bench() times beside the shipped ones, per layer in both merged forms and in auto
-# with several layers per call (kernel_tables.VARIANTS names every variant a results file may hold): the launch
-# constants of each (:func:`_with_variant`). The merge kernel's rank loop unrolled, at its 8 rows per thread and at 4
-# (fewer sums in registers, more threads in flight).
-TIMED_VARIANTS = {"merge_unrolled": dict(merge_unroll=True), "merge_unrolled_ti4": dict(merge_unroll=True, merge_ti=4)}
+# with several layers per call, and --merges alone (kernel_tables.VARIANTS names every variant a results file may
+# hold): the launch constants of each (:func:`_with_variant`), e.g. {"merge_ti4": dict(merge_ti=4)}. None now: the
+# run at 78f3eb4 timed the merge's rank loop unrolled at 8 and 4 rows per thread (no faster, dropped).
+TIMED_VARIANTS: dict[str, dict] = {"merge_ti4": dict(merge_ti=4), "merge_ti2": dict(merge_ti=2)}
 
 
 def _layers_step(layers, x, cot):
@@ -343,23 +343,22 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / ms / 1e6
 
 
-def _with_variant(fn, tt=None, hadamard_ti=None, merge_ti=None, merge_unroll=None):
+def _with_variant(fn, tt=None, hadamard_ti=None, merge_ti=None):
     """(``fn()``, the variant it ran) with the kernels' launch constants set: ``tt`` tokens per gather and per
-    scatter thread (shipped: 8 and 4), ``hadamard_ti`` rows per Hadamard thread, ``merge_ti`` rows per merge thread
-    and ``merge_unroll`` its rank loop unrolled (source.MERGE_UNROLL); None leaves one as shipped. Each is a
-    template constant, so its variant is its own compiled kernel; a compiled step traced inside ``fn`` keeps it."""
+    scatter thread (shipped: 8 and 4), ``hadamard_ti`` rows per Hadamard thread, ``merge_ti`` rows per merge
+    thread; None leaves one as shipped. Each is a template constant, so its variant is its own compiled kernel; a
+    compiled step traced inside ``fn`` keeps it."""
     from smoa_mlx.kernels import blocks, source
 
-    shipped = blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI, source.MERGE_TI, source.MERGE_UNROLL
+    shipped = blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI, source.MERGE_TI
     blocks.TT, blocks.SCATTER_TT = shipped[:2] if tt is None else (tt, tt)
     source.HADAMARD_TI = shipped[2] if hadamard_ti is None else hadamard_ti
     source.MERGE_TI = shipped[3] if merge_ti is None else merge_ti
-    source.MERGE_UNROLL = shipped[4] if merge_unroll is None else merge_unroll
     try:
         return fn(), dict(tt=blocks.TT, scatter_tt=blocks.SCATTER_TT, hadamard_ti=source.HADAMARD_TI,
-                          merge_ti=source.MERGE_TI, merge_unroll=source.MERGE_UNROLL)
+                          merge_ti=source.MERGE_TI)
     finally:
-        blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI, source.MERGE_TI, source.MERGE_UNROLL = shipped
+        blocks.TT, blocks.SCATTER_TT, source.HADAMARD_TI, source.MERGE_TI = shipped
 
 
 def _eager_and_compiled(fn, inputs: list) -> tuple[float, float, float, float]:

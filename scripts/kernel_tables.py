@@ -36,7 +36,8 @@ def _launch_label(row: dict) -> str:
             row["step"] == "merge" and "merge_ti" not in row):
         return "-"
     if row["step"] == "merge":
-        return f"{row['merge_ti']} rows / thread, " + ("unrolled" if row["merge_unroll"] else "loop")
+        return f"{row['merge_ti']} rows / thread" + (  # the rank loop unrolled or not: the run at 78f3eb4
+            (", unrolled" if row["merge_unroll"] else ", loop") if "merge_unroll" in row else "")
     if row["step"] == "hadamard":
         return f"{row['hadamard_ti']} rows / thread"
     # "strided": a mapping measured in December 2026 (benchmarks/bench_gathers.json) and dropped
@@ -132,9 +133,11 @@ def markdown(data: dict) -> str:
     if "movers_check" in data:
         bad = [r for r in data["movers_check"] if not r["ok"]]
         merges = sum(r["kernel"].startswith("merge") for r in data["movers_check"])
-        out += [f"Gathers and scatters against plain MLX, {tokens} tokens, bf16 and f32"
-                + (f" (and {merges} merge-kernel variants against the shipped merge)" if merges else "")
-                + f": {len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
+        what = [f"gathers and scatters against plain MLX, {tokens} tokens"] * (merges < len(data["movers_check"]))
+        what += ["merge-kernel variants against the shipped merge, full-size weights"] * (merges > 0)
+        joined = " and ".join(what)
+        out += [f"{joined[0].upper() + joined[1:]}, bf16 and f32: "
+                f"{len(data['movers_check']) - len(bad)} of {len(data['movers_check'])} bit-exact.", ""]
         out += [f"- MISMATCH {r['kernel']} width {r['width']} K={r['blocks']} {r['dtype']} "
                 f"TT={r.get('tt', '-')}: "
                 f"{r['mismatches']} elements differ, {r['nans']} NaN" for r in bad]
@@ -209,9 +212,11 @@ def _design_floor_table(rows: list[dict], copy_gbps: float, tokens: int = DEFAUL
 # Variants timed per layer beside the default (``smoa_merged_blocks_<v>``, and ``smoa_merged_<v>`` where the variant
 # touches both merged forms) and with several layers per call (``smoa_auto_<v>``), and what each was: the gathers'
 # blocks along the grid's x (the run at 4628c29, where z still shipped; x since), the block gradients on a second
-# stream of the device (f1410eb; no faster, removed), the merge kernel's rank loop unrolled at 8 and 4 rows per thread.
+# stream of the device (f1410eb; no faster, removed), the merge kernel's rank loop unrolled at 8 and 4 rows per thread
+# (78f3eb4) and its loop at 4 and 2 rows per thread (b1f0b6c): none faster, none shipped.
 VARIANTS = {"gather_x": "the gathers along x", "side": "the block grads on a side stream",
-            "merge_unrolled": "the merge's rank loop unrolled", "merge_unrolled_ti4": "the merge unrolled, 4 rows"}
+            "merge_unrolled": "the merge's rank loop unrolled", "merge_unrolled_ti4": "the merge unrolled, 4 rows",
+            "merge_ti4": "the merge at 4 rows per thread", "merge_ti2": "the merge at 2 rows per thread"}
 
 
 def _amortized_table(rows: list[dict]) -> list[str]:
@@ -254,7 +259,9 @@ def _variant_tables(rows: list[dict]) -> list[str]:
         timed = [r for r in rows if f"smoa_merged_blocks_{v}" in r["ms"]]
         if not timed:
             continue
-        out += [f"The merged form with block gradients, as shipped and with {label} (ms):", "",
+        what = ("Auto (the merged form, with the gradients it picks)" if f"smoa_merged_{v}" in timed[0]["ms"]
+                else "The merged form with block gradients")
+        out += [f"{what}, as shipped and with {label} (ms):", "",
                 "| W0 | K | auto runs | shipped | variant | variant / shipped | auto / MLX LoRA | with the variant |",
                 "|---|---|---|---|---|---|---|---|"]
         with_v = {}

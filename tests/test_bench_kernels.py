@@ -174,21 +174,22 @@ def test_join_keeps_each_parts_rows_and_copy_ceiling():
         kernel_tables.design_floor(joined["bench"][1], 1000.0)["ms"], 2)
 
 
-def test_per_layer_run_times_the_merge_variants(monkeypatch):
+def test_per_layer_run_times_the_variants(monkeypatch):
     """The per-layer run, end to end on a tiny shape with plain-MLX ops (as a GPU run, without kernels or PyTorch):
-    every form timed, and each merge variant in both merged forms and in auto with several layers per call, timed
-    (and so traced) with its own launch constants set and the shipped ones back afterwards, rendered as its own
-    table."""
+    every form timed, and a launch-constant variant in both merged forms and in auto with several layers per call,
+    timed (and so traced) with its constants set and the shipped ones back afterwards, rendered as its own table."""
     from smoa_mlx.kernels import source
     from smoa_mlx.kernels.blocks import MlxOps
 
     monkeypatch.setattr(bench_kernels, "TOKENS", 32)
+    monkeypatch.setattr(bench_kernels, "TIMED_VARIANTS", {"merge_ti4": dict(merge_ti=4)})
+    monkeypatch.setitem(kernel_tables.VARIANTS, "merge_ti4", "the merge at 4 rows per thread")
     seen = []
     timed, amortized_ms = bench_kernels._median_time, bench_kernels._amortized_ms
 
     def recording(fn):
         def run(*args, **kwargs):
-            seen.append((source.MERGE_UNROLL, source.MERGE_TI))
+            seen.append(source.MERGE_TI)
             return fn(*args, **kwargs)
 
         return run
@@ -197,21 +198,17 @@ def test_per_layer_run_times_the_merge_variants(monkeypatch):
     monkeypatch.setattr(bench_kernels, "_amortized_ms", recording(amortized_ms))
     rows = bench_kernels.bench(MlxOps(), shapes=[(64, 48)], ranks=[8], with_torch=False, amortized=2)
     assert [r["blocks"] for r in rows] == list(bench_kernels.BLOCKS)
-    variants = list(bench_kernels.TIMED_VARIANTS)
-    assert variants == ["merge_unrolled", "merge_unrolled_ti4"]
     for r in rows:
-        assert all(r["ms"][f"smoa_merged{g}{v}"] > 0 for g in ("", "_blocks")
-                   for v in ["", *(f"_{v}" for v in variants)])
-        assert all(r["ms_amortized"][f"smoa_auto{v}"] > 0 for v in ["", *(f"_{v}" for v in variants)])
-    assert set(seen) == {(False, 8), (True, 8), (True, 4)} and (source.MERGE_UNROLL, source.MERGE_TI) == (False, 8)
+        assert all(r["ms"][f"smoa_merged{g}{v}"] > 0 for g in ("", "_blocks") for v in ("", "_merge_ti4"))
+        assert r["ms_amortized"]["smoa_auto"] > 0 and r["ms_amortized"]["smoa_auto_merge_ti4"] > 0
+    assert set(seen) == {8, 4} and source.MERGE_TI == 8
     table = kernel_tables.markdown({"command": "-", "mlx": "-", "device": "cpu", "torch": "-", "bench": rows})
-    assert "as shipped and with the merge's rank loop unrolled" in table
-    assert "as shipped and with the merge unrolled, 4 rows" in table
-    assert "auto, the merge's rank loop unrolled |" in table  # the amortized table's column
+    assert "as shipped and with the merge at 4 rows per thread" in table
+    assert "auto, the merge at 4 rows per thread |" in table  # the amortized table's column
     line = next(ln for ln in table.splitlines() if ln.startswith("| 64x48 | 4 | merged |"))
     # a 64x48 layer takes full gradients: auto as shipped and its variant are the full-gradient merged form's
     assert float(line.split("|")[4]) == round(rows[1]["ms"]["smoa_merged"], 2)
-    assert float(line.split("|")[5]) == round(rows[1]["ms"]["smoa_merged_merge_unrolled"], 2)
+    assert float(line.split("|")[5]) == round(rows[1]["ms"]["smoa_merged_merge_ti4"], 2)
 
 
 def test_join_refuses_parts_of_different_runs(tmp_path, capsys):
@@ -245,23 +242,24 @@ def test_verification_runs_every_form_on_the_cpu():
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the Metal shim")
 def test_merge_variants_check_bit_for_bit_against_the_shipped_merge(monkeypatch):
-    """The GPU run's check of the merge variants, with the Metal rendering under the CPU shim: every variant, shape,
-    K and type compared, the launch constants in force while each variant runs, the shipped ones back after."""
+    """The GPU run's check of the merge variants (here two of its rows per thread), with the Metal rendering under
+    the CPU shim: every variant, shape, K and type compared, the launch constants in force while each variant runs,
+    the shipped ones back after."""
     from metal_emulator import run_launch
 
     from smoa_mlx.kernels import source
     from smoa_mlx.kernels.blocks import KernelOps
 
-    consts = []
+    monkeypatch.setattr(bench_kernels, "TIMED_VARIANTS", {"merge_ti4": dict(merge_ti=4), "merge_ti2": dict(merge_ti=2)})
+    rows_per_thread = []
 
     def run(launch):
-        consts.append((dict(launch.template)["RB"], dict(launch.template)["TI"]))
+        rows_per_thread.append(dict(launch.template)["TI"])
         return run_launch(launch)
 
     rows = bench_kernels.check_merge_variants(KernelOps(run), [(64, 48)], rank=8)
-    assert len(rows) == len(bench_kernels.BLOCKS) * 2 * len(bench_kernels.TIMED_VARIANTS)
+    assert len(rows) == len(bench_kernels.BLOCKS) * 2 * 2
     assert all(r["ok"] and r["mismatches"] == 0 for r in rows)
-    assert {r["kernel"] for r in rows} == {"merge merge_unrolled", "merge merge_unrolled_ti4"}
-    (shipped, unrolled, unrolled_ti4) = consts[:3]  # the first shape, K and type: the shipped merge, then each variant
-    assert shipped == (0, 8) and unrolled[0] == unrolled_ti4[0] > 0 and (unrolled[1], unrolled_ti4[1]) == (8, 4)
-    assert (source.MERGE_UNROLL, source.MERGE_TI) == (False, 8)
+    assert {r["kernel"] for r in rows} == {"merge merge_ti4", "merge merge_ti2"}
+    assert rows_per_thread[:3] == [8, 4, 2]  # the first shape, K and type: the shipped merge, then each variant
+    assert source.MERGE_TI == 8

@@ -33,7 +33,7 @@ def _kernel(kernel: str, quantized: bool, ctype: str, vec: int) -> tuple[str, st
     params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names]
     params += [f"{ctype}* {n}" for n in src.output_names]
     consts = [f"using T = {ctype};", f"using OT = {ctype};", f"constexpr int TT = {TT};", f"constexpr int TI = {TI};",
-              "constexpr int V = 4;", "constexpr int R = 16;", "constexpr int RB = 8;", f"constexpr int VEC = {vec};"]
+              "constexpr int V = 4;", "constexpr int R = 16;", f"constexpr int VEC = {vec};"]
     if quantized:
         consts += ["constexpr int BITS = 4;", "constexpr int GS = 64;"]
     body = "\n  ".join(consts)

@@ -144,11 +144,9 @@ def test_gather_of_four_ragged_blocks():
 
 
 @pytest.mark.parametrize("bits,branch", [(0, [4, 0, 2]), (4, None)], ids=["dense-zero-rank-block", "q4"])
-def test_merge_loop_and_rows_per_thread_change_only_the_mapping(bits, branch, monkeypatch):
-    """The merge kernel with its rank loop unrolled (source.MERGE_UNROLL: the trip count the largest block rank, a
-    template constant, a smaller block's surplus iterations predicated off) and at 4 rows per thread writes the same
-    bits as the loop over each block's own slots at 8 rows: the same sums in the same order. Ragged ranks, one of
-    them 0, and blocks whose rows are not a multiple of 4 or 8."""
+def test_merge_rows_per_thread_change_only_the_mapping(bits, branch, monkeypatch):
+    """The merge kernel at 4 and 2 rows per thread writes the same bits as at 8 (source.MERGE_TI, shipped): the same
+    sums in the same order. Ragged ranks, one of them 0, and blocks whose rows are not a multiple of 4 or 8."""
     from smoa_mlx.kernels.dense import full_factors, full_weight
 
     layer = make_layer(96, 75, 6, 3, mx.bfloat16, bits, 32, branch, seed=12)
@@ -158,12 +156,10 @@ def test_merge_loop_and_rows_per_thread_change_only_the_mapping(bits, branch, mo
     launches: list[Launch] = []
     ops = KernelOps(_recording(launches))
     outs = []
-    for unroll, ti in ((False, 8), (True, 8), (True, 4)):
-        monkeypatch.setattr(source, "MERGE_UNROLL", unroll)
+    for ti in (8, 4, 2):
         monkeypatch.setattr(source, "MERGE_TI", ti)
         outs.append(ops.merge(layout, plan, parts, *full, mx.bfloat16))
-    assert [(dict(la.template)["RB"], dict(la.template)["TI"]) for la in launches] == [
-        (0, 8), (max(layout.ranks), 8), (max(layout.ranks), 4)]
+    assert [dict(la.template)["TI"] for la in launches] == [8, 4, 2]
     assert 0 in layout.ranks or branch is None
     assert all(np.array_equal(_bits(outs[0]), _bits(o)) for o in outs[1:])
     assert not np.array_equal(_bits(outs[0]), _bits(full_weight(parts, layout).astype(mx.bfloat16)))

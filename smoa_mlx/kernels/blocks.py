@@ -191,9 +191,7 @@ class KernelOps(MlxOps):
         strides, quant = _base_args(layout, weight_parts)
         slots = [sum(layout.ranks[:k]) for k in range(K + 1)]
         dims = mx.array([d_out, d_in, *strides, M, *slots], dtype=mx.int32)
-        rb = max(layout.ranks) if source.MERGE_UNROLL else 0
-        template = ([("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("RB", rb), ("VEC", vec)]
-                    + [("T", t) for t in w_type] + quant)
+        template = [("OT", dtype), ("TI", source.MERGE_TI), ("R", r), ("VEC", vec)] + [("T", t) for t in w_type] + quant
         (out,) = self.run(Launch("merge", layout.quantized,
                                  [a_full, b_full, plan.row_src, dims, mx.array([layout.scale], dtype=mx.float32),
                                   *weight_parts],

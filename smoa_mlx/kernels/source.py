@@ -69,9 +69,11 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 # columns in registers for TI rows), so fewer rows put more threads and loads in flight. On an H200, over the three
 # shapes of bench_kernels --gathers: 0.479 ms at 4 rows, 0.517 at 16 (benchmarks/bench_gathers.json); read at
 # launch, for bench_kernels --hadamard-ti
-MERGE_TI = 8  # weight rows per merge thread: its W0 loads in flight at once, TI x VEC float32 sums in registers
-MERGE_UNROLL = False  # the merge's rank loop bounded by the largest block rank, a template constant (RB), so that it
-# unrolls; read at launch, for bench_kernels' merge variants
+MERGE_TI = 8  # weight rows per merge thread: its W0 loads in flight at once, TI x VEC float32 sums in registers.
+# Read at launch. On an H200 (bench_merges_78f3eb4.json, bench_kernels_78f3eb4.json) a rank loop unrolled to the
+# largest block rank (a template constant) took 1.11-1.21x this loop's time alone, at 4 rows per thread 1.13-1.31x at
+# 4096x4096 and 1.06-1.13x on the 14336-wide shapes, each bit for bit the same; per layer and end to end within the
+# runs' spread (auto / MLX LoRA at K=4 with 8 layers per call: 0.94x, 0.94x and 0.95x). Both dropped.
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)
@@ -320,18 +322,12 @@ _MERGE_TEMPLATE = """
         acc[u * VEC + e] = 0.0f;
       }
     }
-    // RB > 0: a trip count known when the kernel is compiled (the largest block rank; a smaller block's surplus
-    // iterations predicated off), so the loop unrolls and its loads can be in flight together; RB = 0: the block's
-    // own count, known only at run time.
-    for (int qq = 0; qq < (RB > 0 ? RB : q_hi - q_lo); ++qq) {
-      const int q = q_lo + qq;
-      if (RB == 0 || q < q_hi) {
-        const auto arun = smoa_vload<VEC>(a + long(q) * d_in + j0);
-        for (int u = 0; u < TI; ++u) {
-          const float bq = $TOF(b[long(rows[u] >= 0 ? rows[u] : rows[0]) * R + q]);
-          for (int e = 0; e < VEC; ++e) {
-            acc[u * VEC + e] += bq * $TOF(arun.v[e]);
-          }
+    for (int q = q_lo; q < q_hi; ++q) {
+      const auto arun = smoa_vload<VEC>(a + long(q) * d_in + j0);
+      for (int u = 0; u < TI; ++u) {
+        const float bq = $TOF(b[long(rows[u] >= 0 ? rows[u] : rows[0]) * R + q]);
+        for (int e = 0; e < VEC; ++e) {
+          acc[u * VEC + e] += bq * $TOF(arun.v[e]);
         }
       }
     }

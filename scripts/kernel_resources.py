@@ -1,0 +1,130 @@
+"""What ptxas makes of the CUDA rendering of each SMoA kernel: registers per thread, spills, local memory.
+
+A kernel's speed at a given memory pattern rests on how many threads an SM can keep in flight, which its registers
+bound (65,536 per SM on Hopper: 128 registers a thread leave 16 warps of 64), and on whether its arrays stay in
+registers at all (a spill is local memory: a trip to L1 or beyond per access). Run where nvcc is installed (the
+device machine has it; this CPU machine does not):
+
+    python scripts/kernel_resources.py                       # every kernel, bf16, the shipped constants
+    python scripts/kernel_resources.py --kernels merge,hadamard --variants "TI=8;TI=4;TI=16"
+
+Each variant is a set of template constants (TI, TT, VEC, R, ...) over the shipped ones; the report is what
+ptxas prints (``-Xptxas -v``), one line per kernel, and the table lands in ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# The kernel sources alone, loaded by path: they need no MLX (a machine with nvcc may have none), where importing
+# smoa_mlx.kernels would load MLX with the package.
+_spec = importlib.util.spec_from_file_location(
+    "smoa_kernel_source", Path(__file__).resolve().parent.parent / "smoa_mlx" / "kernels" / "source.py")
+source = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # registered: its dataclass looks it up
+_spec.loader.exec_module(source)
+ANCHORED, KERNELS, render = source.ANCHORED, source.KERNELS, source.render
+
+_INT = ("src", "slot", "dims", "row_src", "col_src")
+_CTYPE = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}
+
+
+def shipped_constants(kernel: str, ctype: str) -> dict[str, int]:
+    """The template constants a launch of ``kernel`` gets (kernels/blocks.py), for a 16-byte vector of ``ctype``
+    and a rank of 16 per block (R: the merge's whole rank, 2 blocks)."""
+    vec = 16 // (4 if ctype == "float" else 2)
+    if kernel == "gather":
+        return dict(TT=source.TT, VEC=vec)
+    if kernel in ("scatter", "scatter_add"):
+        return dict(TT=source.SCATTER_TT, VEC=vec)
+    if kernel == "merge":
+        return dict(TI=source.MERGE_TI, R=32, VEC=vec)
+    return dict(TI=source.TI if kernel == "modulate" else source.HADAMARD_TI, V=source.V, R=16)
+
+
+def kernel_text(kernel: str, quantized: bool, ctype: str, consts: dict[str, int], name: str) -> str:
+    """The kernel as mx.fast.cuda_kernel assembles it (mlx/backend/cuda/custom_kernel.cpp: const input pointers,
+    output pointers, the template arguments as constexpr / using lines at the top of the body)."""
+    src = render(kernel, "cuda", quantized)
+    types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "scale": "float", "wq": "uint32_t"}
+    if kernel == "merge":  # B_full and A_full in the activations' type
+        types.update(a=ctype, b=ctype)
+    params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names] + [f"{ctype}* {n}" for n in src.output_names]
+    lines = [f"using T = {ctype};", f"using OT = {ctype};"] + [f"constexpr int {k} = {v};" for k, v in consts.items()]
+    if quantized:
+        lines += ["constexpr int BITS = 4;", "constexpr int GS = 64;"]
+    body = "\n  ".join(lines)
+    return f"__global__ void {name}({', '.join(params)}) {{\n  {body}\n{src.source}\n}}\n"
+
+
+def report(kernels, variants, dtype="bfloat16", arch="sm_90") -> list[dict]:
+    ctype = _CTYPE[dtype]
+    texts, rows = [], []
+    for kernel in kernels:
+        for quantized in (False, True) if kernel in ANCHORED else (False,):
+            for i, extra in enumerate(variants):
+                consts = {**shipped_constants(kernel, ctype), **extra}
+                name = f"k_{kernel}_{'q' if quantized else 'd'}_{i}"
+                texts.append(kernel_text(kernel, quantized, ctype, consts, name))
+                rows.append(dict(kernel=kernel, quantized=quantized, dtype=dtype, consts=consts, name=name))
+    header = render("gather", "cuda").header
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp) / "smoa.cu"
+        cu.write_text("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
+                      + "namespace mlx::core::cu {\n" + "\n".join(texts) + "}\n")
+        done = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", str(cu), "-o",
+                               str(Path(tmp) / "smoa.cubin")], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-4000:])
+    # ptxas: "Compiling entry function '<mangled>' for 'sm_90'", then "Used N registers, ..." and spill lines
+    current = None
+    found = {}
+    for line in done.stderr.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = next((r["name"] for r in rows if r["name"] in m.group(1)), None)
+            found[current] = {}
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                         line)):
+            found[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            found[current]["registers"] = int(m.group(1))
+    for r in rows:
+        r.update(found.get(r["name"], {}))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| kernel | base | constants | registers | spill stores / loads (bytes) | stack |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        consts = ", ".join(f"{k}={v}" for k, v in r["consts"].items())
+        out.append(f"| {r['kernel']} | {'4-bit' if r['quantized'] else 'dense'} | {consts} | {r.get('registers', '?')} "
+                   f"| {r.get('spill_stores', '?')} / {r.get('spill_loads', '?')} | {r.get('stack', '?')} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernels", default=",".join(KERNELS))
+    ap.add_argument("--variants", default="", help='";"-separated sets of "NAME=value,..." template constants over '
+                                                  'the shipped ones (default: the shipped ones alone)')
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(_CTYPE))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    variants = [dict((k, int(v)) for k, v in (kv.split("=") for kv in s.split(",") if kv)) for s in
+                args.variants.split(";")] if args.variants else [{}]
+    rows = report(args.kernels.split(","), variants, args.dtype)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

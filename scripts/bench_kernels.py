@@ -138,8 +138,9 @@ AMORTIZED = 8  # layers per call in the amortized per-layer columns
 # Variants of the kernels that bench() times beside the shipped ones, per layer in both merged forms and in auto
 # with several layers per call, and --merges alone (kernel_tables.VARIANTS names every variant a results file may
 # hold): the launch constants of each (:func:`_with_variant`), e.g. {"merge_ti4": dict(merge_ti=4)}. None now: the
-# run at 78f3eb4 timed the merge's rank loop unrolled at 8 and 4 rows per thread (no faster, dropped).
-TIMED_VARIANTS: dict[str, dict] = {"merge_ti4": dict(merge_ti=4), "merge_ti2": dict(merge_ti=2)}
+# run at 78f3eb4 timed the merge's rank loop unrolled at 8 and 4 rows per thread, the one at ef65f8c its loop at 4 and
+# 2 rows per thread (none faster per layer, none shipped).
+TIMED_VARIANTS: dict[str, dict] = {}
 
 
 def _layers_step(layers, x, cot):

@@ -36,8 +36,8 @@ _CTYPE = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}
 
 
 def shipped_constants(kernel: str, ctype: str) -> dict[str, int]:
-    """The template constants a launch of ``kernel`` gets (kernels/blocks.py), for a 16-byte vector of ``ctype``
-    and a rank of 16 per block (R: the merge's whole rank, 2 blocks)."""
+    """The template constants a launch of ``kernel`` gets (kernels/blocks.py; tests/test_kernel_resources.py holds
+    them to it), for a 16-byte vector of ``ctype`` and a rank of 16 per block (R: the merge's whole rank, 2 blocks)."""
     vec = 16 // (4 if ctype == "float" else 2)
     if kernel == "gather":
         return dict(TT=source.TT, VEC=vec)
@@ -45,7 +45,9 @@ def shipped_constants(kernel: str, ctype: str) -> dict[str, int]:
         return dict(TT=source.SCATTER_TT, VEC=vec)
     if kernel == "merge":
         return dict(TI=source.MERGE_TI, R=32, VEC=vec)
-    return dict(TI=source.TI if kernel == "modulate" else source.HADAMARD_TI, V=source.V, R=16)
+    if kernel == "modulate":
+        return dict(TI=source.TI, V=source.V, R=16)
+    return dict(TI=source.HADAMARD_TI, V=source.V)
 
 
 def kernel_text(kernel: str, quantized: bool, ctype: str, consts: dict[str, int], name: str) -> str:

@@ -213,7 +213,7 @@ def _design_floor_table(rows: list[dict], copy_gbps: float, tokens: int = DEFAUL
 # touches both merged forms) and with several layers per call (``smoa_auto_<v>``), and what each was: the gathers'
 # blocks along the grid's x (the run at 4628c29, where z still shipped; x since), the block gradients on a second
 # stream of the device (f1410eb; no faster, removed), the merge kernel's rank loop unrolled at 8 and 4 rows per thread
-# (78f3eb4) and its loop at 4 and 2 rows per thread (b1f0b6c): none faster, none shipped.
+# (78f3eb4) and its loop at 4 and 2 rows per thread (ef65f8c): none faster, none shipped.
 VARIANTS = {"gather_x": "the gathers along x", "side": "the block grads on a side stream",
             "merge_unrolled": "the merge's rank loop unrolled", "merge_unrolled_ti4": "the merge unrolled, 4 rows",
             "merge_ti4": "the merge at 4 rows per thread", "merge_ti2": "the merge at 2 rows per thread"}

@@ -14,31 +14,26 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from smoa_mlx.kernels.source import ANCHORED, BLOCK_ANCHORED, KERNELS, TI, TT, render
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import kernel_resources  # noqa: E402  (the kernels assembled as mx.fast.cuda_kernel does)
+
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
-_INT = ("src", "slot", "dims", "row_src", "col_src")
 _SIZE = {"__nv_bfloat16": 2, "__half": 2, "float": 4}
 
 
 def _kernel(kernel: str, quantized: bool, ctype: str, vec: int) -> tuple[str, str]:
-    src = render(kernel, "cuda", quantized)
-    types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "scale": "float", "wq": "uint32_t"}
-    if kernel == "merge":  # B_full and A_full in the activations' type
-        types.update(a=ctype, b=ctype)
-    params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names]
-    params += [f"{ctype}* {n}" for n in src.output_names]
-    consts = [f"using T = {ctype};", f"using OT = {ctype};", f"constexpr int TT = {TT};", f"constexpr int TI = {TI};",
-              "constexpr int V = 4;", "constexpr int R = 16;", f"constexpr int VEC = {vec};"]
-    if quantized:
-        consts += ["constexpr int BITS = 4;", "constexpr int GS = 64;"]
-    body = "\n  ".join(consts)
-    name = f"{src.name}_{ctype.strip('_')}_vec{vec}"
-    return name, f"__global__ void {name}({', '.join(params)}) {{\n  {body}\n{src.source}\n}}\n"
+    name = f"{render(kernel, 'cuda', quantized).name}_{ctype.strip('_')}_vec{vec}"
+    consts = dict(TT=TT, TI=TI, V=4, R=16, VEC=vec)
+    return name, kernel_resources.kernel_text(kernel, quantized, ctype, consts, name)
 
 
 def test_cuda_rendering_compiles_for_sm90(tmp_path):

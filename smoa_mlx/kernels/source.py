@@ -71,9 +71,13 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 # launch, for bench_kernels --hadamard-ti
 MERGE_TI = 8  # weight rows per merge thread: its W0 loads in flight at once, TI x VEC float32 sums in registers.
 # Read at launch. On an H200 (bench_merges_78f3eb4.json, bench_kernels_78f3eb4.json) a rank loop unrolled to the
-# largest block rank (a template constant) took 1.11-1.21x this loop's time alone, at 4 rows per thread 1.13-1.31x at
+# largest block rank (a template constant) took 1.11-1.21x this loop's time alone, at 4 rows per thread 1.31x at
 # 4096x4096 and 1.06-1.13x on the 14336-wide shapes, each bit for bit the same; per layer and end to end within the
-# runs' spread (auto / MLX LoRA at K=4 with 8 layers per call: 0.94x, 0.94x and 0.95x). Both dropped.
+# runs' spread (auto / MLX LoRA at K=4 with 8 layers per call: 0.94x, 0.94x and 0.95x). Both dropped. Its 8 rows take
+# 168 registers a thread (one 256-thread group per SM; benchmarks/kernel_resources_ef65f8c.json), 4 rows 91 and 2
+# rows 55, with no spills: at 2 rows the merge alone took 0.87-0.88x the time of 8 on the 14336-wide shapes (1.06x
+# at 4096x4096), but a layer's step 1.04-1.19x (8 layers per call; at K=4 1.00x MLX LoRA against 0.91x, 4 rows
+# 0.92x; bench_kernels_ef65f8c.json), so 8 stays.
 V = 4  # columns per modulate/hadamard thread, 32 apart (lane + 32 v): coalesced across the warp
 VECTOR_BYTES = 16  # one gather/scatter store (and scatter_add base load): a thread's VEC consecutive elements;
 # read at launch time, so a benchmark can set 8, 4 or 2 to compare narrower runs (2 in bf16: one element, VEC = 1)

@@ -24,9 +24,10 @@
 #   gathers  bench_kernels --gathers at 8 and 16 tokens per thread (shipped: 8 for the gathers, 4 for the scatters;
 #            `--tt 4,8` took 76 s at f45b8b6), each checked bit for bit, then its bandwidth; and the Hadamard kernel at 4 (shipped) and 16 rows per thread (137 s with a third mover
 #            variant, since dropped)
-#   merges   bench_kernels --merges: the merge kernel's variants (bench_kernels.TIMED_VARIANTS: its rank loop
-#            unrolled, at 8 and 4 rows per thread), each checked bit for bit against the shipped merge, then all
-#            timed alone; the kernels phase times them per layer too
+#   merges   bench_kernels --merges: the merge kernel as shipped and as each of bench_kernels.TIMED_VARIANTS (none
+#            now; at 78f3eb4 its rank loop unrolled at 8 and 4 rows per thread, 84 s; at ef65f8c its loop at 4 and 2
+#            rows, 70 s), each variant checked bit for bit against the shipped merge, then all timed alone; the
+#            kernels phase times the variants per layer too
 #   bandwidth  bench_kernels --bandwidth: the copy ceiling and each memory-bound step, eager and compiled (the
 #            compiled launches are the GPU's time; eager ones include building each launch from Python; 124 s)
 #   breakdown  bench_kernels --breakdown: the merged form's steps alone, eager and compiled, at 4096x4096 K=4 and 2

@@ -72,7 +72,7 @@ HADAMARD_TI = 4  # block rows per hadamard thread: it has no factor to keep for 
 MERGE_TI = 8  # weight rows per merge thread: its W0 loads in flight at once, TI x VEC float32 sums in registers.
 # Read at launch. On an H200 (bench_merges_78f3eb4.json, bench_kernels_78f3eb4.json) a rank loop unrolled to the
 # largest block rank (a template constant) took 1.11-1.21x this loop's time alone, at 4 rows per thread 1.31x at
-# 4096x4096 and 1.06-1.13x on the 14336-wide shapes, each bit for bit the same; per layer and end to end within the
+# 4096x4096 and 1.06-1.13x on the 14336-wide shapes, each bit for bit the same; per layer within the
 # runs' spread (auto / MLX LoRA at K=4 with 8 layers per call: 0.94x, 0.94x and 0.95x). Both dropped. Its 8 rows take
 # 168 registers a thread (one 256-thread group per SM; benchmarks/kernel_resources_ef65f8c.json), 4 rows 91 and 2
 # rows 55, with no spills: at 2 rows the merge alone took 0.87-0.88x the time of 8 on the 14336-wide shapes (1.06x

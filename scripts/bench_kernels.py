@@ -596,16 +596,13 @@ def _amortized(kernel_ops, d_out, d_in, rank, blocks, lora_rank, x, cot, n) -> d
 
     out = {"lora_mlx": _amortized_ms([_lora_layer(d_out, d_in, lora_rank) for _ in range(n)], x, cot)}
     block_grads = block_grads_pay(d_out, d_in, blocks)
-    # each its own orders (its own plan) and factors, as a model's layers
+    # each its own orders (its own plan) and factors, as a model's layers; each timing compiles (traces) its own step
     smoa = [_mlx_layer(d_out, d_in, rank, blocks, seed=i) for i in range(n)]
-
-    def calls(block_grads):
-        return [(lambda x, f, fn=merged_fn(layer.layout, kernel_ops, block_grads), layer=layer:
-                 fn(x, layer.index, layer.weight_parts(), f), [layer.smoa_factors]) for layer in smoa]
-
-    out["smoa_auto"] = _amortized_ms(calls(block_grads), x, cot)
+    layers = [(lambda x, f, fn=merged_fn(layer.layout, kernel_ops, block_grads), layer=layer:
+               fn(x, layer.index, layer.weight_parts(), f), [layer.smoa_factors]) for layer in smoa]
+    out["smoa_auto"] = _amortized_ms(layers, x, cot)
     for v, consts in TIMED_VARIANTS.items():
-        out[f"smoa_auto_{v}"] = _with_variant(lambda: _amortized_ms(calls(block_grads), x, cot), **consts)[0]
+        out[f"smoa_auto_{v}"] = _with_variant(lambda: _amortized_ms(layers, x, cot), **consts)[0]
     return out
 
 
@@ -795,24 +792,21 @@ def main(argv=None) -> int:
         elif args.gathers or args.merges:
             data["copy_gbps"] = copy_bandwidth()
             data["movers_check"], data["bandwidth"] = [], []
-            movers = ("gather x", "gather dy", "scatter", "scatter+add")
-            for tt in (map(int, args.tt.split(",")) if args.tt else [None]) if args.gathers else []:
-                (checks, rows), variant = _with_variant(lambda: (
-                    check_movers(kernel_ops), kernel_bandwidth(kernel_ops, SHAPES[:3], only=movers)), tt)
-                for r in checks + rows:
-                    r.update(variant)
-                data["movers_check"] += checks
-                data["bandwidth"] += rows
-            for ti in map(int, args.hadamard_ti.split(",")) if args.hadamard_ti and args.gathers else []:
-                rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("hadamard",)),
-                                              hadamard_ti=ti)
-                data["bandwidth"] += [dict(r, **variant) for r in rows]
+            sweeps = []  # (steps, launch constants): each timed with its constants set, its rows labelled with them
+            if args.gathers:
+                tts = [int(tt) for tt in args.tt.split(",")] if args.tt else [None]
+                for tt in tts:
+                    checks, variant = _with_variant(lambda: check_movers(kernel_ops), tt=tt)
+                    data["movers_check"] += [dict(r, **variant) for r in checks]
+                sweeps += [(("gather x", "gather dy", "scatter", "scatter+add"), dict(tt=tt)) for tt in tts]
+                sweeps += [(("hadamard",), dict(hadamard_ti=int(ti)))
+                           for ti in (args.hadamard_ti.split(",") if args.hadamard_ti else [])]
             if args.merges:
                 data["movers_check"] += check_merge_variants(kernel_ops, SHAPES[:3])
-                for consts in [{}, *TIMED_VARIANTS.values()]:
-                    rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=("merge",)),
-                                                  **consts)
-                    data["bandwidth"] += [dict(r, **variant) for r in rows]
+                sweeps += [(("merge",), consts) for consts in [{}, *TIMED_VARIANTS.values()]]
+            for steps, consts in sweeps:
+                rows, variant = _with_variant(lambda: kernel_bandwidth(kernel_ops, SHAPES[:3], only=steps), **consts)
+                data["bandwidth"] += [dict(r, **variant) for r in rows]
             ok = all(r["ok"] for r in data["movers_check"])
         elif not args.skip_bench:
             shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES

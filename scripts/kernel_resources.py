@@ -57,12 +57,38 @@ def kernel_text(kernel: str, quantized: bool, ctype: str, consts: dict[str, int]
     types = {**{n: "int32_t" for n in _INT}, "a": "float", "b": "float", "scale": "float", "wq": "uint32_t"}
     if kernel == "merge":  # B_full and A_full in the activations' type
         types.update(a=ctype, b=ctype)
-    params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names] + [f"{ctype}* {n}" for n in src.output_names]
+    params = [f"const {types.get(n, ctype)}* {n}" for n in src.input_names]
+    params += [f"{ctype}* {n}" for n in src.output_names]
     lines = [f"using T = {ctype};", f"using OT = {ctype};"] + [f"constexpr int {k} = {v};" for k, v in consts.items()]
     if quantized:
         lines += ["constexpr int BITS = 4;", "constexpr int GS = 64;"]
     body = "\n  ".join(lines)
     return f"__global__ void {name}({', '.join(params)}) {{\n  {body}\n{src.source}\n}}\n"
+
+
+def translation_unit(texts: list[str]) -> str:
+    """One .cu file of kernels from :func:`kernel_text`: the CUDA headers, the kernels' shared helpers, and the
+    kernels inside MLX's namespace, as MLX's NVRTC sees them."""
+    return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + render("gather", "cuda").header
+            + "namespace mlx::core::cu {\n" + "\n".join(texts) + "}\n")
+
+
+def parse_ptxas(log: str, names: list[str]) -> dict[str, dict]:
+    """{name: registers, spill stores and loads, stack} from ``-Xptxas -v``'s log: "Compiling entry function
+    '<mangled>' for 'sm_90'", then its "N bytes stack frame, ..." and "Used N registers" lines. Matched as mangled,
+    where each name carries its length first, so k_merge_d_1 is not read into k_merge_d_10."""
+    current, found = None, {}
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '([^']+)'", line):
+            current = next((n for n in names if f"{len(n)}{n}" in m.group(1)), None)
+            if current:
+                found[current] = {}
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                         line)):
+            found[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            found[current]["registers"] = int(m.group(1))
+    return found
 
 
 def report(kernels, variants, dtype="bfloat16", arch="sm_90") -> list[dict]:
@@ -75,35 +101,22 @@ def report(kernels, variants, dtype="bfloat16", arch="sm_90") -> list[dict]:
                 name = f"k_{kernel}_{'q' if quantized else 'd'}_{i}"
                 texts.append(kernel_text(kernel, quantized, ctype, consts, name))
                 rows.append(dict(kernel=kernel, quantized=quantized, dtype=dtype, consts=consts, name=name))
-    header = render("gather", "cuda").header
     with tempfile.TemporaryDirectory() as tmp:
         cu = Path(tmp) / "smoa.cu"
-        cu.write_text("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
-                      + "namespace mlx::core::cu {\n" + "\n".join(texts) + "}\n")
+        cu.write_text(translation_unit(texts))
         done = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", str(cu), "-o",
                                str(Path(tmp) / "smoa.cubin")], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-4000:])
-    # ptxas: "Compiling entry function '<mangled>' for 'sm_90'", then "Used N registers, ..." and spill lines
-    current = None
-    found = {}
-    for line in done.stderr.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)'", line)
-        if m:
-            current = next((r["name"] for r in rows if r["name"] in m.group(1)), None)
-            found[current] = {}
-        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                                         line)):
-            found[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        elif current and (m := re.search(r"Used (\d+) registers", line)):
-            found[current]["registers"] = int(m.group(1))
+    found = parse_ptxas(done.stderr, [r["name"] for r in rows])
     for r in rows:
         r.update(found.get(r["name"], {}))
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| kernel | base | constants | registers | spill stores / loads (bytes) | stack |", "|---|---|---|---|---|---|"]
+    out = ["| kernel | base | constants | registers | spill stores / loads (bytes) | stack |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
         consts = ", ".join(f"{k}={v}" for k, v in r["consts"].items())
         out.append(f"| {r['kernel']} | {'4-bit' if r['quantized'] else 'dense'} | {consts} | {r.get('registers', '?')} "

@@ -35,9 +35,9 @@ def _launch_label(row: dict) -> str:
     if "tt" not in row or row["step"] in ("modulate", "merge-mlx") or (
             row["step"] == "merge" and "merge_ti" not in row):
         return "-"
-    if row["step"] == "merge":
-        return f"{row['merge_ti']} rows / thread" + (  # the rank loop unrolled or not: the run at 78f3eb4
-            (", unrolled" if row["merge_unroll"] else ", loop") if "merge_unroll" in row else "")
+    if row["step"] == "merge":  # merge_unroll: the rank loop unrolled or not, in the run at 78f3eb4
+        loop = {True: ", unrolled", False: ", loop"}.get(row.get("merge_unroll"), "")
+        return f"{row['merge_ti']} rows / thread{loop}"
     if row["step"] == "hadamard":
         return f"{row['hadamard_ti']} rows / thread"
     # "strided": a mapping measured in December 2026 (benchmarks/bench_gathers.json) and dropped

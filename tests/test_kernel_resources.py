@@ -55,3 +55,20 @@ def test_reported_constants_are_the_launches_own():
         text = kernel_resources.kernel_text(la.kernel, la.quantized, ctype, reported, "k")
         assert all(f"constexpr int {k} = {v};" in text for k, v in reported.items())
         assert text.startswith("__global__ void k(") and "using OT = __nv_bfloat16;" in text
+
+
+def test_ptxas_log_is_read_per_kernel_by_its_mangled_name():
+    """ptxas's -v lines go to the kernel whose entry they follow; a name that prefixes another (k_merge_d_1 of
+    k_merge_d_10) takes only its own."""
+    log = """ptxas info    : Compiling entry function '_ZN3mlx4core2cu12k_merge_d_10EPKfS4_' for 'sm_90'
+ptxas info    : Function properties for _ZN3mlx4core2cu12k_merge_d_10EPKfS4_
+    64 bytes stack frame, 64 bytes spill stores, 64 bytes spill loads
+ptxas info    : Used 254 registers, used 0 barriers, 416 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN3mlx4core2cu11k_merge_d_1EPKfS4_' for 'sm_90'
+ptxas info    : Function properties for _ZN3mlx4core2cu11k_merge_d_1EPKfS4_
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 91 registers, used 0 barriers, 416 bytes cmem[0]
+"""
+    found = kernel_resources.parse_ptxas(log, ["k_merge_d_1", "k_merge_d_10"])
+    assert found == {"k_merge_d_10": dict(stack=64, spill_stores=64, spill_loads=64, registers=254),
+                     "k_merge_d_1": dict(stack=0, spill_stores=0, spill_loads=0, registers=91)}

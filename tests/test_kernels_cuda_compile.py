@@ -37,7 +37,6 @@ def _kernel(kernel: str, quantized: bool, ctype: str, vec: int) -> tuple[str, st
 
 
 def test_cuda_rendering_compiles_for_sm90(tmp_path):
-    header = render("gather", "cuda").header
     kernels = []
     for kernel in KERNELS:
         for quantized in (False, True) if kernel in ANCHORED else (False,):
@@ -45,8 +44,7 @@ def test_cuda_rendering_compiles_for_sm90(tmp_path):
                 vecs = (1,) if kernel in BLOCK_ANCHORED else (16 // size, 1)
                 kernels += [_kernel(kernel, quantized, ctype, vec) for vec in vecs]
     cu = tmp_path / "smoa.cu"
-    cu.write_text("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
-                  + "namespace mlx::core::cu {\n" + "\n".join(text for _, text in kernels) + "}\n")
+    cu.write_text(kernel_resources.translation_unit([text for _, text in kernels]))
     ptx = tmp_path / "smoa.ptx"
     done = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx)],
                           capture_output=True, text=True)
